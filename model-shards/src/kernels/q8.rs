@@ -1,0 +1,113 @@
+//! Activation quantization, bit-exact with ggml's `quantize_row_q8_0` / `quantize_row_q8_1`
+//! reference code (and candle's `BlockQ8_0::from_float` / `BlockQ8_1::from_float` values and
+//! scales): per 32-block `d = amax / 127`, `q = round(x · (1 / d))` rounding halves away from
+//! zero, `d` kept as `f16`. For the `q8_1` users `s = d · Σq` is kept too (as `s / 8`), computed
+//! as candle does from the stored `f16` scale, `f16(f16(Σq) · f16(d))`; ggml's `f16(Σq · d)`
+//! (unrounded `d`) can differ from it by one `f16` ulp.
+
+use half::f16;
+
+use super::QK;
+
+/// Where one quantized activation row goes (see `Acts` for the meaning of each buffer).
+pub(super) struct RowOut<'a> {
+    /// `k` 8-bit values.
+    pub(super) qs: &'a mut [i8],
+    /// `k / 32` scales (`f16`-rounded).
+    pub(super) d: &'a mut [f32],
+    /// `k / 32` values `f16(f16(Σq) · f16(d)) / 8`, when wanted.
+    pub(super) s8: Option<&'a mut [f32]>,
+    /// `k / 32` values `-offset · Σq`, when wanted.
+    pub(super) corr: Option<&'a mut [i32]>,
+}
+
+/// Quantizes one row `x` (length a multiple of 32, equal to `out.qs.len()`) into `out`.
+pub(super) fn quantize_row(x: &[f32], mut out: RowOut<'_>, offset: i32, simd: bool) {
+    for (b, (xs, qs)) in x.chunks_exact(QK).zip(out.qs.chunks_exact_mut(QK)).enumerate() {
+        let (d, sum) = quantize_block(xs, qs, simd);
+        let d16 = f16::from_f32(d);
+        out.d[b] = d16.to_f32();
+        if let Some(s8) = out.s8.as_deref_mut() {
+            // exactly candle's `BlockQ8_1::from_float`; `f16 * f16` rounds the f32 product once
+            s8[b] = (f16::from_f32(sum as f32) * d16).to_f32() * 0.125;
+        }
+        if let Some(corr) = out.corr.as_deref_mut() {
+            corr[b] = -offset * sum;
+        }
+    }
+}
+
+/// Quantizes 32 values; returns the unrounded scale `d` and `Σq`.
+fn quantize_block(xs: &[f32], qs: &mut [i8], simd: bool) -> (f32, i32) {
+    #[cfg(target_arch = "x86_64")]
+    if simd && xs.len() == QK && qs.len() == QK {
+        // SAFETY: `simd` is only set when AVX2/FMA/F16C were detected; both slices hold 32 values.
+        return unsafe { quantize_block_avx2(xs.as_ptr(), qs.as_mut_ptr()) };
+    }
+    let _ = simd;
+    quantize_block_scalar(xs, qs)
+}
+
+/// Portable [`quantize_block`].
+pub(super) fn quantize_block_scalar(xs: &[f32], qs: &mut [i8]) -> (f32, i32) {
+    let amax = xs.iter().fold(0f32, |a, x| a.max(x.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0;
+    for (q, &x) in qs.iter_mut().zip(xs) {
+        *q = (x * id).round() as i8;
+        sum += *q as i32;
+    }
+    (d, sum)
+}
+
+/// AVX2 [`quantize_block`] on 32 values at `xs`, written to `qs`.
+///
+/// # Safety
+/// The CPU must support AVX2; `xs` and `qs` must be valid for 32 elements.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn quantize_block_avx2(xs: *const f32, qs: *mut i8) -> (f32, i32) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller guarantees 32 readable floats and 32 writable bytes.
+    unsafe {
+        let sign = _mm256_set1_ps(-0.0);
+        let v = [
+            _mm256_loadu_ps(xs),
+            _mm256_loadu_ps(xs.add(8)),
+            _mm256_loadu_ps(xs.add(16)),
+            _mm256_loadu_ps(xs.add(24)),
+        ];
+        let a01 = _mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1]));
+        let a23 = _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3]));
+        let a = _mm256_max_ps(a01, a23);
+        let a = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
+        let a = _mm_max_ps(a, _mm_movehl_ps(a, a));
+        let a = _mm_max_ss(a, _mm_movehdup_ps(a));
+        let amax = _mm_cvtss_f32(a);
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+        let half = _mm256_set1_ps(0.5);
+        let one = _mm256_set1_ps(1.0);
+        let i = v.map(|v| {
+            // round half away from zero, exactly like `f32::round`
+            let x = _mm256_mul_ps(v, id);
+            let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(x);
+            let frac = _mm256_andnot_ps(sign, _mm256_sub_ps(x, t));
+            let up = _mm256_cmp_ps::<_CMP_GE_OQ>(frac, half);
+            let step = _mm256_or_ps(_mm256_and_ps(x, sign), one);
+            _mm256_cvtps_epi32(_mm256_add_ps(t, _mm256_and_ps(up, step)))
+        });
+        let s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+        let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+        let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<1>(s));
+        let sum = _mm_cvtsi128_si32(s);
+        let p01 = _mm256_packs_epi32(i[0], i[1]);
+        let p23 = _mm256_packs_epi32(i[2], i[3]);
+        let p = _mm256_packs_epi16(p01, p23);
+        let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(qs.cast(), p);
+        (d, sum)
+    }
+}

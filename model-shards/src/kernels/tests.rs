@@ -1,0 +1,261 @@
+//! Tests of the quantized kernels against candle's `QMatMul` and between dispatch levels.
+
+use candle_core::quantized::{GgmlDType, GgmlType, QMatMul, QTensor, k_quants};
+use candle_core::{Device, Module, Tensor};
+use half::f16;
+use proptest::prelude::*;
+
+use super::{KernelError, Level, level, matmul, matmul_at, q8, supports};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+const DTYPES: [GgmlDType; 5] =
+    [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q8_0];
+
+/// Deterministic pseudo-random values roughly in `[-1, 1)`, with occasional outliers.
+fn values(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|i| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let u = (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+            if i % 97 == 5 { u * 8.0 } else { u }
+        })
+        .collect()
+}
+
+/// `n × k` weights quantized by candle: (raw GGUF bytes, `QTensor`).
+fn weights(dtype: GgmlDType, n: usize, k: usize, seed: u64) -> candle_core::Result<(Vec<u8>, QTensor)> {
+    let w = Tensor::from_vec(values(n * k, seed), (n, k), &Device::Cpu)?;
+    let q = QTensor::quantize(&w, dtype)?;
+    Ok((q.data()?.into_owned(), q))
+}
+
+/// candle's `QMatMul` forward of `m × k` activations.
+fn candle_matmul(q: &QMatMul, lhs: &[f32], m: usize, k: usize) -> candle_core::Result<Vec<f32>> {
+    let x = Tensor::from_slice(lhs, (m, k), &Device::Cpu)?;
+    q.forward(&x)?.flatten_all()?.to_vec1()
+}
+
+/// candle's generic (ggml-numerics, never repacked) CPU matmul of raw blocks of type `B`.
+fn candle_generic<B: GgmlType>(
+    bytes: &[u8],
+    m: usize,
+    k: usize,
+    n: usize,
+    lhs: &[f32],
+) -> candle_core::Result<Vec<f32>> {
+    let mut blocks = vec![B::zeros(); bytes.len() / std::mem::size_of::<B>()];
+    assert_eq!(blocks.len() * std::mem::size_of::<B>(), bytes.len());
+    // SAFETY: `B` is a plain-old-data `repr(C)` ggml block and the lengths match.
+    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), blocks.as_mut_ptr().cast::<u8>(), bytes.len()) };
+    let mut dst = vec![0f32; m * n];
+    k_quants::matmul((m, k, n), lhs, &blocks, &mut dst)?;
+    Ok(dst)
+}
+
+/// [`candle_generic`] for a runtime dtype.
+fn candle_reference(
+    dtype: GgmlDType,
+    bytes: &[u8],
+    m: usize,
+    k: usize,
+    n: usize,
+    lhs: &[f32],
+) -> candle_core::Result<Vec<f32>> {
+    match dtype {
+        GgmlDType::Q4_0 => candle_generic::<k_quants::BlockQ4_0>(bytes, m, k, n, lhs),
+        GgmlDType::Q4_1 => candle_generic::<k_quants::BlockQ4_1>(bytes, m, k, n, lhs),
+        GgmlDType::Q5_0 => candle_generic::<k_quants::BlockQ5_0>(bytes, m, k, n, lhs),
+        GgmlDType::Q5_1 => candle_generic::<k_quants::BlockQ5_1>(bytes, m, k, n, lhs),
+        _ => candle_generic::<k_quants::BlockQ8_0>(bytes, m, k, n, lhs),
+    }
+}
+
+/// `max |a - b| / (‖lhs row‖ · ‖weight row‖)` over all outputs: the error relative to the
+/// Cauchy–Schwarz bound of each dot product, so cancelling sums do not inflate it.
+fn rel_err(a: &[f32], b: &[f32], lhs: &[f32], w: &[f32], k: usize) -> f64 {
+    let norm = |v: &[f32]| v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    let xn: Vec<f64> = lhs.chunks_exact(k).map(norm).collect();
+    let wn: Vec<f64> = w.chunks_exact(k).map(norm).collect();
+    let n = wn.len();
+    a.iter()
+        .zip(b)
+        .enumerate()
+        .map(|(i, (&x, &y))| (x as f64 - y as f64).abs() / (xn[i / n] * wn[i % n] + 1e-30))
+        .fold(0.0, f64::max)
+}
+
+/// Levels available on this machine, lowest first.
+fn levels() -> Vec<Level> {
+    [Level::Scalar, Level::Avx2, Level::Avx512].into_iter().filter(|&l| l <= level()).collect()
+}
+
+/// Whether candle's `QMatMul` takes its repacked AVX-512 `Q8_0` path, which quantizes the
+/// activations per 256 values (`q8_K`) instead of per 32 and so differs beyond rounding noise.
+fn candle_repacks(dtype: GgmlDType, k: usize, n: usize) -> bool {
+    dtype == GgmlDType::Q8_0 && k.is_multiple_of(256) && n.is_multiple_of(16) && level() == Level::Avx512
+}
+
+/// Float summation-order noise allowed, relative to `‖x‖·‖w‖`.
+const TOL: f64 = 2e-6;
+
+#[test]
+fn matmul_matches_candle_on_every_level() -> TestResult {
+    // candle's generic `Q4_1`/`Q5_*` dot products debug-assert an even block count, so odd ones
+    // (which these kernels handle) are only checked between levels, in the proptest below
+    let shapes = [(576, 576), (576, 1536), (1536, 576), (576, 1000), (64, 1003), (128, 7), (64, 1)];
+    let mut worst = 0f64;
+    for (di, dtype) in DTYPES.into_iter().enumerate() {
+        for (si, &(k, n)) in shapes.iter().enumerate() {
+            let (bytes, q) = weights(dtype, n, k, (di * 31 + si) as u64)?;
+            let w = q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+            let q = QMatMul::from_qtensor(q)?;
+            for m in [1, 2, 3, 7, 16, 33] {
+                let lhs = values(m * k, (m * 7 + si) as u64 + 1000);
+                let generic = candle_reference(dtype, &bytes, m, k, n, &lhs)?;
+                let qmatmul = candle_matmul(&q, &lhs, m, k)?;
+                let mut scalar = vec![f32::NAN; m * n];
+                matmul_at(Level::Scalar, dtype, &bytes, m, k, n, &lhs, &mut scalar)?;
+                for lvl in levels() {
+                    let mut out = vec![f32::NAN; m * n];
+                    matmul_at(lvl, dtype, &bytes, m, k, n, &lhs, &mut out)?;
+                    let ctx = format!("{dtype:?} {lvl:?} m={m} k={k} n={n}");
+                    let errs = [
+                        rel_err(&out, &generic, &lhs, &w, k),
+                        rel_err(&out, &scalar, &lhs, &w, k),
+                        if candle_repacks(dtype, k, n) { 0.0 } else { rel_err(&out, &qmatmul, &lhs, &w, k) },
+                    ];
+                    assert!(errs.iter().all(|&e| e <= TOL), "{ctx}: errors {errs:?}");
+                    worst = errs.into_iter().fold(worst, f64::max);
+                    if candle_repacks(dtype, k, n) {
+                        let e = rel_err(&out, &qmatmul, &lhs, &w, k);
+                        assert!(e <= 1e-2, "{ctx}: vs repacked QMatMul {e:e}");
+                    }
+                }
+                let mut out = vec![f32::NAN; m * n];
+                matmul(dtype, &bytes, m, k, n, &lhs, &mut out)?;
+                assert!(rel_err(&out, &generic, &lhs, &w, k) <= TOL);
+            }
+        }
+    }
+    eprintln!("worst error relative to |x||w|: {worst:e}");
+    Ok(())
+}
+
+/// The 32-value `q8` blocks of `xs` quantized by candle as raw bytes.
+fn candle_q8(xs: &[f32], dtype: GgmlDType) -> candle_core::Result<Vec<u8>> {
+    let t = Tensor::from_slice(xs, (1, xs.len()), &Device::Cpu)?;
+    Ok(QTensor::quantize(&t, dtype)?.data()?.into_owned())
+}
+
+#[test]
+fn activation_quantization_matches_candle() -> TestResult {
+    let mut xs = values(32 * 64, 7);
+    // exact ties of x / d at .5, zeros, and a block of equal magnitudes
+    for (j, x) in xs[..32].iter_mut().enumerate() {
+        *x = (j as f32 - 15.5) * 2.0;
+    }
+    xs[32..64].fill(0.0);
+    for (j, x) in xs[64..96].iter_mut().enumerate() {
+        *x = if j % 2 == 0 { 0.25 } else { -0.25 };
+    }
+    let q8_0 = candle_q8(&xs, GgmlDType::Q8_0)?;
+    let q8_1 = candle_q8(&xs, GgmlDType::Q8_1)?;
+    for simd in [false, level() >= Level::Avx2] {
+        let nb = xs.len() / 32;
+        let (mut qs, mut d, mut s8, mut corr) =
+            (vec![0i8; xs.len()], vec![0f32; nb], vec![0f32; nb], vec![0; nb]);
+        let out = q8::RowOut { qs: &mut qs, d: &mut d, s8: Some(&mut s8), corr: Some(&mut corr) };
+        q8::quantize_row(&xs, out, 8, simd);
+        for b in 0..nb {
+            let blk = &q8_0[b * 34..(b + 1) * 34];
+            assert_eq!(f16::from_le_bytes([blk[0], blk[1]]).to_f32(), d[b], "block {b} d");
+            let want: Vec<i8> = blk[2..].iter().map(|&q| q as i8).collect();
+            assert_eq!(want, qs[b * 32..(b + 1) * 32], "block {b} qs (simd {simd})");
+            let blk1 = &q8_1[b * 36..(b + 1) * 36];
+            let want1: Vec<i8> = blk1[4..].iter().map(|&q| q as i8).collect();
+            assert_eq!(want1, want, "block {b} q8_1 qs");
+            let sum: i32 = want.iter().map(|&q| q as i32).sum();
+            assert_eq!(corr[b], -8 * sum);
+            assert_eq!(s8[b] * 8.0, f16::from_le_bytes([blk1[2], blk1[3]]).to_f32(), "block {b} s");
+            assert_eq!(f16::from_le_bytes([blk1[0], blk1[1]]).to_f32(), d[b]);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(target_arch = "x86_64")]
+proptest! {
+    #[test]
+    fn simd_quantization_is_bit_exact(xs in proptest::collection::vec(-1e3f32..1e3, 32), scale in -20i32..20) {
+        prop_assume!(level() >= Level::Avx2);
+        let xs: Vec<f32> = xs.iter().map(|x| x * (scale as f32).exp2()).collect();
+        let (mut a, mut b) = ([0i8; 32], [0i8; 32]);
+        let want = q8::quantize_block_scalar(&xs, &mut a);
+        // SAFETY: AVX2 is available (checked above) and both buffers hold 32 values.
+        let got = unsafe { q8::quantize_block_avx2(xs.as_ptr(), b.as_mut_ptr()) };
+        prop_assert_eq!(want, got);
+        prop_assert_eq!(a, b);
+    }
+
+    #[test]
+    fn levels_agree_on_small_shapes(
+        dtype in proptest::sample::select(DTYPES.to_vec()),
+        m in 1usize..6,
+        kb in 1usize..9,
+        n in 1usize..24,
+        seed in 0u64..1000,
+    ) {
+        let k = kb * 32;
+        let fail = |e: candle_core::Error| TestCaseError::fail(e.to_string());
+        let (bytes, q) = weights(dtype, n, k, seed).map_err(fail)?;
+        let w = q.dequantize(&Device::Cpu).and_then(|w| w.flatten_all()?.to_vec1::<f32>()).map_err(fail)?;
+        let lhs = values(m * k, seed + 1);
+        let mut want = vec![0.0; m * n];
+        prop_assert!(matmul_at(Level::Scalar, dtype, &bytes, m, k, n, &lhs, &mut want).is_ok());
+        for lvl in levels() {
+            let mut got = vec![f32::NAN; m * n];
+            prop_assert!(matmul_at(lvl, dtype, &bytes, m, k, n, &lhs, &mut got).is_ok());
+            prop_assert!(rel_err(&got, &want, &lhs, &w, k) <= TOL, "{:?} {:?}", lvl, dtype);
+        }
+    }
+}
+
+#[test]
+fn bad_sizes_are_errors() {
+    let (m, k, n) = (2, 64, 3);
+    let w = vec![0u8; n * 2 * 20];
+    let lhs = vec![0f32; m * k];
+    let mut dst = vec![0f32; m * n];
+    let q41 = GgmlDType::Q4_1;
+    assert!(matmul(q41, &w, m, k, n, &lhs, &mut dst).is_ok());
+    let len = |what, expected, got| Err(KernelError::Len { what, expected, got });
+    assert_eq!(matmul(q41, &w[1..], m, k, n, &lhs, &mut dst), len("weights", 120, 119));
+    assert_eq!(matmul(GgmlDType::Q4_0, &w, m, k, n, &lhs, &mut dst), len("weights", 108, 120));
+    assert_eq!(matmul(q41, &w, m, k, n, &lhs[1..], &mut dst), len("lhs", 128, 127));
+    assert_eq!(matmul(q41, &w, m, k, n, &lhs, &mut dst[1..]), len("dst", 6, 5));
+    assert_eq!(matmul(q41, &w, m, 48, n, &lhs, &mut dst), Err(KernelError::KNotBlockMultiple { k: 48 }));
+    assert_eq!(
+        matmul(GgmlDType::Q4K, &w, m, k, n, &lhs, &mut dst),
+        Err(KernelError::Unsupported(GgmlDType::Q4K))
+    );
+    assert_eq!(matmul(q41, &w, usize::MAX, k, n, &lhs, &mut dst), Err(KernelError::Overflow));
+    assert_eq!(matmul(q41, &[], 0, k, 0, &[], &mut []), Ok(()));
+    let mut dst = vec![1f32; 6];
+    assert_eq!(matmul(q41, &[], 2, 0, 3, &[], &mut dst), Ok(()));
+    assert_eq!(dst, vec![0.0; 6]);
+    assert!(!KernelError::Overflow.to_string().is_empty());
+}
+
+#[test]
+fn supports_the_legacy_types_only() {
+    for dtype in DTYPES {
+        assert_eq!(supports(dtype), level() >= Level::Avx2);
+    }
+    for dtype in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::F32, GgmlDType::Q8_1] {
+        assert!(!supports(dtype));
+    }
+}

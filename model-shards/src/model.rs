@@ -1,0 +1,172 @@
+//! Opening a model: format detection, the validated spec, weights, tokenizer and chat template.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file;
+
+use crate::chat_template::ChatTemplate;
+use crate::error::{Error, Result};
+use crate::spec::{HfConfig, ModelSpec};
+use crate::tokenizer::Tokenizer;
+use crate::weights::Weights;
+
+/// The on-disk format of a model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelFormat {
+    /// One GGUF file (quantized or float weights, tokenizer and chat template in metadata).
+    Gguf,
+    /// A Hugging Face directory: `config.json`, `*.safetensors` (with
+    /// `model.safetensors.index.json` when sharded), `tokenizer.json`, `tokenizer_config.json`.
+    HuggingFace,
+}
+
+/// An opened model: its spec and access to its weights. Opening reads only headers and
+/// configuration; [`crate::Shard::load`] reads the weights of a span.
+pub struct Model {
+    path: PathBuf,
+    format: ModelFormat,
+    spec: ModelSpec,
+    weights: Weights,
+    gguf: Option<Arc<gguf_file::Content>>,
+    hf_config: Option<HfConfig>,
+}
+
+impl Model {
+    /// Opens a `.gguf` file or a Hugging Face model directory.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        if path.is_dir() {
+            Self::open_hf(path)
+        } else if path.is_file() {
+            Self::open_gguf(path)
+        } else {
+            Err(Error::Io { path, source: std::io::Error::from(std::io::ErrorKind::NotFound) })
+        }
+    }
+
+    fn open_gguf(path: PathBuf) -> Result<Self> {
+        let mut file = File::open(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| match e {
+            candle_core::Error::Io(_) | candle_core::Error::Msg(_) => {
+                Error::UnknownFormat { path: path.clone() }
+            }
+            other => Error::Candle(other),
+        })?;
+        let content = Arc::new(content);
+        let spec = ModelSpec::from_gguf(&content)?;
+        let weights = Weights::gguf(&path, content.clone())?;
+        Ok(Self { path, format: ModelFormat::Gguf, spec, weights, gguf: Some(content), hf_config: None })
+    }
+
+    fn open_hf(dir: PathBuf) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        if !config_path.is_file() {
+            return Err(Error::UnknownFormat { path: dir });
+        }
+        let hf_config: HfConfig = read_json(&config_path)?;
+        let spec = ModelSpec::from_hf_config(&hf_config)?;
+        let files = safetensors_files(&dir)?;
+        let weights = Weights::safetensors(&files)?;
+        Ok(Self {
+            path: dir,
+            format: ModelFormat::HuggingFace,
+            spec,
+            weights,
+            gguf: None,
+            hf_config: Some(hf_config),
+        })
+    }
+
+    /// Where the model was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The model's format.
+    pub fn format(&self) -> &ModelFormat {
+        &self.format
+    }
+
+    /// The validated spec.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    pub(crate) fn weights(&self) -> &Weights {
+        &self.weights
+    }
+
+    /// GGUF metadata, for GGUF models.
+    pub fn gguf_content(&self) -> Option<&gguf_file::Content> {
+        self.gguf.as_deref()
+    }
+
+    /// Loads the tokenizer: rebuilt from GGUF metadata, or the directory's `tokenizer.json`.
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        match (&self.gguf, &self.format) {
+            (Some(content), _) => Ok(Tokenizer::from_gguf(content)?),
+            (None, _) => Ok(Tokenizer::from_hf_dir(&self.path)?),
+        }
+    }
+
+    /// The chat template, if the model has one.
+    pub fn chat_template(&self) -> Result<Option<ChatTemplate>> {
+        match &self.gguf {
+            Some(content) => Ok(ChatTemplate::from_gguf(content)?),
+            None => Ok(ChatTemplate::from_hf_dir(&self.path)?),
+        }
+    }
+
+    /// End-of-generation ids declared by `config.json` (Hugging Face models), in addition to
+    /// the tokenizer's.
+    pub fn config_eos_ids(&self) -> Vec<u32> {
+        self.hf_config.as_ref().and_then(|c| c.eos_token_id.as_ref()).map(|e| e.to_vec()).unwrap_or_default()
+    }
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    serde_json::from_slice(&bytes).map_err(|source| Error::Json { path: path.to_path_buf(), source })
+}
+
+/// The safetensors files of a directory: those named by the index when there is one,
+/// otherwise every `*.safetensors` file.
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: std::collections::BTreeMap<String, String>,
+    }
+    let index_path = dir.join("model.safetensors.index.json");
+    let files: Vec<PathBuf> = if index_path.is_file() {
+        let index: Index = read_json(&index_path)?;
+        let mut names: Vec<&String> = index.weight_map.values().collect();
+        names.sort();
+        names.dedup();
+        names.into_iter().map(|n| dir.join(n)).collect()
+    } else {
+        let entries =
+            std::fs::read_dir(dir).map_err(|source| Error::Io { path: dir.to_path_buf(), source })?;
+        let mut v = Vec::new();
+        for e in entries {
+            let e = e.map_err(|source| Error::Io { path: dir.to_path_buf(), source })?;
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "safetensors") {
+                v.push(p);
+            }
+        }
+        v.sort();
+        v
+    };
+    if files.is_empty() {
+        return Err(Error::UnknownFormat { path: dir.to_path_buf() });
+    }
+    if let Some(missing) = files.iter().find(|f| !f.is_file()) {
+        return Err(Error::Io {
+            path: missing.clone(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+    }
+    Ok(files)
+}

@@ -1,0 +1,220 @@
+//! A loaded span of layers and its forward step.
+
+use std::ops::Range;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::kv_cache::KvCache;
+use crate::linear::{Embedding, Linear};
+use crate::llama::{Block, RmsNorm};
+use crate::model::Model;
+use crate::rope::Rope;
+use crate::spec::ModelSpec;
+use crate::weights::{Loaded, WeightName};
+
+/// What a step feeds into a span.
+#[derive(Debug, Clone)]
+pub enum StageInput {
+    /// Token ids: only the first span (which holds the embedding) accepts them.
+    Tokens(Vec<u32>),
+    /// Hidden states `(t, hidden)` from the previous span.
+    Hidden(Tensor),
+}
+
+impl StageInput {
+    /// Number of positions in the step.
+    pub fn len(&self) -> Result<usize> {
+        Ok(match self {
+            Self::Tokens(ids) => ids.len(),
+            Self::Hidden(h) => h.dim(0)?,
+        })
+    }
+
+    /// Whether the step is empty.
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+}
+
+/// Which positions of a step the last span turns into logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsMode {
+    /// Only the last position (generation).
+    Last,
+    /// Every position of the step (scoring, tests).
+    All,
+}
+
+/// What a step returns.
+#[derive(Debug, Clone)]
+pub enum StageOutput {
+    /// Hidden states `(t, hidden)` for the next span.
+    Hidden(Tensor),
+    /// Logits `(rows, vocab)` from the last span.
+    Logits(Tensor),
+}
+
+/// A contiguous span `[start, end)` of a model's layers, with the embedding when it starts at
+/// layer 0 and the final norm and LM head when it ends at the last layer.
+pub struct Shard {
+    spec: ModelSpec,
+    span: Range<usize>,
+    embedding: Option<Embedding>,
+    blocks: Vec<Block>,
+    head: Option<(RmsNorm, Linear)>,
+    rope: Rope,
+    device: Device,
+    kv_dtype: DType,
+}
+
+impl Shard {
+    /// Loads the layers `span` of `model` onto `device`. Dense weights are converted to
+    /// `dtype`; quantized weights stay quantized.
+    pub fn load(model: &Model, span: Range<usize>, device: &Device, dtype: DType) -> Result<Self> {
+        let spec = model.spec().clone();
+        if span.start >= span.end || span.end > spec.n_layers {
+            return Err(Error::InvalidSpan { start: span.start, end: span.end, n_layers: spec.n_layers });
+        }
+        let w = model.weights();
+        let (v, h) = (spec.vocab_size, spec.hidden_size);
+        let first = span.start == 0;
+        let last = span.end == spec.n_layers;
+        let embedding = if first || (last && spec.tie_word_embeddings) {
+            Some(Embedding::new(w.load(WeightName::Embedding, &[v, h], device, dtype)?)?)
+        } else {
+            None
+        };
+        let blocks =
+            span.clone().map(|i| Block::load(w, i, &spec, device, dtype)).collect::<Result<Vec<_>>>()?;
+        let head = if last {
+            let norm = RmsNorm::load(w, WeightName::OutputNorm, h, spec.rms_norm_eps, device)?;
+            let lm_head = match (&embedding, spec.tie_word_embeddings) {
+                (Some(e), true) => e.as_linear()?,
+                _ => Linear::new(w.load(WeightName::LmHead, &[v, h], device, dtype)?, None)?,
+            };
+            Some((norm, lm_head))
+        } else {
+            None
+        };
+        // A tied model's last span needs the table only as its head.
+        let embedding = if first { embedding } else { None };
+        let freq_factors = if w.contains(WeightName::RopeFreqs) {
+            let half = spec.head_dim / 2;
+            match w.load(WeightName::RopeFreqs, &[half], device, DType::F32)? {
+                Loaded::Dense(t) => Some(t.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+                Loaded::Quantized(q) => Some(q.dequantize(&Device::Cpu)?.to_vec1::<f32>()?),
+            }
+        } else {
+            None
+        };
+        let rope = Rope::new(&spec, freq_factors);
+        let kv_dtype = if device.is_cpu() { DType::F32 } else { dtype };
+        Ok(Self { spec, span, embedding, blocks, head, rope, device: device.clone(), kv_dtype })
+    }
+
+    /// The model's spec.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// The layers this shard holds.
+    pub fn span(&self) -> Range<usize> {
+        self.span.clone()
+    }
+
+    /// Whether this shard starts at layer 0 (takes token ids).
+    pub fn is_first(&self) -> bool {
+        self.span.start == 0
+    }
+
+    /// Whether this shard ends at the last layer (returns logits).
+    pub fn is_last(&self) -> bool {
+        self.span.end == self.spec.n_layers
+    }
+
+    /// The device the shard runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A new, empty KV cache for one session, limited to `max_len` positions (capped at the
+    /// model's maximum).
+    pub fn new_cache(&self, max_len: usize) -> KvCache {
+        KvCache::new(
+            self.blocks.len(),
+            self.spec.n_kv_heads,
+            self.spec.head_dim,
+            max_len.min(self.spec.max_position_embeddings),
+            self.kv_dtype,
+            self.device.clone(),
+        )
+    }
+
+    /// Runs one step of a session: the positions `cache.len()..cache.len() + t`. Returns
+    /// hidden states, or logits on the last span. On error the cache is left unchanged.
+    pub fn forward(&self, cache: &mut KvCache, input: StageInput, logits: LogitsMode) -> Result<StageOutput> {
+        let t = input.len()?;
+        if t == 0 {
+            return Err(Error::InvalidInput("empty step".into()));
+        }
+        let mut x = match input {
+            StageInput::Tokens(ids) => {
+                let Some(emb) = &self.embedding else {
+                    return Err(Error::InvalidInput(format!(
+                        "span {:?} does not start at layer 0 and cannot take token ids",
+                        self.span
+                    )));
+                };
+                if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.spec.vocab_size) {
+                    return Err(Error::InvalidInput(format!(
+                        "token id {bad} is outside the vocabulary of {}",
+                        self.spec.vocab_size
+                    )));
+                }
+                emb.forward(&ids, &self.device)?
+            }
+            StageInput::Hidden(h) => {
+                if self.is_first() {
+                    return Err(Error::InvalidInput(
+                        "the first span takes token ids, not hidden states".into(),
+                    ));
+                }
+                if h.dims() != [t, self.spec.hidden_size] {
+                    return Err(Error::InvalidInput(format!(
+                        "hidden states of shape {:?}, expected [{t}, {}]",
+                        h.dims(),
+                        self.spec.hidden_size
+                    )));
+                }
+                h.to_device(&self.device)?.to_dtype(DType::F32)?
+            }
+        };
+        cache.reserve(t)?;
+        let cos_sin = self.rope.tables(cache.len(), t, &self.device)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.forward(&x, i, cache, &self.rope, &cos_sin)?;
+        }
+        cache.advance(t);
+        match &self.head {
+            None => Ok(StageOutput::Hidden(x)),
+            Some((norm, lm_head)) => {
+                let x = match logits {
+                    LogitsMode::Last => x.narrow(0, t - 1, 1)?,
+                    LogitsMode::All => x,
+                };
+                Ok(StageOutput::Logits(lm_head.forward(&norm.forward(&x)?)?))
+            }
+        }
+    }
+
+    /// Convenience for a whole-model shard: the logits of `tokens` appended to `cache`.
+    pub fn logits(&self, cache: &mut KvCache, tokens: &[u32], mode: LogitsMode) -> Result<Tensor> {
+        match self.forward(cache, StageInput::Tokens(tokens.to_vec()), mode)? {
+            StageOutput::Logits(l) => Ok(l),
+            StageOutput::Hidden(_) => {
+                Err(Error::InvalidInput(format!("span {:?} does not end at the last layer", self.span)))
+            }
+        }
+    }
+}

@@ -1,0 +1,451 @@
+//! The validated model specification.
+//!
+//! Two config types, as in every careful model codebase: a serde struct that mirrors the file
+//! ([`HfConfig`] for `config.json`; GGUF metadata is read key by key) and the validated runtime
+//! [`ModelSpec`] built from it. A missing key is a typed error, never a silent default; defaults
+//! are applied only where the source format itself defines one (for example Hugging Face's
+//! `rms_norm_eps` for llama).
+
+use std::collections::HashMap;
+
+use candle_core::quantized::gguf_file;
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// The transformer families shoal implements (all Llama-like: RMSNorm, rotary attention with
+/// grouped-query heads, SwiGLU MLP).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Architecture {
+    /// Llama 2/3, SmolLM, TinyLlama.
+    Llama,
+    /// Mistral (optional sliding-window attention).
+    Mistral,
+    /// Qwen2: bias on the q, k and v projections.
+    Qwen2,
+    /// Qwen3: RMSNorm on q and k per head, explicit head dimension.
+    Qwen3,
+}
+
+impl Architecture {
+    /// Parses the name used by `config.json`'s `model_type` or GGUF's `general.architecture`.
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "llama" => Ok(Self::Llama),
+            "mistral" => Ok(Self::Mistral),
+            "qwen2" => Ok(Self::Qwen2),
+            "qwen3" => Ok(Self::Qwen3),
+            other => Err(Error::UnsupportedArchitecture(other.to_string())),
+        }
+    }
+
+    /// The canonical lowercase name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Mistral => "mistral",
+            Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
+        }
+    }
+}
+
+/// How rotary embeddings pair up the dimensions of a head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum RopeStyle {
+    /// Pairs (2i, 2i+1): llama weights as converted to GGUF by llama.cpp (q and k permuted).
+    Interleaved,
+    /// Pairs (i, i + d/2): Hugging Face checkpoints, and qwen GGUFs.
+    HalfSplit,
+}
+
+/// Llama 3 style frequency scaling of the rotary embedding.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Llama3RopeScaling {
+    /// Overall scaling factor.
+    pub factor: f32,
+    /// Low-frequency factor.
+    pub low_freq_factor: f32,
+    /// High-frequency factor.
+    pub high_freq_factor: f32,
+    /// Context length the model was pre-trained with.
+    pub original_max_position_embeddings: usize,
+}
+
+/// The validated runtime description of a model: everything needed to build and run any span.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ModelSpec {
+    /// Architecture family.
+    pub arch: Architecture,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the MLP.
+    pub intermediate_size: usize,
+    /// Number of transformer blocks.
+    pub n_layers: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads (grouped-query attention when smaller than `n_heads`).
+    pub n_kv_heads: usize,
+    /// Dimension of one head.
+    pub head_dim: usize,
+    /// Vocabulary size (rows of the embedding and the LM head).
+    pub vocab_size: usize,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// Rotary base frequency.
+    pub rope_theta: f32,
+    /// Pairing of rotary dimensions.
+    pub rope_style: RopeStyle,
+    /// Llama 3 rope scaling, when the model uses it.
+    pub rope_scaling: Option<Llama3RopeScaling>,
+    /// Maximum sequence length.
+    pub max_position_embeddings: usize,
+    /// Whether the LM head reuses the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// Bias on the q, k, v projections (qwen2).
+    pub attention_bias: bool,
+    /// RMSNorm on q and k per head (qwen3).
+    pub qk_norm: bool,
+    /// Sliding attention window (mistral), if any.
+    pub sliding_window: Option<usize>,
+}
+
+impl ModelSpec {
+    /// Checks the relations between dimensions.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key: &str, reason: String| Err(Error::InvalidConfig { key: key.to_string(), reason });
+        for (key, v) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.n_layers),
+            ("num_attention_heads", self.n_heads),
+            ("num_key_value_heads", self.n_kv_heads),
+            ("head_dim", self.head_dim),
+            ("vocab_size", self.vocab_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if v == 0 {
+                return bad(key, "must be positive".into());
+            }
+        }
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
+            return bad(
+                "num_key_value_heads",
+                format!("{} query heads are not a multiple of {} kv heads", self.n_heads, self.n_kv_heads),
+            );
+        }
+        if !self.head_dim.is_multiple_of(2) {
+            return bad("head_dim", format!("{} is odd; rotary embeddings need pairs", self.head_dim));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            return bad("rms_norm_eps", format!("{} is not a positive number", self.rms_norm_eps));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return bad("rope_theta", format!("{} is not a positive number", self.rope_theta));
+        }
+        if let Some(s) = &self.rope_scaling
+            && (!(s.factor > 0.0 && s.low_freq_factor > 0.0 && s.high_freq_factor > s.low_freq_factor)
+                || s.original_max_position_embeddings == 0)
+        {
+            return bad("rope_scaling", format!("{s:?} is not a valid llama3 scaling"));
+        }
+        Ok(())
+    }
+
+    /// Bytes of K and V cache per token per layer, at `dtype_bytes` bytes per value.
+    pub fn kv_bytes_per_token_per_layer(&self, dtype_bytes: usize) -> usize {
+        2 * self.n_kv_heads * self.head_dim * dtype_bytes
+    }
+
+    /// Builds the spec from a Hugging Face `config.json`.
+    pub fn from_hf_config(cfg: &HfConfig) -> Result<Self> {
+        let arch = Architecture::from_name(&cfg.model_type)?;
+        let req =
+            |v: Option<usize>, key: &str| v.ok_or_else(|| Error::MissingConfig { key: key.to_string() });
+        let hidden_size = req(cfg.hidden_size, "hidden_size")?;
+        let n_heads = req(cfg.num_attention_heads, "num_attention_heads")?;
+        if n_heads == 0 {
+            return Err(Error::InvalidConfig {
+                key: "num_attention_heads".into(),
+                reason: "must be positive".into(),
+            });
+        }
+        let head_dim = match (arch, cfg.head_dim) {
+            (_, Some(d)) => d,
+            (Architecture::Qwen3, None) => return Err(Error::MissingConfig { key: "head_dim".into() }),
+            (_, None) => hidden_size / n_heads,
+        };
+        // transformers >= 5 writes `rope_parameters` (theta and scaling together); older
+        // files have `rope_theta` and `rope_scaling`.
+        let rope = cfg.rope_parameters.as_ref().or(cfg.rope_scaling.as_ref());
+        let rope_theta = cfg.rope_parameters.as_ref().and_then(|p| p.rope_theta).or(cfg.rope_theta);
+        let rope_scaling = match rope {
+            None => None,
+            Some(s) => {
+                let kind = s.rope_type.as_deref().or(s.kind.as_deref()).unwrap_or("default");
+                match kind {
+                    "default" => None,
+                    "llama3" => Some(Llama3RopeScaling {
+                        factor: s
+                            .factor
+                            .ok_or_else(|| Error::MissingConfig { key: "rope_scaling.factor".into() })?,
+                        low_freq_factor: s.low_freq_factor.ok_or_else(|| Error::MissingConfig {
+                            key: "rope_scaling.low_freq_factor".into(),
+                        })?,
+                        high_freq_factor: s.high_freq_factor.ok_or_else(|| Error::MissingConfig {
+                            key: "rope_scaling.high_freq_factor".into(),
+                        })?,
+                        original_max_position_embeddings: s.original_max_position_embeddings.ok_or_else(
+                            || Error::MissingConfig {
+                                key: "rope_scaling.original_max_position_embeddings".into(),
+                            },
+                        )?,
+                    }),
+                    other => {
+                        return Err(Error::InvalidConfig {
+                            key: "rope_scaling.rope_type".into(),
+                            reason: format!("`{other}` is not supported (supported: default, llama3)"),
+                        });
+                    }
+                }
+            }
+        };
+        let sliding_window = match arch {
+            Architecture::Mistral => cfg.sliding_window,
+            Architecture::Qwen2 | Architecture::Qwen3 if cfg.use_sliding_window == Some(true) => {
+                cfg.sliding_window
+            }
+            _ => None,
+        };
+        let spec = Self {
+            arch,
+            hidden_size,
+            intermediate_size: req(cfg.intermediate_size, "intermediate_size")?,
+            n_layers: req(cfg.num_hidden_layers, "num_hidden_layers")?,
+            n_heads,
+            n_kv_heads: cfg.num_key_value_heads.unwrap_or(n_heads),
+            head_dim,
+            vocab_size: req(cfg.vocab_size, "vocab_size")?,
+            rms_norm_eps: cfg.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta: rope_theta.unwrap_or(10_000.0),
+            rope_style: RopeStyle::HalfSplit,
+            rope_scaling,
+            max_position_embeddings: req(cfg.max_position_embeddings, "max_position_embeddings")?,
+            tie_word_embeddings: cfg.tie_word_embeddings.unwrap_or(false),
+            attention_bias: match arch {
+                Architecture::Qwen2 => true,
+                _ => cfg.attention_bias.unwrap_or(false),
+            },
+            qk_norm: arch == Architecture::Qwen3,
+            sliding_window,
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Builds the spec from GGUF metadata. `tensor_names` tells what the file holds (tied
+    /// embeddings, biases, rope frequency factors).
+    pub fn from_gguf(content: &gguf_file::Content) -> Result<Self> {
+        let md = &content.metadata;
+        let arch_name = get_str(md, "general.architecture")?;
+        let arch = Architecture::from_name(arch_name)?;
+        let key = |k: &str| format!("{arch_name}.{k}");
+        let n_heads = get_usize(md, &key("attention.head_count"))?;
+        let hidden_size = get_usize(md, &key("embedding_length"))?;
+        if n_heads == 0 {
+            return Err(Error::InvalidConfig {
+                key: key("attention.head_count"),
+                reason: "must be positive".into(),
+            });
+        }
+        let head_dim = match opt_usize(md, &key("attention.key_length"))? {
+            Some(d) => d,
+            None => hidden_size / n_heads,
+        };
+        let has = |name: &str| content.tensor_infos.contains_key(name);
+        let vocab_size = match opt_usize(md, &key("vocab_size"))? {
+            Some(v) => v,
+            None => match md.get("tokenizer.ggml.tokens") {
+                Some(v) => v.to_vec().map_err(candle_err)?.len(),
+                None => return Err(Error::MissingConfig { key: key("vocab_size") }),
+            },
+        };
+        let spec = Self {
+            arch,
+            hidden_size,
+            intermediate_size: get_usize(md, &key("feed_forward_length"))?,
+            n_layers: get_usize(md, &key("block_count"))?,
+            n_heads,
+            n_kv_heads: opt_usize(md, &key("attention.head_count_kv"))?.unwrap_or(n_heads),
+            head_dim,
+            vocab_size,
+            rms_norm_eps: get_f64(md, &key("attention.layer_norm_rms_epsilon"))?,
+            rope_theta: opt_f64(md, &key("rope.freq_base"))?.unwrap_or(10_000.0) as f32,
+            // llama.cpp permutes q/k of llama-type models for its "normal" (interleaved) rope;
+            // qwen models keep the Hugging Face layout and use the neox (half-split) rope.
+            rope_style: match arch {
+                Architecture::Llama | Architecture::Mistral => RopeStyle::Interleaved,
+                Architecture::Qwen2 | Architecture::Qwen3 => RopeStyle::HalfSplit,
+            },
+            // GGUF stores Llama 3 scaling as precomputed `rope_freqs.weight` factors instead.
+            rope_scaling: None,
+            max_position_embeddings: get_usize(md, &key("context_length"))?,
+            tie_word_embeddings: !has("output.weight"),
+            attention_bias: has("blk.0.attn_q.bias"),
+            qk_norm: has("blk.0.attn_q_norm.weight"),
+            sliding_window: opt_usize(md, &key("attention.sliding_window"))?,
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+}
+
+/// Mirror of the fields shoal reads from a Hugging Face `config.json`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct HfConfig {
+    /// `model_type`: llama, mistral, qwen2, qwen3.
+    pub model_type: String,
+    /// `hidden_size`.
+    pub hidden_size: Option<usize>,
+    /// `intermediate_size`.
+    pub intermediate_size: Option<usize>,
+    /// `num_hidden_layers`.
+    pub num_hidden_layers: Option<usize>,
+    /// `num_attention_heads`.
+    pub num_attention_heads: Option<usize>,
+    /// `num_key_value_heads` (defaults to the query heads, as in transformers).
+    pub num_key_value_heads: Option<usize>,
+    /// `head_dim`.
+    pub head_dim: Option<usize>,
+    /// `vocab_size`.
+    pub vocab_size: Option<usize>,
+    /// `rms_norm_eps`.
+    pub rms_norm_eps: Option<f64>,
+    /// `rope_theta`.
+    pub rope_theta: Option<f32>,
+    /// `rope_scaling`.
+    pub rope_scaling: Option<HfRopeScaling>,
+    /// `rope_parameters` (transformers 5 layout: theta and scaling together).
+    pub rope_parameters: Option<HfRopeScaling>,
+    /// `max_position_embeddings`.
+    pub max_position_embeddings: Option<usize>,
+    /// `tie_word_embeddings`.
+    pub tie_word_embeddings: Option<bool>,
+    /// `attention_bias` (llama variants with biased projections).
+    pub attention_bias: Option<bool>,
+    /// `sliding_window`.
+    pub sliding_window: Option<usize>,
+    /// `use_sliding_window` (qwen).
+    pub use_sliding_window: Option<bool>,
+    /// `bos_token_id`.
+    pub bos_token_id: Option<u32>,
+    /// `eos_token_id`: one id or a list.
+    pub eos_token_id: Option<OneOrMany>,
+    /// `torch_dtype`.
+    pub torch_dtype: Option<String>,
+}
+
+/// A JSON value that is either one id or a list of ids.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    /// A single id.
+    One(u32),
+    /// Several ids.
+    Many(Vec<u32>),
+}
+
+impl OneOrMany {
+    /// All the ids.
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            Self::One(v) => vec![*v],
+            Self::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// Mirror of `config.json`'s `rope_scaling` (or `rope_parameters`).
+#[derive(Clone, Debug, Deserialize)]
+pub struct HfRopeScaling {
+    /// `rope_theta` (only in `rope_parameters`).
+    pub rope_theta: Option<f32>,
+    /// `rope_type`.
+    pub rope_type: Option<String>,
+    /// `type` (older spelling).
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// `factor`.
+    pub factor: Option<f32>,
+    /// `low_freq_factor`.
+    pub low_freq_factor: Option<f32>,
+    /// `high_freq_factor`.
+    pub high_freq_factor: Option<f32>,
+    /// `original_max_position_embeddings`.
+    pub original_max_position_embeddings: Option<usize>,
+}
+
+fn candle_err(e: candle_core::Error) -> Error {
+    Error::Candle(e)
+}
+
+fn get_str<'a>(md: &'a HashMap<String, gguf_file::Value>, key: &str) -> Result<&'a str> {
+    match md.get(key) {
+        Some(v) => v
+            .to_string()
+            .map(String::as_str)
+            .map_err(|e| Error::InvalidConfig { key: key.to_string(), reason: e.to_string() }),
+        None => Err(Error::MissingConfig { key: key.to_string() }),
+    }
+}
+
+/// Reads an unsigned integer metadata value of any integer width.
+pub(crate) fn opt_usize(md: &HashMap<String, gguf_file::Value>, key: &str) -> Result<Option<usize>> {
+    use gguf_file::Value as V;
+    let v = match md.get(key) {
+        None => return Ok(None),
+        Some(v) => v,
+    };
+    let n: i128 = match v {
+        V::U8(x) => (*x).into(),
+        V::I8(x) => (*x).into(),
+        V::U16(x) => (*x).into(),
+        V::I16(x) => (*x).into(),
+        V::U32(x) => (*x).into(),
+        V::I32(x) => (*x).into(),
+        V::U64(x) => (*x).into(),
+        V::I64(x) => (*x).into(),
+        other => {
+            return Err(Error::InvalidConfig {
+                key: key.to_string(),
+                reason: format!("expected an integer, found {:?}", other.value_type()),
+            });
+        }
+    };
+    usize::try_from(n)
+        .map(Some)
+        .map_err(|_| Error::InvalidConfig { key: key.to_string(), reason: format!("{n} is out of range") })
+}
+
+fn get_usize(md: &HashMap<String, gguf_file::Value>, key: &str) -> Result<usize> {
+    opt_usize(md, key)?.ok_or_else(|| Error::MissingConfig { key: key.to_string() })
+}
+
+fn opt_f64(md: &HashMap<String, gguf_file::Value>, key: &str) -> Result<Option<f64>> {
+    use gguf_file::Value as V;
+    match md.get(key) {
+        None => Ok(None),
+        Some(V::F32(x)) => Ok(Some(f64::from(*x))),
+        Some(V::F64(x)) => Ok(Some(*x)),
+        Some(other) => Err(Error::InvalidConfig {
+            key: key.to_string(),
+            reason: format!("expected a float, found {:?}", other.value_type()),
+        }),
+    }
+}
+
+fn get_f64(md: &HashMap<String, gguf_file::Value>, key: &str) -> Result<f64> {
+    opt_f64(md, key)?.ok_or_else(|| Error::MissingConfig { key: key.to_string() })
+}

@@ -1,0 +1,59 @@
+//! Command-line interface: argument parsing and the subcommands.
+
+mod generate;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// Peer-to-peer LLM inference: layer spans on volunteers' machines, activations over iroh,
+/// an OpenAI-compatible API on any node.
+#[derive(Debug, Parser)]
+#[command(name = "shoal", version, about, long_about = None)]
+pub struct Cli {
+    /// Compute threads (default: all cores). Set before any thread pool starts.
+    #[arg(long, global = true, env = "SHOAL_THREADS")]
+    pub threads: Option<usize>,
+    /// More logging on stderr (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate a completion locally, the whole model in this process.
+    Generate(generate::GenerateArgs),
+}
+
+/// Sizes candle's compute pools (rayon and its quantized-matmul barrier pool) to `threads`,
+/// or to the number of available cores.
+pub fn configure_threads(threads: Option<usize>) {
+    let n = threads
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    // SAFETY: called first thing in `main`, before any other thread exists.
+    unsafe {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+    }
+}
+
+/// Installs the tracing subscriber (stderr).
+pub fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Runs the chosen subcommand.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(args) => generate::run(args),
+    }
+}

@@ -1,0 +1,21 @@
+//! `shoal`: peer-to-peer LLM inference. This binary holds the CLI and node assembly.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    // Thread pools read their size once, when first used: fix it before anything starts.
+    cli::configure_threads(args.threads);
+    cli::init_tracing(args.verbose);
+    match cli::run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
