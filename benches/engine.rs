@@ -18,9 +18,10 @@ fn model_path() -> PathBuf {
 }
 
 fn configure_threads() {
-    let n = std::env::var("SHOAL_THREADS").ok().and_then(|s| s.parse::<usize>().ok()).unwrap_or_else(|| {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-    });
+    let n = std::env::var("SHOAL_THREADS")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     // SAFETY: runs before any thread pool or other thread exists.
     unsafe {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
@@ -71,7 +72,8 @@ fn engine(c: &mut Criterion) {
     let h1 = Tensor::randn(0f32, 1.0, (1, model.spec().hidden_size), &Device::Cpu).expect("randn");
     g.bench_function("stage_10_layers_batch1", |b| {
         b.iter(|| {
-            let out = stage.forward(&mut cache, StageInput::Hidden(h1.clone()), LogitsMode::Last).expect("step");
+            let out =
+                stage.forward(&mut cache, StageInput::Hidden(h1.clone()), LogitsMode::Last).expect("step");
             cache.truncate(128);
             out
         })

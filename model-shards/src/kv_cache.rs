@@ -2,7 +2,8 @@
 //!
 //! Each layer of the span keeps K and V as `(n_kv_heads, capacity, head_dim)` buffers that grow
 //! by doubling (amortised O(1) appends, no re-concatenation per token), up to the model's
-//! maximum length. [`KvCache::bytes`] reports what is allocated, so a worker can hold sessions
+//! maximum length. Values are rounded to the cache's precision: f16 for GGUF models, as
+//! llama.cpp's default cache does, the compute dtype otherwise. [`KvCache::bytes`] reports what is allocated, so a worker can hold sessions
 //! under a memory budget.
 
 use candle_core::{DType, Device, Tensor};
@@ -29,6 +30,7 @@ pub struct KvCache {
     n_kv_heads: usize,
     head_dim: usize,
     dtype: DType,
+    precision: DType,
     device: Device,
 }
 
@@ -40,6 +42,7 @@ impl KvCache {
         head_dim: usize,
         max_len: usize,
         dtype: DType,
+        precision: DType,
         device: Device,
     ) -> Self {
         Self {
@@ -50,6 +53,7 @@ impl KvCache {
             n_kv_heads,
             head_dim,
             dtype,
+            precision,
             device,
         }
     }
@@ -128,9 +132,17 @@ impl KvCache {
         let (Some(kc), Some(vc)) = (&slot.k, &slot.v) else {
             return Err(Error::InvalidInput("kv cache used before reserve".into()));
         };
-        kc.slice_set(&k.to_dtype(self.dtype)?.contiguous()?, 1, self.len)?;
-        vc.slice_set(&v.to_dtype(self.dtype)?.contiguous()?, 1, self.len)?;
+        kc.slice_set(&self.store(k)?, 1, self.len)?;
+        vc.slice_set(&self.store(v)?, 1, self.len)?;
         Ok((kc.narrow(1, 0, total)?, vc.narrow(1, 0, total)?))
+    }
+
+    /// Converts new K or V values to what the cache holds: values rounded to the cache's
+    /// precision, stored in its dtype (f32 on the CPU, so attention reads them without
+    /// conversion).
+    fn store(&self, x: &Tensor) -> Result<Tensor> {
+        let x = if self.precision != self.dtype { x.to_dtype(self.precision)? } else { x.clone() };
+        Ok(x.to_dtype(self.dtype)?.contiguous()?)
     }
 
     /// Commits `t` appended positions.

@@ -66,6 +66,7 @@ pub struct Shard {
     rope: Rope,
     device: Device,
     kv_dtype: DType,
+    kv_precision: DType,
 }
 
 impl Shard {
@@ -110,7 +111,13 @@ impl Shard {
         };
         let rope = Rope::new(&spec, freq_factors);
         let kv_dtype = if device.is_cpu() { DType::F32 } else { dtype };
-        Ok(Self { spec, span, embedding, blocks, head, rope, device: device.clone(), kv_dtype })
+        // GGUF models follow llama.cpp, whose default KV cache is f16; Hugging Face models
+        // follow transformers, whose cache has the compute dtype.
+        let kv_precision = match model.format() {
+            crate::ModelFormat::Gguf => DType::F16,
+            crate::ModelFormat::HuggingFace => kv_dtype,
+        };
+        Ok(Self { spec, span, embedding, blocks, head, rope, device: device.clone(), kv_dtype, kv_precision })
     }
 
     /// The model's spec.
@@ -147,6 +154,7 @@ impl Shard {
             self.spec.head_dim,
             max_len.min(self.spec.max_position_embeddings),
             self.kv_dtype,
+            self.kv_precision,
             self.device.clone(),
         )
     }

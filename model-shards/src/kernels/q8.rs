@@ -2,8 +2,8 @@
 //! reference code (and candle's `BlockQ8_0::from_float` / `BlockQ8_1::from_float` values and
 //! scales): per 32-block `d = amax / 127`, `q = round(x · (1 / d))` rounding halves away from
 //! zero, `d` kept as `f16`. For the `q8_1` users `s = d · Σq` is kept too (as `s / 8`), computed
-//! as candle does from the stored `f16` scale, `f16(f16(Σq) · f16(d))`; ggml's `f16(Σq · d)`
-//! (unrounded `d`) can differ from it by one `f16` ulp.
+//! as ggml does, `f16(Σq · d)` with the unrounded `d` (candle's `f16(f16(Σq) · f16(d))` can
+//! differ by one `f16` ulp; llama.cpp is the reference shoal is tested against).
 
 use half::f16;
 
@@ -15,7 +15,7 @@ pub(super) struct RowOut<'a> {
     pub(super) qs: &'a mut [i8],
     /// `k / 32` scales (`f16`-rounded).
     pub(super) d: &'a mut [f32],
-    /// `k / 32` values `f16(f16(Σq) · f16(d)) / 8`, when wanted.
+    /// `k / 32` values `f16(Σq · d) / 8`, when wanted.
     pub(super) s8: Option<&'a mut [f32]>,
     /// `k / 32` values `-offset · Σq`, when wanted.
     pub(super) corr: Option<&'a mut [i32]>,
@@ -28,8 +28,8 @@ pub(super) fn quantize_row(x: &[f32], mut out: RowOut<'_>, offset: i32, simd: bo
         let d16 = f16::from_f32(d);
         out.d[b] = d16.to_f32();
         if let Some(s8) = out.s8.as_deref_mut() {
-            // exactly candle's `BlockQ8_1::from_float`; `f16 * f16` rounds the f32 product once
-            s8[b] = (f16::from_f32(sum as f32) * d16).to_f32() * 0.125;
+            // exactly ggml's `quantize_row_q8_1`
+            s8[b] = f16::from_f32(sum as f32 * d).to_f32() * 0.125;
         }
         if let Some(corr) = out.corr.as_deref_mut() {
             corr[b] = -offset * sum;

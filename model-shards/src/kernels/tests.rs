@@ -102,6 +102,18 @@ fn candle_repacks(dtype: GgmlDType, k: usize, n: usize) -> bool {
 /// Float summation-order noise allowed, relative to `‖x‖·‖w‖`.
 const TOL: f64 = 2e-6;
 
+/// Against candle for the `q8_1` users (`Q4_1`, `Q5_1`): these kernels round the block sum
+/// `s = f16(Σq · d)` as ggml (llama.cpp) does, candle as `f16(f16(Σq) · f16(d))`; one f16 ulp
+/// of `s` per block is well above summation noise.
+const TOL_Q8_1: f64 = 4e-3;
+
+fn candle_tol(dtype: GgmlDType) -> f64 {
+    match dtype {
+        GgmlDType::Q4_1 | GgmlDType::Q5_1 => TOL_Q8_1,
+        _ => TOL,
+    }
+}
+
 #[test]
 fn matmul_matches_candle_on_every_level() -> TestResult {
     // candle's generic `Q4_1`/`Q5_*` dot products debug-assert an even block count, so odd ones
@@ -125,11 +137,12 @@ fn matmul_matches_candle_on_every_level() -> TestResult {
                     let ctx = format!("{dtype:?} {lvl:?} m={m} k={k} n={n}");
                     let errs = [
                         rel_err(&out, &generic, &lhs, &w, k),
-                        rel_err(&out, &scalar, &lhs, &w, k),
                         if candle_repacks(dtype, k, n) { 0.0 } else { rel_err(&out, &qmatmul, &lhs, &w, k) },
                     ];
-                    assert!(errs.iter().all(|&e| e <= TOL), "{ctx}: errors {errs:?}");
-                    worst = errs.into_iter().fold(worst, f64::max);
+                    assert!(errs.iter().all(|&e| e <= candle_tol(dtype)), "{ctx}: errors vs candle {errs:?}");
+                    let vs_scalar = rel_err(&out, &scalar, &lhs, &w, k);
+                    assert!(vs_scalar <= TOL, "{ctx}: error vs scalar {vs_scalar:e}");
+                    worst = errs.into_iter().fold(worst.max(vs_scalar), f64::max);
                     if candle_repacks(dtype, k, n) {
                         let e = rel_err(&out, &qmatmul, &lhs, &w, k);
                         assert!(e <= 1e-2, "{ctx}: vs repacked QMatMul {e:e}");
@@ -137,7 +150,7 @@ fn matmul_matches_candle_on_every_level() -> TestResult {
                 }
                 let mut out = vec![f32::NAN; m * n];
                 matmul(dtype, &bytes, m, k, n, &lhs, &mut out)?;
-                assert!(rel_err(&out, &generic, &lhs, &w, k) <= TOL);
+                assert!(rel_err(&out, &generic, &lhs, &w, k) <= candle_tol(dtype));
             }
         }
     }
@@ -180,7 +193,10 @@ fn activation_quantization_matches_candle() -> TestResult {
             assert_eq!(want1, want, "block {b} q8_1 qs");
             let sum: i32 = want.iter().map(|&q| q as i32).sum();
             assert_eq!(corr[b], -8 * sum);
-            assert_eq!(s8[b] * 8.0, f16::from_le_bytes([blk1[2], blk1[3]]).to_f32(), "block {b} s");
+            // ggml's `quantize_row_q8_1`: s = f16(Σq · d) with the unrounded d = amax / 127
+            let amax = xs[b * 32..(b + 1) * 32].iter().fold(0f32, |a, x| a.max(x.abs()));
+            let ggml_s = f16::from_f32(sum as f32 * (amax / 127.0)).to_f32();
+            assert_eq!(s8[b] * 8.0, ggml_s, "block {b} s");
             assert_eq!(f16::from_le_bytes([blk1[0], blk1[1]]).to_f32(), d[b]);
         }
     }
