@@ -14,10 +14,14 @@ pub enum Error {
         source: std::io::Error,
     },
     /// The path is neither a GGUF file nor a Hugging Face model directory.
-    #[error("{path} is not a model: expected a .gguf file or a directory with config.json and *.safetensors")]
+    #[error(
+        "{path} is not a model ({reason}): expected a .gguf file or a directory with config.json and *.safetensors"
+    )]
     UnknownFormat {
         /// The path given.
         path: PathBuf,
+        /// What was wrong with it.
+        reason: String,
     },
     /// The model's architecture is not one shoal implements.
     #[error("unsupported architecture `{0}` (supported: llama, mistral, qwen2, qwen3)")]

@@ -48,11 +48,9 @@ impl Model {
 
     fn open_gguf(path: PathBuf) -> Result<Self> {
         let mut file = File::open(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
-        let content = gguf_file::Content::read(&mut file).map_err(|e| match e {
-            candle_core::Error::Io(_) | candle_core::Error::Msg(_) => {
-                Error::UnknownFormat { path: path.clone() }
-            }
-            other => Error::Candle(other),
+        let content = gguf_file::Content::read(&mut file).map_err(|e| Error::UnknownFormat {
+            path: path.clone(),
+            reason: format!("not a readable GGUF file: {}", first_line(&e.to_string())),
         })?;
         let content = Arc::new(content);
         let spec = ModelSpec::from_gguf(&content)?;
@@ -63,7 +61,10 @@ impl Model {
     fn open_hf(dir: PathBuf) -> Result<Self> {
         let config_path = dir.join("config.json");
         if !config_path.is_file() {
-            return Err(Error::UnknownFormat { path: dir });
+            return Err(Error::UnknownFormat {
+                path: dir,
+                reason: "the directory has no config.json".into(),
+            });
         }
         let hf_config: HfConfig = read_json(&config_path)?;
         let spec = ModelSpec::from_hf_config(&hf_config)?;
@@ -126,6 +127,11 @@ impl Model {
     }
 }
 
+/// The first line of an error message (candle appends a backtrace to some).
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
+}
+
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
     serde_json::from_slice(&bytes).map_err(|source| Error::Json { path: path.to_path_buf(), source })
@@ -160,7 +166,10 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         v
     };
     if files.is_empty() {
-        return Err(Error::UnknownFormat { path: dir.to_path_buf() });
+        return Err(Error::UnknownFormat {
+            path: dir.to_path_buf(),
+            reason: "the directory has no *.safetensors files".into(),
+        });
     }
     if let Some(missing) = files.iter().find(|f| !f.is_file()) {
         return Err(Error::Io {

@@ -62,6 +62,16 @@ struct JsonOutput<'a> {
 
 /// Runs `shoal generate`.
 pub fn run(args: GenerateArgs) -> Result<()> {
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
+        ..SamplingParams::default()
+    };
+    params.validate()?;
     let model = Model::open(&args.model).with_context(|| format!("opening {}", args.model.display()))?;
     let tokenizer = model.tokenizer().context("loading the tokenizer")?;
     let text = if args.chat {
@@ -75,15 +85,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if prompt.is_empty() {
         bail!("the prompt encodes to no tokens");
     }
-    let params = SamplingParams {
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        min_p: args.min_p,
-        repetition_penalty: args.repetition_penalty,
-        seed: args.seed,
-        ..SamplingParams::default()
-    };
     let n_layers = model.spec().n_layers;
     let shard = Shard::load(&model, 0..n_layers, &Device::Cpu, DType::F32)?;
     let mut stop_ids = tokenizer.eos_ids().to_vec();
