@@ -49,8 +49,8 @@ fn main() {
     for _ in 0..reps {
         let mut cache = shard.new_cache(1024);
         let t = Instant::now();
-        for i in 0..128 {
-            shard.logits(&mut cache, &[prompt[i]], LogitsMode::Last).expect("decode");
+        for &id in &prompt[..128] {
+            shard.logits(&mut cache, &[id], LogitsMode::Last).expect("decode");
         }
         tg.push(128.0 / t.elapsed().as_secs_f64());
     }
