@@ -17,24 +17,17 @@ fn model_path() -> PathBuf {
     p
 }
 
-fn configure_threads() {
-    let n = std::env::var("SHOAL_THREADS")
-        .ok()
-        .and_then(|s| s.parse::<usize>().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    // SAFETY: runs before any thread pool or other thread exists.
-    unsafe {
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
-    }
-}
-
 fn prompt(n: usize) -> Vec<u32> {
     (0..n as u32).map(|i| 100 + (i * 7919) % 40000).collect()
 }
 
 fn engine(c: &mut Criterion) {
-    configure_threads();
+    // SAFETY: runs before any thread pool or other thread exists.
+    unsafe {
+        shoal_model_shards::threads::configure_threads(
+            std::env::var("SHOAL_THREADS").ok().and_then(|s| s.parse().ok()),
+        )
+    };
     let model = Model::open(model_path()).expect("open model");
     let n_layers = model.spec().n_layers;
     let whole = Shard::load(&model, 0..n_layers, &Device::Cpu, DType::F32).expect("load");

@@ -17,15 +17,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    let threads = std::env::var("SHOAL_THREADS")
-        .ok()
-        .and_then(|s| s.parse::<usize>().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     // SAFETY: first thing in main, before any other thread exists.
-    unsafe {
-        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-        std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
-    }
+    let threads = unsafe {
+        shoal_model_shards::threads::configure_threads(
+            std::env::var("SHOAL_THREADS").ok().and_then(|s| s.parse().ok()),
+        )
+    };
     let reps: usize = std::env::var("SHOAL_BENCH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(path.is_file(), "{} is missing: run `bash deploy/fetch-model.sh`", path.display());

@@ -26,19 +26,6 @@ enum Command {
     Generate(generate::GenerateArgs),
 }
 
-/// Sizes candle's compute pools (rayon and its quantized-matmul barrier pool) to `threads`,
-/// or to the number of available cores.
-pub fn configure_threads(threads: Option<usize>) {
-    let n = threads
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    // SAFETY: called first thing in `main`, before any other thread exists.
-    unsafe {
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
-    }
-}
-
 /// Installs the tracing subscriber (stderr).
 pub fn init_tracing(verbose: u8) {
     let default = match verbose {

@@ -8,8 +8,8 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
-    // Thread pools read their size once, when first used: fix it before anything starts.
-    cli::configure_threads(args.threads);
+    // SAFETY: nothing else runs yet; the pools read their size once, when first used.
+    unsafe { shoal_model_shards::threads::configure_threads(args.threads) };
     cli::init_tracing(args.verbose);
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,

@@ -30,6 +30,7 @@ mod rope;
 pub mod sampler;
 mod shard;
 pub mod spec;
+pub mod threads;
 pub mod tokenizer;
 mod weights;
 
