@@ -1,6 +1,6 @@
 //! Engine micro-benchmarks on SmolLM2-135M Q4_1: prefill (512-token prompt) and decode
-//! (one token at position ~128) through the whole model, one stage's forward at batch 1, and
-//! activation encode/decode. `cargo bench --bench engine`; the threads follow
+//! (one token at position ~128) through the whole model, one stage's forward at batch 1,
+//! activation encode/decode, and one sampling step over 49,152 logits. `cargo bench --bench engine`; the threads follow
 //! `SHOAL_THREADS` (default: all cores). `benches/compare_llama_cpp.sh` puts these figures
 //! beside llama.cpp's, measured in the same run.
 
@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_main};
 use shoal_model_shards::activation::{self, WireDType};
+use shoal_model_shards::sampler::{Sampler, SamplingParams};
 use shoal_model_shards::{DType, Device, LogitsMode, Model, Shard, StageInput, Tensor};
 
 fn model_path() -> PathBuf {
@@ -81,6 +82,26 @@ fn engine(c: &mut Criterion) {
         g.bench_function(format!("encode_16x576_{wire:?}"), |b| b.iter(|| activation::encode(&x, wire)));
         g.bench_function(format!("decode_16x576_{wire:?}"), |b| {
             b.iter(|| activation::decode(&bytes, wire, 16, 576, &Device::Cpu))
+        });
+    }
+    g.finish();
+
+    // One sampling step over SmolLM2's 49,152 logits.
+    let mut g = c.benchmark_group("sampler");
+    let logits: Vec<f32> = (0..49_152u32).map(|i| ((i * 2_654_435_761u32) >> 16) as f32 / 4096.0).collect();
+    let history: Vec<u32> = (0..512u32).map(|i| (i * 97) % 49_152).collect();
+    for (name, params) in [
+        ("greedy", SamplingParams::greedy()),
+        ("top_p_0.9", SamplingParams { temperature: 0.7, top_p: 0.9, ..SamplingParams::default() }),
+        ("top_k_40", SamplingParams { temperature: 0.7, top_k: Some(40), ..SamplingParams::default() }),
+    ] {
+        let sampler = Sampler::new(params).expect("valid params");
+        let mut step = 0u64;
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                step += 1;
+                sampler.sample(&logits, &history, 256, step, 0).expect("sample")
+            })
         });
     }
     g.finish();
