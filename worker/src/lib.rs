@@ -8,12 +8,18 @@
 //! protocol adapted to iroh by a thin `ProtocolHandler`, and forwarding of hidden states
 //! straight to the next peer of the ring.
 //!
-//! What exists today is the transport-free wire format, [`protocol`]: every message of the
-//! ring (session open, step, result, close, typed errors, ping) with its byte layout and the
-//! checks that make hostile input safe to decode. The service and the iroh adapter come with
-//! the worker-pipeline issue.
+//! What exists today is transport-free:
+//! - [`protocol`]: every message of the ring (session open, step, result, close, typed errors,
+//!   ping) with its byte layout and the checks that make hostile input safe to decode;
+//! - [`service`]: the stage as a pure state machine, `handle(from, message, now) -> actions`:
+//!   sessions and their KV caches under a memory budget, per-peer quotas, idle timeouts,
+//!   draining, and every check of a step against its session before any compute.
+//!
+//! The iroh adapter, `shoal worker` and the pipeline driver come with the worker-pipeline
+//! issue.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod protocol;
+pub mod service;
 
 pub use shoal_model_shards as engine;

@@ -1,0 +1,561 @@
+//! The stage service: the sessions of one span of layers, as a pure, synchronous state machine.
+//!
+//! # Main loop
+//! The transport (an iroh `ProtocolHandler`, on a blocking thread) decodes a frame into a
+//! [`Message`], calls [`StageService::handle`] with the sender's node id and the current time,
+//! and sends every returned [`Action`] in order. It also calls [`StageService::sweep_idle`]
+//! now and then (every few seconds) and sends what that returns. The service does no I/O,
+//! spawns nothing and reads no clock: the same inputs give the same actions, so tests drive
+//! whole rings by hand.
+//!
+//! ```text
+//! origin ──OpenSession/Step/Close──▶ stage k ──Action::ToNext──▶ stage k+1 ──▶ … ──▶ last stage
+//!    ▲                                  │                                              │
+//!    └──────── Action::ToOrigin (errors from any stage; StepResult from the last) ◀────┘
+//! ```
+//!
+//! # Where the actions go
+//! - [`Action::ToNext`] carries the node id of `route[hop_index + 1]`, taken from the
+//!   session's `OpenSession`, so the transport needs no session table to forward.
+//! - [`Action::ToOrigin`] carries no address: the wire does not tell a stage past hop 0 who
+//!   the origin is. The transport resolves it: for a message about a session it opened the
+//!   transport sends it to that session's origin (on hop 0, the `from` of the `OpenSession`,
+//!   also available as [`StageService::opener`]); for anything else (`Pong`, an error about a
+//!   session that does not exist here, a refused `OpenSession`) it answers the peer the
+//!   triggering message came from.
+//! - [`Action::Closed`] tells the transport it may drop its per-session state.
+//!
+//! # What is checked where
+//! The codec ([`crate::protocol`]) checks what a frame says about itself; `handle` re-runs
+//! [`Message::validate`] (cheap) so in-process callers get the same guarantees. Then:
+//! - **OpenSession**: not draining; `model_id`; `route[hop_index]` is exactly this shard's span
+//!   (so hop 0 is the first span) and this is the last hop iff the shard holds the last layer;
+//!   `max_len ≤ min(max_seq_len, model max)`; sampling (on the last stage) through
+//!   `SamplingParams::validate`; no open session with that id; then the limits: total sessions
+//!   ([`StageConfig::max_sessions`]), sessions opened by this sender
+//!   ([`StageConfig::per_peer_sessions`]: on hop 0 that is per origin, on later hops per
+//!   previous stage) and the KV budget: `cache.bytes_for(max_len)` is reserved up front and the
+//!   session is refused when the reservation does not fit.
+//! - **Step**: the session exists *and was opened by the sender* (anyone else gets
+//!   `UnknownSession`, which reveals nothing); `step_id` increases; `start_pos` equals the
+//!   cache length; the payload kind fits the stage (token ids on the first, hidden states
+//!   elsewhere) with `hidden == hidden_size` and the session's wire dtype; token ids are in the
+//!   vocabulary; the step fits `max_len`; hidden states are finite (checked while decoding).
+//! - **CloseSession**: only from the opener; an unknown id is ignored (closing is idempotent).
+//!
+//! Every failure is answered with one [`Message::Error`] and touches nothing else: a failed
+//! step leaves its session's cache and history as they were (the engine's forward is atomic
+//! and the cache is truncated back if sampling fails), and other sessions never notice.
+//! When a later stage refuses a forwarded `OpenSession`, this stage keeps its session until
+//! the origin closes it (or it idles out).
+//!
+//! Steps are served one at a time; batching the steps of concurrent sessions belongs to a
+//! scheduler above this state machine.
+
+mod session;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use shoal_model_shards::activation::{self, WireDType};
+use shoal_model_shards::sampler::{Sampler, SamplerError, SamplingParams};
+use shoal_model_shards::{DType, Error as EngineError, LogitsMode, Shard, StageInput, StageOutput, Tensor};
+
+use crate::protocol::{
+    CloseReason, CloseSession, ErrorCode, HiddenStates, Message, OpenSession, Payload, StageError, Step,
+    StepResult,
+};
+use session::{SamplerState, Session};
+
+/// A peer's iroh node id (its ed25519 public key).
+pub type PeerId = [u8; 32];
+
+/// Limits and identity of a stage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageConfig {
+    /// Most sessions open at once.
+    pub max_sessions: usize,
+    /// Bytes of KV cache the stage may reserve across all sessions.
+    pub kv_budget_bytes: usize,
+    /// Most sessions one sender (`from` of the `OpenSession`) may hold open at once.
+    pub per_peer_sessions: usize,
+    /// A session with no message for longer than this is closed by [`StageService::sweep_idle`].
+    pub idle_timeout: Duration,
+    /// Largest `max_len` a session may ask for (further capped by the model's maximum).
+    pub max_seq_len: usize,
+    /// Identity of the model this stage serves (must match `OpenSession::model_id`).
+    pub model_id: [u8; 32],
+}
+
+/// What the transport must do after a call into the service.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Send `msg` to the next hop of the session's route, `to` = `route[hop_index + 1]`.
+    ToNext {
+        /// Node id of the next hop.
+        to: PeerId,
+        /// The message (an `OpenSession` with `hop_index + 1`, a `Step` or a `CloseSession`).
+        msg: Message,
+    },
+    /// Send `msg` to the session's origin, or to the sender when there is no such session
+    /// (see the module docs, "Where the actions go").
+    ToOrigin(Message),
+    /// The session is closed here and its memory freed.
+    Closed {
+        /// The session.
+        session_id: u64,
+    },
+}
+
+/// A snapshot of the stage's load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StageStats {
+    /// Sessions open.
+    pub sessions: usize,
+    /// KV bytes reserved by open sessions (counted against the budget).
+    pub kv_bytes_reserved: usize,
+    /// KV bytes actually allocated by open sessions (never more than reserved).
+    pub kv_bytes_allocated: usize,
+    /// Whether the stage refuses new sessions.
+    pub draining: bool,
+}
+
+/// Why a message was refused: becomes a [`StageError`].
+struct Refusal {
+    code: ErrorCode,
+    message: String,
+}
+
+fn refuse(code: ErrorCode, message: impl Into<String>) -> Refusal {
+    Refusal { code, message: message.into() }
+}
+
+/// The stage service of one shard: sessions, their KV caches under a budget, and the forward
+/// step. See the module docs.
+pub struct StageService {
+    shard: Shard,
+    config: StageConfig,
+    sessions: HashMap<u64, Session>,
+    per_peer: HashMap<PeerId, usize>,
+    reserved: usize,
+    draining: bool,
+}
+
+impl StageService {
+    /// A service for `shard` with the limits of `config`.
+    pub fn new(shard: Shard, config: StageConfig) -> Self {
+        Self {
+            shard,
+            config,
+            sessions: HashMap::new(),
+            per_peer: HashMap::new(),
+            reserved: 0,
+            draining: false,
+        }
+    }
+
+    /// The shard this stage serves.
+    pub fn shard(&self) -> &Shard {
+        &self.shard
+    }
+
+    /// The stage's configuration.
+    pub fn config(&self) -> &StageConfig {
+        &self.config
+    }
+
+    /// The peer that opened `session_id` on this stage (the origin on hop 0, the previous
+    /// hop otherwise), if the session is open.
+    pub fn opener(&self, session_id: u64) -> Option<PeerId> {
+        self.sessions.get(&session_id).map(|s| s.opener)
+    }
+
+    /// Handles one message from peer `from` received at `now`; returns what to send.
+    #[must_use = "the actions must be sent"]
+    pub fn handle(&mut self, from: PeerId, msg: Message, now: Instant) -> Vec<Action> {
+        if let Err(e) = msg.validate() {
+            let (session_id, step_id) = match &msg {
+                Message::OpenSession(m) => (Some(m.session_id), None),
+                Message::Step(m) => (Some(m.session_id), Some(m.step_id)),
+                _ => (None, None),
+            };
+            return vec![error_action(session_id, step_id, refuse(e.code(), e.to_string()))];
+        }
+        match msg {
+            Message::OpenSession(open) => self.open(from, open, now),
+            Message::Step(step) => self.step(from, step, now),
+            Message::CloseSession(close) => self.close(from, close),
+            Message::Ping { nonce } => vec![Action::ToOrigin(Message::Pong { nonce })],
+            // Replies are for origins, not stages: ignore them rather than answer with an
+            // error, which could make two stages bounce errors forever.
+            other @ (Message::StepResult(_) | Message::Error(_) | Message::Pong { .. }) => {
+                tracing::debug!(kind = other.kind_name(), "ignoring a reply sent to a stage");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Closes every session idle for longer than the idle timeout at `now`, forwarding a
+    /// `CloseSession` (reason `IdleTimeout`) down the chain.
+    #[must_use = "the actions must be sent"]
+    pub fn sweep_idle(&mut self, now: Instant) -> Vec<Action> {
+        let timeout = self.config.idle_timeout;
+        let mut idle: Vec<u64> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| now.saturating_duration_since(s.last_active) > timeout)
+            .map(|(&id, _)| id)
+            .collect();
+        idle.sort_unstable();
+        let mut actions = Vec::new();
+        for session_id in idle {
+            tracing::info!(session_id, "closing an idle session");
+            actions.extend(self.remove(session_id, CloseReason::IdleTimeout));
+        }
+        actions
+    }
+
+    /// Stops accepting sessions (`Draining`); open sessions keep being served.
+    pub fn drain(&mut self) {
+        self.draining = true;
+    }
+
+    /// Current load.
+    pub fn stats(&self) -> StageStats {
+        StageStats {
+            sessions: self.sessions.len(),
+            kv_bytes_reserved: self.reserved,
+            kv_bytes_allocated: self.sessions.values().map(|s| s.cache.bytes()).sum(),
+            draining: self.draining,
+        }
+    }
+
+    fn open(&mut self, from: PeerId, open: OpenSession, now: Instant) -> Vec<Action> {
+        let session_id = open.session_id;
+        match self.admit(from, &open, now) {
+            Ok(()) => {
+                tracing::debug!(session_id, hop = open.hop_index, "session opened");
+                let next = self.sessions.get(&session_id).and_then(|s| s.next);
+                match next {
+                    Some(to) => {
+                        let msg = Message::OpenSession(OpenSession { hop_index: open.hop_index + 1, ..open });
+                        vec![Action::ToNext { to, msg }]
+                    }
+                    None => Vec::new(),
+                }
+            }
+            Err(r) => vec![error_action(Some(session_id), None, r)],
+        }
+    }
+
+    /// Runs every check of an `OpenSession` and, when all pass, opens the session.
+    fn admit(&mut self, from: PeerId, open: &OpenSession, now: Instant) -> Result<(), Refusal> {
+        if self.draining {
+            return Err(refuse(ErrorCode::Draining, "this stage is draining and takes no new sessions"));
+        }
+        if open.model_id != self.config.model_id {
+            return Err(refuse(ErrorCode::WrongModel, "this stage does not serve the requested model"));
+        }
+        let span = self.shard.span();
+        let hop = open.hop_index as usize;
+        let Some(this_hop) = open.route.get(hop) else {
+            return Err(refuse(ErrorCode::Malformed, format!("hop_index {hop} is outside the route")));
+        };
+        if (this_hop.start as usize, this_hop.end as usize) != (span.start, span.end) {
+            return Err(refuse(
+                ErrorCode::WrongSpan,
+                format!(
+                    "route hop {hop} asks for layers {}..{}, this stage serves {}..{}",
+                    this_hop.start, this_hop.end, span.start, span.end
+                ),
+            ));
+        }
+        let last_hop = hop + 1 == open.route.len();
+        if last_hop != self.shard.is_last() {
+            return Err(refuse(
+                ErrorCode::WrongSpan,
+                format!(
+                    "the route {} after layer {} but the model has {} layers",
+                    if last_hop { "ends" } else { "continues" },
+                    span.end,
+                    self.shard.spec().n_layers
+                ),
+            ));
+        }
+        let max_len = open.max_len as usize;
+        let limit = self.config.max_seq_len.min(self.shard.spec().max_position_embeddings);
+        if max_len > limit {
+            return Err(refuse(
+                ErrorCode::TooLarge,
+                format!("max_len {max_len} exceeds this stage's limit of {limit} positions"),
+            ));
+        }
+        let sampling = if self.shard.is_last() {
+            let s = &open.sampling;
+            let params = SamplingParams {
+                temperature: s.temperature,
+                top_k: (s.top_k != 0).then_some(s.top_k),
+                top_p: s.top_p,
+                min_p: s.min_p,
+                repetition_penalty: s.repetition_penalty,
+                presence_penalty: s.presence_penalty,
+                frequency_penalty: s.frequency_penalty,
+                seed: s.seed,
+            };
+            let sampler = Sampler::new(params).map_err(|e| refuse(ErrorCode::Unsupported, e.to_string()))?;
+            Some(SamplerState {
+                sampler,
+                history: Vec::new(),
+                prompt_len: open.prompt_len as usize,
+                top_logprobs: usize::from(open.top_logprobs),
+            })
+        } else {
+            None
+        };
+        if self.sessions.contains_key(&open.session_id) {
+            return Err(refuse(ErrorCode::DuplicateSession, "a session with this id is already open"));
+        }
+        if self.sessions.len() >= self.config.max_sessions {
+            return Err(refuse(
+                ErrorCode::SessionLimit,
+                format!("this stage serves its limit of {} sessions", self.config.max_sessions),
+            ));
+        }
+        let held = self.per_peer.get(&from).copied().unwrap_or(0);
+        if held >= self.config.per_peer_sessions {
+            return Err(refuse(
+                ErrorCode::QuotaExceeded,
+                format!("this peer holds its quota of {} sessions", self.config.per_peer_sessions),
+            ));
+        }
+        let cache = self.shard.new_cache(max_len);
+        let need = cache.bytes_for(max_len);
+        let free = self.config.kv_budget_bytes.saturating_sub(self.reserved);
+        if need > free {
+            return Err(refuse(
+                ErrorCode::CapacityExceeded,
+                format!("the session needs {need} bytes of KV cache, {free} of the budget are free"),
+            ));
+        }
+        let next = open.route.get(hop + 1).map(|h| h.node_id);
+        self.reserved += need;
+        *self.per_peer.entry(from).or_insert(0) += 1;
+        let session = Session {
+            opener: from,
+            next,
+            wire_dtype: open.wire_dtype,
+            max_len,
+            reserved: need,
+            cache,
+            last_step: None,
+            last_active: now,
+            sampling,
+        };
+        self.sessions.insert(open.session_id, session);
+        Ok(())
+    }
+
+    fn step(&mut self, from: PeerId, step: Step, now: Instant) -> Vec<Action> {
+        let (session_id, step_id) = (step.session_id, step.step_id);
+        match self.run_step(from, step, now) {
+            Ok(action) => vec![action],
+            Err(r) => vec![error_action(Some(session_id), Some(step_id), r)],
+        }
+    }
+
+    fn run_step(&mut self, from: PeerId, step: Step, now: Instant) -> Result<Action, Refusal> {
+        let shard = &self.shard;
+        let spec = shard.spec();
+        let session = match self.sessions.get_mut(&step.session_id) {
+            Some(s) if s.opener == from => s,
+            _ => return Err(refuse(ErrorCode::UnknownSession, "no such session on this stage")),
+        };
+        session.last_active = now;
+        if let Some(last) = session.last_step
+            && step.step_id <= last
+        {
+            return Err(refuse(
+                ErrorCode::OutOfOrder,
+                format!("step id {} does not follow step id {last}", step.step_id),
+            ));
+        }
+        let pos = session.cache.len();
+        if step.start_pos as usize != pos {
+            return Err(refuse(
+                ErrorCode::BadPosition,
+                format!("step starts at position {}, the session's cache holds {pos}", step.start_pos),
+            ));
+        }
+        let t = step.payload.len();
+        if pos + t > session.max_len {
+            return Err(refuse(
+                ErrorCode::BadPosition,
+                format!("positions {pos}..{} exceed the session's max_len {}", pos + t, session.max_len),
+            ));
+        }
+        let input = match (&step.payload, shard.is_first()) {
+            (Payload::Tokens(ids), true) => {
+                if let Some(bad) = ids.iter().find(|&&id| id as usize >= spec.vocab_size) {
+                    return Err(refuse(
+                        ErrorCode::BadShape,
+                        format!("token id {bad} is outside the vocabulary of {}", spec.vocab_size),
+                    ));
+                }
+                StageInput::Tokens(ids.clone())
+            }
+            (Payload::Hidden(h), false) => {
+                if h.hidden as usize != spec.hidden_size {
+                    return Err(refuse(
+                        ErrorCode::BadShape,
+                        format!("hidden width {} does not match the model's {}", h.hidden, spec.hidden_size),
+                    ));
+                }
+                if h.dtype != session.wire_dtype {
+                    return Err(refuse(
+                        ErrorCode::BadShape,
+                        format!("hidden dtype {:?}, the session uses {:?}", h.dtype, session.wire_dtype),
+                    ));
+                }
+                let x = activation::decode(&h.bytes, h.dtype, t, spec.hidden_size, shard.device())
+                    .map_err(|e| refuse(ErrorCode::NonFinite, e.to_string()))?;
+                StageInput::Hidden(x)
+            }
+            (Payload::Tokens(_), false) => {
+                return Err(refuse(ErrorCode::BadShape, "this stage takes hidden states, not token ids"));
+            }
+            (Payload::Hidden(_), true) => {
+                return Err(refuse(
+                    ErrorCode::BadShape,
+                    "the first stage takes token ids, not hidden states",
+                ));
+            }
+        };
+        if let Some(s) = &session.sampling
+            && s.history.len() + step.history_tail.len() > session.max_len
+        {
+            return Err(refuse(
+                ErrorCode::TooLarge,
+                format!("the history would exceed the session's max_len {}", session.max_len),
+            ));
+        }
+        let step_id = step.step_id;
+        let out = shard.forward(&mut session.cache, input, LogitsMode::Last).map_err(engine_refusal)?;
+        let result = match (out, session.next) {
+            (StageOutput::Hidden(h), Some(to)) => {
+                forward_hidden(&h, session.wire_dtype, step).map(|msg| Action::ToNext { to, msg })
+            }
+            (StageOutput::Logits(logits), None) => {
+                sample(session, &logits, &step).map(|r| Action::ToOrigin(Message::StepResult(r)))
+            }
+            _ => Err(refuse(ErrorCode::Internal, "the shard's output does not fit its place in the route")),
+        };
+        if result.is_ok() {
+            session.last_step = Some(step_id);
+        } else {
+            // Forget the positions this step wrote, so the session is as it was.
+            session.cache.truncate(pos);
+        }
+        result
+    }
+
+    fn close(&mut self, from: PeerId, close: CloseSession) -> Vec<Action> {
+        let session_id = close.session_id;
+        match self.sessions.get(&session_id) {
+            Some(s) if s.opener == from => {
+                tracing::debug!(session_id, reason = ?close.reason, "closing a session");
+                self.remove(session_id, close.reason)
+            }
+            Some(_) => {
+                tracing::info!(session_id, "ignoring a close from a peer that did not open the session");
+                Vec::new()
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// Frees a session and returns the close to forward and the `Closed` notice.
+    fn remove(&mut self, session_id: u64, reason: CloseReason) -> Vec<Action> {
+        let Some(session) = self.sessions.remove(&session_id) else {
+            return Vec::new();
+        };
+        self.reserved = self.reserved.saturating_sub(session.reserved);
+        if let Some(n) = self.per_peer.get_mut(&session.opener) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_peer.remove(&session.opener);
+            }
+        }
+        let mut actions = Vec::with_capacity(2);
+        if let Some(to) = session.next {
+            actions
+                .push(Action::ToNext { to, msg: Message::CloseSession(CloseSession { session_id, reason }) });
+        }
+        actions.push(Action::Closed { session_id });
+        actions
+    }
+}
+
+/// The `Error` action answering a refused message, with a tracing event.
+fn error_action(session_id: Option<u64>, step_id: Option<u64>, r: Refusal) -> Action {
+    if r.code == ErrorCode::Internal {
+        tracing::warn!(?session_id, ?step_id, code = %r.code, message = %r.message, "stage failure");
+    } else {
+        tracing::info!(?session_id, ?step_id, code = %r.code, message = %r.message, "refused a message");
+    }
+    Action::ToOrigin(Message::Error(StageError::new(r.code, session_id, step_id, &r.message)))
+}
+
+/// Maps an engine error of a forward step to the code the origin sees.
+fn engine_refusal(e: EngineError) -> Refusal {
+    let code = match &e {
+        EngineError::SequenceTooLong { .. } => ErrorCode::BadPosition,
+        EngineError::InvalidInput(_) => ErrorCode::BadShape,
+        _ => ErrorCode::Internal,
+    };
+    refuse(code, e.to_string())
+}
+
+/// The step to send down the chain: the same step with this stage's output as its payload.
+fn forward_hidden(h: &Tensor, dtype: WireDType, step: Step) -> Result<Message, Refusal> {
+    let internal = |e: EngineError| refuse(ErrorCode::Internal, e.to_string());
+    let (t, hidden) = h.dims2().map_err(|e| internal(e.into()))?;
+    let bytes = activation::encode(h, dtype).map_err(internal)?;
+    let (Ok(t), Ok(hidden)) = (u32::try_from(t), u32::try_from(hidden)) else {
+        return Err(refuse(ErrorCode::Internal, "hidden states too large for the wire"));
+    };
+    Ok(Message::Step(Step { payload: Payload::Hidden(HiddenStates { t, hidden, dtype, bytes }), ..step }))
+}
+
+/// Appends the step's history tail and samples the next token; on failure the history is
+/// left as it was.
+fn sample(session: &mut Session, logits: &Tensor, step: &Step) -> Result<StepResult, Refusal> {
+    let Some(state) = session.sampling.as_mut() else {
+        return Err(refuse(ErrorCode::Internal, "the last stage has no sampler for this session"));
+    };
+    let row = logits
+        .flatten_all()
+        .and_then(|l| l.to_dtype(DType::F32))
+        .and_then(|l| l.to_vec1::<f32>())
+        .map_err(|e| refuse(ErrorCode::Internal, e.to_string()))?;
+    let base = state.history.len();
+    state.history.extend_from_slice(&step.history_tail);
+    // During a chunked prefill the history is still shorter than the prompt.
+    let prompt_len = state.prompt_len.min(state.history.len());
+    match state.sampler.sample(&row, &state.history, prompt_len, step.sample_step, state.top_logprobs) {
+        Ok(s) => Ok(StepResult {
+            session_id: step.session_id,
+            step_id: step.step_id,
+            token: s.token,
+            logprob: s.logprob,
+            top_logprobs: s.top_logprobs,
+        }),
+        Err(e) => {
+            state.history.truncate(base);
+            let code = match e {
+                SamplerError::TokenOutOfVocab { .. } => ErrorCode::BadShape,
+                _ => ErrorCode::Internal,
+            };
+            Err(refuse(code, e.to_string()))
+        }
+    }
+}

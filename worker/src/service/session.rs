@@ -1,0 +1,45 @@
+//! One open session on this stage: its KV cache, its reservation and, on the last stage, what
+//! the sampler needs.
+
+use std::time::Instant;
+
+use shoal_model_shards::KvCache;
+use shoal_model_shards::activation::WireDType;
+use shoal_model_shards::sampler::Sampler;
+
+use super::PeerId;
+
+/// What the last stage keeps to sample a session's tokens.
+pub(super) struct SamplerState {
+    /// The session's validated sampler.
+    pub(super) sampler: Sampler,
+    /// Every id of the session so far (prompt, then generated), built from `history_tail`s.
+    pub(super) history: Vec<u32>,
+    /// How many leading ids of `history` are prompt.
+    pub(super) prompt_len: usize,
+    /// Alternatives reported per result.
+    pub(super) top_logprobs: usize,
+}
+
+/// A session open on this stage.
+pub(super) struct Session {
+    /// The peer that sent the `OpenSession` to this stage: the origin on hop 0, the previous
+    /// hop otherwise. Only it may step or close the session; its quota is charged.
+    pub(super) opener: PeerId,
+    /// The next hop's node id, `None` on the last hop.
+    pub(super) next: Option<PeerId>,
+    /// Dtype of hidden states in and out of this stage.
+    pub(super) wire_dtype: WireDType,
+    /// Most positions the session may use.
+    pub(super) max_len: usize,
+    /// Bytes of the KV budget reserved at open (`cache.bytes_for(max_len)`).
+    pub(super) reserved: usize,
+    /// The session's KV cache for this span.
+    pub(super) cache: KvCache,
+    /// Highest step id served so far.
+    pub(super) last_step: Option<u64>,
+    /// Last time a message for this session arrived.
+    pub(super) last_active: Instant,
+    /// Sampling state, on the last stage only.
+    pub(super) sampling: Option<SamplerState>,
+}

@@ -1,0 +1,572 @@
+//! The stage service driven by hand: two stages (layers 0..2 and 2..4 of the tiny llama
+//! fixture) chained into a ring whose actions the test routes itself.
+//!
+//! Proves that the ring reproduces `generate::generate` on the whole model, that hostile steps
+//! get the right error code without disturbing other sessions (or their own session's cache),
+//! and that the limits (KV budget, per-peer quota, session count, draining, idle timeout) hold
+//! and free what they should.
+
+use std::time::{Duration, Instant};
+
+use shoal_model_shards::activation::WireDType;
+use shoal_model_shards::generate::{self, Flow};
+use shoal_model_shards::sampler::{Sampler, SamplingParams};
+use shoal_model_shards::{DType, Device, LogitsMode, Model, Shard, StageInput, StageOutput};
+use shoal_worker::protocol::{
+    CloseReason, CloseSession, ErrorCode, HiddenStates, Message, OpenSession, Payload, RouteHop, Sampling,
+    StageError, Step, StepResult,
+};
+use shoal_worker::service::{Action, PeerId, StageConfig, StageService, StageStats};
+
+const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny/llama");
+const MODEL_ID: [u8; 32] = [7; 32];
+const ORIGIN: PeerId = [1; 32];
+const STAGE_A: PeerId = [2; 32];
+const STAGE_B: PeerId = [3; 32];
+const PROMPT: [u32; 6] = [1, 17, 42, 99, 5, 200];
+const DECODE_STEPS: usize = 8;
+const MAX_LEN: u32 = 32;
+
+fn load(span: std::ops::Range<usize>) -> anyhow::Result<Shard> {
+    let model = Model::open(FIXTURE)?;
+    Ok(Shard::load(&model, span, &Device::Cpu, DType::F32)?)
+}
+
+fn config() -> StageConfig {
+    StageConfig {
+        max_sessions: 16,
+        kv_budget_bytes: 1 << 30,
+        per_peer_sessions: 16,
+        idle_timeout: Duration::from_secs(60),
+        max_seq_len: 64,
+        model_id: MODEL_ID,
+    }
+}
+
+fn route() -> Vec<RouteHop> {
+    vec![RouteHop { node_id: STAGE_A, start: 0, end: 2 }, RouteHop { node_id: STAGE_B, start: 2, end: 4 }]
+}
+
+fn greedy() -> Sampling {
+    Sampling {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        min_p: 0.0,
+        repetition_penalty: 1.0,
+        presence_penalty: 0.0,
+        frequency_penalty: 0.0,
+        seed: 0,
+    }
+}
+
+fn open_msg(session_id: u64, wire_dtype: WireDType, top_logprobs: u8) -> OpenSession {
+    OpenSession {
+        session_id,
+        model_id: MODEL_ID,
+        route: route(),
+        hop_index: 0,
+        wire_dtype,
+        max_len: MAX_LEN,
+        sampling: greedy(),
+        top_logprobs,
+        prompt_len: PROMPT.len() as u32,
+    }
+}
+
+fn tokens_step(session_id: u64, step_id: u64, start_pos: u32, sample_step: u64, ids: &[u32]) -> Step {
+    Step {
+        session_id,
+        step_id,
+        start_pos,
+        sample_step,
+        history_tail: ids.to_vec(),
+        payload: Payload::Tokens(ids.to_vec()),
+    }
+}
+
+fn hidden_step(session_id: u64, step_id: u64, start_pos: u32, h: HiddenStates) -> Step {
+    Step {
+        session_id,
+        step_id,
+        start_pos,
+        sample_step: 0,
+        history_tail: Vec::new(),
+        payload: Payload::Hidden(h),
+    }
+}
+
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Two stages and the routing between them.
+struct Ring {
+    a: StageService,
+    b: StageService,
+    now: Instant,
+    /// `Closed` notices seen, as `(stage, session)`.
+    closed: Vec<(PeerId, u64)>,
+}
+
+impl Ring {
+    fn new(config_a: StageConfig, config_b: StageConfig) -> anyhow::Result<Self> {
+        Ok(Self {
+            a: StageService::new(load(0..2)?, config_a),
+            b: StageService::new(load(2..4)?, config_b),
+            now: Instant::now(),
+            closed: Vec::new(),
+        })
+    }
+
+    fn standard() -> anyhow::Result<Self> {
+        Self::new(config(), config())
+    }
+
+    fn stage(&mut self, id: PeerId) -> &mut StageService {
+        if id == STAGE_A { &mut self.a } else { &mut self.b }
+    }
+
+    /// Delivers `msg` from `from` to stage `to`, routes every `ToNext` on, and returns what
+    /// reached the origin.
+    fn deliver(&mut self, from: PeerId, to: PeerId, msg: Message) -> Vec<Message> {
+        let now = self.now;
+        let actions = self.stage(to).handle(from, msg, now);
+        self.route_actions(to, actions)
+    }
+
+    fn route_actions(&mut self, at: PeerId, actions: Vec<Action>) -> Vec<Message> {
+        let mut to_origin = Vec::new();
+        for action in actions {
+            match action {
+                Action::ToNext { to, msg } => {
+                    assert_eq!(at, STAGE_A, "only the first stage has a next hop");
+                    assert_eq!(to, STAGE_B);
+                    to_origin.extend(self.deliver(at, to, msg));
+                }
+                Action::ToOrigin(msg) => to_origin.push(msg),
+                Action::Closed { session_id } => self.closed.push((at, session_id)),
+            }
+        }
+        to_origin
+    }
+
+    /// Sends `msg` from the origin to stage 1.
+    fn send(&mut self, msg: Message) -> Vec<Message> {
+        self.deliver(ORIGIN, STAGE_A, msg)
+    }
+
+    fn open(&mut self, session_id: u64, wire: WireDType, top_logprobs: u8) -> Vec<Message> {
+        self.send(Message::OpenSession(open_msg(session_id, wire, top_logprobs)))
+    }
+
+    /// Sends a token step and expects exactly one result.
+    fn step(&mut self, step: Step) -> StepResult {
+        let replies = self.send(Message::Step(step));
+        match replies.as_slice() {
+            [Message::StepResult(r)] => r.clone(),
+            other => panic!("expected one StepResult, got {other:?}"),
+        }
+    }
+
+    fn sweep(&mut self) -> Vec<Message> {
+        let now = self.now;
+        let a = self.a.sweep_idle(now);
+        let mut out = self.route_actions(STAGE_A, a);
+        let b = self.b.sweep_idle(now);
+        out.extend(self.route_actions(STAGE_B, b));
+        out
+    }
+}
+
+/// Drives one session through the ring: the prompt in two chunks, then greedy decode steps.
+/// Keeps the origin's side of the session (positions, ids).
+struct Client {
+    id: u64,
+    next_step_id: u64,
+    pos: u32,
+    tokens: Vec<u32>,
+}
+
+impl Client {
+    fn new(id: u64) -> Self {
+        Self { id, next_step_id: 1, pos: 0, tokens: Vec::new() }
+    }
+
+    fn prefill(&mut self, ring: &mut Ring) -> StepResult {
+        let (head, tail) = PROMPT.split_at(4);
+        let _ = self.send(ring, head, 0);
+        let r = self.send(ring, tail, 0);
+        self.tokens.push(r.token);
+        r
+    }
+
+    fn decode(&mut self, ring: &mut Ring) -> StepResult {
+        let last = *self.tokens.last().expect("prefill first");
+        let r = self.send(ring, &[last], self.tokens.len() as u64);
+        self.tokens.push(r.token);
+        r
+    }
+
+    fn send(&mut self, ring: &mut Ring, ids: &[u32], sample_step: u64) -> StepResult {
+        let r = ring.step(tokens_step(self.id, self.next_step_id, self.pos, sample_step, ids));
+        assert_eq!((r.session_id, r.step_id), (self.id, self.next_step_id));
+        self.next_step_id += 1;
+        self.pos += ids.len() as u32;
+        r
+    }
+}
+
+fn reference_tokens(n: usize) -> anyhow::Result<Vec<u32>> {
+    let whole = [load(0..4)?];
+    let g = generate::generate(&whole, &PROMPT, &SamplingParams::greedy(), n, &[], |_| Flow::Continue)?;
+    assert_eq!(g.token_ids.len(), n);
+    Ok(g.token_ids)
+}
+
+fn expect_error(replies: &[Message], code: ErrorCode) -> StageError {
+    match replies {
+        [Message::Error(e)] => {
+            assert_eq!(e.code, code, "unexpected error: {e:?}");
+            assert!(!e.message.is_empty());
+            e.clone()
+        }
+        other => panic!("expected one {code:?} error, got {other:?}"),
+    }
+}
+
+#[test]
+fn ring_matches_local_generation_f32_and_f16() -> anyhow::Result<()> {
+    let reference = reference_tokens(DECODE_STEPS + 1)?;
+    for (id, wire) in [(11, WireDType::F32), (12, WireDType::F16), (13, WireDType::Bf16)] {
+        let mut ring = Ring::standard()?;
+        assert!(ring.open(id, wire, 0).is_empty(), "a successful open sends nothing to the origin");
+        assert_eq!(ring.a.stats().sessions, 1);
+        assert_eq!(ring.b.stats().sessions, 1, "the open travels to the next stage");
+        let mut c = Client::new(id);
+        let first = c.prefill(&mut ring);
+        assert!(first.top_logprobs.is_empty());
+        for _ in 0..DECODE_STEPS {
+            c.decode(&mut ring);
+        }
+        if wire == WireDType::Bf16 {
+            // bf16 keeps 8 bits of mantissa: only the first token is required to agree.
+            assert_eq!(c.tokens[0], reference[0]);
+        } else {
+            assert_eq!(c.tokens, reference, "wire {wire:?}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn top_logprobs_are_returned_and_match_the_sampler() -> anyhow::Result<()> {
+    let mut ring = Ring::standard()?;
+    assert!(ring.open(21, WireDType::F32, 5).is_empty());
+    let mut c = Client::new(21);
+    let r = c.prefill(&mut ring);
+
+    let whole = load(0..4)?;
+    let mut cache = whole.new_cache(MAX_LEN as usize);
+    let StageOutput::Logits(logits) =
+        whole.forward(&mut cache, StageInput::Tokens(PROMPT.to_vec()), LogitsMode::Last)?
+    else {
+        anyhow::bail!("whole model returned hidden states");
+    };
+    let row = logits.flatten_all()?.to_vec1::<f32>()?;
+    let expected = Sampler::new(SamplingParams::greedy())?.sample(&row, &PROMPT, PROMPT.len(), 0, 5)?;
+
+    assert_eq!(r.token, expected.token);
+    assert_eq!(r.top_logprobs.len(), 5);
+    assert_eq!(r.top_logprobs[0].0, r.token, "greedy picks the most likely token");
+    assert!(r.top_logprobs.windows(2).all(|w| w[0].1 >= w[1].1), "sorted by logprob");
+    assert!((r.logprob - expected.logprob).abs() < 1e-4);
+    for (got, want) in r.top_logprobs.iter().zip(&expected.top_logprobs) {
+        assert_eq!(got.0, want.0);
+        assert!((got.1 - want.1).abs() < 1e-4, "{got:?} vs {want:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn hostile_steps_get_the_right_codes_and_leave_sessions_intact() -> anyhow::Result<()> {
+    let reference = reference_tokens(DECODE_STEPS + 1)?;
+    let mut ring = Ring::standard()?;
+    let (victim, good) = (31, 32);
+    assert!(ring.open(victim, WireDType::F32, 0).is_empty());
+    assert!(ring.open(good, WireDType::F32, 0).is_empty());
+    let mut v = Client::new(victim);
+    let mut g = Client::new(good);
+    v.prefill(&mut ring);
+    g.prefill(&mut ring);
+    let allocated = (ring.a.stats().kv_bytes_allocated, ring.b.stats().kv_bytes_allocated);
+    let hidden = ring.a.shard().spec().hidden_size as u32;
+    let pos = v.pos;
+    let sid = v.next_step_id;
+    let row = |value: f32| f32_bytes(&vec![value; hidden as usize]);
+
+    let mut hostile: Vec<(&str, PeerId, PeerId, Step, ErrorCode)> = vec![
+        ("unknown session", ORIGIN, STAGE_A, tokens_step(999, sid, pos, 0, &[5]), ErrorCode::UnknownSession),
+        (
+            "wrong position",
+            ORIGIN,
+            STAGE_A,
+            tokens_step(victim, sid, pos + 1, 0, &[5]),
+            ErrorCode::BadPosition,
+        ),
+        ("stale step id", ORIGIN, STAGE_A, tokens_step(victim, 1, pos, 0, &[5]), ErrorCode::OutOfOrder),
+        ("too long", ORIGIN, STAGE_A, tokens_step(victim, sid, pos, 0, &[5; 40]), ErrorCode::BadPosition),
+        (
+            "token outside vocab",
+            ORIGIN,
+            STAGE_A,
+            tokens_step(victim, sid, pos, 0, &[256]),
+            ErrorCode::BadShape,
+        ),
+        (
+            "step from a stranger",
+            [9; 32],
+            STAGE_A,
+            tokens_step(victim, sid, pos, 0, &[5]),
+            ErrorCode::UnknownSession,
+        ),
+        (
+            "tokens to a non-first stage",
+            STAGE_A,
+            STAGE_B,
+            tokens_step(victim, sid, pos, 0, &[5]),
+            ErrorCode::BadShape,
+        ),
+    ];
+    let bad_hidden = [
+        (
+            "wrong hidden size",
+            HiddenStates { t: 1, hidden: 32, dtype: WireDType::F32, bytes: f32_bytes(&[0.5; 32]) },
+            ErrorCode::BadShape,
+        ),
+        (
+            "wrong dtype",
+            HiddenStates { t: 1, hidden, dtype: WireDType::F16, bytes: vec![0; 2 * hidden as usize] },
+            ErrorCode::BadShape,
+        ),
+        (
+            "NaN in hidden bytes",
+            HiddenStates {
+                t: 1,
+                hidden,
+                dtype: WireDType::F32,
+                bytes: {
+                    let mut b = row(0.5);
+                    b[8..12].copy_from_slice(&f32::NAN.to_le_bytes());
+                    b
+                },
+            },
+            ErrorCode::NonFinite,
+        ),
+        (
+            "infinity in hidden bytes",
+            HiddenStates { t: 1, hidden, dtype: WireDType::F32, bytes: row(f32::INFINITY) },
+            ErrorCode::NonFinite,
+        ),
+        (
+            "bytes that do not match the shape",
+            HiddenStates { t: 2, hidden, dtype: WireDType::F32, bytes: row(0.5) },
+            ErrorCode::BadShape,
+        ),
+    ];
+    for (name, h, code) in bad_hidden {
+        hostile.push((name, STAGE_A, STAGE_B, hidden_step(victim, sid, pos, h), code));
+    }
+    hostile.push((
+        "hidden states to the first stage",
+        ORIGIN,
+        STAGE_A,
+        hidden_step(victim, sid, pos, HiddenStates { t: 1, hidden, dtype: WireDType::F32, bytes: row(0.5) }),
+        ErrorCode::BadShape,
+    ));
+
+    for (name, from, to, step, code) in hostile {
+        let (session_id, step_id) = (step.session_id, step.step_id);
+        let replies = ring.deliver(from, to, Message::Step(step));
+        let e = expect_error(&replies, code);
+        assert_eq!((e.session_id, e.step_id), (Some(session_id), Some(step_id)), "{name}");
+        // Nothing moved: same memory, and the good session keeps producing the right tokens.
+        assert_eq!(
+            (ring.a.stats().kv_bytes_allocated, ring.b.stats().kv_bytes_allocated),
+            allocated,
+            "{name}"
+        );
+        assert_eq!(ring.a.stats().sessions, 2, "{name}");
+        if g.tokens.len() < reference.len() {
+            g.decode(&mut ring);
+        }
+    }
+    // The victim's own cache is untouched by its failed steps: it carries on exactly.
+    while v.tokens.len() < reference.len() {
+        v.decode(&mut ring);
+    }
+    while g.tokens.len() < reference.len() {
+        g.decode(&mut ring);
+    }
+    assert_eq!(v.tokens, reference);
+    assert_eq!(g.tokens, reference);
+    Ok(())
+}
+
+#[test]
+fn open_checks_model_span_length_sampling_and_duplicates() -> anyhow::Result<()> {
+    let mut ring = Ring::standard()?;
+    let mut m = open_msg(41, WireDType::F32, 0);
+    m.model_id = [8; 32];
+    expect_error(&ring.send(Message::OpenSession(m)), ErrorCode::WrongModel);
+
+    let mut m = open_msg(41, WireDType::F32, 0);
+    m.route = vec![
+        RouteHop { node_id: STAGE_A, start: 0, end: 1 },
+        RouteHop { node_id: STAGE_B, start: 1, end: 4 },
+    ];
+    expect_error(&ring.send(Message::OpenSession(m)), ErrorCode::WrongSpan);
+
+    // A route that ends at stage 1's span although the model goes on.
+    let mut m = open_msg(41, WireDType::F32, 0);
+    m.route.truncate(1);
+    expect_error(&ring.send(Message::OpenSession(m)), ErrorCode::WrongSpan);
+
+    let mut m = open_msg(41, WireDType::F32, 0);
+    m.max_len = 65;
+    expect_error(&ring.send(Message::OpenSession(m)), ErrorCode::TooLarge);
+
+    // Sampling is checked by the last stage, which reports to the origin; stage 1 keeps its
+    // session until the origin closes it.
+    let mut m = open_msg(41, WireDType::F32, 0);
+    m.sampling.top_p = 0.0;
+    let e = expect_error(&ring.send(Message::OpenSession(m)), ErrorCode::Unsupported);
+    assert!(e.message.contains("top_p"), "{}", e.message);
+    assert_eq!((ring.a.stats().sessions, ring.b.stats().sessions), (1, 0));
+    assert!(
+        ring.send(Message::CloseSession(CloseSession { session_id: 41, reason: CloseReason::Error }))
+            .is_empty()
+    );
+    assert_eq!(ring.a.stats(), StageStats::default());
+
+    assert!(ring.open(42, WireDType::F32, 0).is_empty());
+    expect_error(&ring.open(42, WireDType::F32, 0), ErrorCode::DuplicateSession);
+    assert_eq!((ring.a.stats().sessions, ring.b.stats().sessions), (1, 1));
+
+    // Ping is answered; replies sent to a stage are ignored.
+    assert_eq!(ring.send(Message::Ping { nonce: 77 }), vec![Message::Pong { nonce: 77 }]);
+    assert!(ring.send(Message::Pong { nonce: 1 }).is_empty());
+    Ok(())
+}
+
+#[test]
+fn kv_budget_refuses_what_does_not_fit() -> anyhow::Result<()> {
+    let per_session = {
+        let s = load(0..2)?;
+        s.new_cache(MAX_LEN as usize).bytes_for(MAX_LEN as usize)
+    };
+    assert!(per_session > 0);
+    let mut cfg = config();
+    cfg.kv_budget_bytes = per_session + per_session / 2;
+    let mut ring = Ring::new(cfg, config())?;
+    assert!(ring.open(51, WireDType::F32, 0).is_empty());
+    assert_eq!(ring.a.stats().kv_bytes_reserved, per_session);
+    let e = expect_error(&ring.open(52, WireDType::F32, 0), ErrorCode::CapacityExceeded);
+    assert_eq!(e.session_id, Some(52));
+    assert_eq!(ring.a.stats().sessions, 1);
+    assert_eq!(ring.b.stats().sessions, 1, "a refused open does not travel on");
+    // Freeing the first makes room.
+    ring.send(Message::CloseSession(CloseSession { session_id: 51, reason: CloseReason::Completed }));
+    assert!(ring.open(52, WireDType::F32, 0).is_empty());
+    Ok(())
+}
+
+#[test]
+fn per_peer_quota_and_session_limit() -> anyhow::Result<()> {
+    let mut cfg = config();
+    cfg.per_peer_sessions = 2;
+    cfg.max_sessions = 3;
+    let mut ring = Ring::new(cfg, config())?;
+    let other: PeerId = [5; 32];
+    assert!(ring.open(61, WireDType::F32, 0).is_empty());
+    assert!(ring.open(62, WireDType::F32, 0).is_empty());
+    expect_error(&ring.open(63, WireDType::F32, 0), ErrorCode::QuotaExceeded);
+    // Another origin still gets in, until the stage is full.
+    let open = |id| Message::OpenSession(open_msg(id, WireDType::F32, 0));
+    assert!(ring.deliver(other, STAGE_A, open(64)).is_empty());
+    expect_error(&ring.deliver(other, STAGE_A, open(65)), ErrorCode::SessionLimit);
+    assert_eq!(ring.a.stats().sessions, 3);
+    // Closing one of the first origin's sessions frees its quota.
+    ring.send(Message::CloseSession(CloseSession { session_id: 61, reason: CloseReason::Completed }));
+    assert!(ring.open(63, WireDType::F32, 0).is_empty());
+    assert_eq!(ring.a.opener(63), Some(ORIGIN));
+    assert_eq!(ring.a.opener(64), Some(other));
+    Ok(())
+}
+
+#[test]
+fn draining_refuses_opens_and_serves_running_sessions() -> anyhow::Result<()> {
+    let reference = reference_tokens(3)?;
+    let mut ring = Ring::standard()?;
+    assert!(ring.open(71, WireDType::F32, 0).is_empty());
+    ring.a.drain();
+    assert!(ring.a.stats().draining);
+    expect_error(&ring.open(72, WireDType::F32, 0), ErrorCode::Draining);
+    let mut c = Client::new(71);
+    c.prefill(&mut ring);
+    c.decode(&mut ring);
+    c.decode(&mut ring);
+    assert_eq!(c.tokens, reference);
+    Ok(())
+}
+
+#[test]
+fn close_frees_memory_on_every_stage() -> anyhow::Result<()> {
+    let mut ring = Ring::standard()?;
+    let baseline = (ring.a.stats(), ring.b.stats());
+    assert_eq!(baseline.0, StageStats::default());
+    assert!(ring.open(81, WireDType::F16, 0).is_empty());
+    let mut c = Client::new(81);
+    c.prefill(&mut ring);
+    for stats in [ring.a.stats(), ring.b.stats()] {
+        assert_eq!(stats.sessions, 1);
+        assert!(stats.kv_bytes_allocated > 0);
+        assert!(stats.kv_bytes_allocated <= stats.kv_bytes_reserved);
+    }
+    let close = Message::CloseSession(CloseSession { session_id: 81, reason: CloseReason::Completed });
+    assert!(ring.send(close.clone()).is_empty());
+    assert_eq!(ring.closed, vec![(STAGE_B, 81), (STAGE_A, 81)], "the close travelled down the chain");
+    assert_eq!((ring.a.stats(), ring.b.stats()), baseline);
+    // Idempotent, and the session is gone.
+    assert!(ring.send(close).is_empty());
+    assert_eq!(ring.closed.len(), 2);
+    expect_error(&ring.send(Message::Step(tokens_step(81, 9, c.pos, 1, &[3]))), ErrorCode::UnknownSession);
+    // A close from someone else than the opener is ignored.
+    assert!(ring.open(82, WireDType::F16, 0).is_empty());
+    let close = Message::CloseSession(CloseSession { session_id: 82, reason: CloseReason::Completed });
+    assert!(ring.deliver([9; 32], STAGE_A, close).is_empty());
+    assert_eq!(ring.a.stats().sessions, 1);
+    Ok(())
+}
+
+#[test]
+fn idle_sweep_closes_and_frees_sessions() -> anyhow::Result<()> {
+    let mut ring = Ring::standard()?;
+    assert!(ring.open(91, WireDType::F32, 0).is_empty());
+    assert!(ring.open(92, WireDType::F32, 0).is_empty());
+    let mut busy = Client::new(92);
+    busy.prefill(&mut ring);
+    ring.now += Duration::from_secs(40);
+    assert!(ring.sweep().is_empty());
+    assert!(ring.closed.is_empty(), "nothing is idle yet");
+    busy.decode(&mut ring); // keeps 92 alive on both stages
+    ring.now += Duration::from_secs(30);
+    assert!(ring.sweep().is_empty(), "the sweep tells the next stage, not the origin");
+    assert_eq!(ring.closed, vec![(STAGE_B, 91), (STAGE_A, 91)]);
+    assert_eq!((ring.a.stats().sessions, ring.b.stats().sessions), (1, 1));
+    ring.now += Duration::from_secs(61);
+    ring.sweep();
+    assert_eq!(ring.closed.len(), 4);
+    assert_eq!((ring.a.stats(), ring.b.stats()), (StageStats::default(), StageStats::default()));
+    Ok(())
+}
