@@ -37,7 +37,6 @@ mod weights;
 pub use candle_core::{DType, Device, Tensor};
 pub use error::{Error, Result};
 pub use kv_cache::KvCache;
-pub use llama::argmax_last;
 pub use model::{Model, ModelFormat};
 pub use shard::{LogitsMode, Shard, StageInput, StageOutput};
 pub use spec::{Architecture, ModelSpec};

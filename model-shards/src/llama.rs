@@ -4,7 +4,7 @@
 //! and k per head (qwen3), sliding-window attention (mistral), the rope pairing and Llama 3
 //! frequency scaling. Weight names follow the source format (see [`crate::weights`]).
 
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
 use crate::kv_cache::KvCache;
@@ -191,9 +191,4 @@ impl Block {
         let h = self.mlp.forward(&self.ffn_norm.forward(&x)?)?;
         Ok((x + h)?)
     }
-}
-
-/// Index of the largest value of the last dimension (greedy decoding helper for tests).
-pub fn argmax_last(logits: &Tensor) -> Result<u32> {
-    Ok(logits.flatten_all()?.argmax(D::Minus1)?.to_scalar::<u32>()?)
 }
