@@ -62,23 +62,24 @@
 //! | 0          | 1     | kind = 1                       |                                        |
 //! | 1          | 8     | `session_id: u64`              | random, chosen by the origin           |
 //! | 9          | 32    | `model_id: [u8; 32]`           |                                        |
-//! | 41         | 4     | route count `n: u32`           | `1..=`[`MAX_ROUTE_HOPS`]               |
-//! | 45         | 40·n  | hops: `node_id [u8;32]`, `start`, `end` (u32) | see below              |
-//! | 45+40n     | 4     | `hop_index: u32`               | `< n`: which hop the receiver is       |
-//! | 49+40n     | 1     | `wire_dtype: u8`               | 1 f16, 2 bf16, 3 f32                   |
-//! | 50+40n     | 4     | `max_len: u32`                 | `≥ 1`                                  |
-//! | 54+40n     | 4     | `temperature: f32`             | finite                                 |
-//! | 58+40n     | 4     | `top_k: u32`                   | 0 = off                                |
-//! | 62+40n     | 4     | `top_p: f32`                   | finite                                 |
-//! | 66+40n     | 4     | `min_p: f32`                   | finite                                 |
-//! | 70+40n     | 4     | `repetition_penalty: f32`      | finite                                 |
-//! | 74+40n     | 4     | `presence_penalty: f32`        | finite                                 |
-//! | 78+40n     | 4     | `frequency_penalty: f32`       | finite                                 |
-//! | 82+40n     | 8     | `seed: u64`                    |                                        |
-//! | 90+40n     | 1     | `top_logprobs: u8`             | `≤` [`MAX_TOP_LOGPROBS`]               |
-//! | 91+40n     | 4     | `prompt_len: u32`              | `≤ max_len`                            |
+//! | 41         | 32    | `origin: [u8; 32]`             | the origin's node id (results, errors) |
+//! | 73         | 4     | route count `n: u32`           | `1..=`[`MAX_ROUTE_HOPS`]               |
+//! | 77         | 40·n  | hops: `node_id [u8;32]`, `start`, `end` (u32) | see below              |
+//! | 77+40n     | 4     | `hop_index: u32`               | `< n`: which hop the receiver is       |
+//! | 81+40n     | 1     | `wire_dtype: u8`               | 1 f16, 2 bf16, 3 f32                   |
+//! | 82+40n     | 4     | `max_len: u32`                 | `≥ 1`                                  |
+//! | 86+40n     | 4     | `temperature: f32`             | finite                                 |
+//! | 90+40n     | 4     | `top_k: u32`                   | 0 = off                                |
+//! | 94+40n     | 4     | `top_p: f32`                   | finite                                 |
+//! | 98+40n     | 4     | `min_p: f32`                   | finite                                 |
+//! | 102+40n    | 4     | `repetition_penalty: f32`      | finite                                 |
+//! | 106+40n    | 4     | `presence_penalty: f32`        | finite                                 |
+//! | 110+40n    | 4     | `frequency_penalty: f32`       | finite                                 |
+//! | 114+40n    | 8     | `seed: u64`                    |                                        |
+//! | 122+40n    | 1     | `top_logprobs: u8`             | `≤` [`MAX_TOP_LOGPROBS`]               |
+//! | 123+40n    | 4     | `prompt_len: u32`              | `≤ max_len`                            |
 //!
-//! Body size: `95 + 40·n` bytes. Each hop's layer span is `start..end` with `start < end`;
+//! Body size: `127 + 40·n` bytes. Each hop's layer span is `start..end` with `start < end`;
 //! hop 0 starts at layer 0 and each hop starts where the previous one ends.
 //!
 //! ## 2: `Step` (the same frame travels the whole chain; each stage replaces the payload)
@@ -399,6 +400,8 @@ pub struct OpenSession {
     pub session_id: u64,
     /// Identity of the model (hash of its layout and weights).
     pub model_id: [u8; 32],
+    /// Node id of the origin: where the last stage sends results and any stage sends errors.
+    pub origin: [u8; 32],
     /// The whole route, stage 1 first.
     pub route: Vec<RouteHop>,
     /// Which hop of `route` the receiver is.
@@ -720,7 +723,7 @@ impl Message {
     /// Length of the encoded body (without the 4-byte header).
     pub fn body_len(&self) -> usize {
         1 + match self {
-            Self::OpenSession(m) => 8 + 32 + 4 + 40 * m.route.len() + 4 + 1 + 4 + 36 + 1 + 4,
+            Self::OpenSession(m) => 8 + 32 + 32 + 4 + 40 * m.route.len() + 4 + 1 + 4 + 36 + 1 + 4,
             Self::Step(m) => {
                 let payload = match &m.payload {
                     Payload::Tokens(ids) => 4 + 4 * ids.len(),
@@ -917,6 +920,7 @@ pub fn encode_into(msg: &Message, out: &mut Vec<u8>) {
         Message::OpenSession(m) => {
             put_u64(out, m.session_id);
             out.extend_from_slice(&m.model_id);
+            out.extend_from_slice(&m.origin);
             put_len(out, m.route.len());
             for hop in &m.route {
                 out.extend_from_slice(&hop.node_id);
@@ -1083,6 +1087,7 @@ pub fn decode_body(body: &[u8]) -> Result<Message, ProtocolError> {
 fn read_open(r: &mut Reader<'_>) -> Result<OpenSession, ProtocolError> {
     let session_id = r.u64("session_id")?;
     let model_id = r.array("model_id")?;
+    let origin = r.array("origin")?;
     let n = r.count("route", MAX_ROUTE_HOPS, 40)?;
     let mut route = Vec::with_capacity(n);
     for _ in 0..n {
@@ -1112,6 +1117,7 @@ fn read_open(r: &mut Reader<'_>) -> Result<OpenSession, ProtocolError> {
     Ok(OpenSession {
         session_id,
         model_id,
+        origin,
         route,
         hop_index,
         wire_dtype,

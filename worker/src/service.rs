@@ -17,12 +17,10 @@
 //! # Where the actions go
 //! - [`Action::ToNext`] carries the node id of `route[hop_index + 1]`, taken from the
 //!   session's `OpenSession`, so the transport needs no session table to forward.
-//! - [`Action::ToOrigin`] carries no address: the wire does not tell a stage past hop 0 who
-//!   the origin is. The transport resolves it: for a message about a session it opened the
-//!   transport sends it to that session's origin (on hop 0, the `from` of the `OpenSession`,
-//!   also available as [`StageService::opener`]); for anything else (`Pong`, an error about a
-//!   session that does not exist here, a refused `OpenSession`) it answers the peer the
-//!   triggering message came from.
+//! - [`Action::ToOrigin`] carries the address too: the origin named in the session's
+//!   `OpenSession` for results and errors about a session (a refused `OpenSession` included),
+//!   the sender for anything else (`Pong`, an error about a session that is not open here or
+//!   belongs to another opener). The last stage thus answers the origin directly: a ring.
 //! - [`Action::Closed`] tells the transport it may drop its per-session state.
 //!
 //! # What is checked where
@@ -97,9 +95,14 @@ pub enum Action {
         /// The message (an `OpenSession` with `hop_index + 1`, a `Step` or a `CloseSession`).
         msg: Message,
     },
-    /// Send `msg` to the session's origin, or to the sender when there is no such session
-    /// (see the module docs, "Where the actions go").
-    ToOrigin(Message),
+    /// Send `msg` to `to`: the session's origin (from its `OpenSession`), or the sender when
+    /// the message concerns no session open here (see the module docs, "Where the actions go").
+    ToOrigin {
+        /// Node id of the origin (or of the sender).
+        to: PeerId,
+        /// A `StepResult`, an `Error` or a `Pong`.
+        msg: Message,
+    },
     /// The session is closed here and its memory freed.
     Closed {
         /// The session.
@@ -179,13 +182,13 @@ impl StageService {
                 Message::Step(m) => (Some(m.session_id), Some(m.step_id)),
                 _ => (None, None),
             };
-            return vec![error_action(session_id, step_id, refuse(e.code(), e.to_string()))];
+            return vec![error_action(from, session_id, step_id, refuse(e.code(), e.to_string()))];
         }
         match msg {
             Message::OpenSession(open) => self.open(from, open, now),
             Message::Step(step) => self.step(from, step, now),
             Message::CloseSession(close) => self.close(from, close),
-            Message::Ping { nonce } => vec![Action::ToOrigin(Message::Pong { nonce })],
+            Message::Ping { nonce } => vec![Action::ToOrigin { to: from, msg: Message::Pong { nonce } }],
             // Replies are for origins, not stages: ignore them rather than answer with an
             // error, which could make two stages bounce errors forever.
             other @ (Message::StepResult(_) | Message::Error(_) | Message::Pong { .. }) => {
@@ -244,7 +247,7 @@ impl StageService {
                     None => Vec::new(),
                 }
             }
-            Err(r) => vec![error_action(Some(session_id), None, r)],
+            Err(r) => vec![error_action(open.origin, Some(session_id), None, r)],
         }
     }
 
@@ -342,6 +345,7 @@ impl StageService {
         *self.per_peer.entry(from).or_insert(0) += 1;
         let session = Session {
             opener: from,
+            origin: open.origin,
             next,
             wire_dtype: open.wire_dtype,
             max_len,
@@ -357,9 +361,14 @@ impl StageService {
 
     fn step(&mut self, from: PeerId, step: Step, now: Instant) -> Vec<Action> {
         let (session_id, step_id) = (step.session_id, step.step_id);
+        // Errors about a session go to its origin; about anything else, back to the sender.
+        let reply_to = match self.sessions.get(&session_id) {
+            Some(s) if s.opener == from => s.origin,
+            _ => from,
+        };
         match self.run_step(from, step, now) {
             Ok(action) => vec![action],
-            Err(r) => vec![error_action(Some(session_id), Some(step_id), r)],
+            Err(r) => vec![error_action(reply_to, Some(session_id), Some(step_id), r)],
         }
     }
 
@@ -445,7 +454,8 @@ impl StageService {
                 forward_hidden(&h, session.wire_dtype, step).map(|msg| Action::ToNext { to, msg })
             }
             (StageOutput::Logits(logits), None) => {
-                sample(session, &logits, &step).map(|r| Action::ToOrigin(Message::StepResult(r)))
+                let to = session.origin;
+                sample(session, &logits, &step).map(|r| Action::ToOrigin { to, msg: Message::StepResult(r) })
             }
             _ => Err(refuse(ErrorCode::Internal, "the shard's output does not fit its place in the route")),
         };
@@ -496,13 +506,13 @@ impl StageService {
 }
 
 /// The `Error` action answering a refused message, with a tracing event.
-fn error_action(session_id: Option<u64>, step_id: Option<u64>, r: Refusal) -> Action {
+fn error_action(to: PeerId, session_id: Option<u64>, step_id: Option<u64>, r: Refusal) -> Action {
     if r.code == ErrorCode::Internal {
         tracing::warn!(?session_id, ?step_id, code = %r.code, message = %r.message, "stage failure");
     } else {
         tracing::info!(?session_id, ?step_id, code = %r.code, message = %r.message, "refused a message");
     }
-    Action::ToOrigin(Message::Error(StageError::new(r.code, session_id, step_id, &r.message)))
+    Action::ToOrigin { to, msg: Message::Error(StageError::new(r.code, session_id, step_id, &r.message)) }
 }
 
 /// Maps an engine error of a forward step to the code the origin sees.

@@ -64,6 +64,7 @@ fn open_msg(session_id: u64, wire_dtype: WireDType, top_logprobs: u8) -> OpenSes
     OpenSession {
         session_id,
         model_id: MODEL_ID,
+        origin: ORIGIN,
         route: route(),
         hop_index: 0,
         wire_dtype,
@@ -144,7 +145,17 @@ impl Ring {
                     assert_eq!(to, STAGE_B);
                     to_origin.extend(self.deliver(at, to, msg));
                 }
-                Action::ToOrigin(msg) => to_origin.push(msg),
+                Action::ToOrigin { to, msg } => {
+                    // The last stage answers the origin directly (a ring, not a star).
+                    if matches!(msg, Message::StepResult(_)) {
+                        assert_eq!(
+                            (at, to),
+                            (STAGE_B, ORIGIN),
+                            "results go from the last stage to the origin"
+                        );
+                    }
+                    to_origin.push(msg)
+                }
                 Action::Closed { session_id } => self.closed.push((at, session_id)),
             }
         }

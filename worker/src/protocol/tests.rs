@@ -59,7 +59,7 @@ fn route() -> impl Strategy<Value = Vec<RouteHop>> {
 fn open_session() -> impl Strategy<Value = OpenSession> {
     (
         any::<u64>(),
-        any::<[u8; 32]>(),
+        (any::<[u8; 32]>(), any::<[u8; 32]>()),
         route(),
         any::<u32>(),
         dtype(),
@@ -68,19 +68,22 @@ fn open_session() -> impl Strategy<Value = OpenSession> {
         0u8..=20,
         any::<u32>(),
     )
-        .prop_map(|(session_id, model_id, route, hop, wire_dtype, max_len, sampling, top, prompt)| {
-            OpenSession {
-                session_id,
-                model_id,
-                hop_index: hop % route.len() as u32,
-                route,
-                wire_dtype,
-                max_len,
-                sampling,
-                top_logprobs: top,
-                prompt_len: prompt % (max_len + 1).max(1).min(max_len),
-            }
-        })
+        .prop_map(
+            |(session_id, (model_id, origin), route, hop, wire_dtype, max_len, sampling, top, prompt)| {
+                OpenSession {
+                    session_id,
+                    model_id,
+                    origin,
+                    hop_index: hop % route.len() as u32,
+                    route,
+                    wire_dtype,
+                    max_len,
+                    sampling,
+                    top_logprobs: top,
+                    prompt_len: prompt % (max_len + 1).max(1).min(max_len),
+                }
+            },
+        )
 }
 
 fn payload() -> impl Strategy<Value = Payload> {
@@ -244,6 +247,7 @@ fn example_open() -> Message {
     Message::OpenSession(OpenSession {
         session_id: 0x0102_0304_0506_0708,
         model_id: [0xAA; 32],
+        origin: [0xCC; 32],
         route: vec![
             RouteHop { node_id: [0x11; 32], start: 0, end: 15 },
             RouteHop { node_id: [0x22; 32], start: 15, end: 30 },
@@ -338,11 +342,12 @@ fn frame_of(body: &[u8]) -> Vec<u8> {
 }
 
 const OPEN_HEX: &str = "\
-    af000000010807060504030201aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa \
-    aaaaaaaaaa0200000011111111111111111111111111111111111111111111111111111111111111 \
-    11000000000f00000022222222222222222222222222222222222222222222222222222222222222 \
-    220f0000001e0000000100000001000800000000403f280000000000003f000000000000803f0000 \
-    00c00000803e2a00000000000000050c000000";
+    cf000000010807060504030201aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa \
+    aaaaaaaaaacccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc020000 \
+    001111111111111111111111111111111111111111111111111111111111111111000000000f0000 \
+    0022222222222222222222222222222222222222222222222222222222222222220f0000001e0000 \
+    000100000001000800000000403f280000000000003f000000000000803f000000c00000803e2a00 \
+    000000000000050c000000";
 const TOKENS_STEP_HEX: &str = "\
     3e000000020700000000000000010000000000000000000000000000000000000003000000010000 \
     0002000000030000000103000000010000000200000003000000";
@@ -421,9 +426,10 @@ fn oversized_or_inconsistent_headers_are_rejected() {
 
 #[test]
 fn huge_counts_fail_before_allocating() {
-    // A route count of u32::MAX with 10 bytes of body after it.
+    // A route count of u32::MAX with 10 bytes of body after it (the count sits at body
+    // offset 73: kind, session_id, model_id, origin).
     let mut b = body(&example_open());
-    b.truncate(41);
+    b.truncate(73);
     b.extend_from_slice(&u32::MAX.to_le_bytes());
     b.extend_from_slice(&[0; 10]);
     assert_eq!(
@@ -431,7 +437,7 @@ fn huge_counts_fail_before_allocating() {
         Err(ProtocolError::TooMany { field: "route", count: u64::from(u32::MAX), max: 256 })
     );
     // Within the limit, but more than the bytes that remain.
-    put(&mut b, 41, &200u32.to_le_bytes());
+    put(&mut b, 73, &200u32.to_le_bytes());
     assert_eq!(
         decode_body(&b),
         Err(ProtocolError::Truncated { field: "route", needed: 8000, remaining: 10 })
@@ -482,7 +488,7 @@ fn unknown_kinds_are_rejected() {
 
 #[test]
 fn unknown_dtypes_are_rejected() {
-    let dtype_at = 45 + 80 + 4;
+    let dtype_at = 77 + 80 + 4;
     for code in [0u8, 4, 0xff] {
         let mut b = body(&example_open());
         b[dtype_at] = code;
@@ -564,7 +570,7 @@ fn trailing_garbage_is_rejected() {
 
 #[test]
 fn non_finite_sampling_parameters_are_rejected() {
-    let sampling_at = 45 + 80 + 4 + 1 + 4;
+    let sampling_at = 77 + 80 + 4 + 1 + 4;
     // temperature, top_p, min_p, repetition, presence, frequency
     for offset in [0, 8, 12, 16, 20, 24] {
         for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {

@@ -26,6 +26,8 @@ pub(super) struct Session {
     /// The peer that sent the `OpenSession` to this stage: the origin on hop 0, the previous
     /// hop otherwise. Only it may step or close the session; its quota is charged.
     pub(super) opener: PeerId,
+    /// The origin named by the `OpenSession`: where results and errors go.
+    pub(super) origin: PeerId,
     /// The next hop's node id, `None` on the last hop.
     pub(super) next: Option<PeerId>,
     /// Dtype of hidden states in and out of this stage.
