@@ -392,6 +392,39 @@ pub struct Sampling {
     pub seed: u64,
 }
 
+impl From<&Sampling> for shoal_model_shards::sampler::SamplingParams {
+    /// The engine's parameters (`top_k` 0 becomes `None`); range checks stay with
+    /// `SamplingParams::validate`.
+    fn from(s: &Sampling) -> Self {
+        Self {
+            temperature: s.temperature,
+            top_k: (s.top_k != 0).then_some(s.top_k),
+            top_p: s.top_p,
+            min_p: s.min_p,
+            repetition_penalty: s.repetition_penalty,
+            presence_penalty: s.presence_penalty,
+            frequency_penalty: s.frequency_penalty,
+            seed: s.seed,
+        }
+    }
+}
+
+impl From<&shoal_model_shards::sampler::SamplingParams> for Sampling {
+    /// The wire form of the engine's parameters (`top_k` `None` becomes 0).
+    fn from(p: &shoal_model_shards::sampler::SamplingParams) -> Self {
+        Self {
+            temperature: p.temperature,
+            top_k: p.top_k.unwrap_or(0),
+            top_p: p.top_p,
+            min_p: p.min_p,
+            repetition_penalty: p.repetition_penalty,
+            presence_penalty: p.presence_penalty,
+            frequency_penalty: p.frequency_penalty,
+            seed: p.seed,
+        }
+    }
+}
+
 /// Opens a session on one hop of a route (kind 1). The origin sends it down the chain; each
 /// stage forwards it with `hop_index + 1`.
 #[derive(Debug, Clone, PartialEq)]

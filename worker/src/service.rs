@@ -294,17 +294,7 @@ impl StageService {
             ));
         }
         let sampling = if self.shard.is_last() {
-            let s = &open.sampling;
-            let params = SamplingParams {
-                temperature: s.temperature,
-                top_k: (s.top_k != 0).then_some(s.top_k),
-                top_p: s.top_p,
-                min_p: s.min_p,
-                repetition_penalty: s.repetition_penalty,
-                presence_penalty: s.presence_penalty,
-                frequency_penalty: s.frequency_penalty,
-                seed: s.seed,
-            };
+            let params = SamplingParams::from(&open.sampling);
             let sampler = Sampler::new(params).map_err(|e| refuse(ErrorCode::Unsupported, e.to_string()))?;
             Some(SamplerState {
                 sampler,

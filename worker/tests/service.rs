@@ -48,16 +48,7 @@ fn route() -> Vec<RouteHop> {
 }
 
 fn greedy() -> Sampling {
-    Sampling {
-        temperature: 0.0,
-        top_k: 0,
-        top_p: 1.0,
-        min_p: 0.0,
-        repetition_penalty: 1.0,
-        presence_penalty: 0.0,
-        frequency_penalty: 0.0,
-        seed: 0,
-    }
+    Sampling::from(&SamplingParams::greedy())
 }
 
 fn open_msg(session_id: u64, wire_dtype: WireDType, top_logprobs: u8) -> OpenSession {
