@@ -78,9 +78,18 @@
 //! | 114+40n    | 8     | `seed: u64`                    |                                        |
 //! | 122+40n    | 1     | `top_logprobs: u8`             | `≤` [`MAX_TOP_LOGPROBS`]               |
 //! | 123+40n    | 4     | `prompt_len: u32`              | `≤ max_len`                            |
+//! | 127+40n    | 4     | address book count `a: u32`    | `≤` [`MAX_ROUTE_HOPS`]` + 1`           |
+//! | 131+40n    | …     | `a` entries: `node_id [u8;32]`, address count `c: u8` (`≤` [`MAX_NODE_ADDRS`]), `c` socket addresses | |
 //!
-//! Body size: `127 + 40·n` bytes. Each hop's layer span is `start..end` with `start < end`;
-//! hop 0 starts at layer 0 and each hop starts where the previous one ends.
+//! A socket address is a family byte (`4` or `6`), the IP (4 or 16 bytes) and the port
+//! (`u16`). Body size: `131 + 40·n` bytes plus the address book. Each hop's layer span is
+//! `start..end` with `start < end`; hop 0 starts at layer 0 and each hop starts where the
+//! previous one ends.
+//!
+//! The address book tells each stage how to reach the next hop (and the origin) when it has
+//! not met it yet; the transport adds the entries to its address lookup. An address is only
+//! a hint: QUIC's handshake proves the node id, so a wrong address fails to connect and
+//! cannot impersonate anyone.
 //!
 //! ## 2: `Step` (the same frame travels the whole chain; each stage replaces the payload)
 //! | offset  | size | field                          | rule                                        |
@@ -146,11 +155,25 @@
 //!
 //! The origin knows which peer reported an error from the connection it arrived on.
 //!
-//! ## 6, 7: `Ping` / `Pong`
+//! ## 6: `Ping`
 //! | offset | size | field          |
 //! |--------|------|----------------|
-//! | 0      | 1    | kind = 6 or 7  |
+//! | 0      | 1    | kind = 6       |
 //! | 1      | 8    | `nonce: u64`   |
+//!
+//! ## 7: `Pong` (the reply; a node that serves layers describes itself)
+//! | offset | size | field                         | rule                                |
+//! |--------|------|-------------------------------|-------------------------------------|
+//! | 0      | 1    | kind = 7                      |                                     |
+//! | 1      | 8    | `nonce: u64`                  | the ping's                          |
+//! | 9      | 1    | info flag                     | `0` no layers served, `1` info follows |
+//! | 10     | 32   | `model_id: [u8; 32]`          |                                     |
+//! | 42     | 4    | `start: u32`                  | `start < end ≤ n_layers`            |
+//! | 46     | 4    | `end: u32`                    |                                     |
+//! | 50     | 4    | `n_layers: u32`               |                                     |
+//! | 54     | 1    | `draining: u8`                | `0` or `1`                          |
+//! | 55     | 4    | `sessions: u32`               |                                     |
+//! | 59     | 8    | `free_kv_bytes: u64`          |                                     |
 //!
 //! # Bytes per token
 //! A decode step (one token, one id in `history_tail`) with f16 or bf16 hidden states is
@@ -188,6 +211,9 @@ pub const MAX_TOP_LOGPROBS: usize = 20;
 
 /// Longest error message, in bytes of UTF-8.
 pub const MAX_ERROR_MESSAGE: usize = 1024;
+
+/// Most socket addresses one address-book entry may list.
+pub const MAX_NODE_ADDRS: usize = 16;
 
 /// Errors of decoding (and of [`try_encode`]); each names the field and the limit involved.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -359,6 +385,36 @@ impl ProtocolError {
 /// (1 f16, 2 bf16, 3 f32).
 pub use shoal_model_shards::activation::WireDType;
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+/// How to reach a node: its id and the socket addresses it may be dialed at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeAddrs {
+    /// The node's id.
+    pub node_id: [u8; 32],
+    /// Direct addresses (at most [`MAX_NODE_ADDRS`]).
+    pub addrs: Vec<SocketAddr>,
+}
+
+/// What a node serving layers says about itself in a [`Message::Pong`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// Identity of the model served.
+    pub model_id: [u8; 32],
+    /// First layer of the span.
+    pub start: u32,
+    /// One past the last layer of the span.
+    pub end: u32,
+    /// Layers of the whole model.
+    pub n_layers: u32,
+    /// Whether the node refuses new sessions.
+    pub draining: bool,
+    /// Sessions open.
+    pub sessions: u32,
+    /// KV-cache bytes of the budget still free.
+    pub free_kv_bytes: u64,
+}
+
 /// One hop of a route: a peer and the span of layers `start..end` it runs for the session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteHop {
@@ -449,6 +505,8 @@ pub struct OpenSession {
     pub top_logprobs: u8,
     /// Prompt tokens at the start of the history (penalties treat them apart).
     pub prompt_len: u32,
+    /// How to reach the route's nodes and the origin (hints; may be empty).
+    pub address_book: Vec<NodeAddrs>,
 }
 
 /// Hidden states between stages: `t × hidden` values, row-major, little-endian.
@@ -721,6 +779,8 @@ pub enum Message {
     Pong {
         /// The ping's nonce.
         nonce: u64,
+        /// The responder's span and load, when it serves layers.
+        info: Option<PeerInfo>,
     },
 }
 
@@ -756,7 +816,10 @@ impl Message {
     /// Length of the encoded body (without the 4-byte header).
     pub fn body_len(&self) -> usize {
         1 + match self {
-            Self::OpenSession(m) => 8 + 32 + 32 + 4 + 40 * m.route.len() + 4 + 1 + 4 + 36 + 1 + 4,
+            Self::OpenSession(m) => {
+                8 + 32 + 32 + 4 + 40 * m.route.len() + 4 + 1 + 4 + 36 + 1 + 4 + 4
+                    + m.address_book.iter().map(|e| 33 + e.addrs.iter().map(addr_len).sum::<usize>()).sum::<usize>()
+            }
             Self::Step(m) => {
                 let payload = match &m.payload {
                     Payload::Tokens(ids) => 4 + 4 * ids.len(),
@@ -774,7 +837,8 @@ impl Message {
                     + 4
                     + m.message.len()
             }
-            Self::Ping { .. } | Self::Pong { .. } => 8,
+            Self::Ping { .. } => 8,
+            Self::Pong { info, .. } => 8 + 1 + if info.is_some() { 32 + 4 + 4 + 4 + 1 + 4 + 8 } else { 0 },
         }
     }
 
@@ -785,7 +849,16 @@ impl Message {
             Self::OpenSession(m) => validate_open(m),
             Self::Step(m) => validate_step(m),
             Self::StepResult(m) => validate_result(m),
-            Self::CloseSession(_) | Self::Ping { .. } | Self::Pong { .. } => Ok(()),
+            Self::CloseSession(_) | Self::Ping { .. } => Ok(()),
+            Self::Pong { info, .. } => match info {
+                Some(i) if i.start >= i.end || i.end > i.n_layers => Err(ProtocolError::BadRoute {
+                    index: 0,
+                    start: i.start,
+                    end: i.end,
+                    problem: "is not a span of the model's layers",
+                }),
+                _ => Ok(()),
+            },
             Self::Error(m) => check_count("message", m.message.len(), MAX_ERROR_MESSAGE),
         }
     }
@@ -859,6 +932,10 @@ fn validate_open(m: &OpenSession) -> Result<(), ProtocolError> {
         return Err(ProtocolError::PromptTooLong { prompt_len: m.prompt_len, max_len: m.max_len });
     }
     check_count("top_logprobs", usize::from(m.top_logprobs), MAX_TOP_LOGPROBS)?;
+    check_count("address_book", m.address_book.len(), MAX_ROUTE_HOPS + 1)?;
+    for entry in &m.address_book {
+        check_count("address_book.addrs", entry.addrs.len(), MAX_NODE_ADDRS)?;
+    }
     let s = &m.sampling;
     check_finite("sampling.temperature", s.temperature)?;
     check_finite("sampling.top_p", s.top_p)?;
@@ -974,6 +1051,14 @@ pub fn encode_into(msg: &Message, out: &mut Vec<u8>) {
             put_u64(out, s.seed);
             out.push(m.top_logprobs);
             put_u32(out, m.prompt_len);
+            put_len(out, m.address_book.len());
+            for entry in &m.address_book {
+                out.extend_from_slice(&entry.node_id);
+                out.push(u8::try_from(entry.addrs.len()).unwrap_or(u8::MAX));
+                for addr in &entry.addrs {
+                    put_addr(out, addr);
+                }
+            }
         }
         Message::Step(m) => {
             put_u64(out, m.session_id);
@@ -1018,8 +1103,45 @@ pub fn encode_into(msg: &Message, out: &mut Vec<u8>) {
             put_len(out, m.message.len());
             out.extend_from_slice(m.message.as_bytes());
         }
-        Message::Ping { nonce } | Message::Pong { nonce } => put_u64(out, *nonce),
+        Message::Ping { nonce } => put_u64(out, *nonce),
+        Message::Pong { nonce, info } => {
+            put_u64(out, *nonce);
+            match info {
+                None => out.push(0),
+                Some(i) => {
+                    out.push(1);
+                    out.extend_from_slice(&i.model_id);
+                    put_u32(out, i.start);
+                    put_u32(out, i.end);
+                    put_u32(out, i.n_layers);
+                    out.push(u8::from(i.draining));
+                    put_u32(out, i.sessions);
+                    put_u64(out, i.free_kv_bytes);
+                }
+            }
+        }
     }
+}
+
+fn addr_len(addr: &SocketAddr) -> usize {
+    match addr {
+        SocketAddr::V4(_) => 1 + 4 + 2,
+        SocketAddr::V6(_) => 1 + 16 + 2,
+    }
+}
+
+fn put_addr(out: &mut Vec<u8>, addr: &SocketAddr) {
+    match addr.ip() {
+        IpAddr::V4(ip) => {
+            out.push(4);
+            out.extend_from_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            out.push(6);
+            out.extend_from_slice(&ip.octets());
+        }
+    }
+    out.extend_from_slice(&addr.port().to_le_bytes());
 }
 
 fn put_u32(out: &mut Vec<u8>, v: u32) {
@@ -1107,7 +1229,7 @@ pub fn decode_body(body: &[u8]) -> Result<Message, ProtocolError> {
         }
         KIND_ERROR => Message::Error(read_error(&mut r)?),
         KIND_PING => Message::Ping { nonce: r.u64("nonce")? },
-        KIND_PONG => Message::Pong { nonce: r.u64("nonce")? },
+        KIND_PONG => read_pong(&mut r)?,
         other => return Err(ProtocolError::UnknownKind(other)),
     };
     if !r.buf.is_empty() {
@@ -1147,6 +1269,19 @@ fn read_open(r: &mut Reader<'_>) -> Result<OpenSession, ProtocolError> {
     };
     let top_logprobs = r.u8("top_logprobs")?;
     let prompt_len = r.u32("prompt_len")?;
+    // Smallest entry: a node id and a zero address count.
+    let entries = r.count("address_book", MAX_ROUTE_HOPS + 1, 33)?;
+    let mut address_book = Vec::with_capacity(entries);
+    for _ in 0..entries {
+        let node_id = r.array("address_book.node_id")?;
+        let count = usize::from(r.u8("address_book.addrs")?);
+        check_count("address_book.addrs", count, MAX_NODE_ADDRS)?;
+        let mut addrs = Vec::with_capacity(count);
+        for _ in 0..count {
+            addrs.push(r.addr("address_book.addr")?);
+        }
+        address_book.push(NodeAddrs { node_id, addrs });
+    }
     Ok(OpenSession {
         session_id,
         model_id,
@@ -1158,7 +1293,30 @@ fn read_open(r: &mut Reader<'_>) -> Result<OpenSession, ProtocolError> {
         sampling,
         top_logprobs,
         prompt_len,
+        address_book,
     })
+}
+
+fn read_pong(r: &mut Reader<'_>) -> Result<Message, ProtocolError> {
+    let nonce = r.u64("nonce")?;
+    let info = match r.u8("info flag")? {
+        0 => None,
+        1 => Some(PeerInfo {
+            model_id: r.array("info.model_id")?,
+            start: r.u32("info.start")?,
+            end: r.u32("info.end")?,
+            n_layers: r.u32("info.n_layers")?,
+            draining: match r.u8("info.draining")? {
+                0 => false,
+                1 => true,
+                value => return Err(ProtocolError::InvalidFlag { field: "info.draining", value }),
+            },
+            sessions: r.u32("info.sessions")?,
+            free_kv_bytes: r.u64("info.free_kv_bytes")?,
+        }),
+        value => return Err(ProtocolError::InvalidFlag { field: "info flag", value }),
+    };
+    Ok(Message::Pong { nonce, info })
 }
 
 fn read_step(r: &mut Reader<'_>) -> Result<Step, ProtocolError> {
@@ -1253,6 +1411,15 @@ impl<'a> Reader<'a> {
 
     fn f32(&mut self, field: &'static str) -> Result<f32, ProtocolError> {
         Ok(f32::from_le_bytes(self.array(field)?))
+    }
+
+    fn addr(&mut self, field: &'static str) -> Result<SocketAddr, ProtocolError> {
+        let ip = match self.u8(field)? {
+            4 => IpAddr::V4(Ipv4Addr::from(self.array::<4>(field)?)),
+            6 => IpAddr::V6(Ipv6Addr::from(self.array::<16>(field)?)),
+            value => return Err(ProtocolError::InvalidFlag { field, value }),
+        };
+        Ok(SocketAddr::new(ip, self.u16(field)?))
     }
 
     fn opt_u64(&mut self, field: &'static str) -> Result<Option<u64>, ProtocolError> {

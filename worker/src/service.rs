@@ -60,8 +60,8 @@ use shoal_model_shards::sampler::{Sampler, SamplerError, SamplingParams};
 use shoal_model_shards::{DType, Error as EngineError, LogitsMode, Shard, StageInput, StageOutput, Tensor};
 
 use crate::protocol::{
-    CloseReason, CloseSession, ErrorCode, HiddenStates, Message, OpenSession, Payload, StageError, Step,
-    StepResult,
+    CloseReason, CloseSession, ErrorCode, HiddenStates, Message, OpenSession, Payload, PeerInfo, StageError,
+    Step, StepResult,
 };
 use session::{SamplerState, Session};
 
@@ -188,7 +188,9 @@ impl StageService {
             Message::OpenSession(open) => self.open(from, open, now),
             Message::Step(step) => self.step(from, step, now),
             Message::CloseSession(close) => self.close(from, close),
-            Message::Ping { nonce } => vec![Action::ToOrigin { to: from, msg: Message::Pong { nonce } }],
+            Message::Ping { nonce } => {
+                vec![Action::ToOrigin { to: from, msg: Message::Pong { nonce, info: Some(self.info()) } }]
+            }
             // Replies are for origins, not stages: ignore them rather than answer with an
             // error, which could make two stages bounce errors forever.
             other @ (Message::StepResult(_) | Message::Error(_) | Message::Pong { .. }) => {
@@ -230,6 +232,20 @@ impl StageService {
             kv_bytes_reserved: self.reserved,
             kv_bytes_allocated: self.sessions.values().map(|s| s.cache.bytes()).sum(),
             draining: self.draining,
+        }
+    }
+
+    /// What this stage says about itself in a `Pong`: model, span, load and free KV budget.
+    pub fn info(&self) -> PeerInfo {
+        let span = self.shard.span();
+        PeerInfo {
+            model_id: self.config.model_id,
+            start: span.start as u32,
+            end: span.end as u32,
+            n_layers: self.shard.spec().n_layers as u32,
+            draining: self.draining,
+            sessions: u32::try_from(self.sessions.len()).unwrap_or(u32::MAX),
+            free_kv_bytes: self.config.kv_budget_bytes.saturating_sub(self.reserved) as u64,
         }
     }
 

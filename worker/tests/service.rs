@@ -63,6 +63,7 @@ fn open_msg(session_id: u64, wire_dtype: WireDType, top_logprobs: u8) -> OpenSes
         sampling: greedy(),
         top_logprobs,
         prompt_len: PROMPT.len() as u32,
+        address_book: Vec::new(),
     }
 }
 
@@ -456,8 +457,11 @@ fn open_checks_model_span_length_sampling_and_duplicates() -> anyhow::Result<()>
     assert_eq!((ring.a.stats().sessions, ring.b.stats().sessions), (1, 1));
 
     // Ping is answered; replies sent to a stage are ignored.
-    assert_eq!(ring.send(Message::Ping { nonce: 77 }), vec![Message::Pong { nonce: 77 }]);
-    assert!(ring.send(Message::Pong { nonce: 1 }).is_empty());
+    let info = ring.a.info();
+    assert_eq!((info.start, info.end, info.n_layers, info.sessions, info.draining), (0, 2, 4, 1, false));
+    assert_eq!(info.model_id, MODEL_ID);
+    assert_eq!(ring.send(Message::Ping { nonce: 77 }), vec![Message::Pong { nonce: 77, info: Some(info) }]);
+    assert!(ring.send(Message::Pong { nonce: 1, info: None }).is_empty());
     Ok(())
 }
 

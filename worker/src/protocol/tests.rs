@@ -56,6 +56,37 @@ fn route() -> impl Strategy<Value = Vec<RouteHop>> {
     })
 }
 
+fn socket_addr() -> impl Strategy<Value = std::net::SocketAddr> {
+    prop_oneof![
+        (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, port)| (std::net::Ipv4Addr::from(ip), port).into()),
+        (any::<[u8; 16]>(), any::<u16>()).prop_map(|(ip, port)| (std::net::Ipv6Addr::from(ip), port).into()),
+    ]
+}
+
+fn address_book() -> impl Strategy<Value = Vec<NodeAddrs>> {
+    prop::collection::vec(
+        (any::<[u8; 32]>(), prop::collection::vec(socket_addr(), 0..=MAX_NODE_ADDRS))
+            .prop_map(|(node_id, addrs)| NodeAddrs { node_id, addrs }),
+        0..6,
+    )
+}
+
+fn peer_info() -> impl Strategy<Value = Option<PeerInfo>> {
+    prop::option::of(
+        (any::<[u8; 32]>(), 0u32..100, 1u32..100, 0u32..10, any::<bool>(), any::<u32>(), any::<u64>()).prop_map(
+            |(model_id, start, width, extra, draining, sessions, free_kv_bytes)| PeerInfo {
+                model_id,
+                start,
+                end: start + width,
+                n_layers: start + width + extra,
+                draining,
+                sessions,
+                free_kv_bytes,
+            },
+        ),
+    )
+}
+
 fn open_session() -> impl Strategy<Value = OpenSession> {
     (
         any::<u64>(),
@@ -66,10 +97,10 @@ fn open_session() -> impl Strategy<Value = OpenSession> {
         1u32..,
         sampling(),
         0u8..=20,
-        any::<u32>(),
+        (any::<u32>(), address_book()),
     )
         .prop_map(
-            |(session_id, (model_id, origin), route, hop, wire_dtype, max_len, sampling, top, prompt)| {
+            |(session_id, (model_id, origin), route, hop, wire_dtype, max_len, sampling, top, (prompt, book))| {
                 OpenSession {
                     session_id,
                     model_id,
@@ -81,6 +112,7 @@ fn open_session() -> impl Strategy<Value = OpenSession> {
                     sampling,
                     top_logprobs: top,
                     prompt_len: prompt % (max_len + 1).max(1).min(max_len),
+                    address_book: book,
                 }
             },
         )
@@ -157,7 +189,7 @@ fn message() -> impl Strategy<Value = Message> {
             .prop_map(|(session_id, reason)| Message::CloseSession(CloseSession { session_id, reason })),
         stage_error().prop_map(Message::Error),
         any::<u64>().prop_map(|nonce| Message::Ping { nonce }),
-        any::<u64>().prop_map(|nonce| Message::Pong { nonce }),
+        (any::<u64>(), peer_info()).prop_map(|(nonce, info)| Message::Pong { nonce, info }),
     ]
 }
 
@@ -191,9 +223,9 @@ proptest! {
     fn error_round_trips(m in stage_error()) { round_trip(&Message::Error(m))?; }
 
     #[test]
-    fn ping_pong_round_trip(nonce in any::<u64>()) {
+    fn ping_pong_round_trip(nonce in any::<u64>(), info in peer_info()) {
         round_trip(&Message::Ping { nonce })?;
-        round_trip(&Message::Pong { nonce })?;
+        round_trip(&Message::Pong { nonce, info })?;
     }
 
     #[test]
@@ -267,6 +299,10 @@ fn example_open() -> Message {
         },
         top_logprobs: 5,
         prompt_len: 12,
+        address_book: vec![
+            NodeAddrs { node_id: [0x22; 32], addrs: vec!["127.0.0.1:4433".parse().unwrap()] },
+            NodeAddrs { node_id: [0xCC; 32], addrs: vec!["[::1]:258".parse().unwrap()] },
+        ],
     })
 }
 
@@ -321,7 +357,22 @@ fn examples() -> Vec<(Message, &'static str)> {
         (example_close(), CLOSE_HEX),
         (example_error(), ERROR_HEX),
         (Message::Ping { nonce: 0x1122_3344_5566_7788 }, PING_HEX),
-        (Message::Pong { nonce: 0x1122_3344_5566_7788 }, PONG_HEX),
+        (Message::Pong { nonce: 0x1122_3344_5566_7788, info: None }, PONG_HEX),
+        (
+            Message::Pong {
+                nonce: 1,
+                info: Some(PeerInfo {
+                    model_id: [0xAA; 32],
+                    start: 15,
+                    end: 30,
+                    n_layers: 30,
+                    draining: true,
+                    sessions: 2,
+                    free_kv_bytes: 0x0100,
+                }),
+            },
+            PONG_INFO_HEX,
+        ),
     ]
 }
 
@@ -342,12 +393,14 @@ fn frame_of(body: &[u8]) -> Vec<u8> {
 }
 
 const OPEN_HEX: &str = "\
-    cf000000010807060504030201aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa \
+    2f010000010807060504030201aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa \
     aaaaaaaaaacccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc020000 \
     001111111111111111111111111111111111111111111111111111111111111111000000000f0000 \
     0022222222222222222222222222222222222222222222222222222222222222220f0000001e0000 \
     000100000001000800000000403f280000000000003f000000000000803f000000c00000803e2a00 \
-    000000000000050c000000";
+    000000000000050c0000000200000022222222222222222222222222222222222222222222222222 \
+    2222222222222201047f0000015111cccccccccccccccccccccccccccccccccccccccccccccccccc \
+    cccccccccccccc0106000000000000000000000000000000010201";
 const TOKENS_STEP_HEX: &str = "\
     3e000000020700000000000000010000000000000000000000000000000000000003000000010000 \
     0002000000030000000103000000010000000200000003000000";
@@ -360,7 +413,10 @@ const RESULT_HEX: &str = "\
 const CLOSE_HEX: &str = "0a00000004070000000000000001";
 const ERROR_HEX: &str = "1a00000005010700000000000000000700090000006b7620627564676574";
 const PING_HEX: &str = "09000000068877665544332211";
-const PONG_HEX: &str = "09000000078877665544332211";
+const PONG_HEX: &str = "0a00000007887766554433221100";
+const PONG_INFO_HEX: &str = "\
+    4300000007010000000000000001aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa \
+    aaaaaaaaaaaaaa0f0000001e0000001e00000001020000000001000000000000";
 
 #[test]
 fn byte_snapshots() {
