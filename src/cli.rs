@@ -1,6 +1,8 @@
 //! Command-line interface: argument parsing and the subcommands.
 
-mod generate;
+pub mod generate;
+pub mod run;
+mod worker;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -22,8 +24,13 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Generate a completion locally, the whole model in this process.
+    /// Generate a completion: locally (the whole model in this process) or, with `--join`,
+    /// through the workers of the given tickets.
     Generate(generate::GenerateArgs),
+    /// Serve a span of a model's layers to the swarm.
+    Worker(worker::WorkerArgs),
+    /// A whole swarm in one process: N stages on loopback and an origin.
+    Run(run::RunArgs),
 }
 
 /// Installs the tracing subscriber (stderr).
@@ -42,5 +49,7 @@ pub fn init_tracing(verbose: u8) {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Worker(args) => worker::run(args),
+        Command::Run(args) => run::run(args),
     }
 }

@@ -1,6 +1,7 @@
 //! `shoal`: peer-to-peer LLM inference. This binary holds the CLI and node assembly.
 
 mod cli;
+mod node;
 
 use std::process::ExitCode;
 

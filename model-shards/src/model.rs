@@ -120,6 +120,40 @@ impl Model {
         }
     }
 
+    /// The model's identity: a BLAKE3 hash of everything that defines it (the GGUF file; or
+    /// `config.json`, the tokenizer files and every safetensors file of a directory), so two
+    /// quantizations or fine-tunes of one architecture never share an id. Reads every byte
+    /// once (about 0.1 s for a 100 MB file); call it once per process.
+    pub fn model_id(&self) -> Result<[u8; 32]> {
+        let mut hasher = blake3::Hasher::new();
+        let files: Vec<PathBuf> = match self.format {
+            ModelFormat::Gguf => vec![self.path.clone()],
+            ModelFormat::HuggingFace => {
+                let mut v = vec![self.path.join("config.json")];
+                for name in ["tokenizer.json", "tokenizer_config.json"] {
+                    let p = self.path.join(name);
+                    if p.is_file() {
+                        v.push(p);
+                    }
+                }
+                v.extend(safetensors_files(&self.path)?);
+                v
+            }
+        };
+        for path in files {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            hasher.update(&(name.len() as u64).to_le_bytes());
+            hasher.update(name.as_bytes());
+            let file = File::open(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+            let len = file.metadata().map_err(|source| Error::Io { path: path.clone(), source })?.len();
+            hasher.update(&len.to_le_bytes());
+            hasher
+                .update_reader(std::io::BufReader::with_capacity(1 << 20, file))
+                .map_err(|source| Error::Io { path: path.clone(), source })?;
+        }
+        Ok(*hasher.finalize().as_bytes())
+    }
+
     /// End-of-generation ids declared by `config.json` (Hugging Face models), in addition to
     /// the tokenizer's.
     pub fn config_eos_ids(&self) -> Vec<u32> {

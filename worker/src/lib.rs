@@ -19,6 +19,7 @@
 //! issue.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod net;
 pub mod protocol;
 pub mod service;
 

@@ -173,6 +173,52 @@ impl StageService {
         self.sessions.get(&session_id).map(|s| s.opener)
     }
 
+    /// The origin named by `session_id`'s `OpenSession`, if the session is open.
+    pub fn origin(&self, session_id: u64) -> Option<PeerId> {
+        self.sessions.get(&session_id).map(|s| s.origin)
+    }
+
+    /// The transport could not deliver a message of `session_id` to the next hop: the session
+    /// is closed here (its downstream is gone) and its origin is told with
+    /// `NextHopUnreachable`, so it can reroute without waiting for a deadline.
+    #[must_use = "the actions must be sent"]
+    pub fn next_hop_failed(&mut self, session_id: u64, detail: &str) -> Vec<Action> {
+        let Some(origin) = self.origin(session_id) else {
+            return Vec::new();
+        };
+        let mut actions = vec![error_action(
+            origin,
+            Some(session_id),
+            None,
+            refuse(ErrorCode::NextHopUnreachable, format!("the next hop is unreachable: {detail}")),
+        )];
+        // The next hop is the one that failed: do not send it a close.
+        actions.extend(self.remove(session_id, CloseReason::Error).into_iter().filter(|a| !matches!(a, Action::ToNext { .. })));
+        actions
+    }
+
+    /// Closes every session because the stage is leaving: each origin gets a `Draining`
+    /// error for its session (so it reroutes at once) and the next hops get a close.
+    #[must_use = "the actions must be sent"]
+    pub fn shutdown_sessions(&mut self) -> Vec<Action> {
+        self.draining = true;
+        let mut ids: Vec<u64> = self.sessions.keys().copied().collect();
+        ids.sort_unstable();
+        let mut actions = Vec::new();
+        for session_id in ids {
+            if let Some(origin) = self.origin(session_id) {
+                actions.push(error_action(
+                    origin,
+                    Some(session_id),
+                    None,
+                    refuse(ErrorCode::Draining, "the stage is shutting down"),
+                ));
+            }
+            actions.extend(self.remove(session_id, CloseReason::Shutdown));
+        }
+        actions
+    }
+
     /// Handles one message from peer `from` received at `now`; returns what to send.
     #[must_use = "the actions must be sent"]
     pub fn handle(&mut self, from: PeerId, msg: Message, now: Instant) -> Vec<Action> {

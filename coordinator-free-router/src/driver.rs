@@ -1,0 +1,730 @@
+//! The pipeline driver: the client side of the stage protocol. It runs a session through a
+//! route of peers, keeps the session's token history, and recovers from a failed peer by
+//! banning it, planning another route, replaying the history as a prefill and carrying on.
+//!
+//! # One generation
+//! 1. Plan a route over the peers this driver knows ([`Driver::add_peer`] pings a peer to
+//!    learn its span; [`crate::route::plan`] picks the chain), skipping banned and draining
+//!    peers.
+//! 2. Send `OpenSession` to stage 1 (it travels down the chain, with an address book so each
+//!    stage can dial the next), then the history (prompt, plus anything generated before a
+//!    failover) as prefill steps of at most [`DriverConfig::prefill_chunk`] tokens, sent back
+//!    to back.
+//! 3. Wait for the last chunk's `StepResult` from the last stage, then loop: report the token,
+//!    stop on a stop id, the token budget or the caller's [`Flow::Stop`], otherwise send the
+//!    token as the next step.
+//! 4. Close the session along the chain (`CloseSession` to stage 1, which forwards it), also
+//!    when the future is dropped (a client that goes away frees every KV cache).
+//!
+//! # Failures
+//! Every step has a deadline ([`DriverConfig::step_timeout`], plus
+//! [`DriverConfig::prefill_timeout_per_token`] for each prefilled token). A typed error from
+//! a stage, an undeliverable frame or a passed deadline ends the attempt: the culprit is the
+//! stage that reported (or the next hop for `NextHopUnreachable`); after a deadline, each hop
+//! is pinged and the silent ones are the culprits. Culprits are banned for
+//! [`DriverConfig::ban_base`], doubling with each repeated failure up to
+//! [`DriverConfig::ban_max`]. The old session is closed, a new route is planned and the history
+//! replayed. Sampling is deterministic (the draw for token `t` depends on the seed and `t`), so
+//! the tokens are those of an undisturbed run. At most [`DriverConfig::max_failovers`]
+//! failovers per generation.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use iroh::EndpointAddr;
+use shoal_model_shards::generate::{FinishReason, Flow};
+use shoal_model_shards::sampler::SamplingParams;
+use shoal_worker::net::{Inbound, NetError, Node, SessionChannel, peer_id, short};
+use shoal_worker::protocol::{
+    CloseReason, CloseSession, ErrorCode, Message, OpenSession, Payload, PeerInfo, RouteHop, Sampling,
+    StageError, Step, WireDType,
+};
+use shoal_worker::service::PeerId;
+
+use crate::route::{Candidate, plan};
+
+/// Timeouts, bans and wire settings of a driver.
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    /// Dtype of hidden states between stages (f32: bit-identical to one process; f16/bf16:
+    /// half the bytes, logits within about 1.3 of f32 on SmolLM2 at 30 hops).
+    pub wire_dtype: WireDType,
+    /// Deadline of one decode step, end to end around the ring.
+    pub step_timeout: Duration,
+    /// Extra deadline per prefilled token.
+    pub prefill_timeout_per_token: Duration,
+    /// Deadline of a ping (peer discovery, finding the culprit after a timeout).
+    pub ping_timeout: Duration,
+    /// Most failovers in one generation before giving up.
+    pub max_failovers: usize,
+    /// First ban of a failed peer; doubles with each further failure.
+    pub ban_base: Duration,
+    /// Longest ban.
+    pub ban_max: Duration,
+    /// Most tokens per prefill step.
+    pub prefill_chunk: usize,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        Self {
+            wire_dtype: WireDType::F32,
+            step_timeout: Duration::from_secs(10),
+            prefill_timeout_per_token: Duration::from_millis(20),
+            ping_timeout: Duration::from_secs(2),
+            max_failovers: 8,
+            ban_base: Duration::from_secs(15),
+            ban_max: Duration::from_secs(600),
+            prefill_chunk: 512,
+        }
+    }
+}
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Prompt token ids (not empty).
+    pub prompt: Vec<u32>,
+    /// Sampling parameters (a fixed seed makes failover invisible).
+    pub params: SamplingParams,
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Ids that end the generation (not reported, as with `shoal generate`).
+    pub stop_ids: Vec<u32>,
+    /// Alternatives reported per token (0..=20).
+    pub top_logprobs: u8,
+}
+
+/// One generated token, as the callback sees it.
+#[derive(Debug)]
+pub struct TokenEvent<'a> {
+    /// Index among the generated tokens.
+    pub index: usize,
+    /// The token id.
+    pub token: u32,
+    /// Its log-probability.
+    pub logprob: f32,
+    /// The most likely alternatives, when asked for.
+    pub top_logprobs: &'a [(u32, f32)],
+    /// The route that produced it.
+    pub route: &'a [PeerId],
+}
+
+/// A recovered failure.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Failover {
+    /// Tokens generated before the failure.
+    pub at_token: usize,
+    /// Peers banned for it (empty when no culprit was found).
+    pub banned: Vec<String>,
+    /// What went wrong.
+    pub reason: String,
+    /// From the failed step's start to the failure's detection.
+    pub detection: Duration,
+    /// From the failed step's start until the next token arrived on the new route.
+    pub stall: Duration,
+}
+
+/// The result of a generation.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Generated ids (stop id excluded).
+    pub tokens: Vec<u32>,
+    /// Log-probability of each generated id.
+    pub logprobs: Vec<f32>,
+    /// Why generation ended.
+    pub finish_reason: FinishReason,
+    /// Until the first token.
+    pub prefill_time: Duration,
+    /// After the first token.
+    pub decode_time: Duration,
+    /// Round-trip time of each decode step (token in, token out), in order.
+    pub step_times: Vec<Duration>,
+    /// Failures recovered from.
+    pub failovers: Vec<Failover>,
+    /// The route of the last attempt.
+    pub route: Vec<PeerId>,
+}
+
+/// Why a generation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// The request is invalid.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// No chain of known, unbanned peers covers the model.
+    #[error("no route covers layers 0..{n_layers}: {detail}")]
+    NoRoute {
+        /// Layers of the model.
+        n_layers: u32,
+        /// What is known.
+        detail: String,
+    },
+    /// Too many failovers.
+    #[error("gave up after {failovers} failovers; last: {last}")]
+    TooManyFailovers {
+        /// How many.
+        failovers: usize,
+        /// The last failure.
+        last: String,
+    },
+    /// A peer could not be added.
+    #[error("peer {peer}: {reason}")]
+    Peer {
+        /// The peer.
+        peer: String,
+        /// Why.
+        reason: String,
+    },
+    /// Transport failure on this node.
+    #[error(transparent)]
+    Net(#[from] NetError),
+}
+
+/// What the driver knows of a peer.
+#[derive(Debug, Clone)]
+pub struct PeerState {
+    /// Its latest self-description.
+    pub info: PeerInfo,
+    /// Latest ping round trip.
+    pub rtt: Duration,
+    /// Failures since its last success.
+    pub failures: u32,
+    /// Not used for new routes until then.
+    pub banned_until: Option<Instant>,
+    /// Sessions this driver runs through it now.
+    pub active: usize,
+}
+
+/// Runs sessions through the peers it knows (see the module docs).
+pub struct Driver {
+    node: Node,
+    model_id: [u8; 32],
+    n_layers: u32,
+    vocab_size: u32,
+    config: DriverConfig,
+    peers: Mutex<HashMap<PeerId, PeerState>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Why one attempt (one route) ended.
+struct AttemptFailure {
+    culprits: Vec<PeerId>,
+    reason: String,
+    /// When the failing step was sent.
+    step_started: Instant,
+}
+
+/// Closes a session along its chain when dropped (completion, failure or cancellation).
+struct SessionGuard<'a> {
+    node: &'a Node,
+    first_hop: PeerId,
+    session_id: u64,
+    reason: CloseReason,
+}
+
+impl Drop for SessionGuard<'_> {
+    fn drop(&mut self) {
+        let msg = Message::CloseSession(CloseSession { session_id: self.session_id, reason: self.reason });
+        if let Err(e) = self.node.send(self.first_hop, &msg) {
+            tracing::debug!("close: {e}");
+        }
+    }
+}
+
+/// Decrements the driver's per-peer session counts when an attempt ends.
+struct ActiveGuard<'a> {
+    driver: &'a Driver,
+    route: Vec<PeerId>,
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        let mut peers = lock(&self.driver.peers);
+        for id in &self.route {
+            if let Some(p) = peers.get_mut(id) {
+                p.active = p.active.saturating_sub(1);
+            }
+        }
+    }
+}
+
+impl Driver {
+    /// A driver for the model `model_id` (`n_layers` layers, `vocab_size` ids) that sends from
+    /// `node`.
+    pub fn new(node: Node, model_id: [u8; 32], n_layers: u32, vocab_size: u32, config: DriverConfig) -> Self {
+        Self { node, model_id, n_layers, vocab_size, config, peers: Mutex::new(HashMap::new()) }
+    }
+
+    /// The node sessions are sent from.
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &DriverConfig {
+        &self.config
+    }
+
+    /// Learns a peer: remembers its address, pings it and checks that it serves a span of
+    /// this model.
+    pub async fn add_peer(&self, addr: EndpointAddr) -> Result<PeerInfo, DriverError> {
+        let id = peer_id(&addr.id);
+        self.node.add_peer_addr(addr);
+        let (rtt, info) = self
+            .node
+            .ping(id, self.config.ping_timeout)
+            .await
+            .map_err(|e| DriverError::Peer { peer: short(&id), reason: e.to_string() })?;
+        let Some(info) = info else {
+            return Err(DriverError::Peer { peer: short(&id), reason: "it serves no layers".into() });
+        };
+        if info.model_id != self.model_id || info.n_layers != self.n_layers {
+            return Err(DriverError::Peer {
+                peer: short(&id),
+                reason: "it serves a different model (model ids differ)".into(),
+            });
+        }
+        let mut peers = lock(&self.peers);
+        let entry = peers.entry(id).or_insert(PeerState {
+            info: info.clone(),
+            rtt,
+            failures: 0,
+            banned_until: None,
+            active: 0,
+        });
+        entry.info = info.clone();
+        entry.rtt = rtt;
+        Ok(info)
+    }
+
+    /// Pings every known peer again (span, load, draining, round trip); returns how many
+    /// answered.
+    pub async fn refresh(&self) -> usize {
+        let ids: Vec<PeerId> = lock(&self.peers).keys().copied().collect();
+        let mut answered = 0;
+        for id in ids {
+            if let Ok((rtt, Some(info))) = self.node.ping(id, self.config.ping_timeout).await
+                && let Some(p) = lock(&self.peers).get_mut(&id)
+            {
+                p.info = info;
+                p.rtt = rtt;
+                answered += 1;
+            }
+        }
+        answered
+    }
+
+    /// What the driver knows of each peer.
+    pub fn peers(&self) -> Vec<(PeerId, PeerState)> {
+        let mut v: Vec<_> = lock(&self.peers).iter().map(|(k, v)| (*k, v.clone())).collect();
+        v.sort_by_key(|(_, p)| (p.info.start, p.info.end));
+        v
+    }
+
+    /// The route a new session would take now.
+    pub fn plan_route(&self) -> Result<Vec<RouteHop>, DriverError> {
+        let now = Instant::now();
+        let peers = lock(&self.peers);
+        let usable = |p: &PeerState| !p.info.draining && p.banned_until.is_none_or(|t| t <= now);
+        let candidates: Vec<Candidate> = peers
+            .iter()
+            .filter(|(_, p)| usable(p))
+            .map(|(id, p)| Candidate {
+                id: *id,
+                start: p.info.start,
+                end: p.info.end,
+                // Round trip in units of 10 ms, spread over replicas by load, and a nudge
+                // away from peers that failed recently.
+                cost: p.rtt.as_secs_f64() * 100.0
+                    + 0.05 * (p.active as f64 + f64::from(p.info.sessions))
+                    + 0.5 * f64::from(p.failures),
+            })
+            .collect();
+        let mut sorted = candidates;
+        sorted.sort_by(|a, b| a.id.cmp(&b.id));
+        match plan(self.n_layers, &sorted) {
+            Some(route) => Ok(route
+                .into_iter()
+                .map(|i| RouteHop { node_id: sorted[i].id, start: sorted[i].start, end: sorted[i].end })
+                .collect()),
+            None => {
+                let known: Vec<String> = peers
+                    .iter()
+                    .map(|(id, p)| {
+                        let state = if p.info.draining {
+                            " draining"
+                        } else if !usable(p) {
+                            " banned"
+                        } else {
+                            ""
+                        };
+                        format!("{} {}..{}{state}", short(id), p.info.start, p.info.end)
+                    })
+                    .collect();
+                Err(DriverError::NoRoute {
+                    n_layers: self.n_layers,
+                    detail: if known.is_empty() { "no peers known".into() } else { known.join(", ") },
+                })
+            }
+        }
+    }
+
+    fn ban(&self, culprits: &[PeerId]) {
+        let now = Instant::now();
+        let mut peers = lock(&self.peers);
+        for id in culprits {
+            if let Some(p) = peers.get_mut(id) {
+                p.failures += 1;
+                let factor = 1u32 << (p.failures - 1).min(16);
+                let ban = self.config.ban_base.saturating_mul(factor).min(self.config.ban_max);
+                p.banned_until = Some(now + ban);
+                tracing::warn!(peer = %short(id), ?ban, failures = p.failures, "banned a peer");
+            }
+        }
+    }
+
+    fn succeeded(&self, route: &[PeerId]) {
+        let mut peers = lock(&self.peers);
+        for id in route {
+            if let Some(p) = peers.get_mut(id) {
+                p.failures = 0;
+            }
+        }
+    }
+
+    /// Generates for `request`, calling `on_token` for each token (return [`Flow::Stop`] to
+    /// cancel; the session is then closed along its chain). Dropping the future also closes
+    /// the session.
+    pub async fn generate(
+        &self,
+        request: &Request,
+        mut on_token: impl FnMut(TokenEvent<'_>) -> Flow,
+    ) -> Result<Outcome, DriverError> {
+        if request.prompt.is_empty() {
+            return Err(DriverError::InvalidRequest("the prompt is empty".into()));
+        }
+        if let Some(&bad) = request.prompt.iter().find(|&&t| t >= self.vocab_size) {
+            return Err(DriverError::InvalidRequest(format!(
+                "token id {bad} is outside the vocabulary of {} ids",
+                self.vocab_size
+            )));
+        }
+        request.params.validate().map_err(|e| DriverError::InvalidRequest(e.to_string()))?;
+        if usize::from(request.top_logprobs) > shoal_worker::protocol::MAX_TOP_LOGPROBS {
+            return Err(DriverError::InvalidRequest("top_logprobs is at most 20".into()));
+        }
+        let started = Instant::now();
+        let mut state = RunState {
+            tokens: Vec::new(),
+            logprobs: Vec::new(),
+            step_times: Vec::new(),
+            first_token_at: None,
+            finish: None,
+            pending_failover: None,
+        };
+        let mut failovers = Vec::new();
+        loop {
+            let route = match self.plan_route() {
+                Ok(r) => r,
+                Err(e) if !failovers.is_empty() || state.pending_failover.is_some() => {
+                    // Banned peers may be all there is: look again at who answers.
+                    self.refresh().await;
+                    match self.plan_route() {
+                        Ok(r) => r,
+                        Err(_) => return Err(e),
+                    }
+                }
+                Err(e) => return Err(e),
+            };
+            let ids: Vec<PeerId> = route.iter().map(|h| h.node_id).collect();
+            match self.attempt(request, &route, &mut state, &mut on_token, &mut failovers).await {
+                Ok(()) => {
+                    self.succeeded(&ids);
+                    let first = state.first_token_at.unwrap_or_else(Instant::now);
+                    return Ok(Outcome {
+                        tokens: state.tokens,
+                        logprobs: state.logprobs,
+                        finish_reason: state.finish.unwrap_or(FinishReason::Length),
+                        prefill_time: first.saturating_duration_since(started),
+                        decode_time: first.elapsed(),
+                        step_times: state.step_times,
+                        failovers,
+                        route: ids,
+                    });
+                }
+                Err(f) => {
+                    self.ban(&f.culprits);
+                    tracing::warn!(at_token = state.tokens.len(), reason = %f.reason, "failing over");
+                    if failovers.len() + 1 > self.config.max_failovers {
+                        return Err(DriverError::TooManyFailovers {
+                            failovers: failovers.len(),
+                            last: f.reason,
+                        });
+                    }
+                    let banned = f.culprits.iter().map(short).collect();
+                    // Keep the earliest start if one failover fails again before a token.
+                    let pending = state.pending_failover.take();
+                    let (step_started, at_token) =
+                        pending.as_ref().map_or((f.step_started, state.tokens.len()), |p| (p.0, p.1));
+                    state.pending_failover = Some((step_started, at_token, f.reason, banned, Instant::now()));
+                }
+            }
+        }
+    }
+
+    /// One route: open, prefill the history, decode until done or failure.
+    async fn attempt(
+        &self,
+        request: &Request,
+        route: &[RouteHop],
+        state: &mut RunState,
+        on_token: &mut impl FnMut(TokenEvent<'_>) -> Flow,
+        failovers: &mut Vec<Failover>,
+    ) -> Result<(), AttemptFailure> {
+        let ids: Vec<PeerId> = route.iter().map(|h| h.node_id).collect();
+        let first = ids[0];
+        let last = ids[ids.len() - 1];
+        {
+            let mut peers = lock(&self.peers);
+            for id in &ids {
+                if let Some(p) = peers.get_mut(id) {
+                    p.active += 1;
+                }
+            }
+        }
+        let _active = ActiveGuard { driver: self, route: ids.clone() };
+        let session_id: u64 = rand::random();
+        let mut channel = self.node.open_session_channel(session_id);
+        let mut address_book = vec![self.node.node_addrs()];
+        address_book.extend(ids.iter().map(|id| self.node.known_addrs(id)));
+        let history: Vec<u32> = request.prompt.iter().chain(state.tokens.iter()).copied().collect();
+        let max_len = request.prompt.len() + request.max_tokens;
+        let open = OpenSession {
+            session_id,
+            model_id: self.model_id,
+            origin: self.node.id(),
+            route: route.to_vec(),
+            hop_index: 0,
+            wire_dtype: self.config.wire_dtype,
+            max_len: u32::try_from(max_len).unwrap_or(u32::MAX),
+            sampling: Sampling::from(&request.params),
+            top_logprobs: request.top_logprobs,
+            prompt_len: u32::try_from(request.prompt.len()).unwrap_or(u32::MAX),
+            address_book,
+        };
+        let mut guard = SessionGuard { node: &self.node, first_hop: first, session_id, reason: CloseReason::Error };
+        let sent_at = Instant::now();
+        let fail_now = |reason: String, culprits: Vec<PeerId>| AttemptFailure {
+            culprits,
+            reason,
+            step_started: sent_at,
+        };
+        self.node
+            .send_for_session(first, session_id, &Message::OpenSession(open))
+            .map_err(|e| fail_now(e.to_string(), vec![]))?;
+
+        // Prefill: the whole history, chunks sent back to back.
+        let mut step_id = 0u64;
+        let mut pos = 0u32;
+        let sample_step = state.tokens.len() as u64;
+        for chunk in history.chunks(self.config.prefill_chunk.max(1)) {
+            step_id += 1;
+            let step = Step {
+                session_id,
+                step_id,
+                start_pos: pos,
+                sample_step,
+                history_tail: chunk.to_vec(),
+                payload: Payload::Tokens(chunk.to_vec()),
+            };
+            self.node
+                .send_for_session(first, session_id, &Message::Step(step))
+                .map_err(|e| fail_now(e.to_string(), vec![]))?;
+            pos += chunk.len() as u32;
+        }
+        let prefill_budget = self.config.step_timeout
+            + self.config.prefill_timeout_per_token.saturating_mul(u32::try_from(history.len()).unwrap_or(u32::MAX));
+        let mut step_started = sent_at;
+        let mut decoding = false;
+        let mut deadline = step_started + prefill_budget;
+        loop {
+            let result = self.await_result(&mut channel, &ids, step_id, step_started, deadline).await?;
+            let step_time = step_started.elapsed();
+            if result.token >= self.vocab_size {
+                return Err(AttemptFailure {
+                    culprits: vec![last],
+                    reason: format!("the last stage returned id {} outside the vocabulary", result.token),
+                    step_started,
+                });
+            }
+            if decoding {
+                state.step_times.push(step_time);
+            }
+            decoding = true;
+            if let Some((started, at_token, reason, banned, detected)) = state.pending_failover.take() {
+                failovers.push(Failover {
+                    at_token,
+                    banned,
+                    reason,
+                    detection: detected.saturating_duration_since(started),
+                    stall: started.elapsed(),
+                });
+            }
+            if state.first_token_at.is_none() {
+                state.first_token_at = Some(Instant::now());
+            }
+            if request.stop_ids.contains(&result.token) {
+                state.finish = Some(FinishReason::Stop);
+                guard.reason = CloseReason::Completed;
+                return Ok(());
+            }
+            let index = state.tokens.len();
+            state.tokens.push(result.token);
+            state.logprobs.push(result.logprob);
+            let flow = on_token(TokenEvent {
+                index,
+                token: result.token,
+                logprob: result.logprob,
+                top_logprobs: &result.top_logprobs,
+                route: &ids,
+            });
+            if flow == Flow::Stop {
+                state.finish = Some(FinishReason::Stop);
+                guard.reason = CloseReason::ClientDisconnected;
+                return Ok(());
+            }
+            if state.tokens.len() >= request.max_tokens {
+                state.finish = Some(FinishReason::Length);
+                guard.reason = CloseReason::Completed;
+                return Ok(());
+            }
+            step_id += 1;
+            step_started = Instant::now();
+            deadline = step_started + self.config.step_timeout;
+            let step = Step {
+                session_id,
+                step_id,
+                start_pos: pos,
+                sample_step: state.tokens.len() as u64,
+                history_tail: vec![result.token],
+                payload: Payload::Tokens(vec![result.token]),
+            };
+            pos += 1;
+            self.node.send_for_session(first, session_id, &Message::Step(step)).map_err(|e| AttemptFailure {
+                culprits: vec![],
+                reason: e.to_string(),
+                step_started,
+            })?;
+        }
+    }
+
+    /// Waits for the result of `step_id`; errors and silence become an [`AttemptFailure`].
+    async fn await_result(
+        &self,
+        channel: &mut SessionChannel,
+        route: &[PeerId],
+        step_id: u64,
+        step_started: Instant,
+        deadline: Instant,
+    ) -> Result<shoal_worker::protocol::StepResult, AttemptFailure> {
+        let last = route[route.len() - 1];
+        loop {
+            let Some(Inbound { from, msg }) = channel.recv_until(deadline.into()).await else {
+                let culprits = self.silent_hops(route).await;
+                return Err(AttemptFailure {
+                    reason: format!(
+                        "no result within {:?}; silent: [{}]",
+                        deadline.saturating_duration_since(step_started),
+                        culprits.iter().map(short).collect::<Vec<_>>().join(", ")
+                    ),
+                    culprits,
+                    step_started,
+                });
+            };
+            match msg {
+                Message::StepResult(r) if from == last && r.step_id == step_id => return Ok(r),
+                Message::StepResult(r) if from == last && r.step_id < step_id => {} // an earlier chunk
+                Message::StepResult(r) => {
+                    tracing::debug!(from = %short(&from), step = r.step_id, "ignoring an unexpected result");
+                }
+                Message::Error(e) => return Err(self.blame(route, from, &e, step_started)),
+                other => tracing::debug!(kind = other.kind_name(), "ignoring a message for a session"),
+            }
+        }
+    }
+
+    /// Who is to blame for a stage's error.
+    fn blame(&self, route: &[PeerId], from: PeerId, e: &StageError, step_started: Instant) -> AttemptFailure {
+        let culprit = if from == self.node.id() {
+            // This node could not reach stage 1.
+            Some(route[0])
+        } else if e.code == ErrorCode::NextHopUnreachable {
+            route.iter().position(|id| *id == from).and_then(|i| route.get(i + 1)).copied()
+        } else if route.contains(&from) {
+            Some(from)
+        } else {
+            None
+        };
+        AttemptFailure {
+            culprits: culprit.into_iter().collect(),
+            reason: format!("{} from {}: {}", e.code, short(&from), e.message),
+            step_started,
+        }
+    }
+
+    /// The hops of `route` that do not answer a ping.
+    async fn silent_hops(&self, route: &[PeerId]) -> Vec<PeerId> {
+        let pings = route.iter().map(|id| {
+            let node = self.node.clone();
+            let id = *id;
+            let timeout = self.config.ping_timeout;
+            async move { (id, node.ping(id, timeout).await) }
+        });
+        let mut silent = Vec::new();
+        for (id, result) in futures_join_all(pings).await {
+            match result {
+                Ok((rtt, Some(info))) => {
+                    if let Some(p) = lock(&self.peers).get_mut(&id) {
+                        p.rtt = rtt;
+                        p.info = info;
+                    }
+                }
+                _ => silent.push(id),
+            }
+        }
+        silent
+    }
+}
+
+/// Runs futures concurrently and collects their outputs in order.
+async fn futures_join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output>
+where
+    F: Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        if let Ok(v) = h.await {
+            out.push(v);
+        }
+    }
+    out
+}
+
+/// What a generation has produced so far, across attempts.
+struct RunState {
+    tokens: Vec<u32>,
+    logprobs: Vec<f32>,
+    step_times: Vec<Duration>,
+    first_token_at: Option<Instant>,
+    finish: Option<FinishReason>,
+    /// A failure not yet recovered: (failed step's start, tokens before it, reason, banned,
+    /// detected at).
+    pending_failover: Option<(Instant, usize, String, Vec<String>, Instant)>,
+}

@@ -1,0 +1,134 @@
+//! `shoal run`: a whole swarm in one process (N stages on loopback plus an origin), and the
+//! origin side shared with `shoal generate --join`.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use shoal_coordinator_free_router::driver::{Driver, Request};
+use shoal_model_shards::Model;
+use shoal_worker::net::{Node, parse_ticket, short};
+
+use crate::cli::generate::{DEFAULT_MODEL, GenOptions, Prepared, Printer, prepare};
+use crate::node::{DriverArgs, StageArgs, driver, load_stage, runtime, shutdown_signal};
+
+/// Arguments of `shoal run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Model: a .gguf file or a Hugging Face directory.
+    #[arg(long, env = "SHOAL_MODEL", default_value = DEFAULT_MODEL)]
+    model: PathBuf,
+    /// Stages to split the layers into, evenly; each is its own iroh endpoint on loopback.
+    #[arg(long, default_value_t = 3)]
+    stages: usize,
+    /// Generate once for this prompt and exit; without it, keep serving until Ctrl-C.
+    #[arg(long)]
+    prompt: Option<String>,
+    #[command(flatten)]
+    options: GenOptions,
+    #[command(flatten)]
+    driver: DriverArgs,
+    #[command(flatten)]
+    limits: StageArgs,
+}
+
+/// Splits `n_layers` into `stages` contiguous spans whose lengths differ by at most one.
+pub fn even_spans(n_layers: usize, stages: usize) -> Vec<std::ops::Range<usize>> {
+    (0..stages).map(|i| (i * n_layers / stages)..((i + 1) * n_layers / stages)).collect()
+}
+
+/// Runs `shoal run`.
+pub fn run(args: RunArgs) -> Result<()> {
+    let model = Model::open(&args.model).with_context(|| format!("opening {}", args.model.display()))?;
+    let n_layers = model.spec().n_layers;
+    if args.stages == 0 || args.stages > n_layers {
+        bail!("--stages must be between 1 and the model's {n_layers} layers");
+    }
+    let prepared = args.prompt.as_deref().map(|p| prepare(&model, p, &args.options)).transpose()?;
+    let model_id = model.model_id().context("hashing the model")?;
+    let mut services = Vec::new();
+    for span in even_spans(n_layers, args.stages) {
+        services.push((span.clone(), load_stage(&model, model_id, span, &args.limits)?));
+    }
+    runtime()?.block_on(async move {
+        let mut net = args.driver.net.clone();
+        net.bind.get_or_insert(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0));
+        let mut nodes = Vec::new();
+        for (span, service) in services {
+            let node = Node::bind(net.options(None)).await?;
+            node.serve(service);
+            tracing::info!(node = %node.endpoint_id(), "stage {}..{} ready", span.start, span.end);
+            nodes.push((span, node));
+        }
+        let origin = Node::bind(net.options(None)).await?;
+        let d = driver(&model, model_id, origin.clone(), args.driver.config());
+        for (_, node) in &nodes {
+            d.add_peer(node.addr()).await?;
+        }
+        let result = match prepared {
+            Some(p) => generate_with(&d, p, &args.options).await,
+            None => {
+                for (span, node) in &nodes {
+                    println!("stage {}..{}: {}", span.start, span.end, node.ticket());
+                }
+                println!("ready: {} stages on loopback; Ctrl-C stops", nodes.len());
+                shutdown_signal().await;
+                Ok(())
+            }
+        };
+        origin.shutdown().await;
+        for (_, node) in &nodes {
+            node.shutdown().await;
+        }
+        result
+    })
+}
+
+/// `shoal generate --join`: this process is the origin; the workers of the tickets compute.
+pub async fn generate_remote(
+    model: &Model,
+    p: Prepared,
+    options: &GenOptions,
+    tickets: &[String],
+    args: &DriverArgs,
+) -> Result<()> {
+    let model_id = model.model_id().context("hashing the model")?;
+    let origin = Node::bind(args.net.options(None)).await?;
+    let d = driver(model, model_id, origin.clone(), args.config());
+    for t in tickets {
+        let addr = parse_ticket(t)?;
+        match d.add_peer(addr).await {
+            Ok(info) => tracing::info!("peer serves layers {}..{}", info.start, info.end),
+            Err(e) => eprintln!("warning: {e}"),
+        }
+    }
+    let result = generate_with(&d, p, options).await;
+    origin.shutdown().await;
+    result
+}
+
+/// Generates through `driver` and prints like `shoal generate`.
+pub async fn generate_with(driver: &Driver, p: Prepared, options: &GenOptions) -> Result<()> {
+    let request = Request {
+        prompt: p.prompt.clone(),
+        params: p.params.clone(),
+        max_tokens: options.max_tokens,
+        stop_ids: p.stop_ids.clone(),
+        top_logprobs: 0,
+    };
+    let mut printer = Printer::new(&p.tokenizer, options.json);
+    let outcome = driver.generate(&request, |ev| printer.token(ev.token)).await?;
+    for f in &outcome.failovers {
+        eprintln!(
+            "recovered at token {}: {} (banned [{}]; detected after {:.2?}, stalled {:.2?})",
+            f.at_token,
+            f.reason,
+            f.banned.join(", "),
+            f.detection,
+            f.stall
+        );
+    }
+    tracing::info!(route = ?outcome.route.iter().map(short).collect::<Vec<_>>(), "done");
+    printer.finish(p.prompt.len(), &outcome.tokens, outcome.finish_reason, outcome.prefill_time, outcome.decode_time)
+}

@@ -1,0 +1,224 @@
+//! Node assembly shared by the subcommands: the tokio runtime, node keys, stage limits, a
+//! stage for a span of layers, and a pipeline driver.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use iroh::SecretKey;
+use shoal_coordinator_free_router::driver::{Driver, DriverConfig};
+use shoal_model_shards::{DType, Device, Model, Shard};
+use shoal_worker::net::{Node, NodeOptions};
+use shoal_worker::protocol::WireDType;
+use shoal_worker::service::{StageConfig, StageService};
+
+/// The runtime of the network commands (compute runs on the stages' own threads).
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("shoal-net")
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Network options of a node.
+#[derive(Debug, Clone, Args)]
+pub struct NetArgs {
+    /// Socket to bind (default: every interface, a random port).
+    #[arg(long, value_name = "ADDR")]
+    pub bind: Option<SocketAddr>,
+    /// Use n0's public relays (off: works offline, peers must reach each other directly).
+    #[arg(long)]
+    pub relay: bool,
+    /// Publish and look up addresses through n0's public DNS (off by default).
+    #[arg(long)]
+    pub discovery: bool,
+    /// Delay added before each frame this node sends, in milliseconds (emulates a network
+    /// on loopback for benchmarks).
+    #[arg(long, default_value_t = 0.0, hide = true)]
+    pub send_delay_ms: f64,
+}
+
+impl NetArgs {
+    /// Node options with an optional persistent key.
+    pub fn options(&self, secret_key: Option<SecretKey>) -> NodeOptions {
+        NodeOptions {
+            secret_key,
+            bind: self.bind,
+            relay: self.relay,
+            discovery: self.discovery,
+            send_delay: Duration::from_secs_f64(self.send_delay_ms.max(0.0) / 1000.0),
+            ..NodeOptions::default()
+        }
+    }
+}
+
+/// Hidden-state dtype between stages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WireArg {
+    /// 4 bytes per value: bit-identical to one process.
+    F32,
+    /// 2 bytes per value.
+    F16,
+    /// 2 bytes per value, f32's range.
+    Bf16,
+}
+
+impl From<WireArg> for WireDType {
+    fn from(w: WireArg) -> Self {
+        match w {
+            WireArg::F32 => WireDType::F32,
+            WireArg::F16 => WireDType::F16,
+            WireArg::Bf16 => WireDType::Bf16,
+        }
+    }
+}
+
+/// Options of the origin side (the pipeline driver).
+#[derive(Debug, Clone, Args)]
+pub struct DriverArgs {
+    /// Dtype of hidden states between stages.
+    #[arg(long, value_enum, default_value_t = WireArg::F32)]
+    pub wire_dtype: WireArg,
+    /// Deadline of one decode step around the ring, in seconds; a step that misses it
+    /// fails over to another route.
+    #[arg(long, default_value_t = 10.0)]
+    pub step_timeout: f64,
+    #[command(flatten)]
+    pub net: NetArgs,
+}
+
+impl DriverArgs {
+    /// The driver's configuration.
+    pub fn config(&self) -> DriverConfig {
+        DriverConfig {
+            wire_dtype: self.wire_dtype.into(),
+            step_timeout: Duration::from_secs_f64(self.step_timeout.max(0.001)),
+            ..DriverConfig::default()
+        }
+    }
+}
+
+/// Limits of a stage (see the worker crate's `StageConfig`).
+#[derive(Debug, Clone, Args)]
+pub struct StageArgs {
+    /// Most sessions open at once.
+    #[arg(long, default_value_t = 64)]
+    pub max_sessions: usize,
+    /// KV-cache memory the stage may reserve, in MiB; sessions beyond it are refused.
+    #[arg(long, default_value_t = 2048)]
+    pub kv_budget_mib: usize,
+    /// Most sessions one peer may hold open here.
+    #[arg(long, default_value_t = 16)]
+    pub per_peer_sessions: usize,
+    /// Close a session after this many seconds without a message.
+    #[arg(long, default_value_t = 120.0)]
+    pub idle_timeout: f64,
+    /// Longest session, in positions (also capped by the model).
+    #[arg(long, default_value_t = 8192)]
+    pub max_seq_len: usize,
+}
+
+/// Parses `A..B` into a layer range.
+pub fn parse_layers(s: &str) -> Result<Range<usize>> {
+    let (a, b) = s.split_once("..").with_context(|| format!("--layers wants START..END, got {s:?}"))?;
+    let start: usize = a.trim().parse().with_context(|| format!("bad start layer in {s:?}"))?;
+    let end: usize = b.trim().parse().with_context(|| format!("bad end layer in {s:?}"))?;
+    if start >= end {
+        bail!("--layers {s}: the span is empty");
+    }
+    Ok(start..end)
+}
+
+/// Loads a stage for `span` of `model`.
+pub fn load_stage(model: &Model, model_id: [u8; 32], span: Range<usize>, limits: &StageArgs) -> Result<StageService> {
+    let n = model.spec().n_layers;
+    if span.end > n {
+        bail!("layers {}..{} are outside the model's {n} layers", span.start, span.end);
+    }
+    let shard = Shard::load(model, span.clone(), &Device::Cpu, DType::F32)
+        .with_context(|| format!("loading layers {}..{}", span.start, span.end))?;
+    let config = StageConfig {
+        max_sessions: limits.max_sessions,
+        kv_budget_bytes: limits.kv_budget_mib.saturating_mul(1 << 20),
+        per_peer_sessions: limits.per_peer_sessions,
+        idle_timeout: Duration::from_secs_f64(limits.idle_timeout.max(0.001)),
+        max_seq_len: limits.max_seq_len,
+        model_id,
+    };
+    Ok(StageService::new(shard, config))
+}
+
+/// A driver for `model` sending from `node`.
+pub fn driver(model: &Model, model_id: [u8; 32], node: Node, config: DriverConfig) -> Driver {
+    let spec = model.spec();
+    Driver::new(node, model_id, spec.n_layers as u32, spec.vocab_size as u32, config)
+}
+
+/// Reads the node key from `path` (64 hex digits), creating it (mode 0600) when missing.
+pub fn load_or_create_key(path: &Path) -> Result<SecretKey> {
+    if path.exists() {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let hex = text.trim();
+        let bytes = decode_hex32(hex).with_context(|| format!("{} does not hold a node key", path.display()))?;
+        return Ok(SecretKey::from_bytes(&bytes));
+    }
+    let key = SecretKey::generate();
+    let hex: String = key.to_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    write_private(path, format!("{hex}\n").as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    Ok(key)
+}
+
+fn decode_hex32(s: &str) -> Result<[u8; 32]> {
+    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!("expected 64 hex digits");
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16)?;
+    }
+    Ok(out)
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(bytes)
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    std::fs::write(path, bytes)
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,773 @@
+//! The iroh transport of the stage protocol: one endpoint per node, frames over QUIC
+//! unidirectional streams, one connection per pair of peers shared by every session.
+//!
+//! # Shape
+//! - A [`Node`] owns one iroh [`Endpoint`] and a [`Router`] that accepts the stage ALPN
+//!   ([`crate::protocol::ALPN`]). Relays and public address lookup are off unless
+//!   [`NodeOptions`] turns them on; peers are dialed by node id through an in-memory address
+//!   book ([`MemoryLookup`]) filled from tickets and from the address book of each
+//!   `OpenSession`.
+//! - **Sending**: each peer has one outgoing queue and one writer task that keeps one
+//!   long-lived unidirectional stream open on the shared connection, so frames to a peer
+//!   arrive in order and a slow peer never blocks the others. The connection is reused for
+//!   every session in either direction (an incoming connection from a peer also carries what
+//!   this node sends back to it).
+//! - **Receiving**: every connection, incoming or outgoing, runs a loop that accepts
+//!   unidirectional streams; each stream is read frame by frame with the protocol's checks
+//!   ([`frame_len`] before allocating, [`decode_body`]); a bad frame is answered with a typed
+//!   error to its sender and, when the framing itself is broken, the stream is stopped.
+//! - **Dispatch**: `OpenSession`, `Step` and `CloseSession` go to this node's stage (a
+//!   [`StageService`] on its own compute thread, see [`Node::serve`]); `StepResult` and
+//!   `Error` about a session this node originates go to that session's [`SessionChannel`];
+//!   `Ping` is answered on the spot with the stage's [`PeerInfo`] (never queued behind
+//!   compute, so ping times measure the network); `Pong` completes [`Node::ping`].
+//! - **Failures**: a frame that cannot be delivered to the next hop (no connection within the
+//!   connect timeout, stream reset) makes the stage close that session and report
+//!   `NextHopUnreachable` to its origin; a frame the origin cannot deliver to stage 1 becomes
+//!   the same error on the origin's own session channel. A peer that dies silently (kill -9)
+//!   is found by the origin's deadlines.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use iroh::address_lookup::MemoryLookup;
+use iroh::endpoint::{Connection, RecvStream, SendStream, presets};
+use iroh::protocol::{AcceptError, ProtocolHandler, Router};
+use iroh::{Endpoint, EndpointAddr, EndpointId, RelayMode, SecretKey, TransportAddr};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::protocol::{
+    ALPN, ErrorCode, HEADER_LEN, MAX_NODE_ADDRS, Message, NodeAddrs, PeerInfo, ProtocolError, StageError,
+    decode_body, frame_len, try_encode,
+};
+use crate::service::{Action, PeerId, StageService, StageStats};
+
+/// Errors of the transport.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The endpoint could not bind.
+    #[error("could not start the iroh endpoint: {0}")]
+    Bind(String),
+    /// A bind address was refused.
+    #[error("invalid bind address {addr}: {reason}")]
+    BindAddr {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// A message failed the protocol's checks before sending.
+    #[error("refusing to send an invalid {kind}: {source}")]
+    Encode {
+        /// Kind of message.
+        kind: &'static str,
+        /// The check that failed.
+        source: ProtocolError,
+    },
+    /// No answer in time.
+    #[error("{what} timed out after {after:?}")]
+    Timeout {
+        /// What was awaited.
+        what: String,
+        /// How long.
+        after: Duration,
+    },
+    /// The peer could not be reached.
+    #[error("peer {peer} is unreachable: {reason}")]
+    Unreachable {
+        /// The peer.
+        peer: String,
+        /// Why.
+        reason: String,
+    },
+    /// The node is shutting down.
+    #[error("the node is shutting down")]
+    Closed,
+    /// A ticket did not parse.
+    #[error("invalid ticket: {0}")]
+    Ticket(String),
+}
+
+/// How a node's endpoint is set up.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// The node key (its id); a fresh one when `None`.
+    pub secret_key: Option<SecretKey>,
+    /// Socket to bind; `None` binds every interface on a random port (IPv4 and IPv6).
+    pub bind: Option<SocketAddr>,
+    /// Use n0's public relays (off by default: everything works offline).
+    pub relay: bool,
+    /// Publish and resolve addresses through n0's public DNS address lookup (off by default).
+    pub discovery: bool,
+    /// How long dialing a peer may take.
+    pub connect_timeout: Duration,
+    /// A delay added before every frame this node sends, to emulate a network on loopback
+    /// (benchmarks and tests; `tc netem` is not always available). Zero in production.
+    pub send_delay: Duration,
+    /// How often the stage closes idle sessions.
+    pub sweep_interval: Duration,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        Self {
+            secret_key: None,
+            bind: None,
+            relay: false,
+            discovery: false,
+            connect_timeout: Duration::from_secs(5),
+            send_delay: Duration::ZERO,
+            sweep_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl NodeOptions {
+    /// Options for a node reachable on loopback only (tests, `shoal run`).
+    pub fn loopback() -> Self {
+        Self { bind: Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)), ..Self::default() }
+    }
+}
+
+/// A message that arrived for a session this node originates, with its sender.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Inbound {
+    /// The sender (authenticated by QUIC), or this node for errors it raised itself.
+    pub from: PeerId,
+    /// A `StepResult` or an `Error`.
+    pub msg: Message,
+}
+
+/// The receiving end of a session's replies (see [`Node::open_session_channel`]).
+/// Dropping it stops the routing of the session's replies.
+pub struct SessionChannel {
+    session_id: u64,
+    rx: mpsc::UnboundedReceiver<Inbound>,
+    inner: Arc<Inner>,
+}
+
+impl SessionChannel {
+    /// The next reply, or `None` after `deadline`.
+    pub async fn recv_until(&mut self, deadline: tokio::time::Instant) -> Option<Inbound> {
+        tokio::time::timeout_at(deadline, self.rx.recv()).await.ok().flatten()
+    }
+
+    /// The session.
+    pub fn session_id(&self) -> u64 {
+        self.session_id
+    }
+}
+
+impl Drop for SessionChannel {
+    fn drop(&mut self) {
+        lock(&self.inner.sessions).remove(&self.session_id);
+    }
+}
+
+/// What happens when a frame cannot be delivered.
+#[derive(Debug, Clone, Copy)]
+enum OnFail {
+    /// Nothing but a log line (replies, pongs, closes).
+    Log,
+    /// The stage forwarded it: the stage closes the session and tells the origin.
+    Stage(u64),
+    /// This node originated it: the session's channel gets `NextHopUnreachable`.
+    Origin(u64),
+}
+
+struct Outgoing {
+    frame: Vec<u8>,
+    on_fail: OnFail,
+}
+
+enum Command {
+    Deliver(PeerId, Message),
+    NextHopFailed(u64, String),
+    Drain,
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// The stage side of a node: the compute thread's inbox and a snapshot of its state.
+struct StageHandle {
+    tx: std::sync::mpsc::Sender<Command>,
+    info: Arc<Mutex<(PeerInfo, StageStats)>>,
+}
+
+struct Inner {
+    endpoint: Endpoint,
+    lookup: MemoryLookup,
+    runtime: tokio::runtime::Handle,
+    options: NodeOptions,
+    id: PeerId,
+    links: Mutex<HashMap<EndpointId, mpsc::UnboundedSender<Outgoing>>>,
+    conns: Mutex<HashMap<EndpointId, Connection>>,
+    sessions: Mutex<HashMap<u64, mpsc::UnboundedSender<Inbound>>>,
+    pings: Mutex<HashMap<(PeerId, u64), oneshot::Sender<Option<PeerInfo>>>>,
+    stage: Mutex<Option<StageHandle>>,
+}
+
+/// A shoal node on the network: an iroh endpoint speaking the stage protocol, optionally
+/// serving a span of layers, and the origin of any number of sessions. Cheap to clone.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+    router: Arc<Router>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("id", &self.inner.endpoint.id()).finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The 32 bytes of a node id.
+pub fn peer_id(id: &EndpointId) -> PeerId {
+    *id.as_bytes()
+}
+
+/// A node id from its bytes (fails for bytes that are not an ed25519 point).
+pub fn endpoint_id(id: &PeerId) -> Option<EndpointId> {
+    EndpointId::from_bytes(id).ok()
+}
+
+/// Short printable form of a node id (first 10 hex digits), for logs.
+pub fn short(id: &PeerId) -> String {
+    id.iter().take(5).map(|b| format!("{b:02x}")).collect()
+}
+
+impl Node {
+    /// Binds an endpoint with `options` and starts accepting the stage protocol. Must run
+    /// inside a multi-threaded tokio runtime.
+    pub async fn bind(options: NodeOptions) -> Result<Self, NetError> {
+        let lookup = MemoryLookup::new();
+        let mut builder = Endpoint::builder(presets::Minimal)
+            .relay_mode(if options.relay { RelayMode::Default } else { RelayMode::Disabled })
+            .address_lookup(lookup.clone());
+        if options.discovery {
+            builder = builder
+                .address_lookup(iroh::address_lookup::PkarrPublisher::n0_dns())
+                .address_lookup(iroh::address_lookup::PkarrResolver::n0_dns())
+                .address_lookup(iroh::address_lookup::DnsAddressLookup::n0_dns());
+        }
+        if let Some(key) = &options.secret_key {
+            builder = builder.secret_key(key.clone());
+        }
+        if let Some(addr) = options.bind {
+            builder = builder
+                .clear_ip_transports()
+                .bind_addr(addr)
+                .map_err(|e| NetError::BindAddr { addr, reason: e.to_string() })?;
+        }
+        let endpoint = builder.bind().await.map_err(|e| NetError::Bind(e.to_string()))?;
+        let id = peer_id(&endpoint.id());
+        let inner = Arc::new(Inner {
+            endpoint: endpoint.clone(),
+            lookup,
+            runtime: tokio::runtime::Handle::current(),
+            options,
+            id,
+            links: Mutex::new(HashMap::new()),
+            conns: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+            pings: Mutex::new(HashMap::new()),
+            stage: Mutex::new(None),
+        });
+        let router = Router::builder(endpoint).accept(ALPN, StageProtocol { inner: inner.clone() }).spawn();
+        Ok(Self { inner, router: Arc::new(router) })
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> PeerId {
+        self.inner.id
+    }
+
+    /// This node's iroh endpoint id.
+    pub fn endpoint_id(&self) -> EndpointId {
+        self.inner.endpoint.id()
+    }
+
+    /// The iroh endpoint.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.inner.endpoint
+    }
+
+    /// How to reach this node: its id and direct addresses (the bound sockets, with an
+    /// unspecified bind address replaced by the interfaces' addresses iroh reports).
+    pub fn addr(&self) -> EndpointAddr {
+        let ep = &self.inner.endpoint;
+        let mut addr = EndpointAddr::new(ep.id());
+        for s in ep.addr().ip_addrs() {
+            addr.addrs.insert(TransportAddr::Ip(*s));
+        }
+        for s in ep.bound_sockets() {
+            if !s.ip().is_unspecified() {
+                addr.addrs.insert(TransportAddr::Ip(s));
+            } else if addr.ip_addrs().next().is_none() {
+                let ip = if s.is_ipv4() { IpAddr::V4(Ipv4Addr::LOCALHOST) } else { IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]) };
+                addr.addrs.insert(TransportAddr::Ip(SocketAddr::new(ip, s.port())));
+            }
+        }
+        for relay in ep.addr().relay_urls() {
+            addr.addrs.insert(TransportAddr::Relay(relay.clone()));
+        }
+        addr
+    }
+
+    /// A join ticket for this node (an iroh endpoint ticket: id and addresses).
+    pub fn ticket(&self) -> String {
+        iroh_tickets::endpoint::EndpointTicket::new(self.addr()).to_string()
+    }
+
+    /// This node's entry for an `OpenSession` address book.
+    pub fn node_addrs(&self) -> NodeAddrs {
+        node_addrs(&self.addr())
+    }
+
+    /// Remembers how to reach a peer (from a ticket, an announcement...).
+    pub fn add_peer_addr(&self, addr: EndpointAddr) {
+        self.inner.lookup.add_endpoint_info(addr);
+    }
+
+    /// The address this node knows for `peer`, as an address-book entry.
+    pub fn known_addrs(&self, peer: &PeerId) -> NodeAddrs {
+        let addrs = endpoint_id(peer)
+            .and_then(|id| self.inner.lookup.get_endpoint_info(id))
+            .map(|info| info.ip_addrs().copied().take(MAX_NODE_ADDRS).collect())
+            .unwrap_or_default();
+        NodeAddrs { node_id: *peer, addrs }
+    }
+
+    /// Starts serving `service` on a compute thread of its own. A node serves at most one
+    /// stage; a second call replaces nothing and returns `false`.
+    pub fn serve(&self, service: StageService) -> bool {
+        let mut slot = lock(&self.inner.stage);
+        if slot.is_some() {
+            return false;
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let info = Arc::new(Mutex::new((service.info(), service.stats())));
+        let inner = self.inner.clone();
+        let snapshot = info.clone();
+        let spawned = std::thread::Builder::new()
+            .name("shoal-stage".into())
+            .spawn(move || stage_loop(service, rx, inner, snapshot));
+        if let Err(e) = spawned {
+            tracing::error!("could not start the stage thread: {e}");
+            return false;
+        }
+        *slot = Some(StageHandle { tx, info });
+        true
+    }
+
+    /// The stage's state (span, load), if this node serves one.
+    pub fn stage_info(&self) -> Option<PeerInfo> {
+        self.inner.stage_info()
+    }
+
+    /// The stage's load, if this node serves one.
+    pub fn stage_stats(&self) -> Option<StageStats> {
+        lock(&self.inner.stage).as_ref().map(|h| lock(&h.info).1)
+    }
+
+    /// Stops accepting new sessions; running ones keep being served.
+    pub fn drain(&self) {
+        self.inner.stage_command(Command::Drain);
+    }
+
+    /// Closes every session of the stage, telling each origin (`Draining`) so it reroutes at
+    /// once, and waits until the closes are queued.
+    pub async fn close_stage_sessions(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.inner.stage_command(Command::Shutdown(tx)) {
+            let _ = rx.await;
+        }
+        // Give the writer tasks a moment to put the frames on the wire.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    /// Routes replies for `session_id` (results and errors) to the returned channel until it
+    /// is dropped.
+    pub fn open_session_channel(&self, session_id: u64) -> SessionChannel {
+        let (tx, rx) = mpsc::unbounded_channel();
+        lock(&self.inner.sessions).insert(session_id, tx);
+        SessionChannel { session_id, rx, inner: self.inner.clone() }
+    }
+
+    /// Sends a message that belongs to a session this node originates: when it cannot be
+    /// delivered, the session's channel receives a `NextHopUnreachable` error from `to`.
+    pub fn send_for_session(&self, to: PeerId, session_id: u64, msg: &Message) -> Result<(), NetError> {
+        self.inner.send(to, msg, OnFail::Origin(session_id))
+    }
+
+    /// Sends a message; delivery failures are only logged.
+    pub fn send(&self, to: PeerId, msg: &Message) -> Result<(), NetError> {
+        self.inner.send(to, msg, OnFail::Log)
+    }
+
+    /// Pings `peer`: the round-trip time and what it says about itself.
+    pub async fn ping(&self, peer: PeerId, timeout: Duration) -> Result<(Duration, Option<PeerInfo>), NetError> {
+        let nonce: u64 = rand::random();
+        let (tx, rx) = oneshot::channel();
+        lock(&self.inner.pings).insert((peer, nonce), tx);
+        let started = Instant::now();
+        let sent = self.inner.send(peer, &Message::Ping { nonce }, OnFail::Log);
+        let result = match sent {
+            Ok(()) => match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(info)) => Ok((started.elapsed(), info)),
+                Ok(Err(_)) => Err(NetError::Closed),
+                Err(_) => Err(NetError::Timeout { what: format!("ping to {}", short(&peer)), after: timeout }),
+            },
+            Err(e) => Err(e),
+        };
+        lock(&self.inner.pings).remove(&(peer, nonce));
+        result
+    }
+
+    /// Stops the stage thread, closes every connection and the endpoint.
+    pub async fn shutdown(&self) {
+        if let Some(h) = lock(&self.inner.stage).take() {
+            let (tx, _rx) = oneshot::channel();
+            let _ = h.tx.send(Command::Shutdown(tx));
+        }
+        lock(&self.inner.links).clear();
+        if let Err(e) = self.router.shutdown().await {
+            tracing::debug!("router shutdown: {e}");
+        }
+    }
+}
+
+/// An address-book entry for `addr` (IP addresses only, at most [`MAX_NODE_ADDRS`]).
+pub fn node_addrs(addr: &EndpointAddr) -> NodeAddrs {
+    NodeAddrs { node_id: peer_id(&addr.id), addrs: addr.ip_addrs().copied().take(MAX_NODE_ADDRS).collect() }
+}
+
+/// Parses a join ticket into the peer's address.
+pub fn parse_ticket(ticket: &str) -> Result<EndpointAddr, NetError> {
+    ticket
+        .trim()
+        .parse::<iroh_tickets::endpoint::EndpointTicket>()
+        .map(|t| t.endpoint_addr().clone())
+        .map_err(|e| NetError::Ticket(e.to_string()))
+}
+
+impl Inner {
+    fn stage_info(&self) -> Option<PeerInfo> {
+        lock(&self.stage).as_ref().map(|h| lock(&h.info).0.clone())
+    }
+
+    fn stage_command(&self, cmd: Command) -> bool {
+        match lock(&self.stage).as_ref() {
+            Some(h) => h.tx.send(cmd).is_ok(),
+            None => false,
+        }
+    }
+
+    fn send(self: &Arc<Self>, to: PeerId, msg: &Message, on_fail: OnFail) -> Result<(), NetError> {
+        if to == self.id {
+            // A node that is both origin and stage talks to itself without the network.
+            self.dispatch(to, msg.clone());
+            return Ok(());
+        }
+        let frame = try_encode(msg).map_err(|source| NetError::Encode { kind: msg.kind_name(), source })?;
+        let Some(peer) = endpoint_id(&to) else {
+            return Err(NetError::Unreachable { peer: short(&to), reason: "not a valid node id".into() });
+        };
+        let mut links = lock(&self.links);
+        let link = links.entry(peer).or_insert_with(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            self.runtime.spawn(link_task(self.clone(), peer, rx));
+            tx
+        });
+        link.send(Outgoing { frame, on_fail }).map_err(|_| NetError::Closed)
+    }
+
+    /// Reports a frame that could not be delivered to `to`.
+    fn delivery_failed(self: &Arc<Self>, to: EndpointId, on_fail: OnFail, reason: &str) {
+        let detail = format!("{}: {reason}", short(&peer_id(&to)));
+        match on_fail {
+            OnFail::Log => tracing::debug!("could not deliver a frame to {detail}"),
+            OnFail::Stage(session_id) => {
+                tracing::info!(session_id, "next hop unreachable: {detail}");
+                self.stage_command(Command::NextHopFailed(session_id, detail));
+            }
+            OnFail::Origin(session_id) => {
+                let msg = Message::Error(StageError::new(
+                    ErrorCode::NextHopUnreachable,
+                    Some(session_id),
+                    None,
+                    &format!("cannot reach {detail}"),
+                ));
+                // From this node itself: the driver blames the peer it could not reach.
+                self.to_session(session_id, self.id, msg);
+            }
+        }
+    }
+
+    /// A live connection to `peer`, dialing one if needed.
+    async fn connection(self: &Arc<Self>, peer: EndpointId) -> Result<Connection, String> {
+        let cached = lock(&self.conns).get(&peer).filter(|c| c.close_reason().is_none()).cloned();
+        if let Some(c) = cached {
+            return Ok(c);
+        }
+        let timeout = self.options.connect_timeout;
+        let conn = match tokio::time::timeout(timeout, self.endpoint.connect(peer, ALPN)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err(format!("no connection within {timeout:?}")),
+        };
+        lock(&self.conns).insert(peer, conn.clone());
+        self.runtime.spawn(read_connection(self.clone(), conn.clone()));
+        Ok(conn)
+    }
+
+    /// Routes one decoded message.
+    fn dispatch(self: &Arc<Self>, from: PeerId, msg: Message) {
+        match msg {
+            Message::Ping { nonce } => {
+                let pong = Message::Pong { nonce, info: self.stage_info() };
+                if let Err(e) = self.send(from, &pong, OnFail::Log) {
+                    tracing::debug!("pong: {e}");
+                }
+            }
+            Message::Pong { nonce, info } => {
+                if let Some(tx) = lock(&self.pings).remove(&(from, nonce)) {
+                    let _ = tx.send(info);
+                }
+            }
+            Message::StepResult(ref r) => self.to_session(r.session_id, from, msg),
+            Message::Error(ref e) => match e.session_id {
+                Some(id) if lock(&self.sessions).contains_key(&id) => self.to_session(id, from, msg),
+                _ => tracing::info!(from = %short(&from), code = %e.code, message = %e.message, "error from a peer"),
+            },
+            Message::OpenSession(ref open) => {
+                for entry in &open.address_book {
+                    if entry.node_id == self.id || entry.addrs.is_empty() {
+                        continue;
+                    }
+                    if let Some(id) = endpoint_id(&entry.node_id) {
+                        let addr = EndpointAddr::from_parts(id, entry.addrs.iter().copied().map(TransportAddr::Ip));
+                        self.lookup.add_endpoint_info(addr);
+                    }
+                }
+                let session_id = open.session_id;
+                self.to_stage(from, msg, Some(session_id));
+            }
+            Message::Step(ref s) => {
+                let session_id = s.session_id;
+                self.to_stage(from, msg, Some(session_id));
+            }
+            Message::CloseSession(_) => {
+                self.stage_command(Command::Deliver(from, msg));
+            }
+        }
+    }
+
+    fn to_session(&self, session_id: u64, from: PeerId, msg: Message) {
+        let sessions = lock(&self.sessions);
+        match sessions.get(&session_id) {
+            Some(tx) => {
+                let _ = tx.send(Inbound { from, msg });
+            }
+            None => tracing::debug!(session_id, "a reply for a session this node does not drive"),
+        }
+    }
+
+    fn to_stage(self: &Arc<Self>, from: PeerId, msg: Message, session_id: Option<u64>) {
+        if !self.stage_command(Command::Deliver(from, msg)) {
+            let err = StageError::new(ErrorCode::Unsupported, session_id, None, "this node serves no layers");
+            if let Err(e) = self.send(from, &Message::Error(err), OnFail::Log) {
+                tracing::debug!("error reply: {e}");
+            }
+        }
+    }
+
+    /// Answers a frame that failed to decode.
+    fn reply_bad_frame(self: &Arc<Self>, from: PeerId, e: &ProtocolError) {
+        tracing::info!(from = %short(&from), "refused a frame: {e}");
+        let err = StageError::new(e.code(), None, None, &e.to_string());
+        if let Err(e) = self.send(from, &Message::Error(err), OnFail::Log) {
+            tracing::debug!("error reply: {e}");
+        }
+    }
+}
+
+/// The writer of one peer's queue: one long-lived unidirectional stream on the shared
+/// connection; a failed frame is reported and the next one dials again.
+async fn link_task(inner: Arc<Inner>, peer: EndpointId, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
+    let mut stream: Option<SendStream> = None;
+    while let Some(out) = rx.recv().await {
+        if !inner.options.send_delay.is_zero() {
+            tokio::time::sleep(inner.options.send_delay).await;
+        }
+        if stream.is_none() {
+            match inner.connection(peer).await {
+                Ok(conn) => match conn.open_uni().await {
+                    Ok(s) => stream = Some(s),
+                    Err(e) => {
+                        lock(&inner.conns).remove(&peer);
+                        inner.delivery_failed(peer, out.on_fail, &e.to_string());
+                        continue;
+                    }
+                },
+                Err(reason) => {
+                    inner.delivery_failed(peer, out.on_fail, &reason);
+                    continue;
+                }
+            }
+        }
+        if let Some(s) = stream.as_mut()
+            && let Err(e) = s.write_all(&out.frame).await
+        {
+            stream = None;
+            lock(&inner.conns).remove(&peer);
+            inner.delivery_failed(peer, out.on_fail, &e.to_string());
+        }
+    }
+    if let Some(mut s) = stream {
+        let _ = s.finish();
+    }
+}
+
+/// Accepts the streams of one connection until it closes.
+async fn read_connection(inner: Arc<Inner>, conn: Connection) {
+    let from = peer_id(&conn.remote_id());
+    loop {
+        match conn.accept_uni().await {
+            Ok(recv) => {
+                inner.runtime.spawn(read_stream(inner.clone(), from, recv));
+            }
+            Err(e) => {
+                tracing::debug!(peer = %short(&from), "connection closed: {e}");
+                break;
+            }
+        }
+    }
+    let mut conns = lock(&inner.conns);
+    if conns.get(&conn.remote_id()).is_some_and(|c| c.stable_id() == conn.stable_id()) {
+        conns.remove(&conn.remote_id());
+    }
+}
+
+/// Reads frames from one stream: header, size check, body, decode, dispatch.
+async fn read_stream(inner: Arc<Inner>, from: PeerId, mut recv: RecvStream) {
+    loop {
+        let mut header = [0u8; HEADER_LEN];
+        if recv.read_exact(&mut header).await.is_err() {
+            return; // finished, reset or connection lost
+        }
+        let len = match frame_len(header) {
+            Ok(n) => n,
+            Err(e) => {
+                // The framing is lost: nothing after this header can be trusted.
+                inner.reply_bad_frame(from, &e);
+                let _ = recv.stop(0u32.into());
+                return;
+            }
+        };
+        let mut body = vec![0u8; len];
+        if recv.read_exact(&mut body).await.is_err() {
+            return;
+        }
+        match decode_body(&body) {
+            Ok(msg) => inner.dispatch(from, msg),
+            Err(e) => inner.reply_bad_frame(from, &e),
+        }
+    }
+}
+
+/// The iroh protocol handler of the stage ALPN.
+#[derive(Clone)]
+struct StageProtocol {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for StageProtocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StageProtocol")
+    }
+}
+
+impl ProtocolHandler for StageProtocol {
+    async fn accept(&self, connection: Connection) -> Result<(), AcceptError> {
+        let peer = connection.remote_id();
+        {
+            // Reuse the incoming connection for what we send back unless one is already live.
+            let mut conns = lock(&self.inner.conns);
+            let live = conns.get(&peer).is_some_and(|c| c.close_reason().is_none());
+            if !live {
+                conns.insert(peer, connection.clone());
+            }
+        }
+        read_connection(self.inner.clone(), connection).await;
+        Ok(())
+    }
+}
+
+/// The compute thread of a stage: messages in, actions out, idle sweeps in between.
+fn stage_loop(
+    mut service: StageService,
+    rx: std::sync::mpsc::Receiver<Command>,
+    inner: Arc<Inner>,
+    snapshot: Arc<Mutex<(PeerInfo, StageStats)>>,
+) {
+    let sweep = inner.options.sweep_interval;
+    let mut last_sweep = Instant::now();
+    loop {
+        let cmd = match rx.recv_timeout(sweep) {
+            Ok(cmd) => Some(cmd),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        let now = Instant::now();
+        let mut actions = Vec::new();
+        let mut done = None;
+        match cmd {
+            Some(Command::Deliver(from, msg)) => actions = service.handle(from, msg, now),
+            Some(Command::NextHopFailed(session_id, detail)) => {
+                actions = service.next_hop_failed(session_id, &detail);
+            }
+            Some(Command::Drain) => service.drain(),
+            Some(Command::Shutdown(reply)) => {
+                actions = service.shutdown_sessions();
+                done = Some(reply);
+            }
+            None => {}
+        }
+        if now.duration_since(last_sweep) >= sweep {
+            actions.extend(service.sweep_idle(now));
+            last_sweep = now;
+        }
+        for action in actions {
+            let sent = match &action {
+                Action::ToNext { to, msg } => {
+                    let session_id = match msg {
+                        Message::OpenSession(m) => Some(m.session_id),
+                        Message::Step(m) => Some(m.session_id),
+                        _ => None,
+                    };
+                    let on_fail = session_id.map_or(OnFail::Log, OnFail::Stage);
+                    inner.send(*to, msg, on_fail)
+                }
+                Action::ToOrigin { to, msg } => inner.send(*to, msg, OnFail::Log),
+                Action::Closed { session_id } => {
+                    tracing::debug!(session_id, "session closed");
+                    Ok(())
+                }
+            };
+            if let Err(e) = sent {
+                tracing::warn!("could not send: {e}");
+            }
+        }
+        *lock(&snapshot) = (service.info(), service.stats());
+        if let Some(reply) = done {
+            let _ = reply.send(());
+            break;
+        }
+    }
+}
