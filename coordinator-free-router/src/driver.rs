@@ -7,9 +7,9 @@
 //!    learn its span; [`crate::route::plan`] picks the chain), skipping banned and draining
 //!    peers.
 //! 2. Send `OpenSession` to stage 1 (it travels down the chain, with an address book so each
-//!    stage can dial the next), then the history (prompt, plus anything generated before a
-//!    failover) as prefill steps of at most [`DriverConfig::prefill_chunk`] tokens, sent back
-//!    to back.
+//!    stage can dial the next), then the prompt as prefill steps of at most
+//!    [`DriverConfig::prefill_chunk`] tokens and, after a failover, each token generated so far
+//!    as the one-token step it was in the first run, all sent back to back without waiting.
 //! 3. Wait for the last chunk's `StepResult` from the last stage, then loop: report the token,
 //!    stop on a stop id, the token budget or the caller's [`Flow::Stop`], otherwise send the
 //!    token as the next step.
@@ -24,8 +24,10 @@
 //! is pinged and the silent ones are the culprits. Culprits are banned for
 //! [`DriverConfig::ban_base`], doubling with each repeated failure up to
 //! [`DriverConfig::ban_max`]. The old session is closed, a new route is planned and the history
-//! replayed. Sampling is deterministic (the draw for token `t` depends on the seed and `t`), so
-//! the tokens are those of an undisturbed run. At most [`DriverConfig::max_failovers`]
+//! replayed. Sampling is deterministic (the draw for token `t` depends on the seed and `t`) and
+//! the replay repeats the first run's steps exactly (prompt chunks, then one token per step:
+//! a batched prefill of generated tokens would round differently in quantized kernels and
+//! could flip a sampled token), so the tokens are those of an undisturbed run. At most [`DriverConfig::max_failovers`]
 //! failovers per generation.
 
 use std::collections::HashMap;
@@ -52,7 +54,7 @@ pub struct DriverConfig {
     pub wire_dtype: WireDType,
     /// Deadline of one decode step, end to end around the ring.
     pub step_timeout: Duration,
-    /// Extra deadline per prefilled token.
+    /// Extra deadline per prefilled or replayed token.
     pub prefill_timeout_per_token: Duration,
     /// Deadline of a ping (peer discovery, finding the culprit after a timeout).
     pub ping_timeout: Duration,
@@ -71,7 +73,7 @@ impl Default for DriverConfig {
         Self {
             wire_dtype: WireDType::F32,
             step_timeout: Duration::from_secs(10),
-            prefill_timeout_per_token: Duration::from_millis(20),
+            prefill_timeout_per_token: Duration::from_millis(50),
             ping_timeout: Duration::from_secs(2),
             max_failovers: 8,
             ban_base: Duration::from_secs(15),
@@ -528,24 +530,30 @@ impl Driver {
             .send_for_session(first, session_id, &Message::OpenSession(open))
             .map_err(|e| fail_now(e.to_string(), vec![]))?;
 
-        // Prefill: the whole history, chunks sent back to back.
+        // Prefill: the prompt in chunks, then (after a failover) each generated token as the
+        // one-token step it was, all sent back to back. Replaying exactly the steps of the
+        // first run keeps every kernel on the same path (a batched prefill of generated
+        // tokens rounds differently from one-token steps, which can flip a sampled token).
         let mut step_id = 0u64;
         let mut pos = 0u32;
-        let sample_step = state.tokens.len() as u64;
-        for chunk in history.chunks(self.config.prefill_chunk.max(1)) {
+        let mut steps: Vec<(u64, Vec<u32>)> =
+            request.prompt.chunks(self.config.prefill_chunk.max(1)).map(|c| (0, c.to_vec())).collect();
+        steps.extend(state.tokens.iter().enumerate().map(|(i, &t)| (i as u64 + 1, vec![t])));
+        for (sample_step, ids) in steps {
             step_id += 1;
+            let len = ids.len() as u32;
             let step = Step {
                 session_id,
                 step_id,
                 start_pos: pos,
                 sample_step,
-                history_tail: chunk.to_vec(),
-                payload: Payload::Tokens(chunk.to_vec()),
+                history_tail: ids.clone(),
+                payload: Payload::Tokens(ids),
             };
             self.node
                 .send_for_session(first, session_id, &Message::Step(step))
                 .map_err(|e| fail_now(e.to_string(), vec![]))?;
-            pos += chunk.len() as u32;
+            pos += len;
         }
         let prefill_budget = self.config.step_timeout
             + self.config.prefill_timeout_per_token.saturating_mul(u32::try_from(history.len()).unwrap_or(u32::MAX));

@@ -185,6 +185,7 @@ struct Outgoing {
 enum Command {
     Deliver(PeerId, Message),
     NextHopFailed(u64, String),
+    PeerGone(PeerId),
     Drain,
     Shutdown(oneshot::Sender<()>),
 }
@@ -206,6 +207,7 @@ struct Inner {
     sessions: Mutex<HashMap<u64, mpsc::UnboundedSender<Inbound>>>,
     pings: Mutex<HashMap<(PeerId, u64), oneshot::Sender<Option<PeerInfo>>>>,
     stage: Mutex<Option<StageHandle>>,
+    closing: std::sync::atomic::AtomicBool,
 }
 
 /// A shoal node on the network: an iroh endpoint speaking the stage protocol, optionally
@@ -277,6 +279,7 @@ impl Node {
             sessions: Mutex::new(HashMap::new()),
             pings: Mutex::new(HashMap::new()),
             stage: Mutex::new(None),
+            closing: std::sync::atomic::AtomicBool::new(false),
         });
         let router = Router::builder(endpoint).accept(ALPN, StageProtocol { inner: inner.clone() }).spawn();
         Ok(Self { inner, router: Arc::new(router) })
@@ -386,9 +389,9 @@ impl Node {
         let (tx, rx) = oneshot::channel();
         if self.inner.stage_command(Command::Shutdown(tx)) {
             let _ = rx.await;
+            // Give the writer tasks a moment to put the frames on the wire.
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        // Give the writer tasks a moment to put the frames on the wire.
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     /// Routes replies for `session_id` (results and errors) to the returned channel until it
@@ -429,12 +432,12 @@ impl Node {
         result
     }
 
-    /// Stops the stage thread, closes every connection and the endpoint.
+    /// Hands the stage's sessions back to their origins (see
+    /// [`Self::close_stage_sessions`]), then closes every connection and the endpoint.
     pub async fn shutdown(&self) {
-        if let Some(h) = lock(&self.inner.stage).take() {
-            let (tx, _rx) = oneshot::channel();
-            let _ = h.tx.send(Command::Shutdown(tx));
-        }
+        self.close_stage_sessions().await;
+        self.inner.closing.store(true, std::sync::atomic::Ordering::Relaxed);
+        lock(&self.inner.stage).take();
         lock(&self.inner.links).clear();
         if let Err(e) = self.router.shutdown().await {
             tracing::debug!("router shutdown: {e}");
@@ -648,9 +651,17 @@ async fn read_connection(inner: Arc<Inner>, conn: Connection) {
             }
         }
     }
-    let mut conns = lock(&inner.conns);
-    if conns.get(&conn.remote_id()).is_some_and(|c| c.stable_id() == conn.stable_id()) {
-        conns.remove(&conn.remote_id());
+    let still_connected = {
+        let mut conns = lock(&inner.conns);
+        if conns.get(&conn.remote_id()).is_some_and(|c| c.stable_id() == conn.stable_id()) {
+            conns.remove(&conn.remote_id());
+        }
+        conns.get(&conn.remote_id()).is_some_and(|c| c.close_reason().is_none())
+    };
+    if !still_connected && !inner.closing.load(std::sync::atomic::Ordering::Relaxed) {
+        // Sessions forwarded to this peer may have lost a frame: reroute them now rather
+        // than at the origin's deadline.
+        inner.stage_command(Command::PeerGone(from));
     }
 }
 
@@ -732,6 +743,7 @@ fn stage_loop(
             Some(Command::NextHopFailed(session_id, detail)) => {
                 actions = service.next_hop_failed(session_id, &detail);
             }
+            Some(Command::PeerGone(peer)) => actions = service.peer_gone(peer),
             Some(Command::Drain) => service.drain(),
             Some(Command::Shutdown(reply)) => {
                 actions = service.shutdown_sessions();

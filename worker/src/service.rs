@@ -197,6 +197,20 @@ impl StageService {
         actions
     }
 
+    /// The connection to `peer` was lost: every session whose next hop it is gets
+    /// [`Self::next_hop_failed`] (frames sent to it just before may never have arrived).
+    #[must_use = "the actions must be sent"]
+    pub fn peer_gone(&mut self, peer: PeerId) -> Vec<Action> {
+        let mut ids: Vec<u64> =
+            self.sessions.iter().filter(|(_, s)| s.next == Some(peer)).map(|(&id, _)| id).collect();
+        ids.sort_unstable();
+        let mut actions = Vec::new();
+        for id in ids {
+            actions.extend(self.next_hop_failed(id, "the connection to it was lost"));
+        }
+        actions
+    }
+
     /// Closes every session because the stage is leaving: each origin gets a `Draining`
     /// error for its session (so it reroutes at once) and the next hops get a close.
     #[must_use = "the actions must be sent"]

@@ -1,0 +1,390 @@
+//! The pipeline over real iroh endpoints on loopback, in one process: stages of the tiny
+//! llama fixture (4 layers) served by `worker::net::Node`s, driven by the router's `Driver`.
+//!
+//! Proves: any split into 1-4 stages gives the tokens of local generation (greedy and
+//! seeded sampling); a stage that goes away mid-generation is replaced and the tokens do not
+//! change; hostile frames get typed errors while another session keeps running; sessions
+//! are freed on completion, on cancellation and when their origin vanishes.
+
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use iroh::endpoint::{Connection, RecvStream, presets};
+use iroh::{Endpoint, RelayMode};
+use shoal_coordinator_free_router::driver::{Driver, DriverConfig, Request};
+use shoal_model_shards::generate::{self, Flow};
+use shoal_model_shards::sampler::SamplingParams;
+use shoal_model_shards::{DType, Device, Model, Shard};
+use shoal_worker::net::{Node, NodeOptions, peer_id};
+use shoal_worker::protocol::{
+    self, ALPN, ErrorCode, HiddenStates, MAX_FRAME, Message, OpenSession, Payload, RouteHop, Sampling, Step,
+    WireDType,
+};
+use shoal_worker::service::{StageConfig, StageService};
+
+const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny/llama");
+const PROMPT: [u32; 7] = [1, 17, 42, 99, 5, 200, 31];
+const BUDGET: usize = 64 << 20;
+
+fn model() -> Model {
+    Model::open(FIXTURE).expect("the tiny llama fixture opens")
+}
+
+fn model_id() -> [u8; 32] {
+    model().model_id().expect("the fixture hashes")
+}
+
+fn stage_config(idle: Duration) -> StageConfig {
+    StageConfig {
+        max_sessions: 16,
+        kv_budget_bytes: BUDGET,
+        per_peer_sessions: 16,
+        idle_timeout: idle,
+        max_seq_len: 128,
+        model_id: model_id(),
+    }
+}
+
+fn options() -> NodeOptions {
+    NodeOptions { sweep_interval: Duration::from_millis(100), ..NodeOptions::loopback() }
+}
+
+async fn stage(span: Range<usize>, idle: Duration) -> Node {
+    let model = model();
+    let shard = Shard::load(&model, span, &Device::Cpu, DType::F32).expect("span loads");
+    let node = Node::bind(options()).await.expect("endpoint binds");
+    assert!(node.serve(StageService::new(shard, stage_config(idle))));
+    node
+}
+
+fn driver_config() -> DriverConfig {
+    DriverConfig {
+        step_timeout: Duration::from_secs(5),
+        ping_timeout: Duration::from_millis(500),
+        ..DriverConfig::default()
+    }
+}
+
+async fn driver_for(stages: &[&Node], config: DriverConfig) -> Driver {
+    let origin = Node::bind(options()).await.expect("origin binds");
+    let m = model();
+    let d = Driver::new(origin, model_id(), m.spec().n_layers as u32, m.spec().vocab_size as u32, config);
+    for s in stages {
+        d.add_peer(s.addr()).await.expect("peer answers");
+    }
+    d
+}
+
+fn local(params: &SamplingParams, max_tokens: usize) -> Vec<u32> {
+    let model = model();
+    let shard = Shard::load(&model, 0..4, &Device::Cpu, DType::F32).expect("model loads");
+    generate::generate(std::slice::from_ref(&shard), &PROMPT, params, max_tokens, &[], |_| Flow::Continue)
+        .expect("local generation")
+        .token_ids
+}
+
+fn request(params: &SamplingParams, max_tokens: usize) -> Request {
+    Request { prompt: PROMPT.to_vec(), params: params.clone(), max_tokens, stop_ids: vec![], top_logprobs: 0 }
+}
+
+fn sampled() -> SamplingParams {
+    SamplingParams {
+        temperature: 0.9,
+        top_p: 0.95,
+        top_k: Some(50),
+        repetition_penalty: 1.1,
+        seed: 1234,
+        ..SamplingParams::default()
+    }
+}
+
+/// Waits until every stage holds no session and no KV reservation.
+async fn wait_all_freed(stages: &[&Node]) {
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let busy: Vec<_> = stages.iter().filter_map(|s| s.stage_stats()).filter(|s| s.sessions > 0).collect();
+        if busy.is_empty() {
+            for s in stages {
+                let stats = s.stage_stats().expect("a stage");
+                assert_eq!((stats.kv_bytes_reserved, stats.kv_bytes_allocated), (0, 0));
+            }
+            return;
+        }
+        assert!(Instant::now() < until, "sessions still open: {busy:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_split_equals_local_generation() {
+    let greedy = SamplingParams::greedy();
+    let want_greedy = local(&greedy, 24);
+    let want_sampled = local(&sampled(), 24);
+    assert_ne!(want_greedy, want_sampled, "the sampled run should differ from greedy");
+    let splits: [&[Range<usize>]; 4] =
+        [&[0..4], &[0..2, 2..4], &[0..1, 1..3, 3..4], &[0..1, 1..2, 2..3, 3..4]];
+    for spans in splits {
+        let mut nodes = Vec::new();
+        for span in spans {
+            nodes.push(stage(span.clone(), Duration::from_secs(60)).await);
+        }
+        let refs: Vec<&Node> = nodes.iter().collect();
+        let d = driver_for(&refs, driver_config()).await;
+        let out = d.generate(&request(&greedy, 24), |_| Flow::Continue).await.expect("greedy run");
+        assert_eq!(out.tokens, want_greedy, "greedy through {spans:?}");
+        assert_eq!(out.route.len(), spans.len());
+        assert_eq!(out.step_times.len(), 23, "one round trip per decode step");
+        let out = d.generate(&request(&sampled(), 24), |_| Flow::Continue).await.expect("sampled run");
+        assert_eq!(out.tokens, want_sampled, "seeded sampling through {spans:?}");
+        assert!(out.failovers.is_empty());
+        wait_all_freed(&refs).await;
+        d.node().shutdown().await;
+        for n in &nodes {
+            n.shutdown().await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_that_shuts_down_mid_generation_is_replaced_without_changing_tokens() {
+    let want = local(&sampled(), 40);
+    let a = stage(0..2, Duration::from_secs(60)).await;
+    let b1 = stage(2..4, Duration::from_secs(60)).await;
+    let b2 = stage(2..4, Duration::from_secs(60)).await;
+    let d = driver_for(&[&a, &b1, &b2], driver_config()).await;
+    let (b1_id, b2_id) = (b1.id(), b2.id());
+    let mut killed = None;
+    let mut b1 = Some(b1);
+    let mut b2 = Some(b2);
+    let out = d
+        .generate(&request(&sampled(), 40), |ev| {
+            if ev.index == 15 {
+                // Shut down whichever replica of 2..4 this session uses: it hands the
+                // session back (`Draining`) and leaves.
+                let victim = if ev.route.contains(&b1_id) { b1.take() } else { b2.take() };
+                let victim = victim.expect("the route uses a replica");
+                killed = Some(victim.id());
+                tokio::spawn(async move { victim.shutdown().await });
+            }
+            Flow::Continue
+        })
+        .await
+        .expect("generation survives");
+    assert_eq!(out.tokens, want);
+    assert_eq!(out.failovers.len(), 1, "{:?}", out.failovers);
+    let killed = killed.expect("a replica was stopped");
+    assert!(!out.route.contains(&killed));
+    assert!(out.route.contains(if killed == b1_id { &b2_id } else { &b1_id }));
+    let f = &out.failovers[0];
+    assert_eq!(f.at_token, 16);
+    eprintln!("recovered: {} after {:?} (detected after {:?})", f.reason, f.stall, f.detection);
+    let survivors: Vec<&Node> = [Some(&a), b1.as_ref(), b2.as_ref()].into_iter().flatten().collect();
+    wait_all_freed(&survivors).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_and_completing_free_every_stage() {
+    let a = stage(0..1, Duration::from_secs(60)).await;
+    let b = stage(1..3, Duration::from_secs(60)).await;
+    let c = stage(3..4, Duration::from_secs(60)).await;
+    let d = driver_for(&[&a, &b, &c], driver_config()).await;
+    let mut seen = 0;
+    let out = d
+        .generate(&request(&SamplingParams::greedy(), 30), |_| {
+            seen += 1;
+            if seen == 3 { Flow::Stop } else { Flow::Continue }
+        })
+        .await
+        .expect("cancelled run");
+    assert_eq!(out.tokens.len(), 3);
+    wait_all_freed(&[&a, &b, &c]).await;
+    // Dropping the future mid-generation (a client that goes away) closes the chain too.
+    let long = request(&SamplingParams::greedy(), 100);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let mut tx = Some(tx);
+    let fut = d.generate(&long, |ev| {
+        if ev.index == 5
+            && let Some(tx) = tx.take()
+        {
+            let _ = tx.send(());
+        }
+        Flow::Continue
+    });
+    tokio::select! {
+        r = fut => panic!("the generation should have been dropped, got {r:?}"),
+        _ = rx => {}
+    }
+    assert!(a.stage_stats().expect("stage").sessions <= 1);
+    wait_all_freed(&[&a, &b, &c]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_of_a_vanished_origin_idle_out_and_free_their_memory() {
+    let a = stage(0..2, Duration::from_millis(400)).await;
+    let b = stage(2..4, Duration::from_millis(400)).await;
+    let origin = Node::bind(options()).await.expect("origin binds");
+    let session_id = 77;
+    let open = OpenSession {
+        session_id,
+        model_id: model_id(),
+        origin: origin.id(),
+        route: vec![
+            RouteHop { node_id: a.id(), start: 0, end: 2 },
+            RouteHop { node_id: b.id(), start: 2, end: 4 },
+        ],
+        hop_index: 0,
+        wire_dtype: WireDType::F16,
+        max_len: 64,
+        sampling: Sampling::from(&SamplingParams::greedy()),
+        top_logprobs: 0,
+        prompt_len: PROMPT.len() as u32,
+        address_book: vec![origin.node_addrs(), a.node_addrs(), b.node_addrs()],
+    };
+    origin.add_peer_addr(a.addr());
+    let mut channel = origin.open_session_channel(session_id);
+    origin.send(a.id(), &Message::OpenSession(open)).expect("open sent");
+    let step = Step {
+        session_id,
+        step_id: 1,
+        start_pos: 0,
+        sample_step: 0,
+        history_tail: PROMPT.to_vec(),
+        payload: Payload::Tokens(PROMPT.to_vec()),
+    };
+    origin.send(a.id(), &Message::Step(step)).expect("step sent");
+    let reply = channel.recv_until(tokio::time::Instant::now() + Duration::from_secs(5)).await;
+    assert!(matches!(reply, Some(ref r) if matches!(r.msg, Message::StepResult(_))), "{reply:?}");
+    let busy = (a.stage_stats().expect("stage"), b.stage_stats().expect("stage"));
+    assert_eq!((busy.0.sessions, busy.1.sessions), (1, 1));
+    assert!(busy.0.kv_bytes_reserved > 0 && busy.1.kv_bytes_allocated > 0);
+    // The origin disappears without closing anything.
+    origin.shutdown().await;
+    drop(channel);
+    wait_all_freed(&[&a, &b]).await;
+    // What a peer sees: the full budget is free again.
+    let observer = Node::bind(options()).await.expect("observer binds");
+    observer.add_peer_addr(b.addr());
+    let (_, info) = observer.ping(b.id(), Duration::from_secs(2)).await.expect("pong");
+    let info = info.expect("a stage describes itself");
+    assert_eq!((info.sessions, info.free_kv_bytes, info.start, info.end), (0, BUDGET as u64, 2, 4));
+}
+
+/// Reads one frame from a raw stream.
+async fn read_frame(recv: &mut RecvStream) -> Message {
+    let mut header = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), recv.read_exact(&mut header))
+        .await
+        .expect("a reply in time")
+        .expect("a frame header");
+    let mut body = vec![0u8; protocol::frame_len(header).expect("valid header")];
+    recv.read_exact(&mut body).await.expect("a frame body");
+    protocol::decode_body(&body).expect("a valid reply")
+}
+
+fn expect_error(m: &Message, code: ErrorCode) {
+    match m {
+        Message::Error(e) => assert_eq!(e.code, code, "{e:?}"),
+        other => panic!("expected {code} error, got {other:?}"),
+    }
+}
+
+fn frame(body: &[u8]) -> Vec<u8> {
+    let mut f = (body.len() as u32).to_le_bytes().to_vec();
+    f.extend_from_slice(body);
+    f
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_frames_get_typed_errors_while_other_sessions_run() {
+    let a = stage(0..2, Duration::from_secs(60)).await;
+    let b = stage(2..4, Duration::from_secs(60)).await;
+    let d = driver_for(&[&a, &b], driver_config()).await;
+    let want = local(&SamplingParams::greedy(), 60);
+
+    let hostile = async {
+        let ep = Endpoint::builder(presets::Minimal)
+            .relay_mode(RelayMode::Disabled)
+            .clear_ip_transports()
+            .bind_addr("127.0.0.1:0")
+            .expect("bind address")
+            .bind()
+            .await
+            .expect("raw endpoint");
+        let conn: Connection = ep.connect(b.addr(), ALPN).await.expect("connects to stage b");
+        let me = peer_id(&ep.id());
+        let mut send = conn.open_uni().await.expect("a stream");
+        let hidden = model().spec().hidden_size as u32;
+        // Open a session on stage b (the last hop) as if this peer were stage a.
+        let open = OpenSession {
+            session_id: 9,
+            model_id: model_id(),
+            origin: me,
+            route: vec![
+                RouteHop { node_id: a.id(), start: 0, end: 2 },
+                RouteHop { node_id: b.id(), start: 2, end: 4 },
+            ],
+            hop_index: 1,
+            wire_dtype: WireDType::F32,
+            max_len: 16,
+            sampling: Sampling::from(&SamplingParams::greedy()),
+            top_logprobs: 0,
+            prompt_len: 1,
+            address_book: vec![],
+        };
+        send.write_all(&protocol::encode(&Message::OpenSession(open))).await.expect("write");
+        let hidden_step = |session_id, values: Vec<f32>, width: u32| {
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            Message::Step(Step {
+                session_id,
+                step_id: 1,
+                start_pos: 0,
+                sample_step: 0,
+                history_tail: vec![1],
+                payload: Payload::Hidden(HiddenStates { t: 1, hidden: width, dtype: WireDType::F32, bytes }),
+            })
+        };
+        // 1. An unknown kind.
+        send.write_all(&frame(&[99, 1, 2, 3])).await.expect("write");
+        // 2. A step of the wrong width.
+        send.write_all(&protocol::encode(&hidden_step(9, vec![0.5; 8], 8))).await.expect("write");
+        // 3. A step with a NaN.
+        let mut nan = vec![0.25; hidden as usize];
+        nan[3] = f32::NAN;
+        send.write_all(&protocol::encode(&hidden_step(9, nan, hidden))).await.expect("write");
+        // 4. A step for a session that does not exist.
+        send.write_all(&protocol::encode(&hidden_step(1234, vec![0.25; hidden as usize], hidden)))
+            .await
+            .expect("write");
+        // 5. The session still works.
+        send.write_all(&protocol::encode(&hidden_step(9, vec![0.25; hidden as usize], hidden)))
+            .await
+            .expect("write");
+        let mut recv = conn.accept_uni().await.expect("the stage answers on the same connection");
+        expect_error(&read_frame(&mut recv).await, ErrorCode::Malformed);
+        expect_error(&read_frame(&mut recv).await, ErrorCode::BadShape);
+        expect_error(&read_frame(&mut recv).await, ErrorCode::NonFinite);
+        expect_error(&read_frame(&mut recv).await, ErrorCode::UnknownSession);
+        match read_frame(&mut recv).await {
+            Message::StepResult(r) => assert_eq!((r.session_id, r.step_id), (9, 1)),
+            other => panic!("expected a result, got {other:?}"),
+        }
+        // 6. An oversized frame header: refused before any allocation, the stream is dropped.
+        send.write_all(&((MAX_FRAME as u32) + 1).to_le_bytes()).await.expect("write");
+        expect_error(&read_frame(&mut recv).await, ErrorCode::TooLarge);
+        // The connection still serves new streams.
+        let mut send2 = conn.open_uni().await.expect("a new stream");
+        send2.write_all(&protocol::encode(&Message::Ping { nonce: 5 })).await.expect("write");
+        match read_frame(&mut recv).await {
+            Message::Pong { nonce: 5, info: Some(info) } => assert!(info.sessions >= 1),
+            other => panic!("expected a pong, got {other:?}"),
+        }
+        conn.close(0u32.into(), b"done");
+        ep.close().await;
+    };
+    let honest_request = request(&SamplingParams::greedy(), 60);
+    let honest = d.generate(&honest_request, |_| Flow::Continue);
+    let ((), out) = tokio::join!(hostile, honest);
+    let out = out.expect("the honest session completes");
+    assert_eq!(out.tokens, want);
+    assert!(out.failovers.is_empty());
+}
