@@ -18,7 +18,7 @@ use shoal_worker::service::{StageConfig, StageService};
 /// The runtime of the network commands (compute runs on the stages' own threads).
 pub fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(shoal_worker::net::default_net_threads())
         .thread_name("shoal-net")
         .enable_all()
         .build()
@@ -135,7 +135,12 @@ pub fn parse_layers(s: &str) -> Result<Range<usize>> {
 }
 
 /// Loads a stage for `span` of `model`.
-pub fn load_stage(model: &Model, model_id: [u8; 32], span: Range<usize>, limits: &StageArgs) -> Result<StageService> {
+pub fn load_stage(
+    model: &Model,
+    model_id: [u8; 32],
+    span: Range<usize>,
+    limits: &StageArgs,
+) -> Result<StageService> {
     let n = model.spec().n_layers;
     if span.end > n {
         bail!("layers {}..{} are outside the model's {n} layers", span.start, span.end);
@@ -164,7 +169,8 @@ pub fn load_or_create_key(path: &Path) -> Result<SecretKey> {
     if path.exists() {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let hex = text.trim();
-        let bytes = decode_hex32(hex).with_context(|| format!("{} does not hold a node key", path.display()))?;
+        let bytes =
+            decode_hex32(hex).with_context(|| format!("{} does not hold a node key", path.display()))?;
         return Ok(SecretKey::from_bytes(&bytes));
     }
     let key = SecretKey::generate();
@@ -172,7 +178,8 @@ pub fn load_or_create_key(path: &Path) -> Result<SecretKey> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    write_private(path, format!("{hex}\n").as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    write_private(path, format!("{hex}\n").as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(key)
 }
 
@@ -220,5 +227,46 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_parse_and_reject_bad_spans() {
+        assert_eq!(parse_layers("0..15").unwrap(), 0..15);
+        assert_eq!(parse_layers(" 3 .. 7 ").unwrap(), 3..7);
+        for bad in ["15", "5..5", "7..3", "a..3", "0..", "-1..4"] {
+            assert!(parse_layers(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn key_file_is_created_private_and_read_back() {
+        let dir = std::env::temp_dir().join(format!("shoal-key-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("sub/node.key");
+        let first = load_or_create_key(&path).unwrap();
+        let again = load_or_create_key(&path).unwrap();
+        assert_eq!(first.public(), again.public(), "the node id is stable across restarts");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+        }
+        std::fs::write(&path, "not a key").unwrap();
+        let err = load_or_create_key(&path).unwrap_err();
+        assert!(format!("{err:#}").contains("does not hold a node key"), "{err:#}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn spans_split_evenly() {
+        assert_eq!(crate::cli::run::even_spans(30, 3), vec![0..10, 10..20, 20..30]);
+        assert_eq!(crate::cli::run::even_spans(30, 4), vec![0..7, 7..15, 15..22, 22..30]);
+        assert_eq!(crate::cli::run::even_spans(4, 4), vec![0..1, 1..2, 2..3, 3..4]);
     }
 }

@@ -126,7 +126,8 @@ fn killed_and_drained_workers_cost_latency_not_tokens() {
     let a = Worker::start("0..15");
     let b1 = Worker::start("15..30");
     let b2 = Worker::start("15..30");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     rt.block_on(async {
         let model = Model::open(model()).expect("model");
         let tokenizer = model.tokenizer().expect("tokenizer");
@@ -147,7 +148,8 @@ fn killed_and_drained_workers_cost_latency_not_tokens() {
         for w in [&a, &b1, &b2] {
             d.add_peer(parse_ticket(&w.ticket).expect("ticket")).await.expect("worker answers");
         }
-        let prompt = tokenizer.encode("Once upon a time, in a small village by the sea,", true).expect("encode");
+        let prompt =
+            tokenizer.encode("Once upon a time, in a small village by the sea,", true).expect("encode");
         let params = SamplingParams { temperature: 0.7, top_p: 0.9, seed: 42, ..SamplingParams::default() };
         sampler::Sampler::new(params.clone()).expect("valid params");
         let request = Request { prompt, params, max_tokens: 100, stop_ids: vec![], top_logprobs: 0 };
@@ -203,11 +205,12 @@ fn killed_and_drained_workers_cost_latency_not_tokens() {
         eprintln!("SIGTERM at token {}: {}; stalled {:.0?}", f.at_token, f.reason, f.stall);
         d.node().shutdown().await;
         let termed = termed.expect("a replica got SIGTERM");
-        let mut workers = vec![b1, b2, b3];
+        let mut workers = [b1, b2, b3];
         let w = workers.iter_mut().find(|w| w.id == termed).expect("the termed worker");
         let status = wait_exit(&mut w.child, Duration::from_secs(10)).expect("a drained worker exits");
         assert!(status.success(), "{status:?}");
-        let log = std::mem::replace(&mut w.stderr, std::thread::spawn(String::new)).join().unwrap_or_default();
+        let log =
+            std::mem::replace(&mut w.stderr, std::thread::spawn(String::new)).join().unwrap_or_default();
         assert!(log.contains("draining") && log.contains("stopped"), "{log}");
     });
     drop(a);

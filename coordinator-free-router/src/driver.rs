@@ -348,7 +348,7 @@ impl Driver {
             })
             .collect();
         let mut sorted = candidates;
-        sorted.sort_by(|a, b| a.id.cmp(&b.id));
+        sorted.sort_by_key(|c| c.id);
         match plan(self.n_layers, &sorted) {
             Some(route) => Ok(route
                 .into_iter()
@@ -519,7 +519,8 @@ impl Driver {
             prompt_len: u32::try_from(request.prompt.len()).unwrap_or(u32::MAX),
             address_book,
         };
-        let mut guard = SessionGuard { node: &self.node, first_hop: first, session_id, reason: CloseReason::Error };
+        let mut guard =
+            SessionGuard { node: &self.node, first_hop: first, session_id, reason: CloseReason::Error };
         let sent_at = Instant::now();
         let fail_now = |reason: String, culprits: Vec<PeerId>| AttemptFailure {
             culprits,
@@ -556,7 +557,10 @@ impl Driver {
             pos += len;
         }
         let prefill_budget = self.config.step_timeout
-            + self.config.prefill_timeout_per_token.saturating_mul(u32::try_from(history.len()).unwrap_or(u32::MAX));
+            + self
+                .config
+                .prefill_timeout_per_token
+                .saturating_mul(u32::try_from(history.len()).unwrap_or(u32::MAX));
         let mut step_started = sent_at;
         let mut decoding = false;
         let mut deadline = step_started + prefill_budget;
@@ -623,11 +627,9 @@ impl Driver {
                 payload: Payload::Tokens(vec![result.token]),
             };
             pos += 1;
-            self.node.send_for_session(first, session_id, &Message::Step(step)).map_err(|e| AttemptFailure {
-                culprits: vec![],
-                reason: e.to_string(),
-                step_started,
-            })?;
+            self.node
+                .send_for_session(first, session_id, &Message::Step(step))
+                .map_err(|e| AttemptFailure { culprits: vec![], reason: e.to_string(), step_started })?;
         }
     }
 
@@ -710,9 +712,9 @@ impl Driver {
 }
 
 /// Runs futures concurrently and collects their outputs in order.
-async fn futures_join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output>
+async fn futures_join_all<F>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output>
 where
-    F: Send + 'static,
+    F: std::future::Future + Send + 'static,
     F::Output: Send + 'static,
 {
     let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();

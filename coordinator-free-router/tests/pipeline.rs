@@ -121,6 +121,7 @@ async fn any_split_equals_local_generation() {
     let want_greedy = local(&greedy, 24);
     let want_sampled = local(&sampled(), 24);
     assert_ne!(want_greedy, want_sampled, "the sampled run should differ from greedy");
+    #[allow(clippy::single_range_in_vec_init)] // one stage holding layers 0..4
     let splits: [&[Range<usize>]; 4] =
         [&[0..4], &[0..2, 2..4], &[0..1, 1..3, 3..4], &[0..1, 1..2, 2..3, 3..4]];
     for spans in splits {

@@ -148,3 +148,19 @@ fn tempdir() -> anyhow::Result<std::path::PathBuf> {
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }
+
+#[test]
+fn model_ids_are_stable_and_tell_models_apart() -> anyhow::Result<()> {
+    let id = |name: &str| -> anyhow::Result<[u8; 32]> {
+        Ok(Model::open(common::fixture(&format!("tiny/{name}")))?.model_id()?)
+    };
+    let names = ["llama", "llama_tied", "llama3", "mistral", "mistral_f16", "qwen2", "qwen2_bf16", "qwen3"];
+    let ids: Vec<[u8; 32]> = names.iter().map(|n| id(n)).collect::<anyhow::Result<_>>()?;
+    for (i, a) in ids.iter().enumerate() {
+        for b in &ids[i + 1..] {
+            assert_ne!(a, b, "two fixtures share a model id");
+        }
+    }
+    assert_eq!(id("llama")?, ids[0], "the id is a pure function of the files");
+    Ok(())
+}

@@ -130,5 +130,11 @@ pub async fn generate_with(driver: &Driver, p: Prepared, options: &GenOptions) -
         );
     }
     tracing::info!(route = ?outcome.route.iter().map(short).collect::<Vec<_>>(), "done");
-    printer.finish(p.prompt.len(), &outcome.tokens, outcome.finish_reason, outcome.prefill_time, outcome.decode_time)
+    printer.finish(
+        p.prompt.len(),
+        &outcome.tokens,
+        outcome.finish_reason,
+        outcome.prefill_time,
+        outcome.decode_time,
+    )
 }

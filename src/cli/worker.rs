@@ -10,7 +10,9 @@ use shoal_model_shards::Model;
 use shoal_worker::net::{Node, parse_ticket, peer_id, short};
 
 use crate::cli::generate::DEFAULT_MODEL;
-use crate::node::{NetArgs, StageArgs, load_or_create_key, load_stage, parse_layers, runtime, shutdown_signal};
+use crate::node::{
+    NetArgs, StageArgs, load_or_create_key, load_stage, parse_layers, runtime, shutdown_signal,
+};
 
 /// Arguments of `shoal worker`.
 #[derive(Debug, Args)]
@@ -107,7 +109,12 @@ async fn check_peer(node: &Node, ticket: &str, model_id: [u8; 32]) {
     node.add_peer_addr(addr);
     match node.ping(id, Duration::from_secs(5)).await {
         Ok((rtt, Some(info))) if info.model_id == model_id => {
-            eprintln!("peer {} serves layers {}..{} (round trip {rtt:.1?})", short(&id), info.start, info.end);
+            eprintln!(
+                "peer {} serves layers {}..{} (round trip {rtt:.1?})",
+                short(&id),
+                info.start,
+                info.end
+            );
         }
         Ok((_, Some(_))) => eprintln!("warning: peer {} serves a different model", short(&id)),
         Ok((_, None)) => eprintln!("peer {} serves no layers", short(&id)),

@@ -817,8 +817,21 @@ impl Message {
     pub fn body_len(&self) -> usize {
         1 + match self {
             Self::OpenSession(m) => {
-                8 + 32 + 32 + 4 + 40 * m.route.len() + 4 + 1 + 4 + 36 + 1 + 4 + 4
-                    + m.address_book.iter().map(|e| 33 + e.addrs.iter().map(addr_len).sum::<usize>()).sum::<usize>()
+                8 + 32
+                    + 32
+                    + 4
+                    + 40 * m.route.len()
+                    + 4
+                    + 1
+                    + 4
+                    + 36
+                    + 1
+                    + 4
+                    + 4
+                    + m.address_book
+                        .iter()
+                        .map(|e| 33 + e.addrs.iter().map(addr_len).sum::<usize>())
+                        .sum::<usize>()
             }
             Self::Step(m) => {
                 let payload = match &m.payload {

@@ -30,9 +30,10 @@
 //!   (so hop 0 is the first span) and this is the last hop iff the shard holds the last layer;
 //!   `max_len ≤ min(max_seq_len, model max)`; sampling (on the last stage) through
 //!   `SamplingParams::validate`; no open session with that id; then the limits: total sessions
-//!   ([`StageConfig::max_sessions`]), sessions opened by this sender
-//!   ([`StageConfig::per_peer_sessions`]: on hop 0 that is per origin, on later hops per
-//!   previous stage) and the KV budget: `cache.bytes_for(max_len)` is reserved up front and the
+//!   ([`StageConfig::max_sessions`]), sessions of one origin
+//!   ([`StageConfig::per_peer_sessions`], charged to the `OpenSession`'s origin on every hop,
+//!   so a stage forwarding many origins' sessions is not throttled as one peer; a lying
+//!   upstream stage stays bounded by the session limit and the KV budget) and the KV budget: `cache.bytes_for(max_len)` is reserved up front and the
 //!   session is refused when the reservation does not fit.
 //! - **Step**: the session exists *and was opened by the sender* (anyone else gets
 //!   `UnknownSession`, which reveals nothing); `step_id` increases; `start_pos` equals the
@@ -75,7 +76,7 @@ pub struct StageConfig {
     pub max_sessions: usize,
     /// Bytes of KV cache the stage may reserve across all sessions.
     pub kv_budget_bytes: usize,
-    /// Most sessions one sender (`from` of the `OpenSession`) may hold open at once.
+    /// Most sessions one origin (named by the `OpenSession`) may hold open at once.
     pub per_peer_sessions: usize,
     /// A session with no message for longer than this is closed by [`StageService::sweep_idle`].
     pub idle_timeout: Duration,
@@ -193,7 +194,11 @@ impl StageService {
             refuse(ErrorCode::NextHopUnreachable, format!("the next hop is unreachable: {detail}")),
         )];
         // The next hop is the one that failed: do not send it a close.
-        actions.extend(self.remove(session_id, CloseReason::Error).into_iter().filter(|a| !matches!(a, Action::ToNext { .. })));
+        actions.extend(
+            self.remove(session_id, CloseReason::Error)
+                .into_iter()
+                .filter(|a| !matches!(a, Action::ToNext { .. })),
+        );
         actions
     }
 
@@ -390,7 +395,9 @@ impl StageService {
                 format!("this stage serves its limit of {} sessions", self.config.max_sessions),
             ));
         }
-        let held = self.per_peer.get(&from).copied().unwrap_or(0);
+        // The quota is charged to the origin the session serves: a stage forwarding many
+        // origins' sessions is not one greedy peer.
+        let held = self.per_peer.get(&open.origin).copied().unwrap_or(0);
         if held >= self.config.per_peer_sessions {
             return Err(refuse(
                 ErrorCode::QuotaExceeded,
@@ -408,7 +415,7 @@ impl StageService {
         }
         let next = open.route.get(hop + 1).map(|h| h.node_id);
         self.reserved += need;
-        *self.per_peer.entry(from).or_insert(0) += 1;
+        *self.per_peer.entry(open.origin).or_insert(0) += 1;
         let session = Session {
             opener: from,
             origin: open.origin,
@@ -555,10 +562,10 @@ impl StageService {
             return Vec::new();
         };
         self.reserved = self.reserved.saturating_sub(session.reserved);
-        if let Some(n) = self.per_peer.get_mut(&session.opener) {
+        if let Some(n) = self.per_peer.get_mut(&session.origin) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                self.per_peer.remove(&session.opener);
+                self.per_peer.remove(&session.origin);
             }
         }
         let mut actions = Vec::with_capacity(2);

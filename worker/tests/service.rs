@@ -497,8 +497,13 @@ fn per_peer_quota_and_session_limit() -> anyhow::Result<()> {
     assert!(ring.open(61, WireDType::F32, 0).is_empty());
     assert!(ring.open(62, WireDType::F32, 0).is_empty());
     expect_error(&ring.open(63, WireDType::F32, 0), ErrorCode::QuotaExceeded);
-    // Another origin still gets in, until the stage is full.
-    let open = |id| Message::OpenSession(open_msg(id, WireDType::F32, 0));
+    // Another origin still gets in, until the stage is full. (The quota is charged to the
+    // origin the OpenSession names, so a stage forwarding several origins is not throttled.)
+    let open = |id| {
+        let mut m = open_msg(id, WireDType::F32, 0);
+        m.origin = other;
+        Message::OpenSession(m)
+    };
     assert!(ring.deliver(other, STAGE_A, open(64)).is_empty());
     expect_error(&ring.deliver(other, STAGE_A, open(65)), ErrorCode::SessionLimit);
     assert_eq!(ring.a.stats().sessions, 3);

@@ -73,8 +73,8 @@ fn address_book() -> impl Strategy<Value = Vec<NodeAddrs>> {
 
 fn peer_info() -> impl Strategy<Value = Option<PeerInfo>> {
     prop::option::of(
-        (any::<[u8; 32]>(), 0u32..100, 1u32..100, 0u32..10, any::<bool>(), any::<u32>(), any::<u64>()).prop_map(
-            |(model_id, start, width, extra, draining, sessions, free_kv_bytes)| PeerInfo {
+        (any::<[u8; 32]>(), 0u32..100, 1u32..100, 0u32..10, any::<bool>(), any::<u32>(), any::<u64>())
+            .prop_map(|(model_id, start, width, extra, draining, sessions, free_kv_bytes)| PeerInfo {
                 model_id,
                 start,
                 end: start + width,
@@ -82,8 +82,7 @@ fn peer_info() -> impl Strategy<Value = Option<PeerInfo>> {
                 draining,
                 sessions,
                 free_kv_bytes,
-            },
-        ),
+            }),
     )
 }
 
@@ -100,7 +99,17 @@ fn open_session() -> impl Strategy<Value = OpenSession> {
         (any::<u32>(), address_book()),
     )
         .prop_map(
-            |(session_id, (model_id, origin), route, hop, wire_dtype, max_len, sampling, top, (prompt, book))| {
+            |(
+                session_id,
+                (model_id, origin),
+                route,
+                hop,
+                wire_dtype,
+                max_len,
+                sampling,
+                top,
+                (prompt, book),
+            )| {
                 OpenSession {
                     session_id,
                     model_id,
