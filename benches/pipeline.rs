@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use shoal_coordinator_free_router::driver::{Driver, DriverConfig, Request};
+use shoal_coordinator_free_router::driver::{Driver, DriverConfig, ModelInfo, Request};
 use shoal_model_shards::generate::Flow;
 use shoal_model_shards::sampler::SamplingParams;
 use shoal_model_shards::{DType, Device, Model, Shard};
@@ -71,12 +71,9 @@ async fn run(model: &Model, model_id: [u8; 32], stages: usize, tokens: usize, re
         nodes.push(node);
     }
     let origin = Node::bind(NodeOptions::loopback()).await.expect("origin binds");
-    let spec = model.spec();
     let driver = Driver::new(
         origin.clone(),
-        model_id,
-        spec.n_layers as u32,
-        spec.vocab_size as u32,
+        ModelInfo::of(model).expect("model info"),
         DriverConfig { step_timeout: Duration::from_secs(60), ..DriverConfig::default() },
     );
     for node in &nodes {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use iroh::SecretKey;
-use shoal_coordinator_free_router::driver::{Driver, DriverConfig};
+use shoal_coordinator_free_router::driver::{Driver, DriverConfig, ModelInfo};
 use shoal_model_shards::{DType, Device, Model, Shard};
 use shoal_worker::net::{Node, NodeOptions};
 use shoal_worker::protocol::WireDType;
@@ -161,7 +161,13 @@ pub fn load_stage(
 /// A driver for `model` sending from `node`.
 pub fn driver(model: &Model, model_id: [u8; 32], node: Node, config: DriverConfig) -> Driver {
     let spec = model.spec();
-    Driver::new(node, model_id, spec.n_layers as u32, spec.vocab_size as u32, config)
+    let info = ModelInfo {
+        model_id,
+        n_layers: spec.n_layers as u32,
+        vocab_size: spec.vocab_size as u32,
+        max_positions: spec.max_position_embeddings,
+    };
+    Driver::new(node, info, config)
 }
 
 /// Reads the node key from `path` (64 hex digits), creating it (mode 0600) when missing.

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde::Deserialize;
-use shoal_coordinator_free_router::driver::{Driver, DriverConfig, Request};
+use shoal_coordinator_free_router::driver::{Driver, DriverConfig, ModelInfo, Request};
 use shoal_model_shards::generate::Flow;
 use shoal_model_shards::sampler::SamplingParams;
 use shoal_model_shards::{Model, sampler};
@@ -137,14 +137,7 @@ fn killed_and_drained_workers_cost_latency_not_tokens() {
             ping_timeout: Duration::from_millis(500),
             ..DriverConfig::default()
         };
-        let spec = model.spec();
-        let d = Driver::new(
-            origin,
-            model.model_id().expect("model id"),
-            spec.n_layers as u32,
-            spec.vocab_size as u32,
-            config,
-        );
+        let d = Driver::new(origin, ModelInfo::of(&model).expect("model info"), config);
         for w in [&a, &b1, &b2] {
             d.add_peer(parse_ticket(&w.ticket).expect("ticket")).await.expect("worker answers");
         }

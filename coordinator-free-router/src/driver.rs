@@ -199,12 +199,39 @@ pub struct PeerState {
     pub active: usize,
 }
 
+/// What the driver needs to know of the model it serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelInfo {
+    /// The model's identity (`Model::model_id`): peers must serve the same.
+    pub model_id: [u8; 32],
+    /// Layers of the model.
+    pub n_layers: u32,
+    /// Size of the vocabulary.
+    pub vocab_size: u32,
+    /// Most positions a session may use (prompt and generated tokens).
+    pub max_positions: usize,
+}
+
+impl ModelInfo {
+    /// The facts of an opened model (hashes its files for the id).
+    pub fn of(model: &shoal_model_shards::Model) -> Result<Self, shoal_model_shards::Error> {
+        let spec = model.spec();
+        Ok(Self {
+            model_id: model.model_id()?,
+            n_layers: spec.n_layers as u32,
+            vocab_size: spec.vocab_size as u32,
+            max_positions: spec.max_position_embeddings,
+        })
+    }
+}
+
 /// Runs sessions through the peers it knows (see the module docs).
 pub struct Driver {
     node: Node,
     model_id: [u8; 32],
     n_layers: u32,
     vocab_size: u32,
+    max_positions: usize,
     config: DriverConfig,
     peers: Mutex<HashMap<PeerId, PeerState>>,
 }
@@ -256,10 +283,17 @@ impl Drop for ActiveGuard<'_> {
 }
 
 impl Driver {
-    /// A driver for the model `model_id` (`n_layers` layers, `vocab_size` ids) that sends from
-    /// `node`.
-    pub fn new(node: Node, model_id: [u8; 32], n_layers: u32, vocab_size: u32, config: DriverConfig) -> Self {
-        Self { node, model_id, n_layers, vocab_size, config, peers: Mutex::new(HashMap::new()) }
+    /// A driver for `model` that sends from `node`.
+    pub fn new(node: Node, model: ModelInfo, config: DriverConfig) -> Self {
+        Self {
+            node,
+            model_id: model.model_id,
+            n_layers: model.n_layers,
+            vocab_size: model.vocab_size,
+            max_positions: model.max_positions,
+            config,
+            peers: Mutex::new(HashMap::new()),
+        }
     }
 
     /// The node sessions are sent from.
@@ -417,6 +451,18 @@ impl Driver {
             )));
         }
         request.params.validate().map_err(|e| DriverError::InvalidRequest(e.to_string()))?;
+        let needed = request.prompt.len().saturating_add(request.max_tokens);
+        if needed > self.max_positions {
+            return Err(DriverError::InvalidRequest(format!(
+                "the prompt ({} tokens) plus max_tokens ({}) exceeds the model's context of {} positions",
+                request.prompt.len(),
+                request.max_tokens,
+                self.max_positions
+            )));
+        }
+        if request.max_tokens == 0 {
+            return Err(DriverError::InvalidRequest("max_tokens must be at least 1".into()));
+        }
         if usize::from(request.top_logprobs) > shoal_worker::protocol::MAX_TOP_LOGPROBS {
             return Err(DriverError::InvalidRequest("top_logprobs is at most 20".into()));
         }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use iroh::endpoint::{Connection, RecvStream, presets};
 use iroh::{Endpoint, RelayMode};
-use shoal_coordinator_free_router::driver::{Driver, DriverConfig, Request};
+use shoal_coordinator_free_router::driver::{Driver, DriverConfig, DriverError, ModelInfo, Request};
 use shoal_model_shards::generate::{self, Flow};
 use shoal_model_shards::sampler::SamplingParams;
 use shoal_model_shards::{DType, Device, Model, Shard};
@@ -67,8 +67,7 @@ fn driver_config() -> DriverConfig {
 
 async fn driver_for(stages: &[&Node], config: DriverConfig) -> Driver {
     let origin = Node::bind(options()).await.expect("origin binds");
-    let m = model();
-    let d = Driver::new(origin, model_id(), m.spec().n_layers as u32, m.spec().vocab_size as u32, config);
+    let d = Driver::new(origin, ModelInfo::of(&model()).expect("model info"), config);
     for s in stages {
         d.add_peer(s.addr()).await.expect("peer answers");
     }
@@ -388,4 +387,31 @@ async fn hostile_frames_get_typed_errors_while_other_sessions_run() {
     let out = out.expect("the honest session completes");
     assert_eq!(out.tokens, want);
     assert!(out.failovers.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_and_missing_spans_are_refused_with_reasons() {
+    let a = stage(0..2, Duration::from_secs(60)).await;
+    let d = driver_for(&[&a], driver_config()).await;
+    let greedy = SamplingParams::greedy();
+    let refused = |r: Result<_, DriverError>| match r {
+        Err(e @ DriverError::InvalidRequest(_)) => e.to_string(),
+        other => panic!("expected an invalid request, got {other:?}"),
+    };
+    let mut r = request(&greedy, 8);
+    r.prompt.clear();
+    assert!(refused(d.generate(&r, |_| Flow::Continue).await).contains("empty"));
+    let mut r = request(&greedy, 8);
+    r.prompt.push(256);
+    assert!(refused(d.generate(&r, |_| Flow::Continue).await).contains("vocabulary"));
+    let r = request(&greedy, 128);
+    assert!(refused(d.generate(&r, |_| Flow::Continue).await).contains("context of 128"));
+    let r = request(&SamplingParams { temperature: -1.0, ..greedy.clone() }, 8);
+    refused(d.generate(&r, |_| Flow::Continue).await);
+    // Layers 2..4 are served by nobody.
+    match d.generate(&request(&greedy, 8), |_| Flow::Continue).await {
+        Err(e @ DriverError::NoRoute { .. }) => assert!(e.to_string().contains("0..2"), "{e}"),
+        other => panic!("expected no route, got {other:?}"),
+    }
+    assert_eq!(a.stage_stats().expect("stage").sessions, 0, "nothing was opened");
 }

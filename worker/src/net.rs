@@ -223,7 +223,11 @@ struct Inner {
     pings: Mutex<HashMap<(PeerId, u64), PongWaiter>>,
     stage: Mutex<Option<StageHandle>>,
     closing: std::sync::atomic::AtomicBool,
+    learned: Mutex<std::collections::VecDeque<EndpointId>>,
 }
+
+/// Most addresses a node keeps from other peers' session openings.
+const MAX_LEARNED: usize = 4096;
 
 /// A shoal node on the network: an iroh endpoint speaking the stage protocol, optionally
 /// serving a span of layers, and the origin of any number of sessions. Cheap to clone.
@@ -295,6 +299,7 @@ impl Node {
             pings: Mutex::new(HashMap::new()),
             stage: Mutex::new(None),
             closing: std::sync::atomic::AtomicBool::new(false),
+            learned: Mutex::new(std::collections::VecDeque::new()),
         });
         let router = Router::builder(endpoint).accept(ALPN, StageProtocol { inner: inner.clone() }).spawn();
         Ok(Self { inner, router: Arc::new(router) })
@@ -485,6 +490,25 @@ pub fn parse_ticket(ticket: &str) -> Result<EndpointAddr, NetError> {
 }
 
 impl Inner {
+    /// Adds addresses learned from a peer's message, keeping at most [`MAX_LEARNED`] such
+    /// entries (oldest forgotten first) so a stream of openings naming fresh node ids cannot
+    /// grow the address book without bound.
+    fn learn(&self, addr: EndpointAddr) {
+        let id = addr.id;
+        self.lookup.add_endpoint_info(addr);
+        let mut learned = lock(&self.learned);
+        if learned.contains(&id) {
+            return;
+        }
+        learned.push_back(id);
+        if learned.len() > MAX_LEARNED
+            && let Some(old) = learned.pop_front()
+            && !lock(&self.conns).contains_key(&old)
+        {
+            self.lookup.remove_endpoint_info(old);
+        }
+    }
+
     fn stage_info(&self) -> Option<PeerInfo> {
         lock(&self.stage).as_ref().map(|h| lock(&h.info).0.clone())
     }
@@ -576,14 +600,18 @@ impl Inner {
                 }
             },
             Message::OpenSession(ref open) => {
+                // Only the addresses this stage may need: the next hop's and the origin's.
+                let next = open.route.get(open.hop_index as usize + 1).map(|h| h.node_id);
                 for entry in &open.address_book {
-                    if entry.node_id == self.id || entry.addrs.is_empty() {
+                    let wanted = Some(entry.node_id) == next || entry.node_id == open.origin;
+                    if !wanted || entry.node_id == self.id || entry.addrs.is_empty() {
                         continue;
                     }
                     if let Some(id) = endpoint_id(&entry.node_id) {
-                        let addr =
-                            EndpointAddr::from_parts(id, entry.addrs.iter().copied().map(TransportAddr::Ip));
-                        self.lookup.add_endpoint_info(addr);
+                        self.learn(EndpointAddr::from_parts(
+                            id,
+                            entry.addrs.iter().copied().map(TransportAddr::Ip),
+                        ));
                     }
                 }
                 let session_id = open.session_id;
