@@ -338,18 +338,18 @@ impl Driver {
         Ok(info)
     }
 
-    /// Pings every known peer again (span, load, draining, round trip); returns how many
-    /// answered.
-    pub async fn refresh(&self) -> usize {
+    /// Pings every known peer again (span, load, draining, round trip); returns the peers
+    /// that answered, with their round trips.
+    pub async fn refresh(&self) -> Vec<(PeerId, Duration)> {
         let ids: Vec<PeerId> = lock(&self.peers).keys().copied().collect();
-        let mut answered = 0;
+        let mut answered = Vec::with_capacity(ids.len());
         for id in ids {
             if let Ok((rtt, Some(info))) = self.node.ping(id, self.config.ping_timeout).await
                 && let Some(p) = lock(&self.peers).get_mut(&id)
             {
                 p.info = info;
                 p.rtt = rtt;
-                answered += 1;
+                answered.push((id, rtt));
             }
         }
         answered
