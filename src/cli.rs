@@ -1,5 +1,6 @@
 //! Command-line interface: argument parsing and the subcommands.
 
+pub mod api;
 pub mod generate;
 pub mod run;
 mod worker;
@@ -31,6 +32,8 @@ enum Command {
     Worker(worker::WorkerArgs),
     /// A whole swarm in one process: N stages on loopback and an origin.
     Run(run::RunArgs),
+    /// Serve the OpenAI-compatible API, routing through the workers of the given tickets.
+    Api(api::ApiCommandArgs),
 }
 
 /// Installs the tracing subscriber (stderr).
@@ -51,5 +54,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Worker(args) => worker::run(args),
         Command::Run(args) => run::run(args),
+        Command::Api(args) => api::run(args),
     }
 }

@@ -1,7 +1,237 @@
 //! # shoal-api
 //!
-//! The OpenAI-compatible HTTP API that any shoal node can serve: axum endpoints
-//! (`/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/health`, `/metrics`), admission
-//! control and Prometheus metrics with vLLM's names under a `shoal_` prefix.
+//! The OpenAI-compatible HTTP API that any shoal node can serve, in front of a pipeline
+//! [`Driver`]: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`
+//! (and `/v1/models/{model}`), `GET /health`, `GET /metrics` (Prometheus) and
+//! `GET /openapi.json`, with OpenAI's request fields, response shapes, streaming
+//! (server-sent events ending in `data: [DONE]`) and error envelope.
 //!
-//! This crate is filled by the API issue; today it only reserves its place in the workspace.
+//! What each request goes through:
+//! 1. With API keys configured, `/v1/*` needs `Authorization: Bearer KEY` (401 otherwise).
+//! 2. The body is read under a size limit (413 beyond it) and parsed; unknown fields are
+//!    ignored; a malformed body or a value out of range is a 400 with OpenAI's envelope
+//!    `{"error": {"message", "type", "param", "code"}}`; a `model` other than the one served
+//!    is a 404 ([`schema`]).
+//! 3. Messages go through the model's chat template (completions take the prompt as is, text
+//!    or token ids); a prompt longer than the context is a 400, never truncated.
+//! 4. Admission ([`admission`]): at most `max_running` sessions at once; up to `max_waiting`
+//!    requests queue; a full queue is a 429 with `Retry-After`.
+//! 5. Each of the `n` choices is a session through the pipeline: the seed is the request's
+//!    (or a fresh random one, so a failover replays the same tokens) plus the choice's index;
+//!    ids become text incrementally, and `stop` strings end the text before them. Deadlines
+//!    bound the wait for the first token (from arrival, queueing included) and between
+//!    tokens (503 when missed).
+//! 6. Streaming sends each piece of text as it is decided (text that might begin a stop string
+//!    is held back, so the streamed text equals the non-streamed text); a failure mid-stream
+//!    is one error event, then the stream closes; a client that disconnects cancels its
+//!    sessions along the whole chain.
+//!
+//! Metrics follow vLLM's names with a `shoal_` prefix ([`metrics`]).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod admission;
+mod error;
+mod handlers;
+pub mod metrics;
+mod openapi;
+pub mod schema;
+pub mod text;
+mod tokens;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::header;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+pub use error::ApiError;
+use shoal_coordinator_free_router::driver::Driver;
+use shoal_model_shards::Model;
+use shoal_model_shards::chat_template::ChatTemplate;
+use shoal_model_shards::tokenizer::Tokenizer;
+
+use crate::admission::Admission;
+use crate::metrics::Metrics;
+use crate::tokens::TokenText;
+
+/// The model as the API presents it.
+pub struct ServedModel {
+    /// Its name in `/v1/models` and responses.
+    pub name: String,
+    /// Its tokenizer.
+    pub tokenizer: Tokenizer,
+    /// Its chat template (chat completions need one).
+    pub chat_template: Option<ChatTemplate>,
+    /// Ids that end generation.
+    pub stop_ids: Vec<u32>,
+    /// Its context: prompt plus generated tokens.
+    pub max_positions: usize,
+}
+
+impl ServedModel {
+    /// Reads what the API needs from `model`, named `name`. Generation ends at the
+    /// tokenizer's end-of-sequence ids and those of the model's config.
+    pub fn of(model: &Model, name: impl Into<String>) -> Result<Self, shoal_model_shards::Error> {
+        let tokenizer = model.tokenizer()?;
+        let mut stop_ids = tokenizer.eos_ids().to_vec();
+        for id in model.config_eos_ids() {
+            if !stop_ids.contains(&id) {
+                stop_ids.push(id);
+            }
+        }
+        Ok(Self {
+            name: name.into(),
+            chat_template: model.chat_template()?,
+            tokenizer,
+            stop_ids,
+            max_positions: model.spec().max_position_embeddings,
+        })
+    }
+}
+
+/// Limits and policies of the API.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Largest request body, in bytes (413 beyond).
+    pub max_body_bytes: usize,
+    /// Keys accepted on `/v1/*` (`Authorization: Bearer KEY`); empty: no key needed.
+    pub api_keys: Vec<String>,
+    /// Most sessions generating at once.
+    pub max_running: usize,
+    /// Most requests waiting for admission (429 beyond).
+    pub max_waiting: usize,
+    /// Longest wait from a request's arrival to its first token (queueing included).
+    pub first_token_timeout: Duration,
+    /// Longest wait between two tokens of a session.
+    pub token_timeout: Duration,
+    /// Most choices per request (`n`).
+    pub max_n: usize,
+    /// Caps the context below the model's (vLLM's `--max-model-len`).
+    pub max_model_len: Option<usize>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 4 << 20,
+            api_keys: Vec::new(),
+            max_running: 16,
+            max_waiting: 64,
+            first_token_timeout: Duration::from_secs(120),
+            token_timeout: Duration::from_secs(30),
+            max_n: 8,
+            max_model_len: None,
+        }
+    }
+}
+
+/// What the API serves and how.
+pub struct ApiState {
+    /// The pipeline driver that generates.
+    pub driver: Arc<Driver>,
+    /// The model.
+    pub model: ServedModel,
+    /// Limits and policies.
+    pub config: ApiConfig,
+    admission: Admission,
+    metrics: Metrics,
+    token_text: TokenText,
+}
+
+impl ApiState {
+    /// The API of `model` in front of `driver`.
+    pub fn new(
+        driver: Arc<Driver>,
+        model: ServedModel,
+        config: ApiConfig,
+    ) -> Result<Self, prometheus::Error> {
+        Ok(Self {
+            admission: Admission::new(config.max_running, config.max_waiting),
+            metrics: Metrics::new(&model.name)?,
+            token_text: TokenText::new(&model.tokenizer),
+            driver,
+            model,
+            config,
+        })
+    }
+
+    /// The context a request may use: the model's, capped by `max_model_len`.
+    pub fn max_positions(&self) -> usize {
+        self.config.max_model_len.map_or(self.model.max_positions, |m| m.min(self.model.max_positions))
+    }
+
+    /// Most choices per request.
+    pub fn max_n(&self) -> usize {
+        self.config.max_n.min(self.config.max_running).max(1)
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Admission state.
+    pub fn admission(&self) -> &Admission {
+        &self.admission
+    }
+}
+
+/// The axum router of the API.
+pub fn router(state: Arc<ApiState>) -> Router {
+    let limit = state.config.max_body_bytes;
+    let v1 = Router::new()
+        .route("/v1/chat/completions", post(handlers::chat_completions))
+        .route("/v1/completions", post(handlers::completions))
+        .route("/v1/models", get(handlers::models))
+        .route("/v1/models/{model}", get(handlers::model))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+    Router::new()
+        .merge(v1)
+        .route("/health", get(handlers::health))
+        .route("/metrics", get(handlers::metrics))
+        .route("/openapi.json", get(handlers::openapi))
+        .fallback(handlers::not_found)
+        .method_not_allowed_fallback(handlers::method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// Compares in time independent of where the first difference is.
+fn same_key(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_key(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
+    if state.config.api_keys.is_empty() {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(k) if state.config.api_keys.iter().any(|key| same_key(key.as_bytes(), k.as_bytes())) => {
+            next.run(req).await
+        }
+        _ => ApiError::unauthorized().into_response(),
+    }
+}
+
+/// Pings every known peer every `every` for the mesh metrics (`shoal_hop_latency_seconds`,
+/// `shoal_live_peers`); keeps the driver's view of loads and draining peers fresh. Runs until
+/// dropped.
+pub async fn watch_mesh(state: Arc<ApiState>, every: Duration) {
+    loop {
+        let answered = state.driver.refresh().await;
+        for (_, rtt) in &answered {
+            state.metrics.hop_latency.observe(rtt.as_secs_f64() / 2.0);
+        }
+        state.metrics.live_peers.set(answered.len() as i64);
+        tokio::time::sleep(every).await;
+    }
+}

@@ -10,6 +10,7 @@ use shoal_coordinator_free_router::driver::{Driver, Request};
 use shoal_model_shards::Model;
 use shoal_worker::net::{Node, parse_ticket, short};
 
+use crate::cli::api::{ApiArgs, serve};
 use crate::cli::generate::{DEFAULT_MODEL, GenOptions, Prepared, Printer, prepare};
 use crate::node::{DriverArgs, StageArgs, driver, load_stage, runtime, shutdown_signal};
 
@@ -23,10 +24,16 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 3)]
     stages: usize,
     /// Generate once for this prompt and exit; without it, keep serving until Ctrl-C.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "listen")]
     prompt: Option<String>,
+    /// Serve the OpenAI-compatible API on this address (e.g. 127.0.0.1:8000; port 0 picks
+    /// one, printed on stdout).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
     #[command(flatten)]
     options: GenOptions,
+    #[command(flatten)]
+    api: ApiArgs,
     #[command(flatten)]
     driver: DriverArgs,
     #[command(flatten)]
@@ -66,9 +73,10 @@ pub fn run(args: RunArgs) -> Result<()> {
         for (_, node) in &nodes {
             d.add_peer(node.addr()).await?;
         }
-        let result = match prepared {
-            Some(p) => generate_with(&d, p, &args.options).await,
-            None => {
+        let result = match (prepared, args.listen) {
+            (Some(p), _) => generate_with(&d, p, &args.options).await,
+            (None, Some(addr)) => serve(&model, &args.model, d, addr, &args.api, Vec::new()).await,
+            (None, None) => {
                 for (span, node) in &nodes {
                     println!("stage {}..{}: {}", span.start, span.end, node.ticket());
                 }

@@ -1,17 +1,20 @@
 //! `shoal worker`: serve a span of a model's layers to the swarm.
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Args;
+use shoal_coordinator_free_router::driver::DriverConfig;
 use shoal_model_shards::Model;
 use shoal_worker::net::{Node, parse_ticket, peer_id, short};
 
+use crate::cli::api::{ApiArgs, serve};
 use crate::cli::generate::DEFAULT_MODEL;
 use crate::node::{
-    NetArgs, StageArgs, load_or_create_key, load_stage, parse_layers, runtime, shutdown_signal,
+    NetArgs, StageArgs, driver, load_or_create_key, load_stage, parse_layers, runtime, shutdown_signal,
 };
 
 /// Arguments of `shoal worker`.
@@ -37,6 +40,12 @@ pub struct WorkerArgs {
     /// before handing them back to their origins.
     #[arg(long, default_value_t = 30.0)]
     drain_timeout: f64,
+    /// Also serve the OpenAI-compatible API on this address, routing through this worker
+    /// and the peers of `--join`.
+    #[arg(long, value_name = "ADDR")]
+    api: Option<SocketAddr>,
+    #[command(flatten)]
+    api_options: ApiArgs,
     #[command(flatten)]
     net: NetArgs,
     #[command(flatten)]
@@ -50,7 +59,8 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     let model_id = model.model_id().context("hashing the model")?;
     let stage = load_stage(&model, model_id, span.clone(), &args.limits)?;
     let n_layers = model.spec().n_layers;
-    drop(model);
+    // The API needs the tokenizer and chat template; a plain worker frees the rest.
+    let api_model = if args.api.is_some() { Some(model) } else { None };
     runtime()?.block_on(async move {
         let key = args.key_file.as_deref().map(load_or_create_key).transpose()?;
         let node = Node::bind(args.net.options(key)).await?;
@@ -78,7 +88,20 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         out.flush()?;
         drop(out);
 
-        shutdown_signal().await;
+        match (args.api, &api_model) {
+            (Some(addr), Some(model)) => {
+                let mut net = args.net.clone();
+                net.bind = net.bind.map(|b| SocketAddr::new(b.ip(), 0));
+                let origin = Node::bind(net.options(None)).await?;
+                let d = driver(model, model_id, origin.clone(), DriverConfig::default());
+                let mut peers = vec![node.addr()];
+                peers.extend(args.join.iter().filter_map(|t| parse_ticket(t).ok()));
+                let served = serve(model, &args.model, d, addr, &args.api_options, peers).await;
+                origin.shutdown().await;
+                served?;
+            }
+            _ => shutdown_signal().await,
+        }
         eprintln!("draining: no new sessions; waiting up to {}s for running ones", args.drain_timeout);
         node.drain();
         let until = Instant::now() + Duration::from_secs_f64(args.drain_timeout.max(0.0));

@@ -1,0 +1,121 @@
+//! Errors in OpenAI's envelope, `{"error": {"message", "type", "param", "code"}}`, with the
+//! status a client expects (400, 401, 404, 413, 429, 503) and `Retry-After` where waiting
+//! helps.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use shoal_coordinator_free_router::driver::DriverError;
+
+/// An error as the API reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Human-readable message.
+    pub message: String,
+    /// OpenAI's `type` (`invalid_request_error`, `authentication_error`, …).
+    pub kind: &'static str,
+    /// The request field at fault, when there is one.
+    pub param: Option<&'static str>,
+    /// A machine-readable code.
+    pub code: Option<&'static str>,
+    /// Seconds after which a retry may succeed (`Retry-After`).
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    /// A 400: the request is malformed or a value is out of range.
+    pub fn invalid(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param,
+            code: None,
+            retry_after: None,
+        }
+    }
+
+    /// A 401: `/v1/*` needs an API key and none (or a wrong one) was given.
+    pub fn unauthorized() -> Self {
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            message: "invalid or missing API key: send `Authorization: Bearer KEY`".into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("invalid_api_key"),
+            retry_after: None,
+        }
+    }
+
+    /// A 404 for a path or model that does not exist.
+    pub fn not_found(message: impl Into<String>, param: Option<&'static str>, code: &'static str) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param,
+            code: Some(code),
+            retry_after: None,
+        }
+    }
+
+    /// A 429: the admission queue is full.
+    pub fn overloaded(message: impl Into<String>, retry_after: u64) -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: message.into(),
+            kind: "rate_limit_error",
+            param: None,
+            code: Some("queue_full"),
+            retry_after: Some(retry_after),
+        }
+    }
+
+    /// A 503: no route, or the service could not answer in time.
+    pub fn unavailable(message: impl Into<String>, code: &'static str, retry_after: Option<u64>) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: message.into(),
+            kind: "service_unavailable",
+            param: None,
+            code: Some(code),
+            retry_after,
+        }
+    }
+
+    /// The JSON envelope.
+    pub fn body(&self) -> Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}): {}", self.status.as_u16(), self.kind, self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status, Json(self.body())).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}
+
+impl From<DriverError> for ApiError {
+    fn from(e: DriverError) -> Self {
+        match e {
+            DriverError::InvalidRequest(m) => Self::invalid(m, None),
+            DriverError::NoRoute { .. } => Self::unavailable(e.to_string(), "no_route", Some(5)),
+            other => Self::unavailable(other.to_string(), "pipeline_failed", Some(1)),
+        }
+    }
+}

@@ -1,0 +1,478 @@
+//! The endpoints, and how one request becomes `n` sessions through the pipeline.
+//!
+//! A completion request is validated ([`crate::schema`]), admitted ([`crate::admission`]),
+//! then each of its `n` choices runs as its own task (owned by a `JoinSet`, so a request that
+//! goes away aborts them all, and each aborted generation closes its session along the
+//! chain). Choice `i` samples with `seed + i`. A watchdog ends a choice whose first token
+//! (counted from the request's arrival) or next token does not come within its deadline.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use shoal_coordinator_free_router::driver::Request;
+use shoal_model_shards::generate::{FinishReason, Flow};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use crate::schema::{ChatBody, CompletionBody, Job, Kind, parse};
+use crate::text::TextAssembler;
+use crate::{ApiError, ApiState};
+
+type Tx = mpsc::UnboundedSender<Result<Event, Infallible>>;
+
+pub(crate) async fn not_found() -> ApiError {
+    ApiError::not_found("no such endpoint", None, "not_found")
+}
+
+pub(crate) async fn method_not_allowed() -> ApiError {
+    let mut e = ApiError::invalid("method not allowed on this endpoint", None);
+    e.status = StatusCode::METHOD_NOT_ALLOWED;
+    e.code = Some("method_not_allowed");
+    e
+}
+
+fn model_object(name: &str) -> Value {
+    json!({"id": name, "object": "model", "created": 0, "owned_by": "shoal"})
+}
+
+pub(crate) async fn models(State(state): State<Arc<ApiState>>) -> Json<Value> {
+    Json(json!({"object": "list", "data": [model_object(&state.model.name)]}))
+}
+
+pub(crate) async fn model(State(state): State<Arc<ApiState>>, Path(id): Path<String>) -> Response {
+    if id == state.model.name {
+        Json(model_object(&id)).into_response()
+    } else {
+        ApiError::not_found(format!("the model `{id}` does not exist"), Some("model"), "model_not_found")
+            .into_response()
+    }
+}
+
+pub(crate) async fn health(State(state): State<Arc<ApiState>>) -> Response {
+    match state.driver.plan_route() {
+        Ok(route) => {
+            (StatusCode::OK, Json(json!({"status": "ok", "route_hops": route.len()}))).into_response()
+        }
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+pub(crate) async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
+    let m = &state.metrics;
+    m.running.set(state.admission.running() as i64);
+    m.waiting.set(state.admission.waiting() as i64);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], m.render()).into_response()
+}
+
+pub(crate) async fn openapi(State(state): State<Arc<ApiState>>) -> Json<Value> {
+    Json(crate::openapi::document(&state.model.name, state.max_n()))
+}
+
+pub(crate) async fn chat_completions(
+    State(state): State<Arc<ApiState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let arrived = Instant::now();
+    let job = async {
+        let mut body: ChatBody = parse(body)?;
+        let template =
+            state.model.chat_template.as_ref().ok_or_else(|| {
+                ApiError::invalid("this model has no chat template; use /v1/completions", None)
+            })?;
+        let messages = body.chat_messages()?;
+        let text = template
+            .render(&messages, true)
+            .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+        let prompt = state
+            .model
+            .tokenizer
+            .encode(&text, false)
+            .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+        let logprobs = body.logprobs()?;
+        state.job(Kind::Chat, prompt, body.common, logprobs, "messages")
+    }
+    .await;
+    match job {
+        Ok(job) => serve(state, job, arrived).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+pub(crate) async fn completions(
+    State(state): State<Arc<ApiState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let arrived = Instant::now();
+    let job = (|| {
+        let mut body: CompletionBody = parse(body)?;
+        let prompt = body.prompt_ids(&state)?;
+        let logprobs = body.logprobs()?;
+        state.job(Kind::Completion, prompt, body.common, logprobs, "prompt")
+    })();
+    match job {
+        Ok(job) => serve(state, job, arrived).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// One generated token's log-probabilities.
+#[derive(Debug, Clone)]
+struct TokenLp {
+    id: u32,
+    logprob: f32,
+    top: Vec<(u32, f32)>,
+}
+
+/// What one choice produced.
+struct ChoiceResult {
+    index: usize,
+    text: String,
+    finish: &'static str,
+    tokens: usize,
+    logprobs: Vec<TokenLp>,
+}
+
+/// The identity shared by every chunk of one response.
+struct Meta {
+    kind: Kind,
+    id: String,
+    created: u64,
+    model: String,
+}
+
+fn finish_str(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+/// Chat logprobs of `lps`: `{"content": [{"token", "logprob", "bytes", "top_logprobs"}], "refusal"}`.
+fn chat_logprobs(state: &ApiState, lps: &[TokenLp]) -> Value {
+    let entry = |id: u32, lp: f32| {
+        let (token, bytes) = state.token_text.text(id);
+        json!({"token": token, "logprob": lp, "bytes": bytes})
+    };
+    let content: Vec<Value> = lps
+        .iter()
+        .map(|t| {
+            let mut e = entry(t.id, t.logprob);
+            e["top_logprobs"] = t.top.iter().map(|&(id, lp)| entry(id, lp)).collect();
+            e
+        })
+        .collect();
+    json!({"content": content, "refusal": null})
+}
+
+/// Completions logprobs of `lps`: `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`,
+/// offsets counted in characters from `offset` (where these tokens' text begins).
+fn completion_logprobs(state: &ApiState, lps: &[TokenLp], offset: &mut usize) -> Value {
+    let mut tokens = Vec::with_capacity(lps.len());
+    let mut token_logprobs = Vec::with_capacity(lps.len());
+    let mut top = Vec::with_capacity(lps.len());
+    let mut text_offset = Vec::with_capacity(lps.len());
+    for t in lps {
+        let (s, _) = state.token_text.text(t.id);
+        text_offset.push(*offset);
+        *offset += s.chars().count();
+        tokens.push(s);
+        token_logprobs.push(t.logprob);
+        let alts: serde_json::Map<String, Value> =
+            t.top.iter().map(|&(id, lp)| (state.token_text.text(id).0, json!(lp))).collect();
+        top.push(Value::Object(alts));
+    }
+    json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": text_offset})
+}
+
+/// One streamed chunk of choice `index`.
+fn chunk(
+    meta: &Meta,
+    index: usize,
+    delta: Option<&str>,
+    finish: Option<&str>,
+    role: bool,
+    logprobs: Value,
+) -> Value {
+    match meta.kind {
+        Kind::Chat => {
+            let mut d = serde_json::Map::new();
+            if role {
+                d.insert("role".into(), json!("assistant"));
+            }
+            if let Some(t) = delta {
+                d.insert("content".into(), json!(t));
+            }
+            json!({"id": meta.id, "object": "chat.completion.chunk", "created": meta.created, "model": meta.model,
+                   "choices": [{"index": index, "delta": d, "logprobs": logprobs, "finish_reason": finish}]})
+        }
+        Kind::Completion => json!({"id": meta.id, "object": "text_completion", "created": meta.created,
+            "model": meta.model,
+            "choices": [{"index": index, "text": delta.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish}]}),
+    }
+}
+
+fn send(tx: &Tx, v: &Value) -> bool {
+    tx.send(Ok(Event::default().data(v.to_string()))).is_ok()
+}
+
+const NO_TOKEN: u64 = u64::MAX;
+
+/// Runs choice `index` of `job`; with `stream`, sends its chunks as they are decided.
+async fn run_choice(
+    state: Arc<ApiState>,
+    job: Arc<Job>,
+    index: usize,
+    arrived: Instant,
+    stream: Option<(Tx, Arc<Meta>)>,
+) -> Result<ChoiceResult, ApiError> {
+    let mut params = job.params.clone();
+    params.seed = params.seed.wrapping_add(index as u64);
+    let request = Request {
+        prompt: job.prompt.clone(),
+        params,
+        max_tokens: job.max_tokens,
+        stop_ids: state.model.stop_ids.clone(),
+        top_logprobs: job.logprobs.unwrap_or(0),
+    };
+    let m = &state.metrics;
+    let mut text = TextAssembler::new(&state.model.tokenizer, job.stops.clone());
+    let mut lps = Vec::new();
+    let (mut stopped, mut gone, mut last_at) = (false, false, None::<Instant>);
+    let mut offset = 0usize;
+    // Milliseconds from arrival to the latest token, for the watchdog.
+    let latest = AtomicU64::new(NO_TOKEN);
+    if let Some((tx, meta)) = &stream
+        && meta.kind == Kind::Chat
+    {
+        gone = !send(tx, &chunk(meta, index, Some(""), None, true, Value::Null));
+    }
+    if gone {
+        return Err(client_gone());
+    }
+    let generation = state.driver.generate(&request, |ev| {
+        let now = Instant::now();
+        match last_at {
+            None if index == 0 => m.ttft.observe(now.duration_since(arrived).as_secs_f64()),
+            None => {}
+            Some(t) => m.itl.observe(now.duration_since(t).as_secs_f64()),
+        }
+        last_at = Some(now);
+        latest.store(now.duration_since(arrived).as_millis() as u64, Ordering::Relaxed);
+        let (piece, hit) = text.push(ev.token);
+        stopped |= hit;
+        let lp = job.logprobs.map(|_| TokenLp {
+            id: ev.token,
+            logprob: ev.logprob,
+            top: ev.top_logprobs.to_vec(),
+        });
+        if let Some((tx, meta)) = &stream {
+            if !piece.is_empty() || lp.is_some() {
+                let lpv = match (&lp, meta.kind) {
+                    (None, _) => Value::Null,
+                    (Some(l), Kind::Chat) => chat_logprobs(&state, std::slice::from_ref(l)),
+                    (Some(l), Kind::Completion) => {
+                        completion_logprobs(&state, std::slice::from_ref(l), &mut offset)
+                    }
+                };
+                if !send(tx, &chunk(meta, index, Some(&piece), None, false, lpv)) {
+                    gone = true;
+                    return Flow::Stop;
+                }
+            }
+        } else if let Some(l) = lp {
+            lps.push(l);
+        }
+        if hit { Flow::Stop } else { Flow::Continue }
+    });
+    let (first_limit, next_limit) = (state.config.first_token_timeout, state.config.token_timeout);
+    let watchdog = async {
+        loop {
+            let at = latest.load(Ordering::Relaxed);
+            let (deadline, what, limit) = if at == NO_TOKEN {
+                (first_limit, "first token", first_limit)
+            } else {
+                (Duration::from_millis(at) + next_limit, "next token", next_limit)
+            };
+            let elapsed = arrived.elapsed();
+            if elapsed >= deadline {
+                return (what, limit);
+            }
+            tokio::time::sleep(deadline - elapsed).await;
+        }
+    };
+    let outcome = tokio::select! {
+        r = generation => r.map_err(ApiError::from),
+        (what, limit) = watchdog => Err(ApiError::unavailable(
+            format!("no {what} within {limit:.0?}"), "timeout", Some(1))),
+    };
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            m.finished("abort");
+            return Err(e);
+        }
+    };
+    m.generation_tokens.inc_by(outcome.tokens.len() as u64);
+    m.failovers.inc_by(outcome.failovers.len() as u64);
+    if gone {
+        m.finished("abort");
+        return Err(client_gone());
+    }
+    let rest = text.finish();
+    let finish = if stopped { "stop" } else { finish_str(outcome.finish_reason) };
+    m.finished(finish);
+    if let Some((tx, meta)) = &stream {
+        if !rest.is_empty() {
+            send(tx, &chunk(meta, index, Some(&rest), None, false, Value::Null));
+        }
+        let mut last = chunk(meta, index, None, Some(finish), false, Value::Null);
+        if meta.kind == Kind::Chat {
+            last["choices"][0]["delta"] = json!({});
+        }
+        send(tx, &last);
+    }
+    Ok(ChoiceResult {
+        index,
+        text: text.text().to_owned(),
+        finish,
+        tokens: outcome.tokens.len(),
+        logprobs: lps,
+    })
+}
+
+fn client_gone() -> ApiError {
+    let mut e = ApiError::invalid("the client closed the connection", None);
+    e.code = Some("client_closed");
+    e
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Admits `job`, runs its choices and answers (a JSON body, or server-sent events).
+async fn serve(state: Arc<ApiState>, job: Job, arrived: Instant) -> Response {
+    let permit = match state.admission.admit(job.n, state.config.first_token_timeout).await {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let m = &state.metrics;
+    m.queue.observe(arrived.elapsed().as_secs_f64());
+    m.prompt_tokens.inc_by(job.prompt.len() as u64);
+    let meta = Arc::new(Meta {
+        kind: job.kind,
+        id: format!(
+            "{}-{:016x}",
+            if job.kind == Kind::Chat { "chatcmpl" } else { "cmpl" },
+            rand::random::<u64>()
+        ),
+        created: now_secs(),
+        model: state.model.name.clone(),
+    });
+    let job = Arc::new(job);
+    if !job.stream {
+        let mut set = JoinSet::new();
+        for i in 0..job.n {
+            set.spawn(run_choice(state.clone(), job.clone(), i, arrived, None));
+        }
+        let mut results = Vec::with_capacity(job.n);
+        while let Some(r) = set.join_next().await {
+            match r {
+                Ok(Ok(c)) => results.push(c),
+                // Dropping the set aborts the other choices (closing their sessions).
+                Ok(Err(e)) => return e.into_response(),
+                Err(e) => return internal(&e).into_response(),
+            }
+        }
+        drop(permit);
+        m.e2e.observe(arrived.elapsed().as_secs_f64());
+        results.sort_by_key(|c| c.index);
+        let completion: usize = results.iter().map(|c| c.tokens).sum();
+        let choices: Vec<Value> = results
+            .iter()
+            .map(|c| {
+                let lp = match job.logprobs {
+                    None => Value::Null,
+                    Some(_) if job.kind == Kind::Chat => chat_logprobs(&state, &c.logprobs),
+                    Some(_) => completion_logprobs(&state, &c.logprobs, &mut 0),
+                };
+                match job.kind {
+                    Kind::Chat => {
+                        json!({"index": c.index, "message": {"role": "assistant", "content": c.text},
+                                         "logprobs": lp, "finish_reason": c.finish})
+                    }
+                    Kind::Completion => json!({"index": c.index, "text": c.text, "logprobs": lp,
+                                               "finish_reason": c.finish}),
+                }
+            })
+            .collect();
+        let object = if job.kind == Kind::Chat { "chat.completion" } else { "text_completion" };
+        return Json(json!({
+            "id": meta.id, "object": object, "created": meta.created, "model": meta.model,
+            "choices": choices, "usage": usage(job.prompt.len(), completion),
+        }))
+        .into_response();
+    }
+
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let _permit = permit;
+        let mut set = JoinSet::new();
+        for i in 0..job.n {
+            set.spawn(run_choice(state.clone(), job.clone(), i, arrived, Some((tx.clone(), meta.clone()))));
+        }
+        let mut completion = 0;
+        while let Some(r) = set.join_next().await {
+            let err = match r {
+                Ok(Ok(c)) => {
+                    completion += c.tokens;
+                    continue;
+                }
+                Ok(Err(e)) if e.code == Some("client_closed") => {
+                    tracing::info!("client disconnected; sessions closed");
+                    return;
+                }
+                Ok(Err(e)) => e,
+                Err(e) => internal(&e),
+            };
+            // One error event, then the stream closes (no [DONE]); the set's drop aborts
+            // the other choices.
+            send(&tx, &err.body());
+            return;
+        }
+        state.metrics.e2e.observe(arrived.elapsed().as_secs_f64());
+        if job.include_usage {
+            let object = if job.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+            send(
+                &tx,
+                &json!({"id": meta.id, "object": object, "created": meta.created, "model": meta.model,
+                        "choices": [], "usage": usage(job.prompt.len(), completion)}),
+            );
+        }
+        let _ = tx.send(Ok(Event::default().data("[DONE]")));
+    });
+    Sse::new(UnboundedReceiverStream::new(rx)).keep_alive(KeepAlive::default()).into_response()
+}
+
+fn internal(e: &tokio::task::JoinError) -> ApiError {
+    tracing::error!("a generation task failed: {e}");
+    let mut err = ApiError::unavailable("internal error in a generation task", "internal_error", None);
+    err.status = StatusCode::INTERNAL_SERVER_ERROR;
+    err.kind = "server_error";
+    err
+}

@@ -1,0 +1,506 @@
+//! The API router driven through tower's `oneshot` (no socket), in front of a real pipeline:
+//! SmolLM2 as two in-process stages on loopback iroh endpoints.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request as HttpRequest, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use shoal_api::{ApiConfig, ApiState, ServedModel, router};
+use shoal_coordinator_free_router::driver::{Driver, DriverConfig, ModelInfo};
+use shoal_model_shards::{DType, Device, Model, Shard};
+use shoal_worker::net::{Node, NodeOptions};
+use shoal_worker::service::{StageConfig, StageService};
+use tower::ServiceExt;
+
+fn model_path() -> std::path::PathBuf {
+    let p =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.is_file(), "{} is missing: run `bash deploy/fetch-model.sh` first", p.display());
+    p
+}
+
+struct Fixture {
+    app: axum::Router,
+    stages: Vec<Node>,
+    state: Arc<ApiState>,
+}
+
+async fn fixture(with_stages: bool) -> Fixture {
+    fixture_with(with_stages, ApiConfig { max_body_bytes: 64 * 1024, ..ApiConfig::default() }).await
+}
+
+async fn fixture_with(with_stages: bool, config: ApiConfig) -> Fixture {
+    let model = Model::open(model_path()).expect("model");
+    let info = ModelInfo::of(&model).expect("model info");
+    let origin = Node::bind(NodeOptions::loopback()).await.expect("origin");
+    let driver = Driver::new(origin, info, DriverConfig::default());
+    let mut stages = Vec::new();
+    if with_stages {
+        for span in [0..15, 15..30] {
+            let shard = Shard::load(&model, span, &Device::Cpu, DType::F32).expect("span");
+            let config = StageConfig {
+                max_sessions: 8,
+                kv_budget_bytes: 1 << 30,
+                per_peer_sessions: 8,
+                idle_timeout: Duration::from_secs(60),
+                max_seq_len: 8192,
+                model_id: info.model_id,
+            };
+            let node = Node::bind(NodeOptions::loopback()).await.expect("stage");
+            node.serve(StageService::new(shard, config));
+            driver.add_peer(node.addr()).await.expect("stage answers");
+            stages.push(node);
+        }
+    }
+    let served = ServedModel::of(&model, "smollm2").expect("tokenizer and template");
+    let state = Arc::new(ApiState::new(Arc::new(driver), served, config).expect("metrics"));
+    Fixture { app: router(state.clone()), stages, state }
+}
+
+async fn call(app: &axum::Router, method: &str, path: &str, body: Option<Value>) -> (StatusCode, String) {
+    let req = HttpRequest::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json")
+        .body(body.map_or(Body::empty(), |b| Body::from(b.to_string())))
+        .expect("request");
+    let resp = app.clone().oneshot(req).await.expect("response");
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8(bytes.to_vec()).expect("utf-8"))
+}
+
+fn json_of(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+fn error_of(status: StatusCode, body: &str, want: StatusCode) -> Value {
+    assert_eq!(status, want, "{body}");
+    let v = json_of(body);
+    let e = &v["error"];
+    assert!(e["message"].is_string() && e["type"].is_string(), "{body}");
+    assert!(e.get("param").is_some() && e.get("code").is_some(), "{body}");
+    v
+}
+
+/// The `data:` payloads of a server-sent-events body.
+fn sse_data(body: &str) -> Vec<String> {
+    body.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_owned).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_and_completions_stream_and_not() {
+    let f = fixture(true).await;
+    let (s, b) = call(&f.app, "GET", "/health", None).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let (s, b) = call(&f.app, "GET", "/v1/models", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(json_of(&b)["data"][0]["id"], "smollm2");
+
+    let chat = json!({
+        "model": "smollm2",
+        "messages": [{"role": "system", "content": "You are brief."},
+                     {"role": "user", "content": [{"type": "text", "text": "Name a color."}]}],
+        "max_tokens": 12, "temperature": 0.8, "seed": 7, "some_unknown_field": {"x": 1},
+    });
+    let (s, b) = call(&f.app, "POST", "/v1/chat/completions", Some(chat.clone())).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let full = json_of(&b);
+    let text = full["choices"][0]["message"]["content"].as_str().expect("content").to_owned();
+    assert_eq!(full["object"], "chat.completion");
+    assert_eq!(full["choices"][0]["message"]["role"], "assistant");
+    let n = full["usage"]["completion_tokens"].as_u64().expect("usage");
+    assert!((1..=12).contains(&n));
+    assert_eq!(
+        full["usage"]["total_tokens"].as_u64(),
+        Some(full["usage"]["prompt_tokens"].as_u64().expect("prompt tokens") + n)
+    );
+    assert_eq!(full["choices"][0]["finish_reason"], if n == 12 { "length" } else { "stop" });
+    // Same seed, same text.
+    let (_, b2) = call(&f.app, "POST", "/v1/chat/completions", Some(chat.clone())).await;
+    assert_eq!(json_of(&b2)["choices"][0]["message"]["content"], text.as_str());
+
+    // Streaming: the deltas concatenate to the same text; usage comes last; then [DONE].
+    let mut streamed = chat.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let (s, b) = call(&f.app, "POST", "/v1/chat/completions", Some(streamed)).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let data = sse_data(&b);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{b}");
+    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| json_of(d)).collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let joined: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(joined, text);
+    let usage = chunks.last().expect("usage chunk");
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"].as_u64(), Some(n));
+    let finish = &chunks[chunks.len() - 2]["choices"][0]["finish_reason"];
+    assert_eq!(finish, &full["choices"][0]["finish_reason"]);
+
+    // Completions, with a stop string: the text ends before it.
+    let comp = json!({"prompt": "The capital of France is", "max_tokens": 20, "temperature": 0});
+    let (s, b) = call(&f.app, "POST", "/v1/completions", Some(comp.clone())).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let plain = json_of(&b)["choices"][0]["text"].as_str().expect("text").to_owned();
+    assert!(plain.starts_with(" Paris"), "{plain}");
+    let mut stopped = comp.clone();
+    stopped["stop"] = json!(["\n", "."]);
+    let (_, b) = call(&f.app, "POST", "/v1/completions", Some(stopped.clone())).await;
+    let v = json_of(&b);
+    assert_eq!(v["choices"][0]["text"], " Paris");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    stopped["stream"] = json!(true);
+    let (_, b) = call(&f.app, "POST", "/v1/completions", Some(stopped)).await;
+    let data = sse_data(&b);
+    let joined: String = data[..data.len() - 1]
+        .iter()
+        .map(|d| json_of(d)["choices"][0]["text"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(joined, " Paris");
+    // max_completion_tokens is max_tokens' alias.
+    let (_, b) = call(
+        &f.app,
+        "POST",
+        "/v1/completions",
+        Some(json!({"prompt": ["Once upon a time"], "max_completion_tokens": 3, "temperature": 0})),
+    )
+    .await;
+    let v = json_of(&b);
+    assert_eq!(
+        (v["usage"]["completion_tokens"].as_u64(), &v["choices"][0]["finish_reason"]),
+        (Some(3), &json!("length"))
+    );
+    for s in &f.stages {
+        s.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_openai_errors_and_no_route_is_503() {
+    let f = fixture(true).await;
+    let (s, b) = call(&f.app, "POST", "/v1/chat/completions", None).await;
+    error_of(s, &b, StatusCode::BAD_REQUEST);
+    let req = HttpRequest::builder()
+        .method("POST")
+        .uri("/v1/completions")
+        .body(Body::from("{not json"))
+        .expect("request");
+    let resp = f.app.clone().oneshot(req).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let bad = [
+        json!({"messages": []}),
+        json!({"messages": "hello"}),
+        json!({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}),
+        json!({"messages": [{"role": "user", "content": "hi"}], "n": 0}),
+        json!({"messages": [{"role": "user", "content": "hi"}], "n": 99}),
+        json!({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}),
+        json!({"messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": 21}),
+        json!({"messages": [{"role": "tool", "content": "hi"}]}),
+        json!({"messages": [{"role": "user", "content": "hi"}], "temperature": 1e300}),
+        json!({"messages": [{"role": "user", "content": "hi"}], "seed": 1.5}),
+        json!({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}),
+        json!({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}),
+        json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}),
+        json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 9999999}),
+        json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
+    ];
+    for body in bad {
+        let (s, b) = call(&f.app, "POST", "/v1/chat/completions", Some(body.clone())).await;
+        error_of(s, &b, StatusCode::BAD_REQUEST);
+    }
+    // A prompt longer than the context: 400, never truncated.
+    let long = "word ".repeat(9000);
+    let (s, b) = call(&f.app, "POST", "/v1/completions", Some(json!({"prompt": long}))).await;
+    // The body limit (64 KiB here) may refuse it first.
+    assert!(s == StatusCode::BAD_REQUEST || s == StatusCode::PAYLOAD_TOO_LARGE, "{s} {b}");
+    error_of(s, &b, s);
+    let (s, b) = call(&f.app, "POST", "/v1/completions", Some(json!({"prompt": "x ".repeat(40_000)}))).await;
+    error_of(s, &b, StatusCode::PAYLOAD_TOO_LARGE);
+    let (s, b) = call(&f.app, "POST", "/v1/completions", Some(json!({"prompt": "word ".repeat(8200)}))).await;
+    let v = error_of(s, &b, StatusCode::BAD_REQUEST);
+    assert!(v["error"]["message"].as_str().expect("message").contains("context"), "{v}");
+    let (s, b) =
+        call(&f.app, "POST", "/v1/completions", Some(json!({"prompt": "hi", "model": "gpt-4"}))).await;
+    error_of(s, &b, StatusCode::NOT_FOUND);
+    let (s, b) = call(&f.app, "GET", "/v1/nothing", None).await;
+    error_of(s, &b, StatusCode::NOT_FOUND);
+
+    // No stages: health and requests are 503 with a reason.
+    let empty = fixture(false).await;
+    let (s, b) = call(&empty.app, "GET", "/health", None).await;
+    error_of(s, &b, StatusCode::SERVICE_UNAVAILABLE);
+    let (s, b) =
+        call(&empty.app, "POST", "/v1/completions", Some(json!({"prompt": "hi", "max_tokens": 2}))).await;
+    error_of(s, &b, StatusCode::SERVICE_UNAVAILABLE);
+    for s in &f.stages {
+        s.shutdown().await;
+    }
+}
+
+/// The bytes of each token of a chat `logprobs.content` list, concatenated.
+fn logprob_bytes(content: &Value) -> Vec<u8> {
+    content
+        .as_array()
+        .expect("content list")
+        .iter()
+        .flat_map(|e| e["bytes"].as_array().expect("bytes").iter().map(|b| b.as_u64().expect("byte") as u8))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_n_choices_and_token_prompts() {
+    let f = fixture(true).await;
+    let msgs = json!([{"role": "user", "content": "Write one sentence about the sea."}]);
+    // Chat logprobs, greedy: one entry per token, the chosen token is the top alternative,
+    // the tokens' bytes spell the text.
+    let body =
+        json!({"messages": msgs, "max_tokens": 10, "temperature": 0, "logprobs": true, "top_logprobs": 3});
+    let (s, b) = call(&f.app, "POST", "/v1/chat/completions", Some(body.clone())).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let v = json_of(&b);
+    let choice = &v["choices"][0];
+    let content = &choice["logprobs"]["content"];
+    let n = v["usage"]["completion_tokens"].as_u64().expect("usage") as usize;
+    assert_eq!(content.as_array().expect("list").len(), n, "{b}");
+    for e in content.as_array().expect("list") {
+        let top = e["top_logprobs"].as_array().expect("top");
+        assert_eq!(top.len(), 3);
+        assert_eq!(top[0]["token"], e["token"], "greedy takes the most likely token: {e}");
+        assert!((top[0]["logprob"].as_f64().expect("lp") - e["logprob"].as_f64().expect("lp")).abs() < 1e-6);
+        let lps: Vec<f64> = top.iter().map(|t| t["logprob"].as_f64().expect("lp")).collect();
+        assert!(lps.windows(2).all(|w| w[0] >= w[1]) && lps[0] <= 0.0, "{lps:?}");
+    }
+    if choice["finish_reason"] == "length" {
+        assert_eq!(String::from_utf8(logprob_bytes(content)).expect("utf-8"), choice["message"]["content"]);
+    }
+    // Streamed, the chunks carry the same entries.
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let (_, sb) = call(&f.app, "POST", "/v1/chat/completions", Some(streamed)).await;
+    let data = sse_data(&sb);
+    let entries: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| json_of(d))
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(&Value::Array(entries), content);
+
+    // Completions logprobs (an integer there): tokens spell the text, offsets increase.
+    let comp =
+        json!({"prompt": "The three primary colors are", "max_tokens": 8, "temperature": 0, "logprobs": 2});
+    let (s, b) = call(&f.app, "POST", "/v1/completions", Some(comp.clone())).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let v = json_of(&b);
+    let lp = &v["choices"][0]["logprobs"];
+    let tokens: Vec<&str> =
+        lp["tokens"].as_array().expect("tokens").iter().map(|t| t.as_str().expect("s")).collect();
+    assert_eq!(tokens.concat(), v["choices"][0]["text"].as_str().expect("text"));
+    assert_eq!(lp["token_logprobs"].as_array().expect("lps").len(), tokens.len());
+    assert!(
+        lp["top_logprobs"]
+            .as_array()
+            .expect("top")
+            .iter()
+            .all(|m| m.as_object().is_some_and(|m| m.len() <= 2))
+    );
+    let offsets: Vec<u64> =
+        lp["text_offset"].as_array().expect("offsets").iter().map(|o| o.as_u64().expect("o")).collect();
+    assert!(offsets.windows(2).all(|w| w[0] <= w[1]) && offsets[0] == 0, "{offsets:?}");
+    // The same prompt given as token ids gives the same completion.
+    let ids = f.state.model.tokenizer.encode("The three primary colors are", true).expect("encode");
+    let (_, b2) = call(
+        &f.app,
+        "POST",
+        "/v1/completions",
+        Some(json!({"prompt": ids, "max_tokens": 8, "temperature": 0})),
+    )
+    .await;
+    assert_eq!(json_of(&b2)["choices"][0]["text"], v["choices"][0]["text"]);
+
+    // n = 3: choice i is what n = 1 gives with seed + i; usage sums the choices.
+    let sampled = json!({"messages": msgs, "max_tokens": 12, "temperature": 1.0, "seed": 5, "n": 3});
+    let (s, b) = call(&f.app, "POST", "/v1/chat/completions", Some(sampled.clone())).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let v = json_of(&b);
+    let choices = v["choices"].as_array().expect("choices");
+    assert_eq!(choices.iter().map(|c| c["index"].as_u64().expect("index")).collect::<Vec<_>>(), [0, 1, 2]);
+    let mut total = 0;
+    for (i, c) in choices.iter().enumerate() {
+        let mut one = sampled.clone();
+        one["n"] = json!(1);
+        one["seed"] = json!(5 + i);
+        let (_, b1) = call(&f.app, "POST", "/v1/chat/completions", Some(one)).await;
+        let v1 = json_of(&b1);
+        assert_eq!(v1["choices"][0]["message"]["content"], c["message"]["content"], "choice {i}");
+        total += v1["usage"]["completion_tokens"].as_u64().expect("usage");
+    }
+    assert_eq!(v["usage"]["completion_tokens"].as_u64(), Some(total));
+    // Streamed with n = 2: each index's deltas spell that choice's text.
+    let mut streamed = sampled.clone();
+    streamed["n"] = json!(2);
+    streamed["stream"] = json!(true);
+    let (_, sb) = call(&f.app, "POST", "/v1/chat/completions", Some(streamed)).await;
+    let data = sse_data(&sb);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    for (i, c) in choices.iter().take(2).enumerate() {
+        let text: String = data[..data.len() - 1]
+            .iter()
+            .map(|d| json_of(d))
+            .filter(|c| c["choices"][0]["index"] == i)
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+            .collect();
+        assert_eq!(text, c["message"]["content"].as_str().expect("text"), "choice {i}");
+    }
+    for s in &f.stages {
+        s.shutdown().await;
+    }
+}
+
+async fn call_with_key(app: &axum::Router, path: &str, key: Option<&str>) -> (StatusCode, String) {
+    let mut req = HttpRequest::builder().method("GET").uri(path);
+    if let Some(k) = key {
+        req = req.header("authorization", format!("Bearer {k}"));
+    }
+    let resp = app.clone().oneshot(req.body(Body::empty()).expect("request")).await.expect("response");
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8(bytes.to_vec()).expect("utf-8"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_guard_v1_only() {
+    let config = ApiConfig { api_keys: vec!["sekret".into(), "other".into()], ..ApiConfig::default() };
+    let f = fixture_with(false, config).await;
+    for key in [None, Some("wrong"), Some("sekre"), Some("sekret2")] {
+        let (s, b) = call_with_key(&f.app, "/v1/models", key).await;
+        let v = error_of(s, &b, StatusCode::UNAUTHORIZED);
+        assert_eq!(v["error"]["code"], "invalid_api_key");
+    }
+    for key in ["sekret", "other"] {
+        let (s, b) = call_with_key(&f.app, "/v1/models", Some(key)).await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+    }
+    // Health, metrics and the OpenAPI document stay open.
+    let (s, _) = call_with_key(&f.app, "/metrics", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, b) = call_with_key(&f.app, "/openapi.json", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let doc = json_of(&b);
+    assert_eq!(doc["openapi"], "3.0.3");
+    assert!(doc["paths"]["/v1/chat/completions"]["post"].is_object());
+    assert_eq!(
+        doc["components"]["schemas"]["ChatRequest"]["properties"]["model"]["enum"],
+        json!(["smollm2"])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_queue_deadlines_and_metrics() {
+    let config = ApiConfig {
+        max_running: 1,
+        max_waiting: 1,
+        first_token_timeout: Duration::from_millis(1500),
+        ..ApiConfig::default()
+    };
+    let f = fixture_with(true, config).await;
+    // A long streamed request holds the only session.
+    let long = json!({"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": true});
+    let req = HttpRequest::builder()
+        .method("POST")
+        .uri("/v1/completions")
+        .body(Body::from(long.to_string()))
+        .expect("request");
+    let held = f.app.clone().oneshot(req).await.expect("response");
+    assert_eq!(held.status(), StatusCode::OK);
+    assert_eq!(f.state.admission().running(), 1);
+    // The next one waits in the queue; one more finds the queue full: 429 + Retry-After.
+    let waiter = {
+        let app = f.app.clone();
+        tokio::spawn(async move {
+            call(&app, "POST", "/v1/completions", Some(json!({"prompt": "Hi", "max_tokens": 2}))).await
+        })
+    };
+    while f.state.admission().waiting() == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let req = HttpRequest::builder()
+        .method("POST")
+        .uri("/v1/completions")
+        .body(Body::from(json!({"prompt": "Hi", "max_tokens": 2}).to_string()))
+        .expect("request");
+    let full = f.app.clone().oneshot(req).await.expect("response");
+    assert_eq!(full.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(full.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+    // The waiter's first-token deadline passes while it queues: 503.
+    let (s, b) = waiter.await.expect("waiter");
+    let v = error_of(s, &b, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(v["error"]["code"], "queue_timeout");
+    // The client of the long request goes away: its session ends and the slot frees.
+    drop(held);
+    let t0 = std::time::Instant::now();
+    while f.state.admission().running() > 0 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the dropped stream's session never ended");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (s, b) =
+        call(&f.app, "POST", "/v1/completions", Some(json!({"prompt": "Hi", "max_tokens": 3}))).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    // Every stage's KV budget is back to full once the sessions closed.
+    let t0 = std::time::Instant::now();
+    while f.stages.iter().any(|n| n.stage_stats().is_some_and(|st| st.sessions > 0)) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "sessions left open on a stage");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Metrics: vLLM's series under shoal_, with the model name.
+    let mesh = tokio::spawn(shoal_api::watch_mesh(f.state.clone(), Duration::from_millis(50)));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    mesh.abort();
+    let (s, text) = call(&f.app, "GET", "/metrics", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{series} missing:\n{text}"))
+    };
+    assert_eq!(value("shoal_request_success_total{finished_reason=\"length\",model_name=\"smollm2\"}"), 1.0);
+    assert!(value("shoal_request_success_total{finished_reason=\"abort\",model_name=\"smollm2\"}") >= 1.0);
+    assert!(value("shoal_time_to_first_token_seconds_count{model_name=\"smollm2\"}") >= 2.0);
+    assert!(value("shoal_inter_token_latency_seconds_count{model_name=\"smollm2\"}") >= 2.0);
+    assert_eq!(value("shoal_e2e_request_latency_seconds_count{model_name=\"smollm2\"}"), 1.0);
+    assert!(value("shoal_generation_tokens_total{model_name=\"smollm2\"}") >= 4.0);
+    assert!(value("shoal_prompt_tokens_total{model_name=\"smollm2\"}") >= 2.0);
+    assert_eq!(value("shoal_num_requests_running{model_name=\"smollm2\"}"), 0.0);
+    assert_eq!(value("shoal_num_requests_waiting{model_name=\"smollm2\"}"), 0.0);
+    assert_eq!(value("shoal_live_peers{model_name=\"smollm2\"}"), 2.0);
+    assert!(value("shoal_hop_latency_seconds_count{model_name=\"smollm2\"}") >= 2.0);
+    assert_eq!(value("shoal_failovers_total{model_name=\"smollm2\"}"), 0.0);
+    for s in &f.stages {
+        s.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missed_first_token_deadline_is_a_503() {
+    let config = ApiConfig { first_token_timeout: Duration::from_millis(1), ..ApiConfig::default() };
+    let f = fixture_with(true, config).await;
+    let (s, b) = call(
+        &f.app,
+        "POST",
+        "/v1/completions",
+        Some(json!({"prompt": "word ".repeat(300), "max_tokens": 2})),
+    )
+    .await;
+    let v = error_of(s, &b, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(v["error"]["message"].as_str().expect("message").contains("first token"), "{v}");
+    for s in &f.stages {
+        s.shutdown().await;
+    }
+}

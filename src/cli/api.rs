@@ -1,0 +1,173 @@
+//! The OpenAI-compatible API: its options (shared by `shoal run --listen`, `shoal api` and
+//! `shoal worker --api`), the `shoal api` subcommand, and serving it in front of a driver.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use shoal_api::{ApiConfig, ApiState, ServedModel, router, watch_mesh};
+use shoal_coordinator_free_router::driver::Driver;
+use shoal_model_shards::Model;
+use shoal_worker::net::{Node, parse_ticket};
+
+use crate::cli::generate::DEFAULT_MODEL;
+use crate::node::{DriverArgs, driver, runtime, shutdown_signal};
+
+/// Options of the API server.
+#[derive(Debug, Clone, Args)]
+pub struct ApiArgs {
+    /// An API key that `/v1/*` requires (`Authorization: Bearer KEY`).
+    #[arg(long, env = "SHOAL_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// A file of API keys, one per line (blank lines and `#` comments ignored).
+    #[arg(long, env = "SHOAL_API_KEY_FILE", value_name = "FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// The model's name in the API (default: the model file's stem).
+    #[arg(long, env = "SHOAL_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// Most sessions generating at once (a request with n choices holds n).
+    #[arg(long, env = "SHOAL_MAX_RUNNING", default_value_t = 16)]
+    pub max_running: usize,
+    /// Most requests waiting for a free session; beyond it requests get 429.
+    #[arg(long, env = "SHOAL_MAX_WAITING", default_value_t = 64)]
+    pub max_waiting: usize,
+    /// Seconds from a request's arrival to its first token (queueing included) before it
+    /// fails with 503.
+    #[arg(long, env = "SHOAL_FIRST_TOKEN_TIMEOUT", default_value_t = 120.0)]
+    pub first_token_timeout: f64,
+    /// Seconds allowed between two tokens before the request fails with 503.
+    #[arg(long, env = "SHOAL_TOKEN_TIMEOUT", default_value_t = 30.0)]
+    pub token_timeout: f64,
+    /// Most choices per request (`n`).
+    #[arg(long, env = "SHOAL_MAX_N", default_value_t = 8)]
+    pub max_n: usize,
+    /// Cap the context (prompt plus completion) below the model's.
+    #[arg(long, env = "SHOAL_MAX_MODEL_LEN")]
+    pub max_model_len: Option<usize>,
+    /// Largest request body, in KiB.
+    #[arg(long, env = "SHOAL_MAX_BODY_KIB", default_value_t = 4096)]
+    pub max_body_kib: usize,
+}
+
+impl ApiArgs {
+    /// The API's configuration (reads the key file).
+    pub fn config(&self) -> Result<ApiConfig> {
+        let mut keys: Vec<String> = self.api_key.iter().filter(|k| !k.is_empty()).cloned().collect();
+        if let Some(path) = &self.api_key_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the key file {}", path.display()))?;
+            keys.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(str::to_owned),
+            );
+            if keys.is_empty() {
+                bail!("the key file {} holds no key", path.display());
+            }
+        }
+        let secs = |s: f64, name: &str| {
+            if s.is_finite() && s > 0.0 {
+                Ok(Duration::from_secs_f64(s))
+            } else {
+                bail!("--{name} must be positive")
+            }
+        };
+        if self.max_running == 0 {
+            bail!("--max-running must be at least 1");
+        }
+        Ok(ApiConfig {
+            max_body_bytes: self.max_body_kib.saturating_mul(1024),
+            api_keys: keys,
+            max_running: self.max_running,
+            max_waiting: self.max_waiting,
+            first_token_timeout: secs(self.first_token_timeout, "first-token-timeout")?,
+            token_timeout: secs(self.token_timeout, "token-timeout")?,
+            max_n: self.max_n.max(1),
+            max_model_len: self.max_model_len,
+        })
+    }
+}
+
+/// Arguments of `shoal api`.
+#[derive(Debug, Args)]
+pub struct ApiCommandArgs {
+    /// Model: a .gguf file or a Hugging Face directory (for its tokenizer, chat template and
+    /// identity; this node computes nothing).
+    #[arg(long, env = "SHOAL_MODEL", default_value = DEFAULT_MODEL)]
+    model: PathBuf,
+    /// A worker to route through (repeatable).
+    #[arg(long = "join", value_name = "TICKET", required = true)]
+    join: Vec<String>,
+    /// Address of the HTTP server.
+    #[arg(long, env = "SHOAL_LISTEN", default_value = "127.0.0.1:8000")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    api: ApiArgs,
+    #[command(flatten)]
+    driver: DriverArgs,
+}
+
+/// Runs `shoal api`.
+pub fn run(args: ApiCommandArgs) -> Result<()> {
+    let model = Model::open(&args.model).with_context(|| format!("opening {}", args.model.display()))?;
+    let model_id = model.model_id().context("hashing the model")?;
+    let tickets = args.join.iter().map(|t| parse_ticket(t)).collect::<Result<Vec<_>, _>>()?;
+    runtime()?.block_on(async move {
+        let origin = Node::bind(args.driver.net.options(None)).await?;
+        let d = driver(&model, model_id, origin.clone(), args.driver.config());
+        let result = serve(&model, &args.model, d, args.listen, &args.api, tickets).await;
+        origin.shutdown().await;
+        result
+    })
+}
+
+/// Serves the API in front of `driver` until Ctrl-C or SIGTERM; the peers of `join` are
+/// added (and retried every few seconds until they answer).
+pub async fn serve(
+    model: &Model,
+    path: &Path,
+    driver: Driver,
+    addr: SocketAddr,
+    args: &ApiArgs,
+    join: Vec<iroh::EndpointAddr>,
+) -> Result<()> {
+    let name = args.served_model_name.clone().unwrap_or_else(|| {
+        path.file_stem().map_or_else(|| "model".to_owned(), |s| s.to_string_lossy().into_owned())
+    });
+    let served = ServedModel::of(model, name.clone()).context("reading the model's tokenizer")?;
+    let state = Arc::new(ApiState::new(Arc::new(driver), served, args.config()?).context("metrics")?);
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    let local = listener.local_addr()?;
+    let mut tasks = tokio::task::JoinSet::new();
+    {
+        let state = state.clone();
+        tasks.spawn(async move {
+            let mut pending = join;
+            while !pending.is_empty() {
+                let mut left = Vec::new();
+                for addr in pending {
+                    if let Err(e) = state.driver.add_peer(addr.clone()).await {
+                        tracing::warn!("{e}; retrying");
+                        left.push(addr);
+                    }
+                }
+                pending = left;
+                if !pending.is_empty() {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            }
+        });
+    }
+    tasks.spawn(watch_mesh(state.clone(), Duration::from_secs(5)));
+    let keys = if state.config.api_keys.is_empty() { "no API key" } else { "API key required" };
+    println!("listening: http://{local}/v1 (model {name}, {keys})");
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    let served = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal()).await;
+    tasks.abort_all();
+    served.context("serving the API")
+}
