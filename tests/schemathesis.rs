@@ -1,0 +1,72 @@
+//! schemathesis (PyPI, installed by `.ci/run`) against `/openapi.json` of a real
+//! `shoal run --stages 2 --listen`: generated valid and invalid requests to every operation;
+//! no response may be a 5xx, and each must match the document's statuses, content types and
+//! schemas. The context is capped (`--max-model-len 64`) so generated requests stay short.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+#[test]
+fn schemathesis_finds_no_server_error_and_no_schema_violation() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let model = root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(model.is_file(), "{} is missing: run `bash deploy/fetch-model.sh` first", model.display());
+    let probe = Command::new("schemathesis").arg("--version").output();
+    assert!(
+        probe.is_ok_and(|o| o.status.success()),
+        "schemathesis is missing: pip install schemathesis==4.32.5 (.ci/run does)"
+    );
+    let mut server = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["run", "--stages", "2", "--listen", "127.0.0.1:0", "--max-model-len", "64", "--max-n", "2"])
+        .arg("--model")
+        .arg(&model)
+        .env("SHOAL_THREADS", "2")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start shoal run");
+    let stdout = server.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let url = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| {
+            l.strip_prefix("listening: ").and_then(|r| r.split_whitespace().next()).map(str::to_owned)
+        })
+        .expect("shoal prints the address it listens on");
+    std::thread::spawn(move || for _ in lines {});
+    let base = url.trim_end_matches("/v1").to_owned();
+    let report = std::env::temp_dir().join(format!("shoal-schemathesis-{}", std::process::id()));
+    let out = Command::new("schemathesis")
+        .arg("run")
+        .arg(format!("{base}/openapi.json"))
+        .args(["--url", &base])
+        .args([
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,unsupported_method",
+            "--max-examples",
+            "25",
+            "--workers",
+            "1",
+            "--seed",
+            "1",
+            "--generation-database",
+            "none",
+            "--request-timeout",
+            "120",
+            "--no-color",
+            "--suppress-health-check",
+            "all",
+            "--report-dir",
+        ])
+        .arg(&report)
+        .output()
+        .expect("run schemathesis");
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&report);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stdout}");
+    assert!(out.status.success(), "schemathesis found problems:\n{stdout}\n{stderr}");
+}
