@@ -37,7 +37,10 @@ fn schemathesis_finds_no_server_error_and_no_schema_violation() {
     std::thread::spawn(move || for _ in lines {});
     let base = url.trim_end_matches("/v1").to_owned();
     let report = std::env::temp_dir().join(format!("shoal-schemathesis-{}", std::process::id()));
+    std::fs::create_dir_all(&report).expect("scratch directory");
     let out = Command::new("schemathesis")
+        // schemathesis keeps a cache in its working directory: not in the source tree.
+        .current_dir(&report)
         .arg("run")
         .arg(format!("{base}/openapi.json"))
         .args(["--url", &base])
