@@ -404,12 +404,13 @@ async fn admission_queue_deadlines_and_metrics() {
     let config = ApiConfig {
         max_running: 1,
         max_waiting: 1,
-        first_token_timeout: Duration::from_millis(1500),
+        first_token_timeout: Duration::from_secs(5),
         ..ApiConfig::default()
     };
     let f = fixture_with(true, config).await;
     // A long streamed request holds the only session.
-    let long = json!({"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": true});
+    // (Far more tokens than it gets the time to make: it is dropped below.)
+    let long = json!({"prompt": "Once upon a time", "max_tokens": 4000, "temperature": 0, "stream": true});
     let req = HttpRequest::builder()
         .method("POST")
         .uri("/v1/completions")
@@ -418,6 +419,10 @@ async fn admission_queue_deadlines_and_metrics() {
     let held = f.app.clone().oneshot(req).await.expect("response");
     assert_eq!(held.status(), StatusCode::OK);
     assert_eq!(f.state.admission().running(), 1);
+    // Its first token has come (so its own first-token deadline is behind it).
+    let mut held = held.into_body();
+    let first = held.frame().await.expect("a first event").expect("body");
+    assert!(first.data_ref().is_some_and(|d| d.starts_with(b"data: ")), "{first:?}");
     // The next one waits in the queue; one more finds the queue full: 429 + Retry-After.
     let waiter = {
         let app = f.app.clone();
@@ -425,7 +430,9 @@ async fn admission_queue_deadlines_and_metrics() {
             call(&app, "POST", "/v1/completions", Some(json!({"prompt": "Hi", "max_tokens": 2}))).await
         })
     };
+    let t0 = std::time::Instant::now();
     while f.state.admission().waiting() == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(5), "the second request never queued");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let req = HttpRequest::builder()
