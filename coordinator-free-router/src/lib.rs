@@ -10,10 +10,16 @@
 //! - [`driver`]: the client side of the stage protocol with deadlines, bans with backoff and
 //!   failover by replaying the token history on a new route.
 //!
-//! Signed gossip membership, span choice and rebalancing come with the swarm issue (see
-//! `DESIGN.md`, "Swarm membership and routing"); until then a driver learns its peers from
-//! join tickets.
+//! - [`swarm`]: the swarm's decision logic as pure state machines, driven by a seeded
+//!   simulator in its tests: signed, expiring announcements and their byte format, each
+//!   node's view of the swarm, Petals-style route planning over (peer, layer) positions,
+//!   span choice and rebalancing with hysteresis.
+//!
+//! The gossip transport around [`swarm`] is not wired yet (see `DESIGN.md`, "Swarm
+//! membership and routing"); until it is, a driver learns its peers from join tickets and
+//! plans with [`route`].
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod driver;
 pub mod route;
+pub mod swarm;
