@@ -3,9 +3,13 @@
 //! no response may be a 5xx, and each must match the document's statuses, content types and
 //! schemas. The context is capped (`--max-model-len 64`) so generated requests stay short.
 
-use std::io::{BufRead, BufReader};
+#[path = "support/api_server.rs"]
+mod api_server;
+
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
+
+use api_server::ApiServer;
 
 #[test]
 fn schemathesis_finds_no_server_error_and_no_schema_violation() {
@@ -17,25 +21,8 @@ fn schemathesis_finds_no_server_error_and_no_schema_violation() {
         probe.is_ok_and(|o| o.status.success()),
         "schemathesis is missing: pip install schemathesis==4.32.5 (.ci/run does)"
     );
-    let mut server = Command::new(env!("CARGO_BIN_EXE_shoal"))
-        .args(["run", "--stages", "2", "--listen", "127.0.0.1:0", "--max-model-len", "64", "--max-n", "2"])
-        .arg("--model")
-        .arg(&model)
-        .env("SHOAL_THREADS", "2")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start shoal run");
-    let stdout = server.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let url = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .find_map(|l| {
-            l.strip_prefix("listening: ").and_then(|r| r.split_whitespace().next()).map(str::to_owned)
-        })
-        .expect("shoal prints the address it listens on");
-    std::thread::spawn(move || for _ in lines {});
-    let base = url.trim_end_matches("/v1").to_owned();
+    let server = ApiServer::start(&model, &["--stages", "2", "--max-model-len", "64", "--max-n", "2"], &[]);
+    let base = server.url.trim_end_matches("/v1").to_owned();
     let report = std::env::temp_dir().join(format!("shoal-schemathesis-{}", std::process::id()));
     std::fs::create_dir_all(&report).expect("scratch directory");
     let out = Command::new("schemathesis")
@@ -65,8 +52,7 @@ fn schemathesis_finds_no_server_error_and_no_schema_violation() {
         .arg(&report)
         .output()
         .expect("run schemathesis");
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     let _ = std::fs::remove_dir_all(&report);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
