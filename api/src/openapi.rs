@@ -5,7 +5,7 @@
 
 use serde_json::{Value, json};
 
-use crate::schema::{MAX_STOP_BYTES, MAX_STOPS, MAX_TOP_LOGPROBS};
+use crate::schema::{MAX_STOP_CHARS, MAX_STOPS, MAX_TOP_LOGPROBS};
 
 fn error_responses(codes: &[&str]) -> serde_json::Map<String, Value> {
     let describe = |c: &str| match c {
@@ -34,7 +34,7 @@ fn error_responses(codes: &[&str]) -> serde_json::Map<String, Value> {
 
 fn sampling_properties(model: &str, max_n: usize) -> Value {
     json!({
-        "model": {"type": "string", "enum": [model], "description": "The served model (optional)."},
+        "model": {"type": "string", "enum": [model, null], "nullable": true, "description": "The served model (optional)."},
         "max_tokens": {"type": "integer", "minimum": 1, "nullable": true,
                        "description": "Most tokens to generate (default: the rest of the context)."},
         "max_completion_tokens": {"type": "integer", "minimum": 1, "nullable": true,
@@ -47,12 +47,11 @@ fn sampling_properties(model: &str, max_n: usize) -> Value {
         "seed": {"type": "integer", "nullable": true,
                  "description": "Fixes the sampled tokens (a random seed when absent)."},
         "stop": {"nullable": true, "oneOf": [
-            {"type": "string", "maxLength": MAX_STOP_BYTES / 4},
-            {"type": "array", "maxItems": MAX_STOPS, "items": {"type": "string", "maxLength": MAX_STOP_BYTES / 4}}]},
+            {"type": "string", "maxLength": MAX_STOP_CHARS},
+            {"type": "array", "maxItems": MAX_STOPS, "items": {"type": "string", "maxLength": MAX_STOP_CHARS}}]},
         "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2, "nullable": true},
         "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2, "nullable": true},
-        "repetition_penalty": {"type": "number", "exclusiveMinimum": true, "minimum": 0, "maximum": 100,
-                               "nullable": true},
+        "repetition_penalty": {"type": "number", "exclusiveMinimum": true, "minimum": 0, "nullable": true},
         "n": {"type": "integer", "minimum": 1, "maximum": max_n, "nullable": true},
         "stream": {"type": "boolean", "nullable": true},
         "stream_options": {"type": "object", "nullable": true,
@@ -82,16 +81,20 @@ pub(crate) fn document(model: &str, max_n: usize) -> Value {
     let completion_props = merge(
         sampling_properties(model, max_n),
         json!({
-            "prompt": {"oneOf": [
+            "prompt": {"description": "Text, token ids, or a list of one of either.", "oneOf": [
                 {"type": "string", "minLength": 1},
-                {"type": "array", "minItems": 1, "maxItems": 1, "items": {"type": "string", "minLength": 1}}]},
+                {"type": "array", "minItems": 1, "maxItems": 1, "items": {"type": "string", "minLength": 1}},
+                {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}},
+                {"type": "array", "minItems": 1, "maxItems": 1,
+                 "items": {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}}]},
             "logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS, "nullable": true},
         }),
     );
     let json_and_sse = |schema: &str| {
         json!({"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}},
-               "text/event-stream": {"schema": {"type": "string",
-                   "description": "With stream: true, `data: {chunk}` events, then `data: [DONE]`."}}})
+               "text/event-stream": {"schema": {"type": "object", "required": ["data"],
+                   "description": "With stream: true, one event per chunk (`data: {chunk JSON}`), then `data: [DONE]`; a failure mid-stream is one `data: {error envelope}` event.",
+                   "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}}})
     };
     let post = |summary: &str, body: &str, response: &str| {
         let mut responses = error_responses(&["400", "401", "404", "413", "429", "503"]);

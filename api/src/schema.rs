@@ -14,8 +14,8 @@ use crate::{ApiError, ApiState};
 pub const MAX_TOP_LOGPROBS: i64 = 20;
 /// Most stop sequences (OpenAI's limit).
 pub const MAX_STOPS: usize = 4;
-/// Longest stop sequence, in bytes.
-pub const MAX_STOP_BYTES: usize = 1024;
+/// Longest stop sequence, in characters.
+pub const MAX_STOP_CHARS: usize = 256;
 
 /// `stop`: a string or a list of strings.
 #[derive(Debug, Deserialize)]
@@ -165,7 +165,12 @@ fn sampler_error(e: SamplerError) -> ApiError {
 fn float(v: Option<f64>, default: f32, name: &'static str) -> Result<f32, ApiError> {
     match v {
         None => Ok(default),
-        Some(x) if x.is_finite() && x.abs() <= f64::from(f32::MAX) => Ok(x as f32),
+        Some(x) if x.is_finite() && x.abs() <= f64::from(f32::MAX) => {
+            let f = x as f32;
+            // A positive value too small for an f32 stays positive (top_p and
+            // repetition_penalty exclude 0; schemathesis found 5e-324).
+            Ok(if x > 0.0 && f == 0.0 { f32::MIN_POSITIVE } else { f })
+        }
         Some(x) => Err(ApiError::invalid(format!("{name} = {x} is out of range"), Some(name))),
     }
 }
@@ -212,7 +217,10 @@ impl ChatBody {
                                 Some("messages"),
                             ));
                         }
-                        s.push_str(p.text.as_deref().unwrap_or(""));
+                        let text = p.text.ok_or_else(|| {
+                            ApiError::invalid("a text content part needs `text`", Some("messages"))
+                        })?;
+                        s.push_str(&text);
                     }
                     s
                 }
@@ -333,6 +341,11 @@ impl ApiState {
                 Some(prompt_param),
             ));
         }
+        for (v, name) in [(c.max_tokens, "max_tokens"), (c.max_completion_tokens, "max_completion_tokens")] {
+            if v.is_some_and(|n| n < 1) {
+                return Err(ApiError::invalid(format!("{name} must be at least 1"), Some(name)));
+            }
+        }
         let (max_tokens, param) = match (c.max_completion_tokens, c.max_tokens) {
             (Some(n), _) => (Some(n), "max_completion_tokens"),
             (None, n) => (n, "max_tokens"),
@@ -386,9 +399,9 @@ impl ApiState {
         if stops.len() > MAX_STOPS {
             return Err(ApiError::invalid(format!("at most {MAX_STOPS} stop sequences"), Some("stop")));
         }
-        if stops.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+        if stops.iter().any(|s| s.chars().count() > MAX_STOP_CHARS) {
             return Err(ApiError::invalid(
-                format!("a stop sequence is longer than {MAX_STOP_BYTES} bytes"),
+                format!("a stop sequence is longer than {MAX_STOP_CHARS} characters"),
                 Some("stop"),
             ));
         }
@@ -404,5 +417,22 @@ impl ApiState {
             stream,
             include_usage: stream && c.stream_options.and_then(|o| o.include_usage).unwrap_or(false),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn floats_keep_their_sign_and_range() {
+        assert_eq!(float(None, 1.0, "top_p").unwrap(), 1.0);
+        assert_eq!(float(Some(0.5), 1.0, "top_p").unwrap(), 0.5);
+        assert_eq!(float(Some(5e-324), 1.0, "top_p").unwrap(), f32::MIN_POSITIVE);
+        assert_eq!(float(Some(0.0), 1.0, "temperature").unwrap(), 0.0);
+        for bad in [1e39, -1e39, f64::MAX] {
+            let e = float(Some(bad), 1.0, "temperature").unwrap_err();
+            assert_eq!((e.status.as_u16(), e.param), (400, Some("temperature")));
+        }
     }
 }
