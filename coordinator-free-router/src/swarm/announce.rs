@@ -6,8 +6,8 @@
 //!
 //! # Wire format of an announcement body (format version 1)
 //!
-//! All integers little-endian. The total is 115 + `version_len` bytes (115..=147), and anything
-//! longer than [`MAX_ANNOUNCEMENT_BYTES`] is refused before parsing.
+//! All integers little-endian. The total is 116 + `version_len` + the addresses' bytes
+//! (116..=300), and anything longer than [`MAX_ANNOUNCEMENT_BYTES`] is refused before parsing.
 //!
 //! | offset | size | field           | notes                                             |
 //! |-------:|-----:|-----------------|---------------------------------------------------|
@@ -26,6 +26,11 @@
 //! | 110    | 4    | `ttl_ms`        | u32, [`MIN_TTL_MS`]..=[`MAX_TTL_MS`]              |
 //! | 114    | 1    | `version_len`   | u8, 0..=[`MAX_VERSION_BYTES`]                     |
 //! | 115    | len  | `version`       | UTF-8                                             |
+//! | 115+len| 1    | `n_addrs`       | u8, 0..=[`MAX_ADDRS`]                             |
+//! | …      | 7/19 | `addrs[i]`      | family u8 (4 or 6), IP (4 or 16 bytes), port u16  |
+//!
+//! The addresses are where the author accepts connections (its direct socket addresses): with
+//! relays and address lookup off, a peer known only by its key could not be dialled.
 //!
 //! # Wire format of a [`Signed`] envelope
 //!
@@ -39,13 +44,16 @@
 //! total, so an invalid announcement encodes to bytes that `decode` refuses).
 
 use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::swarm::{ModelId, PeerId};
 
 /// Leading byte of every encoded announcement body.
 pub const FORMAT_VERSION: u8 = 1;
 /// Largest accepted encoded body; longer input is refused before parsing.
-pub const MAX_ANNOUNCEMENT_BYTES: usize = 256;
+pub const MAX_ANNOUNCEMENT_BYTES: usize = 320;
+/// Most socket addresses in one announcement.
+pub const MAX_ADDRS: usize = 8;
 /// Largest accepted encoded [`Signed`] envelope.
 pub const MAX_SIGNED_BYTES: usize = 2 + MAX_ANNOUNCEMENT_BYTES + 64;
 /// Largest accepted software version string, in bytes.
@@ -119,6 +127,8 @@ pub struct Announcement {
     pub issued_at_ms: u64,
     /// Validity after `issued_at_ms`, [`MIN_TTL_MS`]..=[`MAX_TTL_MS`].
     pub ttl_ms: u32,
+    /// Where the author accepts connections, at most [`MAX_ADDRS`].
+    pub addrs: Vec<SocketAddr>,
 }
 
 /// Why bytes or an announcement were refused.
@@ -170,6 +180,10 @@ pub enum AnnounceError {
     BodyTooLarge(usize),
     /// The signature does not verify against the author's key.
     BadSignature,
+    /// More than [`MAX_ADDRS`] addresses.
+    TooManyAddrs(usize),
+    /// An address family byte other than 4 or 6.
+    UnknownAddrFamily(u8),
 }
 
 impl fmt::Display for AnnounceError {
@@ -193,6 +207,8 @@ impl fmt::Display for AnnounceError {
             AnnounceError::BadTtl(t) => write!(f, "ttl {t} ms not in {MIN_TTL_MS}..={MAX_TTL_MS}"),
             AnnounceError::BodyTooLarge(n) => write!(f, "envelope body of {n} bytes is too large"),
             AnnounceError::BadSignature => write!(f, "signature does not verify"),
+            AnnounceError::TooManyAddrs(n) => write!(f, "{n} addresses exceed {MAX_ADDRS}"),
+            AnnounceError::UnknownAddrFamily(b) => write!(f, "unknown address family {b}"),
         }
     }
 }
@@ -220,6 +236,9 @@ impl Announcement {
         if self.version.len() > MAX_VERSION_BYTES {
             return Err(AnnounceError::VersionTooLong(self.version.len()));
         }
+        if self.addrs.len() > MAX_ADDRS {
+            return Err(AnnounceError::TooManyAddrs(self.addrs.len()));
+        }
         Ok(())
     }
 
@@ -233,7 +252,7 @@ impl Announcement {
     pub fn encode(&self) -> Vec<u8> {
         let version = self.version.as_bytes();
         let vlen = version.len().min(usize::from(u8::MAX));
-        let mut out = Vec::with_capacity(FIXED_BYTES + vlen);
+        let mut out = Vec::with_capacity(FIXED_BYTES + vlen + 1 + 19 * self.addrs.len());
         out.push(FORMAT_VERSION);
         out.extend_from_slice(&self.node);
         out.extend_from_slice(&self.model);
@@ -249,6 +268,22 @@ impl Announcement {
         out.extend_from_slice(&self.ttl_ms.to_le_bytes());
         out.push(vlen as u8);
         out.extend_from_slice(&version[..vlen]);
+        // Total like the rest: more than MAX_ADDRS encodes a count that decode refuses.
+        let n = self.addrs.len().min(usize::from(u8::MAX));
+        out.push(n as u8);
+        for addr in &self.addrs[..n] {
+            match addr.ip() {
+                IpAddr::V4(ip) => {
+                    out.push(4);
+                    out.extend_from_slice(&ip.octets());
+                }
+                IpAddr::V6(ip) => {
+                    out.push(6);
+                    out.extend_from_slice(&ip.octets());
+                }
+            }
+            out.extend_from_slice(&addr.port().to_le_bytes());
+        }
         out
     }
 
@@ -280,6 +315,19 @@ impl Announcement {
             return Err(AnnounceError::VersionTooLong(vlen));
         }
         let version = std::str::from_utf8(r.take(vlen)?).map_err(|_| AnnounceError::VersionNotUtf8)?;
+        let n_addrs = usize::from(r.u8()?);
+        if n_addrs > MAX_ADDRS {
+            return Err(AnnounceError::TooManyAddrs(n_addrs));
+        }
+        let mut addrs = Vec::with_capacity(n_addrs);
+        for _ in 0..n_addrs {
+            let ip = match r.u8()? {
+                4 => IpAddr::V4(Ipv4Addr::from(r.fixed::<4>()?)),
+                6 => IpAddr::V6(Ipv6Addr::from(r.fixed::<16>()?)),
+                other => return Err(AnnounceError::UnknownAddrFamily(other)),
+            };
+            addrs.push(SocketAddr::new(ip, r.u16()?));
+        }
         r.finish()?;
         let a = Announcement {
             node,
@@ -295,6 +343,7 @@ impl Announcement {
             seq,
             issued_at_ms,
             ttl_ms,
+            addrs,
         };
         a.validate()?;
         Ok(a)

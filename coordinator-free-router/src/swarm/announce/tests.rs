@@ -17,7 +17,15 @@ pub(crate) fn sample() -> Announcement {
         seq: 7,
         issued_at_ms: 1_700_000_000_000,
         ttl_ms: 90_000,
+        addrs: vec!["127.0.0.1:4433".parse().unwrap(), "[::1]:4434".parse().unwrap()],
     }
+}
+
+fn arb_addr() -> impl Strategy<Value = std::net::SocketAddr> {
+    prop_oneof![
+        (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, port)| (std::net::Ipv4Addr::from(ip), port).into()),
+        (any::<[u8; 16]>(), any::<u16>()).prop_map(|(ip, port)| (std::net::Ipv6Addr::from(ip), port).into()),
+    ]
 }
 
 fn arb_state() -> impl Strategy<Value = PeerState> {
@@ -39,6 +47,7 @@ prop_compose! {
         seq in any::<u64>(),
         issued_at_ms in any::<u64>(),
         ttl_ms in MIN_TTL_MS..=MAX_TTL_MS,
+        addrs in proptest::collection::vec(arb_addr(), 0..=MAX_ADDRS),
     ) -> Announcement {
         let start = a % n_layers;
         let end = start + 1 + b % (n_layers - start);
@@ -48,7 +57,7 @@ prop_compose! {
         }
         Announcement {
             node, model, n_layers, start, end, state, throughput, load, free_kv_bytes, version, seq,
-            issued_at_ms, ttl_ms,
+            issued_at_ms, ttl_ms, addrs,
         }
     }
 }
@@ -108,8 +117,8 @@ fn trailing_and_oversized_input_refused() {
     signed.push(0);
     assert_eq!(Signed::decode(&signed), Err(AnnounceError::TrailingBytes { extra: 1 }));
     let mut big_body = vec![0u8; 2 + 10];
-    big_body[..2].copy_from_slice(&300u16.to_le_bytes());
-    assert_eq!(Signed::decode(&big_body), Err(AnnounceError::BodyTooLarge(300)));
+    big_body[..2].copy_from_slice(&400u16.to_le_bytes());
+    assert_eq!(Signed::decode(&big_body), Err(AnnounceError::BodyTooLarge(400)));
     assert!(matches!(Signed::decode(&[0u8; MAX_SIGNED_BYTES + 1]), Err(AnnounceError::TooLarge { .. })));
 }
 
@@ -130,8 +139,10 @@ fn each_invalid_field_is_refused() {
         (|a| a.version = "x".repeat(33), AnnounceError::VersionTooLong(33)),
         (
             |a| a.version = "x".repeat(300),
-            AnnounceError::TooLarge { len: 115 + 255, max: MAX_ANNOUNCEMENT_BYTES },
+            // 115 fixed + 255 version + 1 count + 7 (IPv4) + 19 (IPv6).
+            AnnounceError::TooLarge { len: 115 + 255 + 1 + 7 + 19, max: MAX_ANNOUNCEMENT_BYTES },
         ),
+        (|a| a.addrs = vec!["10.0.0.1:1".parse().unwrap(); MAX_ADDRS + 1], AnnounceError::TooManyAddrs(9)),
     ];
     for (i, (mutate, want)) in cases.into_iter().enumerate() {
         let mut a = sample();
@@ -153,6 +164,10 @@ fn each_invalid_field_is_refused() {
     let mut bytes = sample().encode();
     bytes[115] = 0xff;
     assert_eq!(Announcement::decode(&bytes), Err(AnnounceError::VersionNotUtf8));
+    // The first address's family byte: after the 11-byte version and the count.
+    let mut bytes = sample().encode();
+    bytes[115 + 11 + 1] = 5;
+    assert_eq!(Announcement::decode(&bytes), Err(AnnounceError::UnknownAddrFamily(5)));
 }
 
 #[test]
@@ -181,7 +196,8 @@ fn byte_snapshot() {
 }
 
 /// Format version 1 of `sample()`: 01 | node | model | n_layers | start | end | state |
-/// throughput | load | free_kv_bytes | seq | issued_at_ms | ttl_ms | version_len | version.
+/// throughput | load | free_kv_bytes | seq | issued_at_ms | ttl_ms | version_len | version |
+/// n_addrs | (family, ip, port) per address.
 const SNAPSHOT: &str = concat!(
     "01",
     "1111111111111111111111111111111111111111111111111111111111111111",
@@ -198,6 +214,13 @@ const SNAPSHOT: &str = concat!(
     "905f0100",
     "0b",
     "73686f616c2f302e312e30",
+    "02",
+    "04",
+    "7f000001",
+    "5111",
+    "06",
+    "00000000000000000000000000000001",
+    "5211",
 );
 
 #[test]
