@@ -13,13 +13,16 @@
 //! - [`swarm`]: the swarm's decision logic as pure state machines, driven by a seeded
 //!   simulator in its tests: signed, expiring announcements and their byte format, each
 //!   node's view of the swarm, Petals-style route planning over (peer, layer) positions,
-//!   span choice and rebalancing with hysteresis.
+//!   span choice and rebalancing with hysteresis;
+//! - [`membership`]: the swarm over iroh-gossip (one topic per model; signed announcements,
+//!   checked against their author, feed each node's [`swarm::view::SwarmView`]).
 //!
-//! The gossip transport around [`swarm`] is not wired yet (see `DESIGN.md`, "Swarm
-//! membership and routing"); until it is, a driver learns its peers from join tickets and
-//! plans with [`route`].
+//! Not wired into the commands yet (see `DESIGN.md`, "Swarm membership and routing"): the
+//! driver still learns its peers from join tickets and plans with [`route`]; `--layers auto`,
+//! rebalancing and `shoal status` come next.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod driver;
+pub mod membership;
 pub mod route;
 pub mod swarm;

@@ -235,6 +235,7 @@ const MAX_LEARNED: usize = 4096;
 pub struct Node {
     inner: Arc<Inner>,
     router: Arc<Router>,
+    gossip: iroh_gossip::Gossip,
 }
 
 impl std::fmt::Debug for Node {
@@ -301,8 +302,13 @@ impl Node {
             closing: std::sync::atomic::AtomicBool::new(false),
             learned: Mutex::new(std::collections::VecDeque::new()),
         });
-        let router = Router::builder(endpoint).accept(ALPN, StageProtocol { inner: inner.clone() }).spawn();
-        Ok(Self { inner, router: Arc::new(router) })
+        // Gossip carries the swarm's announcements (small: far below this message limit).
+        let gossip = iroh_gossip::Gossip::builder().max_message_size(4096).spawn(endpoint.clone());
+        let router = Router::builder(endpoint)
+            .accept(ALPN, StageProtocol { inner: inner.clone() })
+            .accept(iroh_gossip::ALPN, gossip.clone())
+            .spawn();
+        Ok(Self { inner, router: Arc::new(router), gossip })
     }
 
     /// This node's id.
@@ -318,6 +324,11 @@ impl Node {
     /// The iroh endpoint.
     pub fn endpoint(&self) -> &Endpoint {
         &self.inner.endpoint
+    }
+
+    /// The gossip protocol of this node (the swarm's membership runs on it).
+    pub fn gossip(&self) -> &iroh_gossip::Gossip {
+        &self.gossip
     }
 
     /// How to reach this node: its id and direct addresses (the bound sockets, with an

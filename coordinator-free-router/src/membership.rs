@@ -1,0 +1,266 @@
+//! The swarm's announcements on the wire, signed with node keys: the link between the pure
+//! [`crate::swarm::announce`] format and iroh's ed25519 identities. A node id *is* its
+//! public key, so [`verify`] checks a signature against the author named inside the body,
+//! never against whoever forwarded the message.
+//!
+//! [`Membership`] runs the swarm over iroh-gossip: one topic per model identity
+//! ([`topic_of`]); every `interval` the node broadcasts its own signed announcement (when it
+//! serves a span) and ticks its view; every message received is decoded, its signature checked
+//! against its author, and fed to this node's [`SwarmView`]; the addresses an announcement
+//! carries are remembered so its author can be dialled with relays and address lookup off.
+//! Both loops are owned by the [`Membership`] and stop when it is dropped.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use iroh::{EndpointAddr, PublicKey, SecretKey, Signature, TransportAddr};
+use iroh_gossip::TopicId;
+use iroh_gossip::api::Event;
+use shoal_worker::net::{Node, endpoint_id};
+use tokio::task::JoinSet;
+use tokio_stream::StreamExt;
+
+use crate::swarm::announce::{AnnounceError, Announcement, MAX_ADDRS, PeerState, Signed, open};
+use crate::swarm::view::{SwarmView, ViewConfig, ViewEvent};
+use crate::swarm::{ModelId, PeerId};
+
+/// Encodes `announcement` and signs the bytes with `key` (whose public key must be
+/// `announcement.node` for anyone to accept it).
+pub fn sign(key: &SecretKey, announcement: &Announcement) -> Signed {
+    let body = announcement.encode();
+    let signature = key.sign(&body).to_bytes();
+    Signed { body, signature }
+}
+
+/// Whether `signature` is `author`'s ed25519 signature over `body`.
+pub fn verify(author: &PeerId, body: &[u8], signature: &[u8; 64]) -> bool {
+    PublicKey::from_bytes(author).is_ok_and(|key| key.verify(body, &Signature::from_bytes(signature)).is_ok())
+}
+
+/// Decodes gossip bytes into an announcement whose author signed it.
+pub fn open_bytes(bytes: &[u8]) -> Result<Announcement, AnnounceError> {
+    open(&Signed::decode(bytes)?, verify)
+}
+
+/// The gossip topic of a model: a hash of its identity, so different models (and different
+/// quantizations of one model) never share a topic.
+pub fn topic_of(model: &ModelId) -> TopicId {
+    let mut h = blake3::Hasher::new();
+    h.update(b"shoal/swarm/1");
+    h.update(model);
+    TopicId::from_bytes(*h.finalize().as_bytes())
+}
+
+/// What a node says about its own span, asked before each announcement.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OwnSpan {
+    /// First layer served.
+    pub start: u32,
+    /// One past the last layer served.
+    pub end: u32,
+    /// Lifecycle state.
+    pub state: PeerState,
+    /// Tokens per second through one layer at batch 1.
+    pub throughput: f32,
+    /// Sessions open.
+    pub load: u32,
+    /// Free KV-cache bytes.
+    pub free_kv_bytes: u64,
+}
+
+/// Timing of the membership loops.
+#[derive(Debug, Clone)]
+pub struct MembershipConfig {
+    /// How often this node announces itself and ticks its view.
+    pub interval: Duration,
+    /// How long an announcement stays valid (at least three intervals is sensible).
+    pub ttl: Duration,
+    /// The view's limits (clock skew, sizes).
+    pub view: ViewConfig,
+}
+
+impl Default for MembershipConfig {
+    fn default() -> Self {
+        Self { interval: Duration::from_secs(5), ttl: Duration::from_secs(15), view: ViewConfig::default() }
+    }
+}
+
+/// Why joining the swarm failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MembershipError {
+    /// The gossip subscription failed.
+    #[error("gossip: {0}")]
+    Gossip(String),
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// This node's membership in one model's swarm (see the module docs).
+pub struct Membership {
+    view: Arc<Mutex<SwarmView>>,
+    _tasks: JoinSet<()>,
+}
+
+impl Membership {
+    /// Joins `model`'s topic through `bootstrap` (none for the first node) and starts the
+    /// loops. `own` is asked before each announcement; `None` announces nothing (an origin
+    /// that only routes).
+    pub async fn join(
+        node: &Node,
+        model: ModelId,
+        n_layers: u32,
+        bootstrap: Vec<EndpointAddr>,
+        own: impl Fn() -> Option<OwnSpan> + Send + Sync + 'static,
+        config: MembershipConfig,
+    ) -> Result<Self, MembershipError> {
+        let ids = bootstrap.iter().map(|a| a.id).collect();
+        for addr in bootstrap {
+            node.add_peer_addr(addr);
+        }
+        let topic = node
+            .gossip()
+            .subscribe(topic_of(&model), ids)
+            .await
+            .map_err(|e| MembershipError::Gossip(e.to_string()))?;
+        let (sender, mut receiver) = topic.split();
+        let view = Arc::new(Mutex::new(SwarmView::new(model, n_layers, config.view.clone())));
+        let mut tasks = JoinSet::new();
+        let key: SecretKey = node.endpoint().secret_key().clone();
+        let me = node.id();
+        let ttl_ms = u32::try_from(config.ttl.as_millis()).unwrap_or(u32::MAX);
+        {
+            let (view, node) = (view.clone(), node.clone());
+            tasks.spawn(async move {
+                let mut seq = 0u64;
+                let mut tick = tokio::time::interval(config.interval);
+                loop {
+                    tick.tick().await;
+                    let now = now_ms();
+                    lock(&view).handle(ViewEvent::Tick, now);
+                    let Some(own) = own() else { continue };
+                    // Seq from the clock: stays increasing across restarts with the same key.
+                    seq = now.max(seq + 1);
+                    let addrs = node.addr().ip_addrs().copied().take(MAX_ADDRS).collect();
+                    let a = Announcement {
+                        node: me,
+                        model,
+                        n_layers,
+                        start: own.start,
+                        end: own.end,
+                        state: own.state,
+                        throughput: own.throughput,
+                        load: own.load,
+                        free_kv_bytes: own.free_kv_bytes,
+                        version: env!("CARGO_PKG_VERSION").to_owned(),
+                        seq,
+                        issued_at_ms: now,
+                        ttl_ms,
+                        addrs,
+                    };
+                    lock(&view).handle(ViewEvent::Announced(a.clone()), now);
+                    if let Err(e) = sender.broadcast(sign(&key, &a).encode().into()).await {
+                        tracing::debug!("announce: {e}");
+                    }
+                }
+            });
+        }
+        {
+            let (view, node) = (view.clone(), node.clone());
+            tasks.spawn(async move {
+                while let Some(event) = receiver.next().await {
+                    let msg = match event {
+                        Ok(Event::Received(msg)) => msg,
+                        Ok(_) => continue,
+                        Err(e) => {
+                            tracing::debug!("gossip: {e}");
+                            break;
+                        }
+                    };
+                    let a = match open_bytes(&msg.content) {
+                        Ok(a) => a,
+                        Err(e) => {
+                            tracing::debug!(from = %msg.delivered_from.fmt_short(), "ignored an announcement: {e}");
+                            continue;
+                        }
+                    };
+                    if a.node != me
+                        && !a.addrs.is_empty()
+                        && let Some(id) = endpoint_id(&a.node)
+                    {
+                        let mut addr = EndpointAddr::new(id);
+                        for s in &a.addrs {
+                            addr.addrs.insert(TransportAddr::Ip(*s));
+                        }
+                        node.add_peer_addr(addr);
+                    }
+                    let changes = lock(&view).handle(ViewEvent::Announced(a), now_ms());
+                    tracing::trace!(?changes, "announcement");
+                }
+            });
+        }
+        Ok(Self { view, _tasks: tasks })
+    }
+
+    /// The peers this node's view holds now (itself included when it announces), by id.
+    pub fn peers(&self) -> Vec<Announcement> {
+        lock(&self.view).peers().cloned().collect()
+    }
+
+    /// Per-layer serving throughput in this node's view.
+    pub fn coverage(&self) -> Vec<f64> {
+        lock(&self.view).coverage()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::swarm::announce::PeerState;
+
+    fn announcement(key: &SecretKey) -> Announcement {
+        Announcement {
+            node: *key.public().as_bytes(),
+            model: [7; 32],
+            n_layers: 30,
+            start: 0,
+            end: 15,
+            state: PeerState::Serving,
+            throughput: 300.0,
+            load: 0,
+            free_kv_bytes: 1 << 30,
+            version: env!("CARGO_PKG_VERSION").into(),
+            seq: 1,
+            issued_at_ms: 1_800_000_000_000,
+            ttl_ms: 30_000,
+            addrs: vec!["127.0.0.1:7000".parse().unwrap()],
+        }
+    }
+
+    #[test]
+    fn signed_by_the_author_or_refused() {
+        let key = SecretKey::from_bytes(&[1; 32]);
+        let a = announcement(&key);
+        let signed = sign(&key, &a);
+        assert_eq!(open_bytes(&signed.encode()), Ok(a.clone()));
+        // Signed by another key: refused, whoever forwards it.
+        let mallory = SecretKey::from_bytes(&[2; 32]);
+        assert_eq!(open_bytes(&sign(&mallory, &a).encode()), Err(AnnounceError::BadSignature));
+        // Mallory's key, her own body claiming to be the author: refused too.
+        let mut forged = a.clone();
+        forged.end = 30;
+        let mut bytes = sign(&key, &a).encode();
+        let body = forged.encode();
+        bytes[2..2 + body.len()].copy_from_slice(&body);
+        assert_eq!(open_bytes(&bytes), Err(AnnounceError::BadSignature));
+        // A node id that is not a valid curve point never verifies.
+        assert!(!verify(&[0xff; 32], &signed.body, &signed.signature));
+        // Garbage is refused without reaching the verifier.
+        assert_eq!(open_bytes(&[3, 0, 1, 2, 3]), Err(AnnounceError::Truncated));
+    }
+}
