@@ -22,14 +22,12 @@ use shoal_api::{ApiConfig, ApiState, ServedModel, router};
 use shoal_coordinator_free_router::driver::{Driver, DriverConfig, ModelInfo, Request};
 use shoal_model_shards::generate::Flow;
 use shoal_model_shards::sampler::SamplingParams;
-use shoal_model_shards::{DType, Device, Model, Shard};
 use shoal_worker::net::{Node, NodeOptions};
-use shoal_worker::service::{StageConfig, StageService};
+use support::{env_usize, setup, start_stages};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
+#[path = "support/swarm.rs"]
+mod support;
 
 const PROMPT: &str = "The history of the printing press begins";
 
@@ -52,37 +50,9 @@ async fn post(addr: std::net::SocketAddr, path: &str, body: &str) -> String {
 fn main() {
     let tokens = env_usize("BENCH_TOKENS", 128);
     let rounds = env_usize("BENCH_REPEATS", 5);
-    let path = std::env::var("SHOAL_MODEL").unwrap_or_else(|_| {
-        concat!(env!("CARGO_MANIFEST_DIR"), "/models/SmolLM2-135M-Instruct.Q4_1.gguf").to_owned()
-    });
-    let threads = std::env::var("SHOAL_THREADS").ok().and_then(|v| v.parse().ok());
-    // SAFETY: no thread pool has started yet.
-    unsafe { shoal_model_shards::threads::configure_threads(threads) };
-    let model = Model::open(&path).expect("model opens (run deploy/fetch-model.sh)");
-    let model_id = model.model_id().expect("model id");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(shoal_worker::net::default_net_threads())
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let (model, model_id, rt) = setup();
     rt.block_on(async move {
-        let n = model.spec().n_layers;
-        let mut nodes = Vec::new();
-        for i in 0..3 {
-            let span = (i * n / 3)..((i + 1) * n / 3);
-            let shard = Shard::load(&model, span, &Device::Cpu, DType::F32).expect("span loads");
-            let config = StageConfig {
-                max_sessions: 8,
-                kv_budget_bytes: 1 << 30,
-                per_peer_sessions: 8,
-                idle_timeout: Duration::from_secs(60),
-                max_seq_len: 4096,
-                model_id,
-            };
-            let node = Node::bind(NodeOptions::loopback()).await.expect("stage binds");
-            node.serve(StageService::new(shard, config));
-            nodes.push(node);
-        }
+        let nodes = start_stages(&model, model_id, 3).await;
         let origin = Node::bind(NodeOptions::loopback()).await.expect("origin binds");
         let driver = Arc::new(Driver::new(
             origin.clone(),

@@ -25,11 +25,10 @@ use shoal_model_shards::generate::Flow;
 use shoal_model_shards::sampler::SamplingParams;
 use shoal_model_shards::{DType, Device, Model, Shard};
 use shoal_worker::net::{Node, NodeOptions};
-use shoal_worker::service::{StageConfig, StageService};
+use support::{env_usize, setup, start_stages};
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
+#[path = "support/swarm.rs"]
+mod support;
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -53,23 +52,7 @@ struct RunResult {
 }
 
 async fn run(model: &Model, model_id: [u8; 32], stages: usize, tokens: usize, repeats: usize) -> RunResult {
-    let n = model.spec().n_layers;
-    let mut nodes = Vec::new();
-    for i in 0..stages {
-        let span = (i * n / stages)..((i + 1) * n / stages);
-        let shard = Shard::load(model, span, &Device::Cpu, DType::F32).expect("span loads");
-        let config = StageConfig {
-            max_sessions: 8,
-            kv_budget_bytes: 1 << 30,
-            per_peer_sessions: 8,
-            idle_timeout: Duration::from_secs(60),
-            max_seq_len: 4096,
-            model_id,
-        };
-        let node = Node::bind(NodeOptions::loopback()).await.expect("stage binds");
-        node.serve(StageService::new(shard, config));
-        nodes.push(node);
-    }
+    let nodes = start_stages(model, model_id, stages).await;
     let origin = Node::bind(NodeOptions::loopback()).await.expect("origin binds");
     let driver = Driver::new(
         origin.clone(),
@@ -174,19 +157,7 @@ fn main() {
     // `cargo bench` passes `--bench`; nothing else is accepted.
     let tokens = env_usize("BENCH_TOKENS", 128);
     let repeats = env_usize("BENCH_REPEATS", 3);
-    let path = std::env::var("SHOAL_MODEL").unwrap_or_else(|_| {
-        concat!(env!("CARGO_MANIFEST_DIR"), "/models/SmolLM2-135M-Instruct.Q4_1.gguf").to_owned()
-    });
-    let threads = std::env::var("SHOAL_THREADS").ok().and_then(|v| v.parse().ok());
-    // SAFETY: no thread pool has started yet.
-    unsafe { shoal_model_shards::threads::configure_threads(threads) };
-    let model = Model::open(&path).expect("model opens (run deploy/fetch-model.sh)");
-    let model_id = model.model_id().expect("model id");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(shoal_worker::net::default_net_threads())
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let (model, model_id, rt) = setup();
     let local_tok_s = local(&model, tokens, repeats);
     let results: Vec<RunResult> =
         [1, 3].into_iter().map(|s| rt.block_on(run(&model, model_id, s, tokens, repeats))).collect();
