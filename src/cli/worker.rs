@@ -55,6 +55,10 @@ pub struct WorkerArgs {
 /// Runs `shoal worker`.
 pub fn run(args: WorkerArgs) -> Result<()> {
     let span = parse_layers(&args.layers)?;
+    if args.api.is_some() {
+        // Bad API options (an unreadable key file...) fail before any layer is loaded.
+        args.api_options.config()?;
+    }
     let model = Model::open(&args.model).with_context(|| format!("opening {}", args.model.display()))?;
     let model_id = model.model_id().context("hashing the model")?;
     let stage = load_stage(&model, model_id, span.clone(), &args.limits)?;
@@ -88,7 +92,8 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         out.flush()?;
         drop(out);
 
-        match (args.api, &api_model) {
+        // The API's end (Ctrl-C, SIGTERM, or a failure to serve) starts the drain all the same.
+        let served = match (args.api, &api_model) {
             (Some(addr), Some(model)) => {
                 let mut net = args.net.clone();
                 net.bind = net.bind.map(|b| SocketAddr::new(b.ip(), 0));
@@ -98,10 +103,13 @@ pub fn run(args: WorkerArgs) -> Result<()> {
                 peers.extend(args.join.iter().filter_map(|t| parse_ticket(t).ok()));
                 let served = serve(model, &args.model, d, addr, &args.api_options, peers).await;
                 origin.shutdown().await;
-                served?;
+                served
             }
-            _ => shutdown_signal().await,
-        }
+            _ => {
+                shutdown_signal().await;
+                Ok(())
+            }
+        };
         eprintln!("draining: no new sessions; waiting up to {}s for running ones", args.drain_timeout);
         node.drain();
         let until = Instant::now() + Duration::from_secs_f64(args.drain_timeout.max(0.0));
@@ -115,7 +123,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         node.close_stage_sessions().await;
         node.shutdown().await;
         eprintln!("stopped");
-        Ok(())
+        served
     })
 }
 
