@@ -154,6 +154,35 @@ impl Model {
         Ok(*hasher.finalize().as_bytes())
     }
 
+    /// Bytes one transformer layer takes once loaded, the largest over the layers: exact
+    /// tensor sizes for GGUF (quantized weights stay quantized), and for Hugging Face weights
+    /// (loaded as f32) four bytes per parameter. Used to size a span to a memory budget.
+    pub fn layer_bytes(&self) -> u64 {
+        if let Some(content) = &self.gguf {
+            let mut per_layer = vec![0u64; self.spec.n_layers];
+            for (name, info) in &content.tensor_infos {
+                let Some(rest) = name.strip_prefix("blk.") else { continue };
+                let Some(layer) = rest.split('.').next().and_then(|i| i.parse::<usize>().ok()) else {
+                    continue;
+                };
+                let dtype = info.ggml_dtype;
+                let bytes = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
+                if let Some(slot) = per_layer.get_mut(layer) {
+                    *slot += bytes as u64;
+                }
+            }
+            return per_layer.into_iter().max().unwrap_or(0);
+        }
+        let s = &self.spec;
+        let q = s.n_heads * s.head_dim;
+        let kv = s.n_kv_heads * s.head_dim;
+        let params = s.hidden_size * (q + 2 * kv)
+            + q * s.hidden_size
+            + 3 * s.hidden_size * s.intermediate_size
+            + 2 * s.hidden_size;
+        params as u64 * 4
+    }
+
     /// End-of-generation ids declared by `config.json` (Hugging Face models), in addition to
     /// the tokenizer's.
     pub fn config_eos_ids(&self) -> Vec<u32> {

@@ -216,6 +216,31 @@ impl Shard {
         }
     }
 
+    /// Measures this span's speed at batch 1: runs `steps` one-token forwards (after one
+    /// warm-up) on a scratch cache and returns tokens per second through ONE layer (span
+    /// length / median step time), the figure a swarm announcement carries. Embedding and
+    /// LM head, when the span has them, count against it.
+    pub fn measure_layer_throughput(&self, steps: usize) -> Result<f64> {
+        let steps = steps.max(1);
+        let mut cache = self.new_cache(steps + 1);
+        let mut times = Vec::with_capacity(steps);
+        for i in 0..=steps {
+            let input = if self.is_first() {
+                StageInput::Tokens(vec![(i % self.spec.vocab_size) as u32])
+            } else {
+                StageInput::Hidden(Tensor::zeros((1, self.spec.hidden_size), DType::F32, &self.device)?)
+            };
+            let t0 = std::time::Instant::now();
+            self.forward(&mut cache, input, LogitsMode::Last)?;
+            if i > 0 {
+                times.push(t0.elapsed().as_secs_f64());
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2].max(1e-9);
+        Ok(self.blocks.len() as f64 / median)
+    }
+
     /// Convenience for a whole-model shard: the logits of `tokens` appended to `cache`.
     pub fn logits(&self, cache: &mut KvCache, tokens: &[u32], mode: LogitsMode) -> Result<Tensor> {
         match self.forward(cache, StageInput::Tokens(tokens.to_vec()), mode)? {
