@@ -429,6 +429,14 @@ impl Node {
         }
     }
 
+    /// Stops serving: closes every session as [`Node::close_stage_sessions`] does, ends the
+    /// stage's thread and frees its layers; pings then say the node serves nothing, and it
+    /// may [`Node::serve`] another span (a worker moving in the swarm).
+    pub async fn stop_serving(&self) {
+        self.close_stage_sessions().await;
+        lock(&self.inner.stage).take();
+    }
+
     /// Routes replies for `session_id` (results and errors) to the returned channel until it
     /// is dropped.
     pub fn open_session_channel(&self, session_id: u64) -> SessionChannel {
