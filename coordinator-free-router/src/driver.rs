@@ -3,9 +3,12 @@
 //! banning it, planning another route, replaying the history as a prefill and carrying on.
 //!
 //! # One generation
-//! 1. Plan a route over the peers this driver knows ([`Driver::add_peer`] pings a peer to
-//!    learn its span; [`crate::route::plan`] picks the chain), skipping banned and draining
-//!    peers.
+//! 1. Plan a route over the peers this driver knows, skipping banned, draining and joining
+//!    ones: the swarm's announcements ([`Driver::sync_view`], kept up to date by
+//!    [`crate::membership::Membership::follow`]) or peers added one by one
+//!    ([`Driver::add_peer`] pings a peer to learn its span). [`crate::swarm::plan::plan_route`]
+//!    picks the chain: compute cost from each peer's announced throughput and load, network
+//!    cost from measured round trips, penalties for full caches and recent failures.
 //! 2. Send `OpenSession` to stage 1 (it travels down the chain, with an address book so each
 //!    stage can dial the next), then the prompt as prefill steps of at most
 //!    [`DriverConfig::prefill_chunk`] tokens and, after a failover, each token generated so far
@@ -44,7 +47,12 @@ use shoal_worker::protocol::{
 };
 use shoal_worker::service::PeerId;
 
-use crate::route::{Candidate, plan};
+use crate::swarm::announce::{Announcement, PeerState as SwarmState};
+use crate::swarm::plan::{Candidate, CostModel, plan_route};
+
+/// Tokens per second through one layer assumed for a peer added by ticket, whose
+/// announcement this driver has not seen (such peers all look alike to the planner).
+pub const ASSUMED_LAYER_THROUGHPUT: f64 = 1000.0;
 
 /// Timeouts, bans and wire settings of a driver.
 #[derive(Debug, Clone)]
@@ -197,6 +205,12 @@ pub struct PeerState {
     pub banned_until: Option<Instant>,
     /// Sessions this driver runs through it now.
     pub active: usize,
+    /// Tokens per second through one of its layers (announced, or
+    /// [`ASSUMED_LAYER_THROUGHPUT`]).
+    pub throughput: f64,
+    /// Whether it was learned from the swarm's view (and is forgotten when it leaves it) or
+    /// added by hand.
+    pub from_swarm: bool,
 }
 
 /// What the driver needs to know of the model it serves.
@@ -332,18 +346,89 @@ impl Driver {
             failures: 0,
             banned_until: None,
             active: 0,
+            throughput: ASSUMED_LAYER_THROUGHPUT,
+            from_swarm: false,
         });
         entry.info = info.clone();
         entry.rtt = rtt;
         Ok(info)
     }
 
+    /// Makes the swarm peers of this driver those of `view` (announcements, as a
+    /// [`crate::membership::Membership`] holds them): newcomers are added with the addresses
+    /// they announce, known peers get their new span, state, load and throughput, and swarm
+    /// peers missing from `view` are forgotten (peers added with [`Driver::add_peer`] stay).
+    /// Announcements of another model or layout are ignored. Returns the newcomers, whose
+    /// round trip is not known yet (see [`Driver::refresh_peers`]).
+    pub fn sync_view(&self, view: &[Announcement]) -> Vec<PeerId> {
+        let me = self.node.id();
+        let mut fresh = Vec::new();
+        let mut peers = lock(&self.peers);
+        let mut seen = std::collections::HashSet::new();
+        for a in view {
+            if a.model != self.model_id || a.n_layers != self.n_layers || a.node == me || a.start >= a.end {
+                continue;
+            }
+            seen.insert(a.node);
+            if !a.addrs.is_empty()
+                && let Some(endpoint) = shoal_worker::net::endpoint_id(&a.node)
+            {
+                let mut addr = EndpointAddr::new(endpoint);
+                for s in &a.addrs {
+                    addr.addrs.insert(iroh::TransportAddr::Ip(*s));
+                }
+                self.node.add_peer_addr(addr);
+            }
+            let info = PeerInfo {
+                model_id: a.model,
+                start: a.start,
+                end: a.end,
+                n_layers: a.n_layers,
+                // Joining peers are loading: no new sessions either.
+                draining: a.state != SwarmState::Serving,
+                sessions: a.load,
+                free_kv_bytes: a.free_kv_bytes,
+            };
+            let throughput = f64::from(a.throughput);
+            match peers.get_mut(&a.node) {
+                Some(p) => {
+                    p.info = info;
+                    p.throughput = throughput;
+                    p.from_swarm = true;
+                }
+                None => {
+                    peers.insert(
+                        a.node,
+                        PeerState {
+                            info,
+                            rtt: Duration::ZERO,
+                            failures: 0,
+                            banned_until: None,
+                            active: 0,
+                            throughput,
+                            from_swarm: true,
+                        },
+                    );
+                    fresh.push(a.node);
+                }
+            }
+        }
+        peers.retain(|id, p| !p.from_swarm || seen.contains(id));
+        fresh
+    }
+
     /// Pings every known peer again (span, load, draining, round trip); returns the peers
     /// that answered, with their round trips.
     pub async fn refresh(&self) -> Vec<(PeerId, Duration)> {
         let ids: Vec<PeerId> = lock(&self.peers).keys().copied().collect();
+        self.refresh_peers(&ids).await
+    }
+
+    /// Pings these peers (those this driver knows) for their state and round trip; returns
+    /// those that answered.
+    pub async fn refresh_peers(&self, ids: &[PeerId]) -> Vec<(PeerId, Duration)> {
         let mut answered = Vec::with_capacity(ids.len());
-        for id in ids {
+        for &id in ids {
             if let Ok((rtt, Some(info))) = self.node.ping(id, self.config.ping_timeout).await
                 && let Some(p) = lock(&self.peers).get_mut(&id)
             {
@@ -374,19 +459,21 @@ impl Driver {
                 id: *id,
                 start: p.info.start,
                 end: p.info.end,
-                // Round trip in units of 10 ms, spread over replicas by load, and a nudge
-                // away from peers that failed recently.
-                cost: p.rtt.as_secs_f64() * 100.0
-                    + 0.05 * (p.active as f64 + f64::from(p.info.sessions))
-                    + 0.5 * f64::from(p.failures),
+                throughput: p.throughput,
+                // Sessions of this driver count at once, before the peer reports them.
+                load: u32::try_from(p.active).unwrap_or(u32::MAX).saturating_add(p.info.sessions),
+                rtt_ms: p.rtt.as_secs_f64() * 1000.0,
+                has_free_cache: p.info.free_kv_bytes > 0,
+                recent_failures: p.failures,
+                // A stage serves exactly its span.
+                partial: false,
             })
             .collect();
-        let mut sorted = candidates;
-        sorted.sort_by_key(|c| c.id);
-        match plan(self.n_layers, &sorted) {
+        match plan_route(self.n_layers, &candidates, &CostModel::default()) {
             Some(route) => Ok(route
+                .hops
                 .into_iter()
-                .map(|i| RouteHop { node_id: sorted[i].id, start: sorted[i].start, end: sorted[i].end })
+                .map(|h| RouteHop { node_id: h.id, start: h.start, end: h.end })
                 .collect()),
             None => {
                 let known: Vec<String> = peers

@@ -4,25 +4,17 @@
 //! (peer, layer) positions and the pipeline driver that runs a session through a route and
 //! recovers it when a peer fails.
 //!
-//! Today:
-//! - [`route`]: the cheapest chain of peers covering the model (pure, tested against brute
-//!   force);
-//! - [`driver`]: the client side of the stage protocol with deadlines, bans with backoff and
-//!   failover by replaying the token history on a new route.
-//!
 //! - [`swarm`]: the swarm's decision logic as pure state machines, driven by a seeded
 //!   simulator in its tests: signed, expiring announcements and their byte format, each
 //!   node's view of the swarm, Petals-style route planning over (peer, layer) positions,
 //!   span choice and rebalancing with hysteresis;
 //! - [`membership`]: the swarm over iroh-gossip (one topic per model; signed announcements,
-//!   checked against their author, feed each node's [`swarm::view::SwarmView`]).
-//!
-//! Not wired into the commands yet (see `DESIGN.md`, "Swarm membership and routing"): the
-//! driver still learns its peers from join tickets and plans with [`route`]; `--layers auto`,
-//! rebalancing and `shoal status` come next.
+//!   checked against their author, feed each node's [`swarm::view::SwarmView`]); a driver
+//!   follows a node's view to find its routes;
+//! - [`driver`]: the client side of the stage protocol with deadlines, bans with backoff and
+//!   failover by replaying the token history on a new route.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod driver;
 pub mod membership;
-pub mod route;
 pub mod swarm;

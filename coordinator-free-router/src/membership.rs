@@ -8,8 +8,14 @@
 //! serves a span) and ticks its view; every message received is decoded, its signature checked
 //! against its author, and fed to this node's [`SwarmView`]; the addresses an announcement
 //! carries are remembered so its author can be dialled with relays and address lookup off.
-//! Both loops are owned by the [`Membership`] and stop when it is dropped.
+//! A new gossip neighbour triggers an announcement at once, so a node joining through a
+//! ticket learns its neighbours' spans within a round trip.
+//!
+//! Both loops are owned by the [`Membership`] and stop when it is dropped, as does
+//! [`Membership::follow`], which keeps a pipeline driver's peers equal to the view (so an
+//! origin finds its routes in the swarm from one ticket).
 
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -17,9 +23,11 @@ use iroh::{EndpointAddr, PublicKey, SecretKey, Signature, TransportAddr};
 use iroh_gossip::TopicId;
 use iroh_gossip::api::Event;
 use shoal_worker::net::{Node, endpoint_id};
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_stream::StreamExt;
 
+use crate::driver::Driver;
 use crate::swarm::announce::{AnnounceError, Announcement, MAX_ADDRS, PeerState, Signed, open};
 use crate::swarm::view::{SwarmView, ViewConfig, ViewEvent};
 use crate::swarm::{ModelId, PeerId};
@@ -93,6 +101,9 @@ pub enum MembershipError {
     Gossip(String),
 }
 
+/// Below this many gossip neighbours a node dials more (peers it knows from its view).
+const MIN_NEIGHBOURS: usize = 3;
+
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
@@ -104,7 +115,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// This node's membership in one model's swarm (see the module docs).
 pub struct Membership {
     view: Arc<Mutex<SwarmView>>,
-    _tasks: JoinSet<()>,
+    poke: Arc<Notify>,
+    interval: Duration,
+    tasks: Mutex<JoinSet<()>>,
 }
 
 impl Membership {
@@ -119,7 +132,8 @@ impl Membership {
         own: impl Fn() -> Option<OwnSpan> + Send + Sync + 'static,
         config: MembershipConfig,
     ) -> Result<Self, MembershipError> {
-        let ids = bootstrap.iter().map(|a| a.id).collect();
+        let ids: Vec<iroh::EndpointId> = bootstrap.iter().map(|a| a.id).collect();
+        let bootstrap_ids: Vec<PeerId> = ids.iter().map(shoal_worker::net::peer_id).collect();
         for addr in bootstrap {
             node.add_peer_addr(addr);
         }
@@ -134,15 +148,56 @@ impl Membership {
         let key: SecretKey = node.endpoint().secret_key().clone();
         let me = node.id();
         let ttl_ms = u32::try_from(config.ttl.as_millis()).unwrap_or(u32::MAX);
+        let poke = Arc::new(Notify::new());
+        let neighbours: Arc<Mutex<HashSet<PeerId>>> = Arc::default();
         {
-            let (view, node) = (view.clone(), node.clone());
+            let (view, node, poke) = (view.clone(), node.clone(), poke.clone());
+            let neighbours = neighbours.clone();
+            let mut asked: HashMap<PeerId, u64> = HashMap::new();
+            let retry_ms = u64::try_from(config.interval.as_millis()).unwrap_or(u64::MAX).saturating_mul(5);
             tasks.spawn(async move {
                 let mut seq = 0u64;
                 let mut tick = tokio::time::interval(config.interval);
                 loop {
-                    tick.tick().await;
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        () = poke.notified() => {}
+                    }
                     let now = now_ms();
                     lock(&view).handle(ViewEvent::Tick, now);
+                    // Keep a few gossip neighbours: dial peers of the view (whose addresses
+                    // their announcements brought) or the bootstrap peers again, so the mesh
+                    // survives the node everyone joined through.
+                    let have: HashSet<PeerId> = lock(&neighbours).clone();
+                    if have.len() < MIN_NEIGHBOURS {
+                        asked.retain(|_, at| now.saturating_sub(*at) < retry_ms);
+                        let candidates: Vec<PeerId> = {
+                            let v = lock(&view);
+                            v.peers().map(|a| a.node).chain(bootstrap_ids.iter().copied()).collect()
+                        };
+                        let mut dial = Vec::new();
+                        for id in candidates {
+                            if id != me
+                                && !have.contains(&id)
+                                && !asked.contains_key(&id)
+                                && !dial.contains(&id)
+                            {
+                                dial.push(id);
+                            }
+                            if dial.len() + have.len() >= MIN_NEIGHBOURS {
+                                break;
+                            }
+                        }
+                        let endpoints: Vec<_> = dial.iter().filter_map(endpoint_id).collect();
+                        if !endpoints.is_empty() {
+                            for id in dial {
+                                asked.insert(id, now);
+                            }
+                            if let Err(e) = sender.join_peers(endpoints).await {
+                                tracing::debug!("gossip join: {e}");
+                            }
+                        }
+                    }
                     let Some(own) = own() else { continue };
                     // Seq from the clock: stays increasing across restarts with the same key.
                     seq = now.max(seq + 1);
@@ -171,11 +226,22 @@ impl Membership {
             });
         }
         {
-            let (view, node) = (view.clone(), node.clone());
+            let (view, node, poke) = (view.clone(), node.clone(), poke.clone());
             tasks.spawn(async move {
                 while let Some(event) = receiver.next().await {
                     let msg = match event {
                         Ok(Event::Received(msg)) => msg,
+                        // A new neighbour (often a node joining through this one) hears this
+                        // node's announcement now rather than an interval later.
+                        Ok(Event::NeighborUp(id)) => {
+                            lock(&neighbours).insert(shoal_worker::net::peer_id(&id));
+                            poke.notify_one();
+                            continue;
+                        }
+                        Ok(Event::NeighborDown(id)) => {
+                            lock(&neighbours).remove(&shoal_worker::net::peer_id(&id));
+                            continue;
+                        }
                         Ok(_) => continue,
                         Err(e) => {
                             tracing::debug!("gossip: {e}");
@@ -204,7 +270,41 @@ impl Membership {
                 }
             });
         }
-        Ok(Self { view, _tasks: tasks })
+        Ok(Self { view, poke, interval: config.interval, tasks: Mutex::new(tasks) })
+    }
+
+    /// Announces this node now (after a change of span or state) instead of at the next
+    /// interval.
+    pub fn announce_now(&self) {
+        self.poke.notify_one();
+    }
+
+    /// The interval between announcements.
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// Runs `f` on this node's view (placement decisions read it whole).
+    pub fn with_view<R>(&self, f: impl FnOnce(&SwarmView) -> R) -> R {
+        f(&lock(&self.view))
+    }
+
+    /// Keeps `driver`'s swarm peers equal to this view ([`Driver::sync_view`]) at every
+    /// interval, pinging newcomers for their round trip, until this membership is dropped.
+    pub fn follow(&self, driver: Arc<Driver>) {
+        let view = self.view.clone();
+        let interval = self.interval;
+        lock(&self.tasks).spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                tick.tick().await;
+                let peers: Vec<Announcement> = lock(&view).peers().cloned().collect();
+                let fresh = driver.sync_view(&peers);
+                if !fresh.is_empty() {
+                    driver.refresh_peers(&fresh).await;
+                }
+            }
+        });
     }
 
     /// The peers this node's view holds now (itself included when it announces), by id.

@@ -80,6 +80,15 @@ pub enum PeerState {
 }
 
 impl PeerState {
+    /// Lower-case name: `joining`, `serving` or `draining`.
+    pub fn name(self) -> &'static str {
+        match self {
+            PeerState::Joining => "joining",
+            PeerState::Serving => "serving",
+            PeerState::Draining => "draining",
+        }
+    }
+
     fn to_byte(self) -> u8 {
         match self {
             PeerState::Joining => 0,
