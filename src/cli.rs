@@ -3,6 +3,7 @@
 pub mod api;
 pub mod generate;
 pub mod run;
+mod status;
 mod worker;
 
 use anyhow::Result;
@@ -26,14 +27,16 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Generate a completion: locally (the whole model in this process) or, with `--join`,
-    /// through the workers of the given tickets.
+    /// through the swarm of the given tickets.
     Generate(generate::GenerateArgs),
     /// Serve a span of a model's layers to the swarm.
     Worker(worker::WorkerArgs),
     /// A whole swarm in one process: N stages on loopback and an origin.
     Run(run::RunArgs),
-    /// Serve the OpenAI-compatible API, routing through the workers of the given tickets.
+    /// Serve the OpenAI-compatible API, routing through the swarm of the given tickets.
     Api(api::ApiCommandArgs),
+    /// Show the swarm as one node sees it: peers, spans, states, speed, load, coverage.
+    Status(status::StatusArgs),
 }
 
 /// Installs the tracing subscriber (stderr).
@@ -55,5 +58,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Worker(args) => worker::run(args),
         Command::Run(args) => run::run(args),
         Command::Api(args) => api::run(args),
+        Command::Status(args) => status::run(args),
     }
 }

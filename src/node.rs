@@ -9,9 +9,14 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use iroh::SecretKey;
+use std::sync::Arc;
+use std::time::Instant;
+
+use iroh::EndpointAddr;
 use shoal_coordinator_free_router::driver::{Driver, DriverConfig, ModelInfo};
+use shoal_coordinator_free_router::membership::{Membership, MembershipConfig, OwnSpan};
 use shoal_model_shards::{DType, Device, Model, Shard};
-use shoal_worker::net::{Node, NodeOptions};
+use shoal_worker::net::{Node, NodeOptions, parse_ticket};
 use shoal_worker::protocol::WireDType;
 use shoal_worker::service::{StageConfig, StageService};
 
@@ -100,6 +105,98 @@ impl DriverArgs {
             step_timeout: Duration::from_secs_f64(self.step_timeout.max(0.001)),
             ..DriverConfig::default()
         }
+    }
+}
+
+/// Options of a node's membership in a model's swarm.
+#[derive(Debug, Clone, Args)]
+pub struct SwarmArgs {
+    /// Seconds between this node's announcements to the swarm; an announcement expires
+    /// after three intervals, so a silent peer leaves every view within about that.
+    #[arg(long, env = "SHOAL_ANNOUNCE_INTERVAL", default_value_t = 5.0, value_name = "SECS")]
+    pub announce_interval: f64,
+}
+
+impl SwarmArgs {
+    /// The membership's timing.
+    pub fn config(&self) -> Result<MembershipConfig> {
+        if !(self.announce_interval.is_finite() && self.announce_interval >= 0.05) {
+            bail!("--announce-interval must be at least 0.05 seconds");
+        }
+        let interval = Duration::from_secs_f64(self.announce_interval);
+        let view = shoal_coordinator_free_router::swarm::view::ViewConfig {
+            // Clocks of volunteers differ; tolerate up to an interval (at least 2 s) of skew.
+            max_clock_skew_ms: u64::try_from(interval.as_millis()).unwrap_or(u64::MAX).max(2000),
+            ..Default::default()
+        };
+        Ok(MembershipConfig { interval, ttl: interval * 3, view })
+    }
+}
+
+/// Parses join tickets, naming the bad one.
+pub fn parse_tickets(tickets: &[String]) -> Result<Vec<EndpointAddr>> {
+    tickets
+        .iter()
+        .map(|t| {
+            parse_ticket(t).with_context(|| format!("--join {}…", t.chars().take(16).collect::<String>()))
+        })
+        .collect()
+}
+
+/// Joins `model_id`'s swarm from `node` through `bootstrap`, announcing what `own` says
+/// (nothing for an origin that only routes).
+pub async fn join_swarm(
+    node: &Node,
+    model_id: [u8; 32],
+    n_layers: u32,
+    bootstrap: Vec<EndpointAddr>,
+    own: impl Fn() -> Option<OwnSpan> + Send + Sync + 'static,
+    swarm: &SwarmArgs,
+) -> Result<Membership> {
+    Membership::join(node, model_id, n_layers, bootstrap, own, swarm.config()?)
+        .await
+        .context("joining the swarm's gossip topic")
+}
+
+/// Waits until `driver` can plan a route through the swarm, at most `timeout`; the error
+/// says what the driver knows.
+pub async fn wait_for_route(driver: &Driver, timeout: Duration) -> Result<()> {
+    let until = Instant::now() + timeout;
+    loop {
+        match driver.plan_route() {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() >= until => {
+                return Err(e).context(format!("no route through the swarm after {timeout:?}"));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// An origin in the swarm: a driver whose peers follow a membership's view.
+pub struct SwarmOrigin {
+    /// The driver.
+    pub driver: Arc<Driver>,
+    /// The membership the driver follows (dropping it stops following).
+    _membership: Membership,
+}
+
+impl SwarmOrigin {
+    /// Joins the swarm from `node` (announcing nothing) through `tickets` and follows it.
+    pub async fn join(
+        model: &Model,
+        model_id: [u8; 32],
+        node: Node,
+        config: DriverConfig,
+        tickets: &[String],
+        swarm: &SwarmArgs,
+    ) -> Result<Self> {
+        let bootstrap = parse_tickets(tickets)?;
+        let n_layers = model.spec().n_layers as u32;
+        let driver = Arc::new(driver(model, model_id, node.clone(), config));
+        let membership = join_swarm(&node, model_id, n_layers, bootstrap, || None, swarm).await?;
+        membership.follow(driver.clone());
+        Ok(Self { driver, _membership: membership })
     }
 }
 

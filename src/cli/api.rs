@@ -11,10 +11,10 @@ use clap::Args;
 use shoal_api::{ApiConfig, ApiState, ServedModel, router, watch_mesh};
 use shoal_coordinator_free_router::driver::Driver;
 use shoal_model_shards::Model;
-use shoal_worker::net::{Node, parse_ticket};
+use shoal_worker::net::Node;
 
 use crate::cli::generate::DEFAULT_MODEL;
-use crate::node::{DriverArgs, driver, runtime, shutdown_signal};
+use crate::node::{DriverArgs, SwarmArgs, SwarmOrigin, parse_tickets, runtime, shutdown_signal};
 
 /// Options of the API server.
 #[derive(Debug, Clone, Args)]
@@ -99,7 +99,8 @@ pub struct ApiCommandArgs {
     /// identity; this node computes nothing).
     #[arg(long, env = "SHOAL_MODEL", default_value = DEFAULT_MODEL)]
     model: PathBuf,
-    /// A worker to route through (repeatable).
+    /// A node of the swarm to join through (repeatable; one is enough): routes go through
+    /// every worker the swarm announces.
     #[arg(long = "join", value_name = "TICKET", required = true)]
     join: Vec<String>,
     /// Address of the HTTP server.
@@ -109,59 +110,50 @@ pub struct ApiCommandArgs {
     api: ApiArgs,
     #[command(flatten)]
     driver: DriverArgs,
+    #[command(flatten)]
+    swarm: SwarmArgs,
 }
 
 /// Runs `shoal api`.
 pub fn run(args: ApiCommandArgs) -> Result<()> {
     let model = Model::open(&args.model).with_context(|| format!("opening {}", args.model.display()))?;
     let model_id = model.model_id().context("hashing the model")?;
-    let tickets = args.join.iter().map(|t| parse_ticket(t)).collect::<Result<Vec<_>, _>>()?;
+    parse_tickets(&args.join)?;
+    args.swarm.config()?;
     runtime()?.block_on(async move {
         let origin = Node::bind(args.driver.net.options(None)).await?;
-        let d = driver(&model, model_id, origin.clone(), args.driver.config());
-        let result = serve(&model, &args.model, d, args.listen, &args.api, tickets).await;
+        let swarm = SwarmOrigin::join(
+            &model,
+            model_id,
+            origin.clone(),
+            args.driver.config(),
+            &args.join,
+            &args.swarm,
+        )
+        .await?;
+        let result = serve(&model, &args.model, swarm.driver.clone(), args.listen, &args.api).await;
+        drop(swarm);
         origin.shutdown().await;
         result
     })
 }
 
-/// Serves the API in front of `driver` until Ctrl-C or SIGTERM; the peers of `join` are
-/// added (and retried every few seconds until they answer).
+/// Serves the API in front of `driver` until Ctrl-C or SIGTERM.
 pub async fn serve(
     model: &Model,
     path: &Path,
-    driver: Driver,
+    driver: Arc<Driver>,
     addr: SocketAddr,
     args: &ApiArgs,
-    join: Vec<iroh::EndpointAddr>,
 ) -> Result<()> {
     let name = args.served_model_name.clone().unwrap_or_else(|| {
         path.file_stem().map_or_else(|| "model".to_owned(), |s| s.to_string_lossy().into_owned())
     });
     let served = ServedModel::of(model, name.clone()).context("reading the model's tokenizer")?;
-    let state = Arc::new(ApiState::new(Arc::new(driver), served, args.config()?).context("metrics")?);
+    let state = Arc::new(ApiState::new(driver, served, args.config()?).context("metrics")?);
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
     let local = listener.local_addr()?;
     let mut tasks = tokio::task::JoinSet::new();
-    {
-        let state = state.clone();
-        tasks.spawn(async move {
-            let mut pending = join;
-            while !pending.is_empty() {
-                let mut left = Vec::new();
-                for addr in pending {
-                    if let Err(e) = state.driver.add_peer(addr.clone()).await {
-                        tracing::warn!("{e}; retrying");
-                        left.push(addr);
-                    }
-                }
-                pending = left;
-                if !pending.is_empty() {
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                }
-            }
-        });
-    }
     tasks.spawn(watch_mesh(state.clone(), Duration::from_secs(5)));
     let keys = if state.config.api_keys.is_empty() { "no API key" } else { "API key required" };
     println!("listening: http://{local}/v1 (model {name}, {keys})");

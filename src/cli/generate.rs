@@ -23,12 +23,17 @@ pub struct GenerateArgs {
     prompt: String,
     #[command(flatten)]
     options: GenOptions,
-    /// Generate through the workers of these join tickets (repeatable) instead of locally;
-    /// this process then only tokenizes and samples nothing.
+    /// Generate through the swarm of this node's ticket (repeatable; one is enough) instead
+    /// of locally; this process then only tokenizes and routes.
     #[arg(long = "join", value_name = "TICKET")]
     join: Vec<String>,
+    /// With `--join`: seconds to wait for the swarm to cover every layer.
+    #[arg(long, default_value_t = 30.0, value_name = "SECS")]
+    route_wait: f64,
     #[command(flatten)]
     net: crate::node::DriverArgs,
+    #[command(flatten)]
+    swarm: crate::node::SwarmArgs,
 }
 
 /// The model `shoal` uses when none is given (fetched by `deploy/fetch-model.sh`).
@@ -203,6 +208,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             &args.options,
             &args.join,
             &args.net,
+            &args.swarm,
+            args.route_wait,
         ));
     }
     let n_layers = model.spec().n_layers;

@@ -3,16 +3,20 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use shoal_coordinator_free_router::driver::{Driver, Request};
 use shoal_model_shards::Model;
-use shoal_worker::net::{Node, parse_ticket, short};
+use shoal_worker::net::{Node, short};
 
 use crate::cli::api::{ApiArgs, serve};
 use crate::cli::generate::{DEFAULT_MODEL, GenOptions, Prepared, Printer, prepare};
-use crate::node::{DriverArgs, StageArgs, driver, load_stage, runtime, shutdown_signal};
+use crate::node::{
+    DriverArgs, StageArgs, SwarmArgs, SwarmOrigin, driver, load_stage, runtime, shutdown_signal,
+    wait_for_route,
+};
 
 /// Arguments of `shoal run`.
 #[derive(Debug, Args)]
@@ -69,13 +73,13 @@ pub fn run(args: RunArgs) -> Result<()> {
             nodes.push((span, node));
         }
         let origin = Node::bind(net.options(None)).await?;
-        let d = driver(&model, model_id, origin.clone(), args.driver.config());
+        let d = std::sync::Arc::new(driver(&model, model_id, origin.clone(), args.driver.config()));
         for (_, node) in &nodes {
             d.add_peer(node.addr()).await?;
         }
         let result = match (prepared, args.listen) {
             (Some(p), _) => generate_with(&d, p, &args.options).await,
-            (None, Some(addr)) => serve(&model, &args.model, d, addr, &args.api, Vec::new()).await,
+            (None, Some(addr)) => serve(&model, &args.model, d.clone(), addr, &args.api).await,
             (None, None) => {
                 for (span, node) in &nodes {
                     println!("stage {}..{}: {}", span.start, span.end, node.ticket());
@@ -93,25 +97,25 @@ pub fn run(args: RunArgs) -> Result<()> {
     })
 }
 
-/// `shoal generate --join`: this process is the origin; the workers of the tickets compute.
+/// `shoal generate --join`: this process is the origin; the swarm's workers compute. Waits
+/// at most `wait` seconds for the swarm to cover every layer.
 pub async fn generate_remote(
     model: &Model,
     p: Prepared,
     options: &GenOptions,
     tickets: &[String],
     args: &DriverArgs,
+    swarm: &SwarmArgs,
+    wait: f64,
 ) -> Result<()> {
     let model_id = model.model_id().context("hashing the model")?;
     let origin = Node::bind(args.net.options(None)).await?;
-    let d = driver(model, model_id, origin.clone(), args.config());
-    for t in tickets {
-        let addr = parse_ticket(t)?;
-        match d.add_peer(addr).await {
-            Ok(info) => tracing::info!("peer serves layers {}..{}", info.start, info.end),
-            Err(e) => eprintln!("warning: {e}"),
-        }
+    let result = async {
+        let swarm = SwarmOrigin::join(model, model_id, origin.clone(), args.config(), tickets, swarm).await?;
+        wait_for_route(&swarm.driver, Duration::from_secs_f64(wait.max(0.0))).await?;
+        generate_with(&swarm.driver, p, options).await
     }
-    let result = generate_with(&d, p, options).await;
+    .await;
     origin.shutdown().await;
     result
 }

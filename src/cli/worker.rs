@@ -1,21 +1,43 @@
 //! `shoal worker`: serve a span of a model's layers to the swarm.
+//!
+//! The worker joins the model's swarm (its gossip topic) through `--join` tickets and
+//! announces its span, state, speed (measured at start-up), load and free KV cache. With
+//! `--layers auto` it sizes its span from `--num-layers` or a memory budget, places it where
+//! the swarm's serving throughput is weakest, and at jittered intervals moves when the swarm
+//! clearly gains: announce `Draining`, wait for gossip to settle, re-check, hand running
+//! sessions back, load the new span (`Joining`), serve it (`Serving`).
 
 use std::io::Write;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Args;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
 use shoal_coordinator_free_router::driver::DriverConfig;
-use shoal_model_shards::Model;
+use shoal_coordinator_free_router::membership::{Membership, OwnSpan};
+use shoal_coordinator_free_router::swarm::announce::PeerState;
+use shoal_coordinator_free_router::swarm::placement::{
+    RebalanceConfig, choose_span, move_target, next_check_ms, planned_coverage, should_move,
+    span_len_for_memory,
+};
+use shoal_model_shards::{DType, Device, Model, Shard};
 use shoal_worker::net::{Node, parse_ticket, peer_id, short};
+use shoal_worker::service::StageService;
 
 use crate::cli::api::{ApiArgs, serve};
 use crate::cli::generate::DEFAULT_MODEL;
 use crate::node::{
-    NetArgs, StageArgs, driver, load_or_create_key, load_stage, parse_layers, runtime, shutdown_signal,
+    NetArgs, StageArgs, SwarmArgs, driver, join_swarm, load_or_create_key, load_stage, parse_layers,
+    parse_tickets, runtime, shutdown_signal,
 };
+
+/// One-token forwards timed to measure a span's speed.
+const SPEED_STEPS: usize = 8;
 
 /// Arguments of `shoal worker`.
 #[derive(Debug, Args)]
@@ -23,10 +45,23 @@ pub struct WorkerArgs {
     /// Model: a .gguf file or a Hugging Face directory.
     #[arg(long, env = "SHOAL_MODEL", default_value = DEFAULT_MODEL)]
     model: PathBuf,
-    /// The span of layers to serve, `START..END` (end exclusive), e.g. `0..15`.
-    #[arg(long)]
+    /// The span of layers to serve: `START..END` (end exclusive, e.g. `0..15`), or `auto`:
+    /// `--num-layers` layers (or as many as `--memory-budget` holds) placed where the swarm
+    /// is weakest, moved later when that clearly helps the swarm.
+    #[arg(long, default_value = "auto")]
     layers: String,
-    /// A peer to contact at start (repeatable); its span is checked against this model.
+    /// With `--layers auto`: how many layers to serve.
+    #[arg(long, value_name = "N")]
+    num_layers: Option<usize>,
+    /// With `--layers auto` and no `--num-layers`: memory for layer weights, e.g. `512MiB`,
+    /// `2GiB` (default: half of the memory available at start).
+    #[arg(long, value_name = "SIZE")]
+    memory_budget: Option<String>,
+    /// With `--layers auto`: mean seconds between rebalancing checks (each jittered by
+    /// ±50%); 0 never moves.
+    #[arg(long, default_value_t = 60.0, value_name = "SECS")]
+    rebalance_interval: f64,
+    /// A node of the swarm to join through (repeatable; one is enough).
     #[arg(long = "join", value_name = "TICKET")]
     join: Vec<String>,
     /// Write this node's join ticket to this file as well as to stdout.
@@ -36,12 +71,11 @@ pub struct WorkerArgs {
     /// restarts). Without it the node id is new at each start.
     #[arg(long)]
     key_file: Option<PathBuf>,
-    /// On SIGTERM or Ctrl-C, wait at most this many seconds for running sessions to finish
-    /// before handing them back to their origins.
+    /// On SIGTERM or Ctrl-C (or before moving), wait at most this many seconds for running
+    /// sessions to finish before handing them back to their origins.
     #[arg(long, default_value_t = 30.0)]
     drain_timeout: f64,
-    /// Also serve the OpenAI-compatible API on this address, routing through this worker
-    /// and the peers of `--join`.
+    /// Also serve the OpenAI-compatible API on this address, routing through the swarm.
     #[arg(long, value_name = "ADDR")]
     api: Option<SocketAddr>,
     #[command(flatten)]
@@ -49,26 +83,84 @@ pub struct WorkerArgs {
     #[command(flatten)]
     net: NetArgs,
     #[command(flatten)]
+    swarm: SwarmArgs,
+    #[command(flatten)]
     limits: StageArgs,
+}
+
+/// What this worker says about itself in its announcements.
+#[derive(Debug, Clone)]
+struct Own {
+    span: Option<Range<usize>>,
+    state: PeerState,
+    throughput: f64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Runs `shoal worker`.
 pub fn run(args: WorkerArgs) -> Result<()> {
-    let span = parse_layers(&args.layers)?;
+    let fixed = if args.layers.trim() == "auto" { None } else { Some(parse_layers(&args.layers)?) };
+    if fixed.is_some() && (args.num_layers.is_some() || args.memory_budget.is_some()) {
+        bail!("--num-layers and --memory-budget go with --layers auto");
+    }
+    let budget = args.memory_budget.as_deref().map(parse_size).transpose()?;
+    if !(args.rebalance_interval.is_finite() && args.rebalance_interval >= 0.0) {
+        bail!("--rebalance-interval must be a number of seconds, 0 or more");
+    }
+    let bootstrap = parse_tickets(&args.join)?;
+    args.swarm.config()?;
     if args.api.is_some() {
         // Bad API options (an unreadable key file...) fail before any layer is loaded.
         args.api_options.config()?;
     }
-    let model = Model::open(&args.model).with_context(|| format!("opening {}", args.model.display()))?;
+    let model =
+        Arc::new(Model::open(&args.model).with_context(|| format!("opening {}", args.model.display()))?);
     let model_id = model.model_id().context("hashing the model")?;
-    let stage = load_stage(&model, model_id, span.clone(), &args.limits)?;
     let n_layers = model.spec().n_layers;
-    // The API needs the tokenizer and chat template; a plain worker frees the rest.
-    let api_model = if args.api.is_some() { Some(model) } else { None };
+    let len = match (&fixed, args.num_layers) {
+        (Some(span), _) => {
+            if span.end > n_layers {
+                bail!("layers {}..{} are outside the model's {n_layers} layers", span.start, span.end);
+            }
+            span.len()
+        }
+        (None, Some(n)) if n == 0 || n > n_layers => bail!("--num-layers must be 1..={n_layers}, got {n}"),
+        (None, Some(n)) => n,
+        (None, None) => {
+            let budget = match budget {
+                Some(b) => b,
+                None => available_memory()? / 2,
+            };
+            let per_layer = model.layer_bytes();
+            let len = span_len_for_memory(budget, per_layer, n_layers as u32) as usize;
+            if budget < per_layer {
+                bail!(
+                    "a memory budget of {} MiB does not hold one layer ({} MiB)",
+                    budget >> 20,
+                    per_layer.div_ceil(1 << 20)
+                );
+            }
+            len
+        }
+    };
     runtime()?.block_on(async move {
         let key = args.key_file.as_deref().map(load_or_create_key).transpose()?;
         let node = Node::bind(args.net.options(key)).await?;
-        node.serve(stage);
+        let own = Arc::new(Mutex::new(Own { span: None, state: PeerState::Joining, throughput: 0.0 }));
+        let membership = Arc::new(
+            join_swarm(
+                &node,
+                model_id,
+                n_layers as u32,
+                bootstrap.clone(),
+                own_fn(own.clone(), node.clone()),
+                &args.swarm,
+            )
+            .await?,
+        );
         let ticket = node.ticket();
         if let Some(path) = &args.ticket_file {
             write_atomically(path, &format!("{ticket}\n"))?;
@@ -80,62 +172,278 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         for t in &args.join {
             check_peer(&node, t, model_id).await;
         }
+
+        let span = match fixed.clone() {
+            Some(span) => span,
+            None => {
+                // A one-layer probe gives this machine's speed for placement; the loaded
+                // span is measured again below.
+                let probe = tokio::task::block_in_place(|| -> Result<f64> {
+                    let shard = Shard::load(&model, 0..1, &Device::Cpu, DType::F32)?;
+                    Ok(shard.measure_layer_throughput(SPEED_STEPS)?)
+                })
+                .context("measuring this machine's speed")?;
+                lock(&own).throughput = probe;
+                if !bootstrap.is_empty() {
+                    // Every live peer announces once per interval: wait for each to be heard.
+                    tokio::time::sleep(membership.interval().mul_f64(1.5)).await;
+                }
+                let start =
+                    membership.with_view(|v| choose_span(&planned_coverage(v), len as u32, probe)) as usize;
+                start..start + len
+            }
+        };
+        {
+            let mut o = lock(&own);
+            o.span = Some(span.clone());
+            o.state = PeerState::Joining;
+        }
+        membership.announce_now();
+        let (stage, throughput) = load_measured(&model, model_id, span.clone(), &args.limits)?;
+        node.serve(stage);
+        {
+            let mut o = lock(&own);
+            o.state = PeerState::Serving;
+            o.throughput = throughput;
+        }
+        membership.announce_now();
         let mut out = std::io::stdout().lock();
         writeln!(
             out,
-            "ready: node {} serves layers {}..{} of {n_layers} (model {})",
+            "ready: node {} serves layers {}..{} of {n_layers} (model {}, {:.0} tokens/s per layer)",
             node.endpoint_id(),
             span.start,
             span.end,
-            short(&model_id)
+            short(&model_id),
+            throughput
         )?;
         out.flush()?;
         drop(out);
 
+        let drain_timeout = Duration::from_secs_f64(args.drain_timeout.max(0.0));
+        let mover = (fixed.is_none() && args.rebalance_interval > 0.0).then(|| {
+            let mover = Mover {
+                model: model.clone(),
+                model_id,
+                limits: args.limits.clone(),
+                node: node.clone(),
+                membership: membership.clone(),
+                own: own.clone(),
+                config: RebalanceConfig::default(),
+                drain_timeout,
+                base_ms: (args.rebalance_interval * 1000.0) as u64,
+            };
+            tokio::spawn(mover.run())
+        });
+
         // The API's end (Ctrl-C, SIGTERM, or a failure to serve) starts the drain all the same.
-        let served = match (args.api, &api_model) {
-            (Some(addr), Some(model)) => {
+        let served = match args.api {
+            Some(addr) => {
                 let mut net = args.net.clone();
                 net.bind = net.bind.map(|b| SocketAddr::new(b.ip(), 0));
                 let origin = Node::bind(net.options(None)).await?;
-                let d = driver(model, model_id, origin.clone(), DriverConfig::default());
-                let mut peers = vec![node.addr()];
-                peers.extend(args.join.iter().filter_map(|t| parse_ticket(t).ok()));
-                let served = serve(model, &args.model, d, addr, &args.api_options, peers).await;
+                let d = Arc::new(driver(&model, model_id, origin.clone(), DriverConfig::default()));
+                membership.follow(d.clone());
+                let served = serve(&model, &args.model, d, addr, &args.api_options).await;
                 origin.shutdown().await;
                 served
             }
-            _ => {
+            None => {
                 shutdown_signal().await;
                 Ok(())
             }
         };
+        if let Some(m) = mover {
+            m.abort();
+        }
+        lock(&own).state = PeerState::Draining;
+        membership.announce_now();
         eprintln!("draining: no new sessions; waiting up to {}s for running ones", args.drain_timeout);
-        node.drain();
-        let until = Instant::now() + Duration::from_secs_f64(args.drain_timeout.max(0.0));
-        while node.stage_stats().is_some_and(|s| s.sessions > 0) && Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let left = node.stage_stats().map_or(0, |s| s.sessions);
-        if left > 0 {
-            eprintln!("handing {left} sessions back to their origins");
-        }
+        drain(&node, drain_timeout).await;
         node.close_stage_sessions().await;
+        drop(membership);
         node.shutdown().await;
         eprintln!("stopped");
         served
     })
 }
 
+/// Loads `span` and measures its speed.
+fn load_measured(
+    model: &Model,
+    model_id: [u8; 32],
+    span: Range<usize>,
+    limits: &StageArgs,
+) -> Result<(StageService, f64)> {
+    tokio::task::block_in_place(|| {
+        let stage = load_stage(model, model_id, span, limits)?;
+        let throughput =
+            stage.shard().measure_layer_throughput(SPEED_STEPS).context("measuring the span's speed")?;
+        Ok((stage, throughput))
+    })
+}
+
+/// Refuses new sessions and waits at most `timeout` for the running ones to end.
+async fn drain(node: &Node, timeout: Duration) {
+    node.drain();
+    let until = Instant::now() + timeout;
+    while node.stage_stats().is_some_and(|s| s.sessions > 0) && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let left = node.stage_stats().map_or(0, |s| s.sessions);
+    if left > 0 {
+        eprintln!("handing {left} sessions back to their origins");
+    }
+}
+
+/// The announcement source: this worker's span and state, the stage's load and free cache.
+fn own_fn(own: Arc<Mutex<Own>>, node: Node) -> impl Fn() -> Option<OwnSpan> + Send + Sync + 'static {
+    move || {
+        let o = lock(&own).clone();
+        let span = o.span?;
+        let info = node.stage_info();
+        Some(OwnSpan {
+            start: span.start as u32,
+            end: span.end as u32,
+            state: o.state,
+            throughput: o.throughput as f32,
+            load: info.as_ref().map_or(0, |i| i.sessions),
+            free_kv_bytes: info.map_or(0, |i| i.free_kv_bytes),
+        })
+    }
+}
+
+/// Rebalancing: at jittered intervals, asks the placement rules whether to move, and moves
+/// with the drain → re-check → join protocol.
+struct Mover {
+    model: Arc<Model>,
+    model_id: [u8; 32],
+    limits: StageArgs,
+    node: Node,
+    membership: Arc<Membership>,
+    own: Arc<Mutex<Own>>,
+    config: RebalanceConfig,
+    drain_timeout: Duration,
+    base_ms: u64,
+}
+
+impl Mover {
+    async fn run(self) {
+        let mut rng = StdRng::from_os_rng();
+        loop {
+            tokio::time::sleep(Duration::from_millis(next_check_ms(&mut rng, self.base_ms))).await;
+            if let Err(e) = self.check().await {
+                eprintln!("rebalancing failed: {e:#}");
+            }
+        }
+    }
+
+    fn set(&self, span: Range<usize>, state: PeerState) {
+        {
+            let mut o = lock(&self.own);
+            o.span = Some(span);
+            o.state = state;
+        }
+        self.membership.announce_now();
+    }
+
+    async fn check(&self) -> Result<()> {
+        let me = self.node.id();
+        if self.membership.with_view(|v| should_move(v, me, &self.config)).is_none() {
+            return Ok(());
+        }
+        let (old, throughput) = {
+            let o = lock(&self.own);
+            (o.span.clone().context("no span")?, o.throughput)
+        };
+        let len = old.len();
+        eprintln!("rebalancing: layers {}..{} may move; draining to re-check", old.start, old.end);
+        // Origins stop routing new sessions here as soon as they see this.
+        self.set(old.clone(), PeerState::Draining);
+        tokio::time::sleep(self.membership.interval() * 2).await;
+        let again = self
+            .membership
+            .with_view(|v| move_target(v, me, old.start as u32, old.end as u32, throughput, &self.config));
+        let Some(dest) = again.map(|d| d as usize) else {
+            eprintln!("rebalancing: staying on layers {}..{} (the swarm changed)", old.start, old.end);
+            self.set(old, PeerState::Serving);
+            return Ok(());
+        };
+        let new = dest..dest + len;
+        drain(&self.node, self.drain_timeout).await;
+        self.node.stop_serving().await;
+        self.set(new.clone(), PeerState::Joining);
+        let (stage, throughput, span) =
+            match load_measured(&self.model, self.model_id, new.clone(), &self.limits) {
+                Ok((stage, t)) => (stage, t, new),
+                Err(e) => {
+                    eprintln!(
+                        "rebalancing: loading layers {}..{} failed ({e:#}); back to {}..{}",
+                        new.start, new.end, old.start, old.end
+                    );
+                    self.set(old.clone(), PeerState::Joining);
+                    let (stage, t) = load_measured(&self.model, self.model_id, old.clone(), &self.limits)?;
+                    (stage, t, old.clone())
+                }
+            };
+        self.node.serve(stage);
+        lock(&self.own).throughput = throughput;
+        self.set(span.clone(), PeerState::Serving);
+        println!(
+            "moved: node {} serves layers {}..{} (was {}..{})",
+            self.node.endpoint_id(),
+            span.start,
+            span.end,
+            old.start,
+            old.end
+        );
+        std::io::stdout().flush()?;
+        Ok(())
+    }
+}
+
+/// Half of this is the default memory budget: `MemAvailable` from `/proc/meminfo`.
+fn available_memory() -> Result<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").context(
+        "reading /proc/meminfo for the default memory budget; give --memory-budget or --num-layers",
+    )?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+        .context("no MemAvailable in /proc/meminfo; give --memory-budget or --num-layers")
+}
+
+/// Parses a size: a number with an optional unit, `B`, `K`/`KiB`, `M`/`MiB`, `G`/`GiB`,
+/// `T`/`TiB` (powers of 1024), or `KB`, `MB`, `GB`, `TB` (powers of 1000); case-insensitive.
+fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 =
+        num.parse().with_context(|| format!("--memory-budget {s:?}: expected a size like 512MiB"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kib" => 1024.0,
+        "m" | "mib" => 1024.0 * 1024.0,
+        "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "t" | "tib" => 1024f64.powi(4),
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        other => bail!("--memory-budget {s:?}: unknown unit {other:?}"),
+    };
+    let bytes = value * mult;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+        bail!("--memory-budget {s:?} is not a usable size");
+    }
+    Ok(bytes as u64)
+}
+
 /// Pings a peer from a ticket and reports what it serves.
 async fn check_peer(node: &Node, ticket: &str, model_id: [u8; 32]) {
-    let addr = match parse_ticket(ticket) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("warning: --join {ticket:.16}…: {e}");
-            return;
-        }
-    };
+    let Ok(addr) = parse_ticket(ticket) else { return };
     let id = peer_id(&addr.id);
     node.add_peer_addr(addr);
     match node.ping(id, Duration::from_secs(5)).await {
@@ -158,4 +466,22 @@ fn write_atomically(path: &Path, text: &str) -> Result<()> {
     std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("2g").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1.5GiB").unwrap(), 3 << 29);
+        assert_eq!(parse_size(" 3 GB ").unwrap(), 3_000_000_000);
+        assert_eq!(parse_size("64k").unwrap(), 65536);
+        for bad in ["", "MiB", "12 parsecs", "0", "-1G", "1e400", "0.1"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
 }
