@@ -88,3 +88,22 @@ fn argmax(v: &[f32]) -> usize {
         .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| if x > bv { (i, x) } else { (bi, bv) })
         .0
 }
+
+/// A layer's size, as memory budgets count it: the GGUF's per-layer tensors. The whole file
+/// is the layers, the embedding (also the tied LM head) and a small header, so the layers plus
+/// the embedding must account for nearly all of it.
+#[test]
+fn layer_bytes_account_for_the_file() -> anyhow::Result<()> {
+    let path = common::smollm2_path();
+    let model = shoal_model_shards::Model::open(&path)?;
+    let content = model.gguf_content().expect("a GGUF");
+    let emb = &content.tensor_infos["token_embd.weight"];
+    let emb_bytes =
+        (emb.shape.elem_count() / emb.ggml_dtype.block_size() * emb.ggml_dtype.type_size()) as u64;
+    let layers = model.layer_bytes() * model.spec().n_layers as u64;
+    let file = std::fs::metadata(&path)?.len();
+    let share = (layers + emb_bytes) as f64 / file as f64;
+    eprintln!("layer {} bytes; layers + embedding = {share:.4} of the file", model.layer_bytes());
+    assert!((0.97..=1.0).contains(&share), "{share}");
+    Ok(())
+}
