@@ -39,23 +39,40 @@ pub struct NetArgs {
     /// Use n0's public relays (off: works offline, peers must reach each other directly).
     #[arg(long)]
     pub relay: bool,
-    /// Publish and look up addresses through n0's public DNS (off by default).
-    #[arg(long)]
-    pub discovery: bool,
+    /// How to find peers besides join tickets (repeatable): `local` finds shoal nodes on
+    /// the local network with mDNS (no ticket needed there); `dns` publishes and looks up
+    /// addresses through n0's public DNS. Neither by default (offline, tickets only).
+    #[arg(long, value_enum, value_name = "HOW")]
+    pub discovery: Vec<Discovery>,
     /// Delay added before each frame this node sends, in milliseconds (emulates a network
     /// on loopback for benchmarks).
     #[arg(long, default_value_t = 0.0, hide = true)]
     pub send_delay_ms: f64,
 }
 
+/// A way of finding peers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Discovery {
+    /// mDNS on the local network.
+    Local,
+    /// n0's public DNS address lookup.
+    Dns,
+}
+
 impl NetArgs {
+    /// Whether peers on the local network are found with mDNS.
+    pub fn local_discovery(&self) -> bool {
+        self.discovery.contains(&Discovery::Local)
+    }
+
     /// Node options with an optional persistent key.
     pub fn options(&self, secret_key: Option<SecretKey>) -> NodeOptions {
         NodeOptions {
             secret_key,
             bind: self.bind,
             relay: self.relay,
-            discovery: self.discovery,
+            discovery: self.discovery.contains(&Discovery::Dns),
+            local_discovery: self.local_discovery(),
             send_delay: Duration::from_secs_f64(self.send_delay_ms.max(0.0) / 1000.0),
             ..NodeOptions::default()
         }

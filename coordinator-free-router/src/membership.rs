@@ -166,14 +166,19 @@ impl Membership {
                     let now = now_ms();
                     lock(&view).handle(ViewEvent::Tick, now);
                     // Keep a few gossip neighbours: dial peers of the view (whose addresses
-                    // their announcements brought) or the bootstrap peers again, so the mesh
-                    // survives the node everyone joined through.
+                    // their announcements brought), the bootstrap peers again, or shoal
+                    // nodes found on the local network, so the mesh survives the node
+                    // everyone joined through and forms with no ticket on a LAN.
                     let have: HashSet<PeerId> = lock(&neighbours).clone();
                     if have.len() < MIN_NEIGHBOURS {
                         asked.retain(|_, at| now.saturating_sub(*at) < retry_ms);
                         let candidates: Vec<PeerId> = {
                             let v = lock(&view);
-                            v.peers().map(|a| a.node).chain(bootstrap_ids.iter().copied()).collect()
+                            v.peers()
+                                .map(|a| a.node)
+                                .chain(bootstrap_ids.iter().copied())
+                                .chain(node.local_peers())
+                                .collect()
                         };
                         let mut dial = Vec::new();
                         for id in candidates {

@@ -100,8 +100,9 @@ pub struct ApiCommandArgs {
     #[arg(long, env = "SHOAL_MODEL", default_value = DEFAULT_MODEL)]
     model: PathBuf,
     /// A node of the swarm to join through (repeatable; one is enough): routes go through
-    /// every worker the swarm announces.
-    #[arg(long = "join", value_name = "TICKET", required = true)]
+    /// every worker the swarm announces. Needed unless `--discovery local` finds the swarm
+    /// on the local network.
+    #[arg(long = "join", value_name = "TICKET")]
     join: Vec<String>,
     /// Address of the HTTP server.
     #[arg(long, env = "SHOAL_LISTEN", default_value = "127.0.0.1:8000")]
@@ -119,6 +120,11 @@ pub fn run(args: ApiCommandArgs) -> Result<()> {
     let model = Model::open(&args.model).with_context(|| format!("opening {}", args.model.display()))?;
     let model_id = model.model_id().context("hashing the model")?;
     parse_tickets(&args.join)?;
+    if args.join.is_empty() && !args.driver.net.local_discovery() {
+        bail!(
+            "give a worker's ticket with --join TICKET (or find the swarm on the LAN with --discovery local)"
+        );
+    }
     args.swarm.config()?;
     runtime()?.block_on(async move {
         let origin = Node::bind(args.driver.net.options(None)).await?;

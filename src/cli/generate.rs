@@ -24,7 +24,8 @@ pub struct GenerateArgs {
     #[command(flatten)]
     options: GenOptions,
     /// Generate through the swarm of this node's ticket (repeatable; one is enough) instead
-    /// of locally; this process then only tokenizes and routes.
+    /// of locally; this process then only tokenizes and routes (`--discovery local` also
+    /// generates through the swarm, found on the local network).
     #[arg(long = "join", value_name = "TICKET")]
     join: Vec<String>,
     /// With `--join`: seconds to wait for the swarm to cover every layer.
@@ -201,7 +202,7 @@ impl Printer {
 pub fn run(args: GenerateArgs) -> Result<()> {
     let model = Model::open(&args.model).with_context(|| format!("opening {}", args.model.display()))?;
     let p = prepare(&model, &args.prompt, &args.options)?;
-    if !args.join.is_empty() {
+    if !args.join.is_empty() || args.net.net.local_discovery() {
         return crate::node::runtime()?.block_on(crate::cli::run::generate_remote(
             &model,
             p,

@@ -16,8 +16,9 @@ use crate::node::{NetArgs, SwarmArgs, join_swarm, parse_tickets, runtime};
 /// Arguments of `shoal status`.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// A node of the swarm to join through (repeatable; one is enough).
-    #[arg(long = "join", value_name = "TICKET", required = true)]
+    /// A node of the swarm to join through (repeatable; one is enough; not needed with
+    /// `--discovery local` when the swarm is on the local network).
+    #[arg(long = "join", value_name = "TICKET")]
     join: Vec<String>,
     /// One line of JSON: `{"model", "n_layers", "peers": [{"id", "start", "end", "state",
     /// "throughput", "load"}]}`.
@@ -40,6 +41,11 @@ pub struct StatusArgs {
 /// Runs `shoal status`.
 pub fn run(args: StatusArgs) -> Result<()> {
     let tickets = parse_tickets(&args.join)?;
+    if tickets.is_empty() && !args.net.local_discovery() {
+        bail!(
+            "give a node's ticket with --join TICKET (or find the swarm on the LAN with --discovery local)"
+        );
+    }
     let config = args.swarm.config()?;
     let wait = match args.wait {
         Some(w) if w.is_finite() && w >= 0.0 => Duration::from_secs_f64(w),
@@ -80,8 +86,9 @@ pub fn run(args: StatusArgs) -> Result<()> {
     })
 }
 
-/// The model a swarm serves, from the first ticket whose node serves layers. A worker that
-/// is moving serves nothing for a moment: asks again for up to ten seconds.
+/// The model a swarm serves, from the first ticket (or node found on the local network)
+/// whose node serves layers. A worker that is moving serves nothing for a moment, and mDNS
+/// takes a moment too: asks again for up to ten seconds.
 async fn identify(node: &Node, tickets: &[iroh::EndpointAddr]) -> Result<([u8; 32], u32)> {
     for addr in tickets {
         node.add_peer_addr(addr.clone());
@@ -89,8 +96,11 @@ async fn identify(node: &Node, tickets: &[iroh::EndpointAddr]) -> Result<([u8; 3
     let until = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let mut why = Vec::new();
-        for addr in tickets {
-            let id = peer_id(&addr.id);
+        let ids: Vec<_> = tickets.iter().map(|a| peer_id(&a.id)).chain(node.local_peers()).collect();
+        if ids.is_empty() {
+            why.push("no node found on the local network yet".to_owned());
+        }
+        for id in ids {
             match node.ping(id, Duration::from_secs(5)).await {
                 Ok((_, Some(info))) => return Ok((info.model_id, info.n_layers)),
                 Ok((_, None)) => why.push(format!("{} serves no layers", short(&id))),

@@ -187,6 +187,9 @@ pub fn run(args: WorkerArgs) -> Result<()> {
                 if !bootstrap.is_empty() {
                     // Every live peer announces once per interval: wait for each to be heard.
                     tokio::time::sleep(membership.interval().mul_f64(1.5)).await;
+                } else if args.net.local_discovery() {
+                    // mDNS needs a few of its rounds (0.7 s) to find the LAN's nodes first.
+                    tokio::time::sleep(membership.interval().mul_f64(1.5).max(Duration::from_secs(3))).await;
                 }
                 let start =
                     membership.with_view(|v| choose_span(&planned_coverage(v), len as u32, probe)) as usize;

@@ -27,7 +27,7 @@
 //!   the same error on the origin's own session channel. A peer that dies silently (kill -9)
 //!   is found by the origin's deadlines.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -101,6 +101,9 @@ pub struct NodeOptions {
     pub relay: bool,
     /// Publish and resolve addresses through n0's public DNS address lookup (off by default).
     pub discovery: bool,
+    /// Find, and be found by, shoal nodes on the local network with mDNS (off by default):
+    /// [`Node::local_peers`] lists them, so a swarm can form with no ticket.
+    pub local_discovery: bool,
     /// How long dialing a peer may take.
     pub connect_timeout: Duration,
     /// A delay added before every frame this node sends, to emulate a network on loopback
@@ -117,6 +120,7 @@ impl Default for NodeOptions {
             bind: None,
             relay: false,
             discovery: false,
+            local_discovery: false,
             connect_timeout: Duration::from_secs(5),
             send_delay: Duration::ZERO,
             sweep_interval: Duration::from_secs(1),
@@ -224,6 +228,48 @@ struct Inner {
     stage: Mutex<Option<StageHandle>>,
     closing: std::sync::atomic::AtomicBool,
     learned: Mutex<std::collections::VecDeque<EndpointId>>,
+    /// Shoal nodes found on the local network (mDNS), while they advertise.
+    local: Arc<Mutex<HashSet<EndpointId>>>,
+    local_task: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+/// The mDNS service name shoal nodes advertise (`<id>._shoal._udp.local`): other iroh
+/// applications on the network are not mistaken for peers.
+const MDNS_SERVICE: &str = "shoal";
+
+/// Registers mDNS address lookup on `endpoint` and keeps `found` equal to the shoal nodes
+/// it currently sees.
+fn start_local_discovery(
+    endpoint: &Endpoint,
+    found: Arc<Mutex<HashSet<EndpointId>>>,
+) -> Result<tokio::task::AbortHandle, NetError> {
+    use iroh_mdns_address_lookup::{DiscoveryEvent, MdnsAddressLookup};
+    use tokio_stream::StreamExt;
+    let mdns = MdnsAddressLookup::builder()
+        .service_name(MDNS_SERVICE)
+        .build(endpoint.id())
+        .map_err(|e| NetError::Bind(format!("local discovery (mDNS): {e}")))?;
+    endpoint
+        .address_lookup()
+        .map_err(|e| NetError::Bind(format!("local discovery (mDNS): {e}")))?
+        .add(mdns.clone());
+    let me = endpoint.id();
+    let task = tokio::spawn(async move {
+        let mut events = mdns.subscribe().await;
+        while let Some(event) = events.next().await {
+            match event {
+                DiscoveryEvent::Discovered { endpoint_info, .. } if endpoint_info.endpoint_id != me => {
+                    tracing::debug!(peer = %endpoint_info.endpoint_id.fmt_short(), "found on the local network");
+                    lock(&found).insert(endpoint_info.endpoint_id);
+                }
+                DiscoveryEvent::Expired { endpoint_id } => {
+                    lock(&found).remove(&endpoint_id);
+                }
+                _ => {}
+            }
+        }
+    });
+    Ok(task.abort_handle())
 }
 
 /// Most addresses a node keeps from other peers' session openings.
@@ -288,6 +334,12 @@ impl Node {
         }
         let endpoint = builder.bind().await.map_err(|e| NetError::Bind(e.to_string()))?;
         let id = peer_id(&endpoint.id());
+        let local: Arc<Mutex<HashSet<EndpointId>>> = Arc::default();
+        let local_task = if options.local_discovery {
+            Some(start_local_discovery(&endpoint, local.clone())?)
+        } else {
+            None
+        };
         let inner = Arc::new(Inner {
             endpoint: endpoint.clone(),
             lookup,
@@ -301,6 +353,8 @@ impl Node {
             stage: Mutex::new(None),
             closing: std::sync::atomic::AtomicBool::new(false),
             learned: Mutex::new(std::collections::VecDeque::new()),
+            local,
+            local_task: Mutex::new(local_task),
         });
         // Gossip carries the swarm's announcements (small: far below this message limit).
         let gossip = iroh_gossip::Gossip::builder().max_message_size(4096).spawn(endpoint.clone());
@@ -309,6 +363,12 @@ impl Node {
             .accept(iroh_gossip::ALPN, gossip.clone())
             .spawn();
         Ok(Self { inner, router: Arc::new(router), gossip })
+    }
+
+    /// Shoal nodes found on the local network by mDNS (empty unless
+    /// [`NodeOptions::local_discovery`]); their addresses are known to this node.
+    pub fn local_peers(&self) -> Vec<PeerId> {
+        lock(&self.inner.local).iter().map(peer_id).collect()
     }
 
     /// This node's id.
@@ -484,6 +544,9 @@ impl Node {
     /// Hands the stage's sessions back to their origins (see
     /// [`Self::close_stage_sessions`]), then closes every connection and the endpoint.
     pub async fn shutdown(&self) {
+        if let Some(task) = lock(&self.inner.local_task).take() {
+            task.abort();
+        }
         self.close_stage_sessions().await;
         self.inner.closing.store(true, std::sync::atomic::Ordering::Relaxed);
         lock(&self.inner.stage).take();
