@@ -8,13 +8,15 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use shoal_coordinator_free_router::driver::{Driver, Request};
+use shoal_coordinator_free_router::membership::OwnSpan;
+use shoal_coordinator_free_router::swarm::announce::PeerState;
 use shoal_model_shards::Model;
 use shoal_worker::net::{Node, short};
 
 use crate::cli::api::{ApiArgs, serve};
 use crate::cli::generate::{DEFAULT_MODEL, GenOptions, Prepared, Printer, prepare};
 use crate::node::{
-    DriverArgs, StageArgs, SwarmArgs, SwarmOrigin, driver, load_stage, runtime, shutdown_signal,
+    DriverArgs, StageArgs, SwarmArgs, SwarmOrigin, driver, join_swarm, load_stage, runtime, shutdown_signal,
     wait_for_route,
 };
 
@@ -42,6 +44,25 @@ pub struct RunArgs {
     driver: DriverArgs,
     #[command(flatten)]
     limits: StageArgs,
+    #[command(flatten)]
+    swarm: SwarmArgs,
+}
+
+/// What a stage of `shoal run` announces: its span, load and free cache, `throughput` tokens/s
+/// per layer; `draining` once it refuses sessions.
+fn stage_announcer(node: &Node, throughput: f64) -> impl Fn() -> Option<OwnSpan> + Send + Sync + 'static {
+    let node = node.clone();
+    move || {
+        let info = node.stage_info()?;
+        Some(OwnSpan {
+            start: info.start,
+            end: info.end,
+            state: if info.draining { PeerState::Draining } else { PeerState::Serving },
+            throughput: throughput as f32,
+            load: info.sessions,
+            free_kv_bytes: info.free_kv_bytes,
+        })
+    }
 }
 
 /// Splits `n_layers` into `stages` contiguous spans whose lengths differ by at most one.
@@ -66,8 +87,18 @@ pub fn run(args: RunArgs) -> Result<()> {
         let mut net = args.driver.net.clone();
         net.bind.get_or_insert(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0));
         let mut nodes = Vec::new();
+        let mut memberships = Vec::new();
         for (span, service) in services {
             let node = Node::bind(net.options(None)).await?;
+            if prepared.is_none() {
+                // A serving swarm announces its stages, so `shoal status` and `shoal worker
+                // --join` (a replica, more layers) work against any stage's ticket.
+                let throughput = service.shard().measure_layer_throughput(8)?;
+                let bootstrap = nodes.first().map(|(_, n): &(_, Node)| n.addr()).into_iter().collect();
+                let own = stage_announcer(&node, throughput);
+                memberships
+                    .push(join_swarm(&node, model_id, n_layers as u32, bootstrap, own, &args.swarm).await?);
+            }
             node.serve(service);
             tracing::info!(node = %node.endpoint_id(), "stage {}..{} ready", span.start, span.end);
             nodes.push((span, node));
@@ -76,6 +107,13 @@ pub fn run(args: RunArgs) -> Result<()> {
         let d = std::sync::Arc::new(driver(&model, model_id, origin.clone(), args.driver.config()));
         for (_, node) in &nodes {
             d.add_peer(node.addr()).await?;
+        }
+        if let Some((_, first)) = nodes.first().filter(|_| prepared.is_none()) {
+            // Workers that join through a stage's ticket serve requests too.
+            let m = join_swarm(&origin, model_id, n_layers as u32, vec![first.addr()], || None, &args.swarm)
+                .await?;
+            m.follow(d.clone());
+            memberships.push(m);
         }
         let result = match (prepared, args.listen) {
             (Some(p), _) => generate_with(&d, p, &args.options).await,
@@ -90,6 +128,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             }
         };
         origin.shutdown().await;
+        drop(memberships);
         for (_, node) in &nodes {
             node.shutdown().await;
         }
