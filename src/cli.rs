@@ -1,6 +1,7 @@
 //! Command-line interface: argument parsing and the subcommands.
 
 pub mod api;
+mod bench;
 pub mod generate;
 pub mod run;
 mod status;
@@ -37,6 +38,18 @@ enum Command {
     Api(api::ApiCommandArgs),
     /// Show the swarm as one node sees it: peers, spans, states, speed, load, coverage.
     Status(status::StatusArgs),
+    /// Benchmark end to end: tokens/s, time to first token and hop latency under concurrency.
+    ///
+    /// Against a local swarm (`--stages N`), a swarm (`--join TICKET`) or an OpenAI-compatible
+    /// API (`--url URL`). Every stream gets the same `--prompt-tokens` ids (a fixed English
+    /// text, repeated and cut) and generates `--gen-tokens` greedily (an API may stop earlier
+    /// at the end of sequence: what came is counted). For each level of `--concurrency`, that
+    /// many streams start at once; a row reports aggregate tok/s (tokens / time to the last
+    /// stream's end), per-stream tok/s (mean decode speed after the first token), TTFT p50 and
+    /// p99 (nearest rank), hop p50 (half the ping round trip to the route's peers after the
+    /// run; not known for --url) and failed streams. A table on stdout (a progress bar on
+    /// stderr), or one JSON line with `--json`.
+    Bench(bench::BenchArgs),
 }
 
 /// Installs the tracing subscriber (stderr).
@@ -59,5 +72,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Run(args) => run::run(args),
         Command::Api(args) => api::run(args),
         Command::Status(args) => status::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }

@@ -1,0 +1,120 @@
+//! `shoal bench` as a user runs it (real processes, SmolLM2): against a local swarm of two
+//! stages and against the API of a `shoal run --listen` process, `--json` prints exactly one
+//! line with one run per concurrency level and the documented keys; bad input fails with a
+//! clear message. No timing is asserted (the machine is shared), only the report's shape and
+//! the consistency of its numbers.
+
+#[path = "support/api_server.rs"]
+mod api_server;
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use api_server::ApiServer;
+use serde_json::Value;
+
+const KEYS: [&str; 7] = [
+    "concurrency",
+    "aggregate_tok_s",
+    "per_stream_tok_s",
+    "ttft_ms_p50",
+    "ttft_ms_p99",
+    "hop_ms_p50",
+    "failures",
+];
+
+fn model() -> PathBuf {
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(model.is_file(), "{} is missing: run `bash deploy/fetch-model.sh` first", model.display());
+    model
+}
+
+fn bench(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .arg("bench")
+        .arg("--model")
+        .arg(model())
+        .args(args)
+        .env("SHOAL_THREADS", "1")
+        .env_remove("SHOAL_API_KEY")
+        .output()
+        .expect("run shoal bench")
+}
+
+/// Checks a successful `--json` run of levels 1 and 2 and returns its runs.
+fn check_json(out: &Output) -> Vec<Value> {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "shoal bench failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "--json prints exactly one line:\n{stdout}");
+    let v: Value = serde_json::from_str(lines[0]).expect("the line is JSON");
+    let obj = v.as_object().expect("an object");
+    assert_eq!(obj.keys().collect::<Vec<_>>(), ["runs"], "{v}");
+    // serde_json's map sorts keys: check the line's own order on the text (first run).
+    let at: Vec<usize> = KEYS.iter().map(|k| lines[0].find(&format!("\"{k}\":")).expect("key")).collect();
+    assert!(at.is_sorted(), "the keys in the documented order: {}", lines[0]);
+    let runs = v["runs"].as_array().expect("runs is a list").clone();
+    assert_eq!(runs.len(), 2, "one run per concurrency level: {v}");
+    for (run, concurrency) in runs.iter().zip([1, 2]) {
+        let mut keys: Vec<&str> =
+            run.as_object().expect("a run is an object").keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        let mut documented = KEYS;
+        documented.sort_unstable();
+        assert_eq!(keys, documented, "the documented keys: {run}");
+        assert_eq!(run["concurrency"], concurrency, "{run}");
+        assert_eq!(run["failures"], 0, "{run}\nstderr:\n{stderr}");
+        let num = |k: &str| run[k].as_f64().unwrap_or_else(|| panic!("{k} is a number: {run}"));
+        assert!(num("aggregate_tok_s") > 0.0, "{run}");
+        assert!(num("per_stream_tok_s") > 0.0, "{run}");
+        assert!(num("ttft_ms_p50") > 0.0, "{run}");
+        assert!(num("ttft_ms_p50") <= num("ttft_ms_p99"), "{run}");
+    }
+    runs
+}
+
+#[test]
+fn bench_reports_a_local_swarm_and_an_api_as_one_json_line() {
+    let workload = ["--prompt-tokens", "16", "--gen-tokens", "8", "--concurrency", "1,2", "--json"];
+
+    let local = bench(&[&["--stages", "2"][..], &workload].concat());
+    for run in check_json(&local) {
+        let hop = run["hop_ms_p50"].as_f64().unwrap_or_else(|| panic!("hop_ms_p50 is a number: {run}"));
+        assert!(hop > 0.0, "{run}");
+    }
+
+    let server = ApiServer::start(&model(), &["--stages", "2"], &[("SHOAL_THREADS", "1")]);
+    let api = bench(&[&["--url", server.url.as_str()][..], &workload].concat());
+    drop(server);
+    for run in check_json(&api) {
+        assert!(run["hop_ms_p50"].is_null(), "the API does not expose hops: {run}");
+    }
+}
+
+#[test]
+fn bench_refuses_bad_input_with_a_clear_message() {
+    let cases: [(&[&str], &str); 5] = [
+        (&["--stages", "2", "--concurrency", "0"], "at least 1"),
+        (&["--stages", "2", "--concurrency", "a,b"], "`a` is not a number"),
+        (&["--stages", "2", "--concurrency", ""], "empty"),
+        (&["--stages", "2", "--url", "http://127.0.0.1:1/v1"], "cannot be used with"),
+        (&["--concurrency", "1"], "required"),
+    ];
+    for (args, expected) in cases {
+        let out = bench(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} must fail");
+        assert!(stderr.contains(expected), "{args:?}: expected {expected:?} in:\n{stderr}");
+        assert!(
+            out.stdout.is_empty(),
+            "{args:?} printed on stdout: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    // An API that is not there: a clear error before any run.
+    let out = bench(&["--url", "http://127.0.0.1:1/v1", "--concurrency", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("cannot reach the API at http://127.0.0.1:1/v1/models"), "{stderr}");
+}
