@@ -66,8 +66,9 @@ async fn peers_find_each_other_forgeries_fail_and_silence_expires() {
 
     // A forger broadcasts an announcement in A's name, signed with its own key.
     let forger = Node::bind(NodeOptions::loopback()).await.unwrap();
-    let topic = forger.gossip().subscribe(topic_of(&MODEL), vec![a.endpoint_id()]).await.unwrap();
+    // A's address first: the subscription dials A at once.
     forger.add_peer_addr(a.addr());
+    let topic = forger.gossip().subscribe(topic_of(&MODEL), vec![a.endpoint_id()]).await.unwrap();
     let (sender, mut receiver) = topic.split();
     tokio::time::timeout(Duration::from_secs(10), receiver.joined()).await.expect("joined").unwrap();
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
