@@ -72,6 +72,32 @@ fn engine(c: &mut Criterion) {
             out
         })
     });
+
+    // The same stage, one decode step of b sessions (each at position 128) in one batched
+    // forward; throughput counts session-steps, so batch 16 at 16x batch 1's time is no gain.
+    for batch in [1usize, 4, 16] {
+        let mut caches: Vec<_> = (0..batch)
+            .map(|_| {
+                let mut c = stage.new_cache(1024);
+                let h =
+                    Tensor::randn(0f32, 1.0, (128, model.spec().hidden_size), &Device::Cpu).expect("randn");
+                stage.forward(&mut c, StageInput::Hidden(h), LogitsMode::Last).expect("context");
+                c
+            })
+            .collect();
+        g.throughput(Throughput::Elements(batch as u64));
+        g.bench_function(format!("stage_10_layers_decode_batch{batch}"), |b| {
+            b.iter(|| {
+                let inputs = (0..batch).map(|_| StageInput::Hidden(h1.clone())).collect();
+                let mut refs: Vec<_> = caches.iter_mut().collect();
+                let out = stage.forward_batch(&mut refs, inputs).expect("batched step");
+                for c in caches.iter_mut() {
+                    c.truncate(128);
+                }
+                out
+            })
+        });
+    }
     g.finish();
 
     let mut g = c.benchmark_group("activation");

@@ -200,14 +200,47 @@ pub(crate) fn matmul(
     lhs: &[f32],
     dst: &mut [f32],
 ) -> Result<(), KernelError> {
-    matmul_at(level(), dtype, weights, m, k, n, lhs, dst)
+    matmul_impl(level(), false, dtype, weights, m, k, n, lhs, dst)
+}
+
+/// [`matmul`] where every output row has exactly the bits it would have with that row alone
+/// (`m == 1`): the rows are independent sessions batched together, and a session's result
+/// must not depend on who it was batched with (a failover replays it alone). The row-tile
+/// kernels have this property; the AVX-512 panel kernels (faster for prefill) sum in another
+/// order and are not used.
+pub(crate) fn matmul_row_invariant(
+    dtype: GgmlDType,
+    weights: &[u8],
+    m: usize,
+    k: usize,
+    n: usize,
+    lhs: &[f32],
+    dst: &mut [f32],
+) -> Result<(), KernelError> {
+    matmul_impl(level(), true, dtype, weights, m, k, n, lhs, dst)
 }
 
 /// [`matmul`] with the instruction-set level capped at `cap` (used to test and benchmark every
 /// path on one machine); levels the CPU lacks are never used.
+#[cfg(test)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul_at(
     cap: Level,
+    dtype: GgmlDType,
+    weights: &[u8],
+    m: usize,
+    k: usize,
+    n: usize,
+    lhs: &[f32],
+    dst: &mut [f32],
+) -> Result<(), KernelError> {
+    matmul_impl(cap, false, dtype, weights, m, k, n, lhs, dst)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matmul_impl(
+    cap: Level,
+    row_invariant: bool,
     dtype: GgmlDType,
     weights: &[u8],
     m: usize,
@@ -240,7 +273,7 @@ pub(crate) fn matmul_at(
     let kernels = Kernels::new(cap.min(level()), format);
     with_scratch(|scratch| {
         let acts = scratch.quantize(lhs, m, k, format, &kernels);
-        run(&kernels, weights, row_bytes, acts, m, n, dst);
+        run(&kernels, row_invariant, weights, row_bytes, acts, m, n, dst);
     });
     Ok(())
 }
@@ -447,7 +480,17 @@ const PREFILL_ROWS: usize = 16;
 const PREFILL_GROUPS: usize = 4;
 
 /// Computes all of `dst` (`m × n`) from quantized activations on the barrier pool.
-fn run(kernels: &Kernels, weights: &[u8], row_bytes: usize, acts: Acts, m: usize, n: usize, dst: &mut [f32]) {
+#[allow(clippy::too_many_arguments)]
+fn run(
+    kernels: &Kernels,
+    row_invariant: bool,
+    weights: &[u8],
+    row_bytes: usize,
+    acts: Acts,
+    m: usize,
+    n: usize,
+    dst: &mut [f32],
+) {
     let w = weights.as_ptr() as usize;
     let dst = DstPtr(dst.as_mut_ptr());
     let r = kernels.r;
@@ -479,7 +522,7 @@ fn run(kernels: &Kernels, weights: &[u8], row_bytes: usize, acts: Acts, m: usize
         });
         return;
     }
-    if let Some(panel) = kernels.panel
+    if let Some(panel) = kernels.panel.filter(|_| !row_invariant)
         && m >= PANEL_MIN_M
     {
         pool.execute_chunked(n.div_ceil(PANEL), |items| {

@@ -35,7 +35,7 @@ impl Linear {
             Loaded::Dense(t) => LinearKind::Dense(t),
             Loaded::Quantized(q) => {
                 if q.device().is_cpu() && kernels::supports(q.dtype()) {
-                    LinearKind::Fast(FastQMatMul { q })
+                    LinearKind::Fast(FastQMatMul { q, row_invariant: false })
                 } else {
                     LinearKind::Candle(QMatMul::from_arc(q)?)
                 }
@@ -61,6 +61,31 @@ impl Linear {
         Self::new(weight, bias)
     }
 
+    /// Applies the layer to the rows of `x` (`(m, in)`), each row with exactly the bits it
+    /// would get alone: the rows are independent sessions batched together.
+    pub(crate) fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match &self.inner {
+            LinearKind::Fast(op) => {
+                let op = FastQMatMul { q: op.q.clone(), row_invariant: true };
+                x.contiguous()?.apply_op1_no_bwd(&op)?
+            }
+            // candle's quantized matmul computes each (row, column) dot product on its own.
+            LinearKind::Candle(m) => m.forward(x)?,
+            // A dense GEMM blocks over rows: one row at a time keeps each row's summation order.
+            LinearKind::Dense(w) => {
+                let wt = w.t()?;
+                let rows = (0..x.dim(0)?)
+                    .map(|r| x.narrow(0, r, 1)?.matmul(&wt))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&rows, 0)?
+            }
+        };
+        match &self.bias {
+            Some(b) => Ok(y.broadcast_add(b)?),
+            None => Ok(y),
+        }
+    }
+
     /// Applies the layer.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.inner {
@@ -81,6 +106,8 @@ impl Linear {
 /// candle custom op running [`kernels::matmul`] on a quantized weight.
 struct FastQMatMul {
     q: Arc<QTensor>,
+    /// Use [`kernels::matmul_row_invariant`].
+    row_invariant: bool,
 }
 
 impl CustomOp1 for FastQMatMul {
@@ -104,7 +131,8 @@ impl CustomOp1 for FastQMatMul {
         };
         let weights = self.q.data()?;
         let mut dst = vec![0f32; m * n];
-        kernels::matmul(self.q.dtype(), &weights, m, k, n, lhs, &mut dst)
+        let matmul = if self.row_invariant { kernels::matmul_row_invariant } else { kernels::matmul };
+        matmul(self.q.dtype(), &weights, m, k, n, lhs, &mut dst)
             .map_err(|e| candle_core::Error::Msg(format!("quantized kernel: {e}")))?;
         let mut out_dims = lead.to_vec();
         out_dims.push(n);

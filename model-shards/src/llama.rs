@@ -71,7 +71,52 @@ impl Attention {
         rope: &Rope,
         cos_sin: &(Tensor, Tensor),
     ) -> Result<Tensor> {
-        let (t, _) = x.dims2()?;
+        let out = self.attend(
+            self.q.forward(x)?,
+            self.k.forward(x)?,
+            self.v.forward(x)?,
+            layer,
+            cache,
+            rope,
+            cos_sin,
+        )?;
+        self.o.forward(&out)
+    }
+
+    /// One new position for each of several sessions: row `i` of `x` (`(b, hidden)`) is the
+    /// next position of `caches[i]`, with rope tables `cos_sin[i]`. Every row gets exactly the
+    /// bits [`Attention::forward`] gives it alone.
+    fn forward_batch(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        caches: &mut [&mut KvCache],
+        rope: &Rope,
+        cos_sin: &[(Tensor, Tensor)],
+    ) -> Result<Tensor> {
+        let (q, k, v) = (self.q.forward_rows(x)?, self.k.forward_rows(x)?, self.v.forward_rows(x)?);
+        let mut outs = Vec::with_capacity(caches.len());
+        for (i, (cache, cs)) in caches.iter_mut().zip(cos_sin).enumerate() {
+            let row = |y: &Tensor| y.narrow(0, i, 1);
+            outs.push(self.attend(row(&q)?, row(&k)?, row(&v)?, layer, cache, rope, cs)?);
+        }
+        self.o.forward_rows(&Tensor::cat(&outs, 0)?)
+    }
+
+    /// Attention of one session from its q, k, v projections (`(t, heads * head_dim)`), before
+    /// the output projection.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        layer: usize,
+        cache: &mut KvCache,
+        rope: &Rope,
+        cos_sin: &(Tensor, Tensor),
+    ) -> Result<Tensor> {
+        let (t, _) = q.dims2()?;
         let start = cache.len();
         let hd = self.head_dim;
         let heads = |y: Tensor, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
@@ -81,9 +126,9 @@ impl Attention {
             }
             Ok(y.transpose(0, 1)?.unsqueeze(0)?)
         };
-        let q = heads(self.q.forward(x)?, self.n_heads, &self.q_norm)?;
-        let k = heads(self.k.forward(x)?, self.n_kv_heads, &self.k_norm)?;
-        let v = self.v.forward(x)?.reshape((t, self.n_kv_heads, hd))?.transpose(0, 1)?;
+        let q = heads(q, self.n_heads, &self.q_norm)?;
+        let k = heads(k, self.n_kv_heads, &self.k_norm)?;
+        let v = v.reshape((t, self.n_kv_heads, hd))?.transpose(0, 1)?;
         let (cos, sin) = cos_sin;
         let q = rope.apply(&q, cos, sin)?.squeeze(0)?;
         let k = rope.apply(&k, cos, sin)?.squeeze(0)?;
@@ -98,7 +143,7 @@ impl Attention {
         let scores = (q.matmul(&k_all.t()?)? * scale)?;
         let needs_mask = t > 1 || self.sliding_window.is_some_and(|w| total > w);
         let scores = if needs_mask {
-            let mask = attention_mask(t, start, self.sliding_window, x.device())?;
+            let mask = attention_mask(t, start, self.sliding_window, q.device())?;
             scores.reshape((self.n_kv_heads, n_rep, t, total))?.broadcast_add(&mask)?.reshape((
                 self.n_kv_heads,
                 n_rep * t,
@@ -109,8 +154,7 @@ impl Attention {
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let out = probs.matmul(&v_all.contiguous()?)?; // (n_kv, n_rep * t, hd)
-        let out = out.reshape((self.n_heads, t, hd))?.transpose(0, 1)?.reshape((t, self.n_heads * hd))?;
-        self.o.forward(&out)
+        Ok(out.reshape((self.n_heads, t, hd))?.transpose(0, 1)?.reshape((t, self.n_heads * hd))?)
     }
 }
 
@@ -148,6 +192,13 @@ impl Mlp {
         let g = self.gate.forward(x)?;
         let u = self.up.forward(x)?;
         self.down.forward(&(candle_nn::ops::silu(&g)? * u)?)
+    }
+
+    /// [`Mlp::forward`] on rows of independent sessions, each with the bits it gets alone.
+    fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
+        let g = self.gate.forward_rows(x)?;
+        let u = self.up.forward_rows(x)?;
+        self.down.forward_rows(&(candle_nn::ops::silu(&g)? * u)?)
     }
 }
 
@@ -189,6 +240,21 @@ impl Block {
         let h = self.attn.forward(&self.attn_norm.forward(x)?, layer, cache, rope, cos_sin)?;
         let x = (x + h)?;
         let h = self.mlp.forward(&self.ffn_norm.forward(&x)?)?;
+        Ok((x + h)?)
+    }
+
+    /// One new position for each of several sessions (see [`Attention::forward_batch`]).
+    pub(crate) fn forward_batch(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        caches: &mut [&mut KvCache],
+        rope: &Rope,
+        cos_sin: &[(Tensor, Tensor)],
+    ) -> Result<Tensor> {
+        let h = self.attn.forward_batch(&self.attn_norm.forward(x)?, layer, caches, rope, cos_sin)?;
+        let x = (x + h)?;
+        let h = self.mlp.forward_rows(&self.ffn_norm.forward(&x)?)?;
         Ok((x + h)?)
     }
 }

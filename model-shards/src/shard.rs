@@ -216,6 +216,88 @@ impl Shard {
         }
     }
 
+    /// One decode step for each of several sessions in one forward: `inputs[i]` is one
+    /// position (one token id on the first span, one hidden row elsewhere) appended to
+    /// `caches[i]`. The matrix products run once over all rows (each weight block is read once
+    /// per tile of rows instead of once per session); attention stays per session. Each
+    /// session's output has exactly the bits [`Shard::forward`] gives it alone, so who a
+    /// session is batched with never changes its tokens. On error no cache changes.
+    pub fn forward_batch(
+        &self,
+        caches: &mut [&mut KvCache],
+        inputs: Vec<StageInput>,
+    ) -> Result<Vec<StageOutput>> {
+        let b = caches.len();
+        if b == 0 || inputs.len() != b {
+            return Err(Error::InvalidInput(format!("{} caches for {} inputs", b, inputs.len())));
+        }
+        if inputs.iter().any(|i| !matches!(i.len(), Ok(1))) {
+            return Err(Error::InvalidInput("a batched step is one position per session".into()));
+        }
+        let mut ids = Vec::with_capacity(b);
+        let mut rows = Vec::with_capacity(b);
+        for input in inputs {
+            match input {
+                StageInput::Tokens(t) => ids.extend(t),
+                StageInput::Hidden(h) => rows.push(h),
+            }
+        }
+        let mut x = if ids.len() == b {
+            let Some(emb) = &self.embedding else {
+                return Err(Error::InvalidInput(format!(
+                    "span {:?} does not start at layer 0 and cannot take token ids",
+                    self.span
+                )));
+            };
+            if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.spec.vocab_size) {
+                return Err(Error::InvalidInput(format!(
+                    "token id {bad} is outside the vocabulary of {}",
+                    self.spec.vocab_size
+                )));
+            }
+            emb.forward(&ids, &self.device)?
+        } else if rows.len() == b {
+            if self.is_first() {
+                return Err(Error::InvalidInput("the first span takes token ids, not hidden states".into()));
+            }
+            if let Some(h) = rows.iter().find(|h| h.dims() != [1, self.spec.hidden_size]) {
+                return Err(Error::InvalidInput(format!(
+                    "hidden states of shape {:?}, expected [1, {}]",
+                    h.dims(),
+                    self.spec.hidden_size
+                )));
+            }
+            let rows = rows
+                .iter()
+                .map(|h| h.to_device(&self.device)?.to_dtype(DType::F32))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::cat(&rows, 0)?
+        } else {
+            return Err(Error::InvalidInput("a batch mixes token ids and hidden states".into()));
+        };
+        let mut cos_sin = Vec::with_capacity(b);
+        for cache in caches.iter_mut() {
+            cache.reserve(1)?;
+            cos_sin.push(self.rope.tables(cache.len(), 1, &self.device)?);
+        }
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.forward_batch(&x, i, caches, &self.rope, &cos_sin)?;
+        }
+        for cache in caches.iter_mut() {
+            cache.advance(1);
+        }
+        let out = match &self.head {
+            None => x,
+            Some((norm, lm_head)) => lm_head.forward_rows(&norm.forward(&x)?)?,
+        };
+        (0..b)
+            .map(|i| {
+                let row = out.narrow(0, i, 1)?;
+                Ok(if self.head.is_some() { StageOutput::Logits(row) } else { StageOutput::Hidden(row) })
+            })
+            .collect()
+    }
+
     /// Measures this span's speed at batch 1: runs `steps` one-token forwards (after one
     /// warm-up) on a scratch cache and returns tokens per second through ONE layer (span
     /// length / median step time), the figure a swarm announcement carries. Embedding and

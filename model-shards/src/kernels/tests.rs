@@ -5,7 +5,7 @@ use candle_core::{Device, Module, Tensor};
 use half::f16;
 use proptest::prelude::*;
 
-use super::{KernelError, Level, level, matmul, matmul_at, q8, supports};
+use super::{KernelError, Level, level, matmul, matmul_at, matmul_row_invariant, q8, supports};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -274,4 +274,27 @@ fn supports_the_legacy_types_only() {
     for dtype in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::F32, GgmlDType::Q8_1] {
         assert!(!supports(dtype));
     }
+}
+
+/// Batched sessions: with `matmul_row_invariant`, every row of an m-row product has exactly
+/// the bits of that row alone, at every level and for every format (the plain `matmul` may
+/// not: the AVX-512 panel kernels for m >= 4 sum in another order).
+#[test]
+fn row_invariant_rows_equal_single_rows() -> TestResult {
+    let (k, n) = (576, 1536);
+    for (di, dtype) in DTYPES.into_iter().enumerate() {
+        let (bytes, _) = weights(dtype, n, k, 5 + di as u64)?;
+        for m in [2, 3, 4, 5, 8, 16, 33] {
+            let lhs = values(m * k, 77 + m as u64);
+            let mut all = vec![f32::NAN; m * n];
+            matmul_row_invariant(dtype, &bytes, m, k, n, &lhs, &mut all)?;
+            for r in 0..m {
+                let mut one = vec![f32::NAN; n];
+                matmul(dtype, &bytes, 1, k, n, &lhs[r * k..(r + 1) * k], &mut one)?;
+                let same = one.iter().zip(&all[r * n..(r + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{dtype:?} m={m} row {r} differs from the row alone");
+            }
+        }
+    }
+    Ok(())
 }
