@@ -272,6 +272,9 @@ fn start_local_discovery(
     Ok(task.abort_handle())
 }
 
+/// Most messages a stage takes from its queue for one batch.
+const MAX_BATCH: usize = 64;
+
 /// Most addresses a node keeps from other peers' session openings.
 const MAX_LEARNED: usize = 4096;
 
@@ -867,17 +870,42 @@ fn stage_loop(
 ) {
     let sweep = inner.options.sweep_interval;
     let mut last_sweep = Instant::now();
+    // A command taken from the queue while gathering a batch, to run next.
+    let mut held: Option<Command> = None;
     loop {
-        let cmd = match rx.recv_timeout(sweep) {
-            Ok(cmd) => Some(cmd),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        let cmd = match held.take() {
+            Some(cmd) => Some(cmd),
+            None => match rx.recv_timeout(sweep) {
+                Ok(cmd) => Some(cmd),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            },
         };
         let now = Instant::now();
         let mut actions = Vec::new();
         let mut done = None;
         match cmd {
-            Some(Command::Deliver(from, msg)) => actions = service.handle(from, msg, now),
+            Some(Command::Deliver(from, msg)) => {
+                // Everything already queued goes in together: the service batches the decode
+                // steps of distinct sessions into one forward (continuous batching).
+                let mut msgs = vec![(from, msg)];
+                while msgs.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(Command::Deliver(from, msg)) => msgs.push((from, msg)),
+                        Ok(other) => {
+                            held = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                actions = if msgs.len() == 1 {
+                    let (from, msg) = msgs.remove(0);
+                    service.handle(from, msg, now)
+                } else {
+                    service.handle_many(msgs, now)
+                };
+            }
             Some(Command::NextHopFailed(session_id, detail)) => {
                 actions = service.next_hop_failed(session_id, &detail);
             }

@@ -48,8 +48,10 @@
 //! When a later stage refuses a forwarded `OpenSession`, this stage keeps its session until
 //! the origin closes it (or it idles out).
 //!
-//! Steps are served one at a time; batching the steps of concurrent sessions belongs to a
-//! scheduler above this state machine.
+//! [`StageService::handle_many`] takes the messages that arrived together: one-position
+//! (decode) steps of distinct sessions among them run as one batched forward, each session
+//! getting exactly the bits it would get alone; everything else is handled in order as by
+//! [`StageService::handle`].
 
 mod session;
 
@@ -446,6 +448,23 @@ impl StageService {
     }
 
     fn run_step(&mut self, from: PeerId, step: Step, now: Instant) -> Result<Action, Refusal> {
+        let (input, pos) = self.prepare_step(from, &step, now)?;
+        let shard = &self.shard;
+        let Some(session) = self.sessions.get_mut(&step.session_id) else {
+            return Err(refuse(ErrorCode::UnknownSession, "no such session on this stage"));
+        };
+        let out = shard.forward(&mut session.cache, input, LogitsMode::Last).map_err(engine_refusal)?;
+        finish_step(session, out, step, pos)
+    }
+
+    /// Checks a step against its session (see the module docs) and decodes its input;
+    /// returns the input and the session's position before the step.
+    fn prepare_step(
+        &mut self,
+        from: PeerId,
+        step: &Step,
+        now: Instant,
+    ) -> Result<(StageInput, usize), Refusal> {
         let shard = &self.shard;
         let spec = shard.spec();
         let session = match self.sessions.get_mut(&step.session_id) {
@@ -520,25 +539,114 @@ impl StageService {
                 format!("the history would exceed the session's max_len {}", session.max_len),
             ));
         }
-        let step_id = step.step_id;
-        let out = shard.forward(&mut session.cache, input, LogitsMode::Last).map_err(engine_refusal)?;
-        let result = match (out, session.next) {
-            (StageOutput::Hidden(h), Some(to)) => {
-                forward_hidden(&h, session.wire_dtype, step).map(|msg| Action::ToNext { to, msg })
+        Ok((input, pos))
+    }
+
+    /// Handles several messages received together, in order, with the same actions in the
+    /// same order as calling [`StageService::handle`] on each, except that one-position steps of distinct sessions
+    /// are computed in one batched forward (`Shard::forward_batch`: each session's result
+    /// has the bits it would have alone). Any other message first completes the batch so far,
+    /// so every session sees its messages in order.
+    #[must_use = "the actions must be sent"]
+    pub fn handle_many(&mut self, msgs: Vec<(PeerId, Message)>, now: Instant) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let mut batch: Vec<Pending> = Vec::new();
+        for (from, msg) in msgs {
+            let step = match msg {
+                Message::Step(step)
+                    if step.payload.len() == 1
+                        && msg_is_valid(&step)
+                        && !batch.iter().any(|p| p.step.session_id == step.session_id) =>
+                {
+                    step
+                }
+                other => {
+                    self.run_batch(std::mem::take(&mut batch), &mut actions);
+                    actions.extend(self.handle(from, other, now));
+                    continue;
+                }
+            };
+            let reply_to = match self.sessions.get(&step.session_id) {
+                Some(s) if s.opener == from => s.origin,
+                _ => from,
+            };
+            match self.prepare_step(from, &step, now) {
+                Ok((input, pos)) => batch.push(Pending { step, input, pos, reply_to }),
+                Err(r) => {
+                    // Keep the order of the replies: what came before the refused step first.
+                    self.run_batch(std::mem::take(&mut batch), &mut actions);
+                    actions.push(error_action(reply_to, Some(step.session_id), Some(step.step_id), r));
+                }
             }
-            (StageOutput::Logits(logits), None) => {
-                let to = session.origin;
-                sample(session, &logits, &step).map(|r| Action::ToOrigin { to, msg: Message::StepResult(r) })
-            }
-            _ => Err(refuse(ErrorCode::Internal, "the shard's output does not fit its place in the route")),
-        };
-        if result.is_ok() {
-            session.last_step = Some(step_id);
-        } else {
-            // Forget the positions this step wrote, so the session is as it was.
-            session.cache.truncate(pos);
         }
-        result
+        self.run_batch(batch, &mut actions);
+        actions
+    }
+
+    /// Computes prepared one-position steps (alone when there is one) and finishes each.
+    fn run_batch(&mut self, batch: Vec<Pending>, actions: &mut Vec<Action>) {
+        if batch.len() <= 1 {
+            for p in batch {
+                let (session_id, step_id) = (p.step.session_id, p.step.step_id);
+                let result = match self.sessions.get_mut(&session_id) {
+                    Some(session) => self
+                        .shard
+                        .forward(&mut session.cache, p.input, LogitsMode::Last)
+                        .map_err(engine_refusal)
+                        .and_then(|out| finish_step(session, out, p.step, p.pos)),
+                    None => Err(refuse(ErrorCode::UnknownSession, "no such session on this stage")),
+                };
+                actions.push(
+                    result.unwrap_or_else(|r| error_action(p.reply_to, Some(session_id), Some(step_id), r)),
+                );
+            }
+            return;
+        }
+        // Take the sessions out of the map for disjoint mutable access to their caches.
+        let mut sessions: Vec<Session> = Vec::with_capacity(batch.len());
+        let mut steps = Vec::with_capacity(batch.len());
+        let mut inputs = Vec::with_capacity(batch.len());
+        for p in batch {
+            let Some(session) = self.sessions.remove(&p.step.session_id) else {
+                let (session_id, step_id) = (p.step.session_id, p.step.step_id);
+                let r = refuse(ErrorCode::UnknownSession, "no such session on this stage");
+                actions.push(error_action(p.reply_to, Some(session_id), Some(step_id), r));
+                continue;
+            };
+            sessions.push(session);
+            inputs.push(p.input);
+            steps.push((p.step, p.pos, p.reply_to));
+        }
+        let outs = {
+            let mut caches: Vec<&mut shoal_model_shards::KvCache> =
+                sessions.iter_mut().map(|s| &mut s.cache).collect();
+            self.shard.forward_batch(&mut caches, inputs)
+        };
+        match outs {
+            Ok(outs) => {
+                for ((mut session, out), (step, pos, reply_to)) in sessions.into_iter().zip(outs).zip(steps) {
+                    let (session_id, step_id) = (step.session_id, step.step_id);
+                    let result = finish_step(&mut session, out, step, pos);
+                    actions.push(
+                        result.unwrap_or_else(|r| error_action(reply_to, Some(session_id), Some(step_id), r)),
+                    );
+                    self.sessions.insert(session_id, session);
+                }
+            }
+            Err(e) => {
+                let r = engine_refusal(e);
+                for (session, (step, _, reply_to)) in sessions.into_iter().zip(steps) {
+                    let (session_id, step_id) = (step.session_id, step.step_id);
+                    actions.push(error_action(
+                        reply_to,
+                        Some(session_id),
+                        Some(step_id),
+                        refuse(r.code, r.message.clone()),
+                    ));
+                    self.sessions.insert(session_id, session);
+                }
+            }
+        }
     }
 
     fn close(&mut self, from: PeerId, close: CloseSession) -> Vec<Action> {
@@ -599,6 +707,42 @@ fn engine_refusal(e: EngineError) -> Refusal {
 }
 
 /// The step to send down the chain: the same step with this stage's output as its payload.
+/// A checked one-position step waiting for its batch.
+struct Pending {
+    step: Step,
+    input: StageInput,
+    pos: usize,
+    reply_to: PeerId,
+}
+
+/// Whether a step passes the message's own checks (as [`StageService::handle`] runs them).
+fn msg_is_valid(step: &Step) -> bool {
+    Message::Step(step.clone()).validate().is_ok()
+}
+
+/// Turns a step's output into its action: hidden states to the next hop, or a sampled token
+/// to the origin. On failure the positions the step wrote are forgotten, so the session is as
+/// it was.
+fn finish_step(session: &mut Session, out: StageOutput, step: Step, pos: usize) -> Result<Action, Refusal> {
+    let step_id = step.step_id;
+    let result = match (out, session.next) {
+        (StageOutput::Hidden(h), Some(to)) => {
+            forward_hidden(&h, session.wire_dtype, step).map(|msg| Action::ToNext { to, msg })
+        }
+        (StageOutput::Logits(logits), None) => {
+            let to = session.origin;
+            sample(session, &logits, &step).map(|r| Action::ToOrigin { to, msg: Message::StepResult(r) })
+        }
+        _ => Err(refuse(ErrorCode::Internal, "the shard's output does not fit its place in the route")),
+    };
+    if result.is_ok() {
+        session.last_step = Some(step_id);
+    } else {
+        session.cache.truncate(pos);
+    }
+    result
+}
+
 fn forward_hidden(h: &Tensor, dtype: WireDType, step: Step) -> Result<Message, Refusal> {
     let internal = |e: EngineError| refuse(ErrorCode::Internal, e.to_string());
     let (t, hidden) = h.dims2().map_err(|e| internal(e.into()))?;

@@ -581,3 +581,65 @@ fn idle_sweep_closes_and_frees_sessions() -> anyhow::Result<()> {
     assert_eq!((ring.a.stats(), ring.b.stats()), (StageStats::default(), StageStats::default()));
     Ok(())
 }
+
+/// `handle_many` (what the transport calls with the messages that arrived together) gives
+/// exactly the actions of `handle` called on each in turn: decode steps of distinct sessions
+/// run as one batched forward with the bits each gets alone, and a close, a repeated step
+/// and a bad step in the middle of the batch keep their place in the order.
+#[test]
+fn batched_steps_act_exactly_like_steps_one_by_one() -> anyhow::Result<()> {
+    let whole = |_| -> anyhow::Result<StageService> { Ok(StageService::new(load(0..4)?, config())) };
+    let (mut solo, mut batched) = (whole(0)?, whole(1)?);
+    let now = Instant::now();
+    let open = |id: u64| {
+        let mut o = open_msg(id, WireDType::F32, 2);
+        o.route = vec![RouteHop { node_id: STAGE_A, start: 0, end: 4 }];
+        Message::OpenSession(o)
+    };
+    let prompts: [&[u32]; 4] = [&[1, 17, 42], &[5, 200, 99, 3, 8], &[7], &[42, 42]];
+    let mut next = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let id = i as u64 + 1;
+        for s in [&mut solo, &mut batched] {
+            assert!(s.handle(ORIGIN, open(id), now).is_empty());
+        }
+        let step = Message::Step(tokens_step(id, 1, 0, 0, p));
+        let a = solo.handle(ORIGIN, step.clone(), now);
+        assert_eq!(a, batched.handle(ORIGIN, step, now));
+        let Some(Action::ToOrigin { msg: Message::StepResult(r), .. }) = a.first() else { panic!("{a:?}") };
+        next.push((r.token, p.len() as u32));
+    }
+    for round in 0..4u64 {
+        let mut msgs: Vec<(PeerId, Message)> = Vec::new();
+        for (i, &(token, pos)) in next.iter().enumerate() {
+            let id = i as u64 + 1;
+            msgs.push((ORIGIN, Message::Step(tokens_step(id, round + 2, pos, round + 1, &[token]))));
+            if round == 1 && id == 2 {
+                // Session 2's step again (out of order now), and a step from a stranger.
+                msgs.push((ORIGIN, Message::Step(tokens_step(id, round + 2, pos, round + 1, &[token]))));
+                msgs.push(([9; 32], Message::Step(tokens_step(3, round + 2, 0, 1, &[token]))));
+            }
+        }
+        if round == 2 {
+            msgs.insert(
+                2,
+                (
+                    ORIGIN,
+                    Message::CloseSession(CloseSession { session_id: 4, reason: CloseReason::Completed }),
+                ),
+            );
+        }
+        let want: Vec<Action> =
+            msgs.iter().flat_map(|(from, m)| solo.handle(*from, m.clone(), now)).collect();
+        let got = batched.handle_many(msgs, now);
+        assert_eq!(got, want, "round {round}");
+        for a in &got {
+            if let Action::ToOrigin { msg: Message::StepResult(r), .. } = a {
+                let i = (r.session_id - 1) as usize;
+                next[i] = (r.token, next[i].1 + 1);
+            }
+        }
+    }
+    assert_eq!(solo.stats(), batched.stats());
+    Ok(())
+}
