@@ -166,7 +166,29 @@ impl Shard {
         if t == 0 {
             return Err(Error::InvalidInput("empty step".into()));
         }
-        let mut x = match input {
+        let mut x = self.input_rows(input, t)?;
+        cache.reserve(t)?;
+        let cos_sin = self.rope.tables(cache.len(), t, &self.device)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.forward(&x, i, cache, &self.rope, &cos_sin)?;
+        }
+        cache.advance(t);
+        match &self.head {
+            None => Ok(StageOutput::Hidden(x)),
+            Some((norm, lm_head)) => {
+                let x = match logits {
+                    LogitsMode::Last => x.narrow(0, t - 1, 1)?,
+                    LogitsMode::All => x,
+                };
+                Ok(StageOutput::Logits(lm_head.forward(&norm.forward(&x)?)?))
+            }
+        }
+    }
+
+    /// The rows of a step's input as f32 hidden states `(t, hidden)`: token ids embedded (first
+    /// span only, ids in the vocabulary), hidden states checked for shape (other spans only).
+    fn input_rows(&self, input: StageInput, t: usize) -> Result<Tensor> {
+        Ok(match input {
             StageInput::Tokens(ids) => {
                 let Some(emb) = &self.embedding else {
                     return Err(Error::InvalidInput(format!(
@@ -197,23 +219,7 @@ impl Shard {
                 }
                 h.to_device(&self.device)?.to_dtype(DType::F32)?
             }
-        };
-        cache.reserve(t)?;
-        let cos_sin = self.rope.tables(cache.len(), t, &self.device)?;
-        for (i, block) in self.blocks.iter().enumerate() {
-            x = block.forward(&x, i, cache, &self.rope, &cos_sin)?;
-        }
-        cache.advance(t);
-        match &self.head {
-            None => Ok(StageOutput::Hidden(x)),
-            Some((norm, lm_head)) => {
-                let x = match logits {
-                    LogitsMode::Last => x.narrow(0, t - 1, 1)?,
-                    LogitsMode::All => x,
-                };
-                Ok(StageOutput::Logits(lm_head.forward(&norm.forward(&x)?)?))
-            }
-        }
+        })
     }
 
     /// One decode step for each of several sessions in one forward: `inputs[i]` is one
@@ -234,43 +240,14 @@ impl Shard {
         if inputs.iter().any(|i| !matches!(i.len(), Ok(1))) {
             return Err(Error::InvalidInput("a batched step is one position per session".into()));
         }
-        let mut ids = Vec::with_capacity(b);
-        let mut rows = Vec::with_capacity(b);
-        for input in inputs {
-            match input {
-                StageInput::Tokens(t) => ids.extend(t),
-                StageInput::Hidden(h) => rows.push(h),
-            }
-        }
-        let mut x = if ids.len() == b {
-            let Some(emb) = &self.embedding else {
-                return Err(Error::InvalidInput(format!(
-                    "span {:?} does not start at layer 0 and cannot take token ids",
-                    self.span
-                )));
-            };
-            if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.spec.vocab_size) {
-                return Err(Error::InvalidInput(format!(
-                    "token id {bad} is outside the vocabulary of {}",
-                    self.spec.vocab_size
-                )));
-            }
-            emb.forward(&ids, &self.device)?
-        } else if rows.len() == b {
-            if self.is_first() {
-                return Err(Error::InvalidInput("the first span takes token ids, not hidden states".into()));
-            }
-            if let Some(h) = rows.iter().find(|h| h.dims() != [1, self.spec.hidden_size]) {
-                return Err(Error::InvalidInput(format!(
-                    "hidden states of shape {:?}, expected [1, {}]",
-                    h.dims(),
-                    self.spec.hidden_size
-                )));
-            }
-            let rows = rows
-                .iter()
-                .map(|h| h.to_device(&self.device)?.to_dtype(DType::F32))
-                .collect::<candle_core::Result<Vec<_>>>()?;
+        let mut x = if inputs.iter().all(|i| matches!(i, StageInput::Tokens(_))) {
+            let ids: Vec<u32> = inputs
+                .into_iter()
+                .flat_map(|i| if let StageInput::Tokens(t) = i { t } else { Vec::new() })
+                .collect();
+            self.input_rows(StageInput::Tokens(ids), b)?
+        } else if inputs.iter().all(|i| matches!(i, StageInput::Hidden(_))) {
+            let rows = inputs.into_iter().map(|i| self.input_rows(i, 1)).collect::<Result<Vec<_>>>()?;
             Tensor::cat(&rows, 0)?
         } else {
             return Err(Error::InvalidInput("a batch mixes token ids and hidden states".into()));
