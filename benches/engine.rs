@@ -114,7 +114,8 @@ fn engine(c: &mut Criterion) {
 
     // One sampling step over SmolLM2's 49,152 logits.
     let mut g = c.benchmark_group("sampler");
-    let logits: Vec<f32> = (0..49_152u32).map(|i| ((i * 2_654_435_761u32) >> 16) as f32 / 4096.0).collect();
+    let logits: Vec<f32> =
+        (0..49_152u32).map(|i| ((i.wrapping_mul(2_654_435_761u32)) >> 16) as f32 / 4096.0).collect();
     let history: Vec<u32> = (0..512u32).map(|i| (i * 97) % 49_152).collect();
     for (name, params) in [
         ("greedy", SamplingParams::greedy()),

@@ -74,6 +74,14 @@ pub enum Error {
         /// The maximum allowed.
         max: usize,
     },
+    /// The KV budget has no block left for the step.
+    #[error("the KV cache budget is full: the step needs {needed} more bytes, {free} are free")]
+    KvCacheFull {
+        /// Bytes the step would add.
+        needed: usize,
+        /// Bytes of the budget still free.
+        free: usize,
+    },
     /// JSON in a model file is malformed.
     #[error("cannot parse {path}: {source}")]
     Json {

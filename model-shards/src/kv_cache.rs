@@ -1,61 +1,153 @@
-//! Per-session key/value cache of one span.
+//! Per-session key/value cache of one span, in fixed-size blocks (paged).
 //!
-//! Each layer of the span keeps K and V as `(n_kv_heads, capacity, head_dim)` buffers that grow
-//! by doubling (amortised O(1) appends, no re-concatenation per token), up to the model's
-//! maximum length. Values are rounded to the cache's precision: f16 for GGUF models, as
-//! llama.cpp's default cache does, the compute dtype otherwise. [`KvCache::bytes`] reports what is allocated, so a worker can hold sessions
-//! under a memory budget.
+//! A session's cache is a list of blocks of [`KV_BLOCK`] positions each, taken from a
+//! [`KvPool`] as the session grows and given back when it shrinks or ends: many sessions of
+//! different lengths share one budget with no reservation of their maximum length and no
+//! fragmentation (vLLM's paged attention, with the block table kept per session). A pool with
+//! no block left refuses the step with [`Error::KvCacheFull`] and leaves the cache unchanged,
+//! so a worker can say so and the origin can route elsewhere.
+//!
+//! Blocks live in host memory as f32 (attention reads them directly, see
+//! [`crate::attention`]); values are rounded to the cache's precision first: f16 for GGUF
+//! models, as llama.cpp's default cache does, the compute dtype otherwise. A block holds, for
+//! each layer of the span, K then V as `[n_kv_heads][KV_BLOCK][head_dim]`.
 
-use candle_core::{DType, Device, Tensor};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use candle_core::DType;
 
 use crate::error::{Error, Result};
 
-/// Smallest allocation, in positions.
-const MIN_CAPACITY: usize = 64;
+/// Positions per block.
+pub const KV_BLOCK: usize = 16;
 
-/// K and V buffers of one layer.
-#[derive(Debug, Default)]
-pub(crate) struct LayerKv {
-    k: Option<Tensor>,
-    v: Option<Tensor>,
+/// Blocks given back and kept for reuse, at most (the rest are freed).
+const MAX_SPARE_BLOCKS: usize = 256;
+
+/// A budget of KV blocks shared by the sessions of one span. Cloning shares the budget.
+#[derive(Clone, Debug)]
+pub struct KvPool {
+    inner: Arc<PoolInner>,
+}
+
+#[derive(Debug)]
+struct PoolInner {
+    /// f32 values per block.
+    block_floats: usize,
+    /// Blocks the budget holds (`usize::MAX`: unlimited).
+    max_blocks: usize,
+    used: AtomicUsize,
+    spare: Mutex<Vec<Box<[f32]>>>,
+}
+
+impl KvPool {
+    /// A pool of `budget_bytes` for blocks of `block_floats` f32 values.
+    pub(crate) fn new(block_floats: usize, budget_bytes: Option<usize>) -> Self {
+        let block_bytes = block_floats * 4;
+        let max_blocks = budget_bytes.map_or(usize::MAX, |b| b / block_bytes.max(1));
+        Self {
+            inner: Arc::new(PoolInner {
+                block_floats,
+                max_blocks,
+                used: AtomicUsize::new(0),
+                spare: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// Bytes of one block.
+    pub fn block_bytes(&self) -> usize {
+        self.inner.block_floats * 4
+    }
+
+    /// Blocks the budget holds (`usize::MAX` when unlimited).
+    pub fn capacity_blocks(&self) -> usize {
+        self.inner.max_blocks
+    }
+
+    /// Blocks held by caches now.
+    pub fn used_blocks(&self) -> usize {
+        self.inner.used.load(Ordering::Acquire)
+    }
+
+    /// Blocks still free.
+    pub fn free_blocks(&self) -> usize {
+        self.inner.max_blocks.saturating_sub(self.used_blocks())
+    }
+
+    /// Bytes of the budget still free.
+    pub fn free_bytes(&self) -> usize {
+        self.free_blocks().saturating_mul(self.block_bytes())
+    }
+
+    /// Bytes held by caches now.
+    pub fn used_bytes(&self) -> usize {
+        self.used_blocks() * self.block_bytes()
+    }
+
+    /// Takes `n` blocks, all or none.
+    fn take(&self, n: usize) -> Result<Vec<Box<[f32]>>> {
+        let inner = &self.inner;
+        let mut used = inner.used.load(Ordering::Acquire);
+        loop {
+            let want = used.saturating_add(n);
+            if want > inner.max_blocks {
+                return Err(Error::KvCacheFull {
+                    needed: n * self.block_bytes(),
+                    free: inner.max_blocks.saturating_sub(used) * self.block_bytes(),
+                });
+            }
+            match inner.used.compare_exchange(used, want, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(now) => used = now,
+            }
+        }
+        let mut spare = inner.spare.lock().unwrap_or_else(|e| e.into_inner());
+        Ok((0..n)
+            .map(|_| spare.pop().unwrap_or_else(|| vec![0f32; inner.block_floats].into_boxed_slice()))
+            .collect())
+    }
+
+    /// Gives blocks back.
+    fn give(&self, blocks: impl ExactSizeIterator<Item = Box<[f32]>>) {
+        let n = blocks.len();
+        let mut spare = self.inner.spare.lock().unwrap_or_else(|e| e.into_inner());
+        for b in blocks {
+            if spare.len() < MAX_SPARE_BLOCKS {
+                spare.push(b);
+            }
+        }
+        drop(spare);
+        self.inner.used.fetch_sub(n, Ordering::AcqRel);
+    }
 }
 
 /// The KV cache of one session on one span.
 #[derive(Debug)]
 pub struct KvCache {
-    layers: Vec<LayerKv>,
+    pool: KvPool,
+    blocks: Vec<Box<[f32]>>,
     len: usize,
-    capacity: usize,
     max_len: usize,
     n_kv_heads: usize,
     head_dim: usize,
-    dtype: DType,
     precision: DType,
-    device: Device,
 }
 
 impl KvCache {
-    /// An empty cache for `n_layers` layers.
+    /// An empty cache for `n_layers` layers drawing blocks from `pool` (whose blocks must have
+    /// this geometry: the shard checks it).
     pub(crate) fn new(
+        pool: KvPool,
         n_layers: usize,
         n_kv_heads: usize,
         head_dim: usize,
         max_len: usize,
-        dtype: DType,
         precision: DType,
-        device: Device,
     ) -> Self {
-        Self {
-            layers: (0..n_layers).map(|_| LayerKv::default()).collect(),
-            len: 0,
-            capacity: 0,
-            max_len,
-            n_kv_heads,
-            head_dim,
-            dtype,
-            precision,
-            device,
-        }
+        debug_assert_eq!(pool.inner.block_floats, block_floats(n_layers, n_kv_heads, head_dim));
+        Self { pool, blocks: Vec::new(), len: 0, max_len, n_kv_heads, head_dim, precision }
     }
 
     /// Positions already cached: the position of the next token.
@@ -73,80 +165,159 @@ impl KvCache {
         self.max_len
     }
 
-    /// Bytes currently allocated for K and V across the span's layers.
+    /// Bytes of the blocks this cache holds now.
     pub fn bytes(&self) -> usize {
-        self.layers.len() * 2 * self.capacity * self.n_kv_heads * self.head_dim * self.dtype.size_in_bytes()
+        self.blocks.len() * self.pool.block_bytes()
     }
 
-    /// Bytes the cache would hold with room for `positions` tokens (for admission control).
+    /// Bytes of the blocks `positions` tokens take.
     pub fn bytes_for(&self, positions: usize) -> usize {
-        self.layers.len() * 2 * positions * self.n_kv_heads * self.head_dim * self.dtype.size_in_bytes()
+        positions.div_ceil(KV_BLOCK) * self.pool.block_bytes()
     }
 
-    /// Forgets every position (keeps the allocation).
+    /// Forgets every position and gives the blocks back.
     pub fn clear(&mut self) {
-        self.len = 0;
+        self.truncate(0);
     }
 
-    /// Forgets the positions from `len` on (keeps the allocation); a no-op when shorter.
+    /// Forgets the positions from `len` on and gives back the blocks no longer needed; a
+    /// no-op when shorter.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+        let keep = self.len.div_ceil(KV_BLOCK);
+        if self.blocks.len() > keep {
+            self.pool.give(self.blocks.drain(keep..));
+        }
     }
 
-    /// Makes room for `extra` more positions; called once per step before the layers run.
-    pub(crate) fn reserve(&mut self, extra: usize) -> Result<()> {
+    /// Makes room for `extra` more positions, taking blocks from the pool ([`crate::Shard`]'s
+    /// forward calls it; a worker may call it first to refuse one session of a batch). On
+    /// error (too long, budget full) nothing changes.
+    pub fn reserve(&mut self, extra: usize) -> Result<()> {
         let needed = self.len + extra;
         if needed > self.max_len {
             return Err(Error::SequenceTooLong { len: needed, max: self.max_len });
         }
-        if needed <= self.capacity {
-            return Ok(());
+        let blocks = needed.div_ceil(KV_BLOCK);
+        if blocks > self.blocks.len() {
+            let fresh = self.pool.take(blocks - self.blocks.len())?;
+            self.blocks.extend(fresh);
         }
-        let new_cap = needed.max(self.capacity * 2).max(MIN_CAPACITY).min(self.max_len);
-        let shape = (self.n_kv_heads, new_cap, self.head_dim);
-        for layer in &mut self.layers {
-            for slot in [&mut layer.k, &mut layer.v] {
-                let fresh = Tensor::zeros(shape, self.dtype, &self.device)?;
-                if let Some(old) = slot.take()
-                    && self.len > 0
-                {
-                    fresh.slice_set(&old.narrow(1, 0, self.len)?, 1, 0)?;
-                }
-                *slot = Some(fresh);
-            }
-        }
-        self.capacity = new_cap;
         Ok(())
     }
 
-    /// Writes `k` and `v` (`(n_kv_heads, t, head_dim)`) of layer `layer` at the current end and
-    /// returns views of all cached positions including them. The caller advances the length
-    /// with [`KvCache::advance`] once every layer has been written.
-    pub(crate) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let t = k.dim(1)?;
-        let total = self.len + t;
-        let slot = self
-            .layers
-            .get(layer)
-            .ok_or_else(|| Error::InvalidInput(format!("layer {layer} is not in this cache")))?;
-        let (Some(kc), Some(vc)) = (&slot.k, &slot.v) else {
-            return Err(Error::InvalidInput("kv cache used before reserve".into()));
-        };
-        kc.slice_set(&self.store(k)?, 1, self.len)?;
-        vc.slice_set(&self.store(v)?, 1, self.len)?;
-        Ok((kc.narrow(1, 0, total)?, vc.narrow(1, 0, total)?))
+    /// Offset of `(layer, kind, head)` inside a block; kind 0 is K, 1 is V.
+    fn offset(&self, layer: usize, kind: usize, head: usize) -> usize {
+        ((layer * 2 + kind) * self.n_kv_heads + head) * KV_BLOCK * self.head_dim
     }
 
-    /// Converts new K or V values to what the cache holds: values rounded to the cache's
-    /// precision, stored in its dtype (f32 on the CPU, so attention reads them without
-    /// conversion).
-    fn store(&self, x: &Tensor) -> Result<Tensor> {
-        let x = if self.precision != self.dtype { x.to_dtype(self.precision)? } else { x.clone() };
-        Ok(x.to_dtype(self.dtype)?.contiguous()?)
+    /// Writes K and V of one position (`n_kv_heads * head_dim` values each, head-major) of
+    /// `layer`, rounded to the cache's precision. The position must be reserved.
+    pub(crate) fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+        let hd = self.head_dim;
+        let precision = self.precision;
+        let (b, slot) = (pos / KV_BLOCK, pos % KV_BLOCK);
+        for kind in 0..2 {
+            let src = if kind == 0 { k } else { v };
+            for h in 0..self.n_kv_heads {
+                let at = self.offset(layer, kind, h) + slot * hd;
+                let dst = &mut self.blocks[b][at..at + hd];
+                for (d, &s) in dst.iter_mut().zip(&src[h * hd..(h + 1) * hd]) {
+                    *d = round_to(s, precision);
+                }
+            }
+        }
     }
 
-    /// Commits `t` appended positions.
+    /// K (kind 0) or V (kind 1) of `head` at positions `block * KV_BLOCK ..` of `layer`: up to
+    /// [`KV_BLOCK`] rows of `head_dim` values.
+    pub(crate) fn rows(&self, layer: usize, kind: usize, head: usize, block: usize) -> &[f32] {
+        let at = self.offset(layer, kind, head);
+        &self.blocks[block][at..at + KV_BLOCK * self.head_dim]
+    }
+
+    /// The precision values are rounded to.
+    pub(crate) fn precision(&self) -> DType {
+        self.precision
+    }
+
+    /// Commits `t` written positions.
     pub(crate) fn advance(&mut self, t: usize) {
         self.len += t;
+    }
+
+    /// Values per cached row.
+    pub(crate) fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+}
+
+impl Drop for KvCache {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+/// f32 values of one block for this geometry.
+pub(crate) fn block_floats(n_layers: usize, n_kv_heads: usize, head_dim: usize) -> usize {
+    n_layers * 2 * n_kv_heads * KV_BLOCK * head_dim
+}
+
+/// `x` rounded to `precision` (and back to f32).
+pub(crate) fn round_to(x: f32, precision: DType) -> f32 {
+    match precision {
+        DType::F16 => half::f16::from_f32(x).to_f32(),
+        DType::BF16 => half::bf16::from_f32(x).to_f32(),
+        _ => x,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(pool: &KvPool, max_len: usize) -> KvCache {
+        KvCache::new(pool.clone(), 2, 1, 4, max_len, DType::F32)
+    }
+
+    #[test]
+    fn blocks_come_from_the_pool_and_go_back() {
+        let pool = KvPool::new(block_floats(2, 1, 4), Some(3 * block_floats(2, 1, 4) * 4));
+        assert_eq!(pool.capacity_blocks(), 3);
+        let mut a = cache(&pool, 1000);
+        a.reserve(KV_BLOCK + 1).unwrap();
+        assert_eq!((pool.used_blocks(), a.bytes()), (2, 2 * pool.block_bytes()));
+        let mut b = cache(&pool, 1000);
+        b.reserve(1).unwrap();
+        let err = b.reserve(KV_BLOCK + 1).map(|_| ()).unwrap_err();
+        assert!(matches!(err, Error::KvCacheFull { .. }), "{err}");
+        assert_eq!(b.bytes(), pool.block_bytes(), "a refused reserve changes nothing");
+        a.advance(KV_BLOCK + 1);
+        a.truncate(3);
+        assert_eq!(pool.used_blocks(), 2);
+        drop(a);
+        drop(b);
+        assert_eq!(pool.used_blocks(), 0);
+    }
+
+    #[test]
+    fn written_values_are_read_back_rounded() {
+        let pool = KvPool::new(block_floats(2, 1, 4), None);
+        let mut c = KvCache::new(pool, 2, 1, 4, 100, DType::F16);
+        c.reserve(KV_BLOCK + 2).unwrap();
+        let k = [1.0f32, 1.0e-4 + 1.0, -3.0, 0.1];
+        let v = [5.0f32, 6.0, 7.0, 8.0];
+        c.write(1, KV_BLOCK + 1, &k, &v);
+        let rows = c.rows(1, 0, 0, 1);
+        assert_eq!(&rows[4..8], &k.map(|x| round_to(x, DType::F16)));
+        assert_eq!(&c.rows(1, 1, 0, 1)[4..8], &v);
+        assert_ne!(rows[5], k[1], "f16 rounding happened");
+    }
+
+    #[test]
+    fn too_long_is_refused() {
+        let pool = KvPool::new(block_floats(2, 1, 4), None);
+        let mut c = cache(&pool, 10);
+        assert!(matches!(c.reserve(11), Err(Error::SequenceTooLong { len: 11, max: 10 })));
     }
 }

@@ -18,6 +18,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod activation;
+mod attention;
 pub mod chat_template;
 mod error;
 pub mod generate;
@@ -36,7 +37,7 @@ mod weights;
 
 pub use candle_core::{DType, Device, Tensor};
 pub use error::{Error, Result};
-pub use kv_cache::KvCache;
+pub use kv_cache::{KV_BLOCK, KvCache, KvPool};
 pub use model::{Model, ModelFormat};
 pub use shard::{LogitsMode, Shard, StageInput, StageOutput};
 pub use spec::{Architecture, ModelSpec};

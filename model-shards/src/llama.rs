@@ -6,6 +6,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::attention::{self, Heads};
 use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
@@ -62,117 +63,102 @@ impl Attention {
         })
     }
 
-    /// `x`: `(t, hidden)` at positions `start..start + t`.
-    fn forward(
-        &self,
-        x: &Tensor,
-        layer: usize,
-        cache: &mut KvCache,
-        rope: &Rope,
-        cos_sin: &(Tensor, Tensor),
-    ) -> Result<Tensor> {
-        let out = self.attend(
-            self.q.forward(x)?,
-            self.k.forward(x)?,
-            self.v.forward(x)?,
-            layer,
-            cache,
-            rope,
-            cos_sin,
-        )?;
-        self.o.forward(&out)
+    fn heads(&self) -> Heads {
+        Heads {
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+            window: self.sliding_window,
+        }
+    }
+
+    /// `x`: `(t, hidden)` at the positions `cache.len()..cache.len() + t`.
+    fn forward(&self, x: &Tensor, layer: usize, cache: &mut KvCache, rope: &Rope) -> Result<Tensor> {
+        let t = x.dim(0)?;
+        let (mut q, k, v) = self.qkv(x, |l, x| l.forward(x))?;
+        let start = cache.len();
+        self.rope_and_store(&mut q, &k, &v, layer, cache, rope, t);
+        let job = attention::Job { q: &q, cache, start, t };
+        let out = attention::attend_many(&self.heads(), &[job], layer).remove(0);
+        self.o.forward(
+            &Tensor::from_vec(out, (t, self.n_heads * self.head_dim), x.device())?.to_dtype(x.dtype())?,
+        )
     }
 
     /// One new position for each of several sessions: row `i` of `x` (`(b, hidden)`) is the
-    /// next position of `caches[i]`, with rope tables `cos_sin[i]`. Every row gets exactly the
-    /// bits [`Attention::forward`] gives it alone.
+    /// next position of `caches[i]`. Every row gets exactly the bits [`Attention::forward`]
+    /// gives it alone.
     fn forward_batch(
         &self,
         x: &Tensor,
         layer: usize,
         caches: &mut [&mut KvCache],
         rope: &Rope,
-        cos_sin: &[(Tensor, Tensor)],
     ) -> Result<Tensor> {
-        let (q, k, v) = (self.q.forward_rows(x)?, self.k.forward_rows(x)?, self.v.forward_rows(x)?);
-        let mut outs = Vec::with_capacity(caches.len());
-        for (i, (cache, cs)) in caches.iter_mut().zip(cos_sin).enumerate() {
-            let row = |y: &Tensor| y.narrow(0, i, 1);
-            outs.push(self.attend(row(&q)?, row(&k)?, row(&v)?, layer, cache, rope, cs)?);
+        let (mut q, k, v) = self.qkv(x, |l, x| l.forward_rows(x))?;
+        let (qw, kw) = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim);
+        let starts: Vec<usize> = caches.iter().map(|c| c.len()).collect();
+        for (i, cache) in caches.iter_mut().enumerate() {
+            let (k, v) = (&k[i * kw..(i + 1) * kw], &v[i * kw..(i + 1) * kw]);
+            self.rope_and_store(&mut q[i * qw..(i + 1) * qw], k, v, layer, cache, rope, 1);
         }
-        self.o.forward_rows(&Tensor::cat(&outs, 0)?)
+        let jobs: Vec<attention::Job<'_>> = caches
+            .iter()
+            .zip(&starts)
+            .enumerate()
+            .map(|(i, (cache, &start))| attention::Job { q: &q[i * qw..(i + 1) * qw], cache, start, t: 1 })
+            .collect();
+        let outs = attention::attend_many(&self.heads(), &jobs, layer);
+        self.o.forward_rows(
+            &Tensor::from_vec(outs.concat(), (caches.len(), qw), x.device())?.to_dtype(x.dtype())?,
+        )
     }
 
-    /// Attention of one session from its q, k, v projections (`(t, heads * head_dim)`), before
-    /// the output projection.
-    #[allow(clippy::too_many_arguments)]
-    fn attend(
+    /// The q, k, v projections of `x` (with qwen3's per-head norms) as host rows.
+    fn qkv(
         &self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
+        x: &Tensor,
+        project: impl Fn(&Linear, &Tensor) -> Result<Tensor>,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let t = x.dim(0)?;
+        let hd = self.head_dim;
+        let host = |y: Tensor, n: usize, norm: &Option<RmsNorm>| -> Result<Vec<f32>> {
+            let y = match norm {
+                Some(norm) => norm.forward(&y.reshape((t, n, hd))?)?,
+                None => y,
+            };
+            Ok(y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+        };
+        Ok((
+            host(project(&self.q, x)?, self.n_heads, &self.q_norm)?,
+            host(project(&self.k, x)?, self.n_kv_heads, &self.k_norm)?,
+            host(project(&self.v, x)?, self.n_kv_heads, &None)?,
+        ))
+    }
+
+    /// Rotates one session's `t` new q and k rows (in place for q) and writes K and V into its
+    /// cache at the positions `cache.len()..cache.len() + t`.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_and_store(
+        &self,
+        q: &mut [f32],
+        k: &[f32],
+        v: &[f32],
         layer: usize,
         cache: &mut KvCache,
         rope: &Rope,
-        cos_sin: &(Tensor, Tensor),
-    ) -> Result<Tensor> {
-        let (t, _) = q.dims2()?;
+        t: usize,
+    ) {
         let start = cache.len();
-        let hd = self.head_dim;
-        let heads = |y: Tensor, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
-            let mut y = y.reshape((t, n, hd))?;
-            if let Some(norm) = norm {
-                y = norm.forward(&y)?;
-            }
-            Ok(y.transpose(0, 1)?.unsqueeze(0)?)
-        };
-        let q = heads(q, self.n_heads, &self.q_norm)?;
-        let k = heads(k, self.n_kv_heads, &self.k_norm)?;
-        let v = v.reshape((t, self.n_kv_heads, hd))?.transpose(0, 1)?;
-        let (cos, sin) = cos_sin;
-        let q = rope.apply(&q, cos, sin)?.squeeze(0)?;
-        let k = rope.apply(&k, cos, sin)?.squeeze(0)?;
-
-        let (k_all, v_all) = cache.append(layer, &k, &v)?;
-        let total = start + t;
-        // Grouped-query attention without copying K/V: the query heads sharing a kv head are
-        // stacked along the row axis.
-        let n_rep = self.n_heads / self.n_kv_heads;
-        let q = q.reshape((self.n_kv_heads, n_rep * t, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k_all.t()?)? * scale)?;
-        let needs_mask = t > 1 || self.sliding_window.is_some_and(|w| total > w);
-        let scores = if needs_mask {
-            let mask = attention_mask(t, start, self.sliding_window, q.device())?;
-            scores.reshape((self.n_kv_heads, n_rep, t, total))?.broadcast_add(&mask)?.reshape((
-                self.n_kv_heads,
-                n_rep * t,
-                total,
-            ))?
-        } else {
-            scores
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v_all.contiguous()?)?; // (n_kv, n_rep * t, hd)
-        Ok(out.reshape((self.n_heads, t, hd))?.transpose(0, 1)?.reshape((t, self.n_heads * hd))?)
-    }
-}
-
-/// Additive mask `(t, start + t)`: 0 where query i may see key j, -inf elsewhere.
-fn attention_mask(t: usize, start: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
-    let total = start + t;
-    let mut m = vec![0f32; t * total];
-    for i in 0..t {
-        let pos = start + i;
-        for j in 0..total {
-            let future = j > pos;
-            let too_old = window.is_some_and(|w| pos >= w && j <= pos - w);
-            if future || too_old {
-                m[i * total + j] = f32::NEG_INFINITY;
-            }
+        let (qw, kw) = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim);
+        let mut k_row = vec![0f32; kw];
+        for i in 0..t {
+            rope.rotate(&mut q[i * qw..(i + 1) * qw], start + i);
+            k_row.copy_from_slice(&k[i * kw..(i + 1) * kw]);
+            rope.rotate(&mut k_row, start + i);
+            cache.write(layer, start + i, &k_row, &v[i * kw..(i + 1) * kw]);
         }
     }
-    Ok(Tensor::from_vec(m, (t, total), device)?)
 }
 
 struct Mlp {
@@ -235,9 +221,8 @@ impl Block {
         layer: usize,
         cache: &mut KvCache,
         rope: &Rope,
-        cos_sin: &(Tensor, Tensor),
     ) -> Result<Tensor> {
-        let h = self.attn.forward(&self.attn_norm.forward(x)?, layer, cache, rope, cos_sin)?;
+        let h = self.attn.forward(&self.attn_norm.forward(x)?, layer, cache, rope)?;
         let x = (x + h)?;
         let h = self.mlp.forward(&self.ffn_norm.forward(&x)?)?;
         Ok((x + h)?)
@@ -250,9 +235,8 @@ impl Block {
         layer: usize,
         caches: &mut [&mut KvCache],
         rope: &Rope,
-        cos_sin: &[(Tensor, Tensor)],
     ) -> Result<Tensor> {
-        let h = self.attn.forward_batch(&self.attn_norm.forward(x)?, layer, caches, rope, cos_sin)?;
+        let h = self.attn.forward_batch(&self.attn_norm.forward(x)?, layer, caches, rope)?;
         let x = (x + h)?;
         let h = self.mlp.forward_rows(&self.ffn_norm.forward(&x)?)?;
         Ok((x + h)?)

@@ -1,8 +1,5 @@
 //! Rotary position embeddings, computed for exactly the positions of each step.
 
-use candle_core::{Device, Tensor};
-
-use crate::error::Result;
 use crate::spec::{ModelSpec, RopeStyle};
 
 /// Inverse frequencies of one model's rotary embedding.
@@ -44,27 +41,28 @@ impl Rope {
         Self { inv_freq, style: spec.rope_style }
     }
 
-    /// `cos` and `sin` tables of shape `(t, head_dim / 2)` for positions `start..start + t`.
-    pub(crate) fn tables(&self, start: usize, t: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    /// Rotates, in place, the heads of one position `pos`: `x` holds `n × head_dim` values
+    /// (head-major). The same arithmetic as candle's `rope_i` / `rope` kernels.
+    pub(crate) fn rotate(&self, x: &mut [f32], pos: usize) {
         let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(t * half);
-        let mut sin = Vec::with_capacity(t * half);
-        for p in start..start + t {
-            for &f in &self.inv_freq {
-                let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
+        let (cos, sin): (Vec<f32>, Vec<f32>) = self
+            .inv_freq
+            .iter()
+            .map(|&f| {
+                let a = pos as f32 * f;
+                (a.cos(), a.sin())
+            })
+            .unzip();
+        for head in x.chunks_exact_mut(2 * half) {
+            for i in 0..half {
+                let (i1, i2) = match self.style {
+                    RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                    RopeStyle::HalfSplit => (i, i + half),
+                };
+                let (a, b) = (head[i1], head[i2]);
+                head[i1] = a * cos[i] - b * sin[i];
+                head[i2] = a * sin[i] + b * cos[i];
             }
         }
-        Ok((Tensor::from_vec(cos, (t, half), device)?, Tensor::from_vec(sin, (t, half), device)?))
-    }
-
-    /// Rotates `x` of shape `(1, heads, t, head_dim)`.
-    pub(crate) fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let x = x.contiguous()?;
-        Ok(match self.style {
-            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x, cos, sin)?,
-            RopeStyle::HalfSplit => candle_nn::rotary_emb::rope(&x, cos, sin)?,
-        })
     }
 }

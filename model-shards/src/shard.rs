@@ -5,7 +5,7 @@ use std::ops::Range;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvPool, block_floats};
 use crate::linear::{Embedding, Linear};
 use crate::llama::{Block, RmsNorm};
 use crate::model::Model;
@@ -65,7 +65,6 @@ pub struct Shard {
     head: Option<(RmsNorm, Linear)>,
     rope: Rope,
     device: Device,
-    kv_dtype: DType,
     kv_precision: DType,
 }
 
@@ -110,14 +109,13 @@ impl Shard {
             None
         };
         let rope = Rope::new(&spec, freq_factors);
-        let kv_dtype = if device.is_cpu() { DType::F32 } else { dtype };
         // GGUF models follow llama.cpp, whose default KV cache is f16; Hugging Face models
         // follow transformers, whose cache has the compute dtype.
         let kv_precision = match model.format() {
             crate::ModelFormat::Gguf => DType::F16,
-            crate::ModelFormat::HuggingFace => kv_dtype,
+            crate::ModelFormat::HuggingFace => dtype,
         };
-        Ok(Self { spec, span, embedding, blocks, head, rope, device: device.clone(), kv_dtype, kv_precision })
+        Ok(Self { spec, span, embedding, blocks, head, rope, device: device.clone(), kv_precision })
     }
 
     /// The model's spec.
@@ -145,17 +143,35 @@ impl Shard {
         &self.device
     }
 
-    /// A new, empty KV cache for one session, limited to `max_len` positions (capped at the
-    /// model's maximum).
+    /// A pool of KV blocks for this span's sessions holding `budget_bytes` (`None`:
+    /// unlimited). See [`KvCache`].
+    pub fn kv_pool(&self, budget_bytes: Option<usize>) -> KvPool {
+        KvPool::new(block_floats(self.blocks.len(), self.spec.n_kv_heads, self.spec.head_dim), budget_bytes)
+    }
+
+    /// A new, empty KV cache for one session with a budget of its own (unlimited), limited to
+    /// `max_len` positions (capped at the model's maximum).
     pub fn new_cache(&self, max_len: usize) -> KvCache {
+        self.cache_from(self.kv_pool(None), max_len)
+    }
+
+    /// A new, empty KV cache drawing its blocks from `pool` (made by [`Shard::kv_pool`] of a
+    /// span of the same length), limited to `max_len` positions.
+    pub fn new_cache_in(&self, pool: &KvPool, max_len: usize) -> Result<KvCache> {
+        if pool.block_bytes() != self.kv_pool(Some(0)).block_bytes() {
+            return Err(Error::InvalidInput("the KV pool was made for another span".into()));
+        }
+        Ok(self.cache_from(pool.clone(), max_len))
+    }
+
+    fn cache_from(&self, pool: KvPool, max_len: usize) -> KvCache {
         KvCache::new(
+            pool,
             self.blocks.len(),
             self.spec.n_kv_heads,
             self.spec.head_dim,
             max_len.min(self.spec.max_position_embeddings),
-            self.kv_dtype,
             self.kv_precision,
-            self.device.clone(),
         )
     }
 
@@ -168,9 +184,8 @@ impl Shard {
         }
         let mut x = self.input_rows(input, t)?;
         cache.reserve(t)?;
-        let cos_sin = self.rope.tables(cache.len(), t, &self.device)?;
         for (i, block) in self.blocks.iter().enumerate() {
-            x = block.forward(&x, i, cache, &self.rope, &cos_sin)?;
+            x = block.forward(&x, i, cache, &self.rope)?;
         }
         cache.advance(t);
         match &self.head {
@@ -252,13 +267,11 @@ impl Shard {
         } else {
             return Err(Error::InvalidInput("a batch mixes token ids and hidden states".into()));
         };
-        let mut cos_sin = Vec::with_capacity(b);
         for cache in caches.iter_mut() {
             cache.reserve(1)?;
-            cos_sin.push(self.rope.tables(cache.len(), 1, &self.device)?);
         }
         for (i, block) in self.blocks.iter().enumerate() {
-            x = block.forward_batch(&x, i, caches, &self.rope, &cos_sin)?;
+            x = block.forward_batch(&x, i, caches, &self.rope)?;
         }
         for cache in caches.iter_mut() {
             cache.advance(1);
