@@ -813,6 +813,14 @@ impl Driver {
         } else {
             None
         };
+        if e.code == ErrorCode::CapacityExceeded
+            && let Some(id) = culprit
+            && let Some(p) = lock(&self.peers).get_mut(&id)
+        {
+            // Its KV budget is full: plan around it until it says otherwise (its next pong or
+            // announcement).
+            p.info.free_kv_bytes = 0;
+        }
         AttemptFailure {
             culprits: culprit.into_iter().collect(),
             reason: format!("{} from {}: {}", e.code, short(&from), e.message),

@@ -33,13 +33,17 @@
 //!   ([`StageConfig::max_sessions`]), sessions of one origin
 //!   ([`StageConfig::per_peer_sessions`], charged to the `OpenSession`'s origin on every hop,
 //!   so a stage forwarding many origins' sessions is not throttled as one peer; a lying
-//!   upstream stage stays bounded by the session limit and the KV budget) and the KV budget: `cache.bytes_for(max_len)` is reserved up front and the
-//!   session is refused when the reservation does not fit.
+//!   upstream stage stays bounded by the session limit and the KV budget) and the KV budget:
+//!   the stage's [`KvPool`] of [`StageConfig::kv_budget_bytes`] must have a block free. Nothing
+//!   is reserved for `max_len`: sessions take blocks of 16 positions as they grow (paged), so
+//!   many sessions of different lengths share the budget.
 //! - **Step**: the session exists *and was opened by the sender* (anyone else gets
 //!   `UnknownSession`, which reveals nothing); `step_id` increases; `start_pos` equals the
 //!   cache length; the payload kind fits the stage (token ids on the first, hidden states
 //!   elsewhere) with `hidden == hidden_size` and the session's wire dtype; token ids are in the
-//!   vocabulary; the step fits `max_len`; hidden states are finite (checked while decoding).
+//!   vocabulary; the step fits `max_len`; the KV budget has the blocks the step needs
+//!   (`CapacityExceeded` otherwise: the origin routes the session elsewhere); hidden states are
+//!   finite (checked while decoding).
 //! - **CloseSession**: only from the opener; an unknown id is ignored (closing is idempotent).
 //!
 //! Every failure is answered with one [`Message::Error`] and touches nothing else: a failed
@@ -60,7 +64,9 @@ use std::time::{Duration, Instant};
 
 use shoal_model_shards::activation::{self, WireDType};
 use shoal_model_shards::sampler::{Sampler, SamplerError, SamplingParams};
-use shoal_model_shards::{DType, Error as EngineError, LogitsMode, Shard, StageInput, StageOutput, Tensor};
+use shoal_model_shards::{
+    DType, Error as EngineError, KvPool, LogitsMode, Shard, StageInput, StageOutput, Tensor,
+};
 
 use crate::protocol::{
     CloseReason, CloseSession, ErrorCode, HiddenStates, Message, OpenSession, Payload, PeerInfo, StageError,
@@ -118,10 +124,10 @@ pub enum Action {
 pub struct StageStats {
     /// Sessions open.
     pub sessions: usize,
-    /// KV bytes reserved by open sessions (counted against the budget).
-    pub kv_bytes_reserved: usize,
-    /// KV bytes actually allocated by open sessions (never more than reserved).
-    pub kv_bytes_allocated: usize,
+    /// KV bytes held by open sessions (whole blocks, counted against the budget).
+    pub kv_bytes_used: usize,
+    /// KV bytes of the budget still free.
+    pub kv_bytes_free: usize,
     /// Whether the stage refuses new sessions.
     pub draining: bool,
 }
@@ -143,21 +149,16 @@ pub struct StageService {
     config: StageConfig,
     sessions: HashMap<u64, Session>,
     per_peer: HashMap<PeerId, usize>,
-    reserved: usize,
+    /// The KV budget, in blocks shared by the sessions.
+    pool: KvPool,
     draining: bool,
 }
 
 impl StageService {
     /// A service for `shard` with the limits of `config`.
     pub fn new(shard: Shard, config: StageConfig) -> Self {
-        Self {
-            shard,
-            config,
-            sessions: HashMap::new(),
-            per_peer: HashMap::new(),
-            reserved: 0,
-            draining: false,
-        }
+        let pool = shard.kv_pool(Some(config.kv_budget_bytes));
+        Self { shard, config, sessions: HashMap::new(), per_peer: HashMap::new(), pool, draining: false }
     }
 
     /// The shard this stage serves.
@@ -296,8 +297,8 @@ impl StageService {
     pub fn stats(&self) -> StageStats {
         StageStats {
             sessions: self.sessions.len(),
-            kv_bytes_reserved: self.reserved,
-            kv_bytes_allocated: self.sessions.values().map(|s| s.cache.bytes()).sum(),
+            kv_bytes_used: self.pool.used_bytes(),
+            kv_bytes_free: self.pool.free_bytes(),
             draining: self.draining,
         }
     }
@@ -312,7 +313,7 @@ impl StageService {
             n_layers: self.shard.spec().n_layers as u32,
             draining: self.draining,
             sessions: u32::try_from(self.sessions.len()).unwrap_or(u32::MAX),
-            free_kv_bytes: self.config.kv_budget_bytes.saturating_sub(self.reserved) as u64,
+            free_kv_bytes: self.pool.free_bytes() as u64,
         }
     }
 
@@ -406,17 +407,18 @@ impl StageService {
                 format!("this peer holds its quota of {} sessions", self.config.per_peer_sessions),
             ));
         }
-        let cache = self.shard.new_cache(max_len);
-        let need = cache.bytes_for(max_len);
-        let free = self.config.kv_budget_bytes.saturating_sub(self.reserved);
-        if need > free {
+        if self.pool.free_blocks() == 0 {
             return Err(refuse(
                 ErrorCode::CapacityExceeded,
-                format!("the session needs {need} bytes of KV cache, {free} of the budget are free"),
+                format!(
+                    "the KV budget of {} bytes is full (blocks of {} bytes)",
+                    self.config.kv_budget_bytes,
+                    self.pool.block_bytes()
+                ),
             ));
         }
+        let cache = self.shard.new_cache_in(&self.pool, max_len).map_err(engine_refusal)?;
         let next = open.route.get(hop + 1).map(|h| h.node_id);
-        self.reserved += need;
         *self.per_peer.entry(open.origin).or_insert(0) += 1;
         let session = Session {
             opener: from,
@@ -424,7 +426,6 @@ impl StageService {
             next,
             wire_dtype: open.wire_dtype,
             max_len,
-            reserved: need,
             cache,
             last_step: None,
             last_active: now,
@@ -539,6 +540,9 @@ impl StageService {
                 format!("the history would exceed the session's max_len {}", session.max_len),
             ));
         }
+        // The blocks the step needs, now: in a batch, only the session that does not fit is
+        // refused.
+        session.cache.reserve(t).map_err(engine_refusal)?;
         Ok((input, pos))
     }
 
@@ -669,7 +673,6 @@ impl StageService {
         let Some(session) = self.sessions.remove(&session_id) else {
             return Vec::new();
         };
-        self.reserved = self.reserved.saturating_sub(session.reserved);
         if let Some(n) = self.per_peer.get_mut(&session.origin) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -700,6 +703,7 @@ fn error_action(to: PeerId, session_id: Option<u64>, step_id: Option<u64>, r: Re
 fn engine_refusal(e: EngineError) -> Refusal {
     let code = match &e {
         EngineError::SequenceTooLong { .. } => ErrorCode::BadPosition,
+        EngineError::KvCacheFull { .. } => ErrorCode::CapacityExceeded,
         EngineError::InvalidInput(_) => ErrorCode::BadShape,
         _ => ErrorCode::Internal,
     };

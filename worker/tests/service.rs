@@ -227,6 +227,12 @@ fn reference_tokens(n: usize) -> anyhow::Result<Vec<u32>> {
     Ok(g.token_ids)
 }
 
+/// The stats of a stage of [`config`] with no session.
+fn idle() -> StageStats {
+    let block = load(0..2).expect("load").kv_pool(None).block_bytes();
+    StageStats { kv_bytes_free: (1 << 30) / block * block, ..StageStats::default() }
+}
+
 fn expect_error(replies: &[Message], code: ErrorCode) -> StageError {
     match replies {
         [Message::Error(e)] => {
@@ -302,7 +308,7 @@ fn hostile_steps_get_the_right_codes_and_leave_sessions_intact() -> anyhow::Resu
     let mut g = Client::new(good);
     v.prefill(&mut ring);
     g.prefill(&mut ring);
-    let allocated = (ring.a.stats().kv_bytes_allocated, ring.b.stats().kv_bytes_allocated);
+    let allocated = (ring.a.stats().kv_bytes_used, ring.b.stats().kv_bytes_used);
     let hidden = ring.a.shard().spec().hidden_size as u32;
     let pos = v.pos;
     let sid = v.next_step_id;
@@ -394,11 +400,7 @@ fn hostile_steps_get_the_right_codes_and_leave_sessions_intact() -> anyhow::Resu
         let e = expect_error(&replies, code);
         assert_eq!((e.session_id, e.step_id), (Some(session_id), Some(step_id)), "{name}");
         // Nothing moved: same memory, and the good session keeps producing the right tokens.
-        assert_eq!(
-            (ring.a.stats().kv_bytes_allocated, ring.b.stats().kv_bytes_allocated),
-            allocated,
-            "{name}"
-        );
+        assert_eq!((ring.a.stats().kv_bytes_used, ring.b.stats().kv_bytes_used), allocated, "{name}");
         assert_eq!(ring.a.stats().sessions, 2, "{name}");
         if g.tokens.len() < reference.len() {
             g.decode(&mut ring);
@@ -450,7 +452,7 @@ fn open_checks_model_span_length_sampling_and_duplicates() -> anyhow::Result<()>
         ring.send(Message::CloseSession(CloseSession { session_id: 41, reason: CloseReason::Error }))
             .is_empty()
     );
-    assert_eq!(ring.a.stats(), StageStats::default());
+    assert_eq!(ring.a.stats(), idle());
 
     assert!(ring.open(42, WireDType::F32, 0).is_empty());
     expect_error(&ring.open(42, WireDType::F32, 0), ErrorCode::DuplicateSession);
@@ -466,24 +468,40 @@ fn open_checks_model_span_length_sampling_and_duplicates() -> anyhow::Result<()>
 }
 
 #[test]
-fn kv_budget_refuses_what_does_not_fit() -> anyhow::Result<()> {
-    let per_session = {
-        let s = load(0..2)?;
-        s.new_cache(MAX_LEN as usize).bytes_for(MAX_LEN as usize)
-    };
-    assert!(per_session > 0);
+fn kv_budget_is_paged_and_refuses_what_does_not_fit() -> anyhow::Result<()> {
+    // Stage A's budget: 3 blocks of 16 positions. Sessions take blocks as they grow, so two
+    // sessions of max_len 32 (4 blocks if reserved up front) both get in.
+    let block = load(0..2)?.kv_pool(None).block_bytes();
     let mut cfg = config();
-    cfg.kv_budget_bytes = per_session + per_session / 2;
+    cfg.kv_budget_bytes = 3 * block;
     let mut ring = Ring::new(cfg, config())?;
     assert!(ring.open(51, WireDType::F32, 0).is_empty());
-    assert_eq!(ring.a.stats().kv_bytes_reserved, per_session);
-    let e = expect_error(&ring.open(52, WireDType::F32, 0), ErrorCode::CapacityExceeded);
-    assert_eq!(e.session_id, Some(52));
-    assert_eq!(ring.a.stats().sessions, 1);
-    assert_eq!(ring.b.stats().sessions, 1, "a refused open does not travel on");
-    // Freeing the first makes room.
-    ring.send(Message::CloseSession(CloseSession { session_id: 51, reason: CloseReason::Completed }));
     assert!(ring.open(52, WireDType::F32, 0).is_empty());
+    assert_eq!(ring.a.stats().kv_bytes_used, 0, "opening takes no block");
+    // 17 positions of session 51: 2 blocks.
+    let prompt: Vec<u32> = (0..17).map(|i| 10 + i).collect();
+    let replies = ring.deliver(ORIGIN, STAGE_A, Message::Step(tokens_step(51, 1, 0, 0, &prompt)));
+    assert!(matches!(replies.as_slice(), [Message::StepResult(_)]), "{replies:?}");
+    assert_eq!((ring.a.stats().kv_bytes_used, ring.a.stats().kv_bytes_free), (2 * block, block));
+    assert_eq!(ring.a.info().free_kv_bytes, block as u64, "a Pong tells the free budget");
+    // Session 52 needs 2 blocks for 17 positions: one is free, so the step is refused with the
+    // budget's figures, and nothing changes.
+    let replies = ring.deliver(ORIGIN, STAGE_A, Message::Step(tokens_step(52, 1, 0, 0, &prompt)));
+    let e = expect_error(&replies, ErrorCode::CapacityExceeded);
+    assert_eq!((e.session_id, e.step_id), (Some(52), Some(1)));
+    assert!(e.message.contains("KV cache budget is full"), "{}", e.message);
+    assert_eq!(ring.a.stats().kv_bytes_used, 2 * block);
+    // A shorter step of 52 fits in the last block; then a third session cannot even open.
+    let replies = ring.deliver(ORIGIN, STAGE_A, Message::Step(tokens_step(52, 2, 0, 0, &prompt[..6])));
+    assert!(matches!(replies.as_slice(), [Message::StepResult(_)]), "{replies:?}");
+    assert_eq!(ring.a.stats().kv_bytes_free, 0);
+    let e = expect_error(&ring.open(53, WireDType::F32, 0), ErrorCode::CapacityExceeded);
+    assert_eq!(e.session_id, Some(53));
+    assert_eq!(ring.b.stats().sessions, 2, "a refused open does not travel on");
+    // Closing 51 gives its blocks back to the others.
+    ring.send(Message::CloseSession(CloseSession { session_id: 51, reason: CloseReason::Completed }));
+    assert_eq!(ring.a.stats().kv_bytes_free, 2 * block);
+    assert!(ring.open(53, WireDType::F32, 0).is_empty());
     Ok(())
 }
 
@@ -535,14 +553,18 @@ fn draining_refuses_opens_and_serves_running_sessions() -> anyhow::Result<()> {
 fn close_frees_memory_on_every_stage() -> anyhow::Result<()> {
     let mut ring = Ring::standard()?;
     let baseline = (ring.a.stats(), ring.b.stats());
-    assert_eq!(baseline.0, StageStats::default());
+    assert_eq!((baseline.0.sessions, baseline.0.kv_bytes_used), (0, 0));
     assert!(ring.open(81, WireDType::F16, 0).is_empty());
     let mut c = Client::new(81);
     c.prefill(&mut ring);
     for stats in [ring.a.stats(), ring.b.stats()] {
         assert_eq!(stats.sessions, 1);
-        assert!(stats.kv_bytes_allocated > 0);
-        assert!(stats.kv_bytes_allocated <= stats.kv_bytes_reserved);
+        assert!(stats.kv_bytes_used > 0);
+        assert_eq!(
+            stats.kv_bytes_used + stats.kv_bytes_free,
+            idle().kv_bytes_free,
+            "used and free make the budget"
+        );
     }
     let close = Message::CloseSession(CloseSession { session_id: 81, reason: CloseReason::Completed });
     assert!(ring.send(close.clone()).is_empty());
@@ -578,7 +600,7 @@ fn idle_sweep_closes_and_frees_sessions() -> anyhow::Result<()> {
     ring.now += Duration::from_secs(61);
     ring.sweep();
     assert_eq!(ring.closed.len(), 4);
-    assert_eq!((ring.a.stats(), ring.b.stats()), (StageStats::default(), StageStats::default()));
+    assert_eq!((ring.a.stats(), ring.b.stats()), (idle(), idle()));
     Ok(())
 }
 

@@ -34,8 +34,6 @@ pub(super) struct Session {
     pub(super) wire_dtype: WireDType,
     /// Most positions the session may use.
     pub(super) max_len: usize,
-    /// Bytes of the KV budget reserved at open (`cache.bytes_for(max_len)`).
-    pub(super) reserved: usize,
     /// The session's KV cache for this span.
     pub(super) cache: KvCache,
     /// Highest step id served so far.
