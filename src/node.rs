@@ -223,7 +223,8 @@ pub struct StageArgs {
     /// Most sessions open at once.
     #[arg(long, default_value_t = 64)]
     pub max_sessions: usize,
-    /// KV-cache memory the stage may reserve, in MiB; sessions beyond it are refused.
+    /// KV-cache memory of the stage, in MiB, shared in blocks of 16 positions; a step that
+    /// does not fit is refused.
     #[arg(long, default_value_t = 2048)]
     pub kv_budget_mib: usize,
     /// Most sessions one peer may hold open here.
