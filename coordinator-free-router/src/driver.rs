@@ -571,7 +571,18 @@ impl Driver {
                     self.refresh().await;
                     match self.plan_route() {
                         Ok(r) => r,
-                        Err(_) => return Err(e),
+                        // Say why the peers that are left were banned.
+                        Err(_) => {
+                            return Err(match (e, &state.pending_failover) {
+                                (DriverError::NoRoute { n_layers, detail }, Some(p)) => {
+                                    DriverError::NoRoute {
+                                        n_layers,
+                                        detail: format!("{detail}; last failure: {}", p.2),
+                                    }
+                                }
+                                (e, _) => e,
+                            });
+                        }
                     }
                 }
                 Err(e) => return Err(e),

@@ -415,3 +415,27 @@ async fn bad_requests_and_missing_spans_are_refused_with_reasons() {
     }
     assert_eq!(a.stage_stats().expect("stage").sessions, 0, "nothing was opened");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_kv_budget_is_refused_and_the_origin_routes_elsewhere() {
+    let model = model();
+    let shard = Shard::load(&model, 0..4, &Device::Cpu, DType::F32).expect("span loads");
+    // One block: 16 positions; the prompt (7) plus 20 tokens does not fit.
+    let mut cfg = stage_config(Duration::from_secs(60));
+    cfg.kv_budget_bytes = shard.kv_pool(None).block_bytes();
+    let small = Node::bind(options()).await.expect("endpoint binds");
+    assert!(small.serve(StageService::new(shard, cfg)));
+    let params = SamplingParams::greedy();
+    let d = driver_for(&[&small], driver_config()).await;
+    let err =
+        d.generate(&request(&params, 20), |_| Flow::Continue).await.expect_err("the budget is too small");
+    let msg = err.to_string();
+    assert!(msg.contains("CapacityExceeded") && msg.contains("KV cache budget is full"), "{msg}");
+    // A replica with room joins: the same origin now routes there, with local generation's tokens.
+    let big = stage(0..4, Duration::from_secs(60)).await;
+    d.add_peer(big.addr()).await.expect("peer answers");
+    let out = d.generate(&request(&params, 20), |_| Flow::Continue).await.expect("generation on the replica");
+    assert_eq!(out.tokens, local(&params, 20));
+    assert_eq!(out.route, vec![big.id()]);
+    wait_all_freed(&[&small, &big]).await;
+}
