@@ -14,7 +14,9 @@
 //!
 //! On the CPU, quantized matrix products of the common GGUF types use shoal's own SIMD
 //! kernels ([`kernels`] is private; dispatch happens at run time from the CPU's features), and
-//! candle's quantized matmul otherwise. CUDA and Metal come from candle's cargo features.
+//! candle's quantized matmul otherwise. CUDA and Metal come from candle's cargo features; there the
+//! matrix products run on the device, but attention over the paged KV cache ([`KvCache`]) runs
+//! on the host (q, k and v are copied per layer).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod activation;
