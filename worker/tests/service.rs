@@ -470,7 +470,7 @@ fn open_checks_model_span_length_sampling_and_duplicates() -> anyhow::Result<()>
 #[test]
 fn kv_budget_is_paged_and_refuses_what_does_not_fit() -> anyhow::Result<()> {
     // Stage A's budget: 3 blocks of 16 positions. Sessions take blocks as they grow, so two
-    // sessions of max_len 32 (4 blocks if reserved up front) both get in.
+    // sessions of max_len 32 (2 blocks each, 4 in all, if reserved up front) both get in.
     let block = load(0..2)?.kv_pool(None).block_bytes();
     let mut cfg = config();
     cfg.kv_budget_bytes = 3 * block;
