@@ -457,9 +457,12 @@ async fn admission_queue_deadlines_and_metrics() {
         assert!(t0.elapsed() < Duration::from_secs(30), "the dropped stream's session never ended");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (s, b) =
-        call(&f.app, "POST", "/v1/completions", Some(json!({"prompt": "Hi", "max_tokens": 3}))).await;
+    // Greedy, so that it ends by length (a sampled continuation of "Hi" can be an EOS).
+    let done = json!({"prompt": "Once upon a time", "max_tokens": 3, "temperature": 0});
+    let (s, b) = call(&f.app, "POST", "/v1/completions", Some(done)).await;
     assert_eq!(s, StatusCode::OK, "{b}");
+    let v: Value = serde_json::from_str(&b).expect("json");
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{b}");
     // Every stage's KV budget is back to full once the sessions closed.
     let t0 = std::time::Instant::now();
     while f.stages.iter().any(|n| n.stage_stats().is_some_and(|st| st.sessions > 0)) {
