@@ -43,6 +43,11 @@
 //! swept over all `m` activation rows, 8 at a time; otherwise (AVX2, or `m < 4`) tiles of 4
 //! weight rows × up to 4 (AVX-512) or 2 (AVX2) activation rows decode each weight block once per
 //! tile, swept over tiles of 16 activation rows.
+//!
+//! With AVX-512, `Q4_0`, `Q4_1` and `Q8_0` weights are also packed into those panels once, at
+//! load ([`prepack`], [`matmul_prepacked`]; 4-bit values stay nibbles, 1.2x the raw size for
+//! `Q4_1`): then every product, decode and prefill, batch 1 or 64, runs the panel kernel with
+//! no per-call unpacking, and each output row has the bits it has alone.
 
 use std::cell::RefCell;
 use std::fmt;
@@ -218,6 +223,94 @@ pub(crate) fn matmul_row_invariant(
     dst: &mut [f32],
 ) -> Result<(), KernelError> {
     matmul_impl(level(), true, dtype, weights, m, k, n, lhs, dst)
+}
+
+/// Weights packed once, at load, for the AVX-512 panel kernel (`Q4_0`, `Q4_1`, `Q8_0`): every
+/// product then runs on panels of 16 weight rows with no per-call unpacking, at any `m`, and
+/// each output row has the bits it has alone (the panel kernel sums each (row, column) over
+/// the blocks in order, whatever `m` is). See [`prepack`].
+pub(crate) struct Prepacked {
+    #[cfg(target_arch = "x86_64")]
+    inner: x86::Prepacked,
+    format: u8,
+    n: usize,
+    k: usize,
+}
+
+/// Packs `n` weight rows of `k` values of `dtype` when this CPU has the AVX-512 panel kernel
+/// and the format is `Q4_0`, `Q4_1` or `Q8_0`; `None` otherwise (use [`matmul`]).
+pub(crate) fn prepack(dtype: GgmlDType, weights: &[u8], n: usize, k: usize) -> Option<Prepacked> {
+    let format = format_of(dtype)?;
+    if level() < Level::Avx512 || !matches!(format, Q4_0 | Q4_1 | Q8_0) || k == 0 || !k.is_multiple_of(QK) {
+        return None;
+    }
+    if weights.len() != n.checked_mul(k / QK * block_bytes(format))? {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let inner = match format {
+            Q4_0 => x86::prepack::<Q4_0>(weights, n, k / QK),
+            Q4_1 => x86::prepack::<Q4_1>(weights, n, k / QK),
+            _ => x86::prepack::<Q8_0>(weights, n, k / QK),
+        };
+        Some(Prepacked { inner, format, n, k })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (weights, n);
+        None
+    }
+}
+
+/// `dst[m*n] = lhs[m*k] · Wᵀ` on prepacked weights (see [`Prepacked`]).
+pub(crate) fn matmul_prepacked(
+    w: &Prepacked,
+    m: usize,
+    lhs: &[f32],
+    dst: &mut [f32],
+) -> Result<(), KernelError> {
+    let (n, k) = (w.n, w.k);
+    let check = |what, expected: Option<usize>, got| match expected {
+        None => Err(KernelError::Overflow),
+        Some(expected) if expected != got => Err(KernelError::Len { what, expected, got }),
+        Some(_) => Ok(()),
+    };
+    check("lhs", m.checked_mul(k), lhs.len())?;
+    check("dst", m.checked_mul(n), dst.len())?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let kernels = Kernels::new(Level::Avx512, w.format);
+        let out = DstPtr(dst.as_mut_ptr());
+        with_scratch(|scratch| {
+            let acts = scratch.quantize(lhs, m, k, w.format, &kernels);
+            candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(PANEL), |items| {
+                for pi in items {
+                    let r0 = pi * PANEL;
+                    // SAFETY: `prepack` checked AVX-512 and the shape; panel `pi` holds rows
+                    // `r0..r0 + rows` of `n`, the `m` activation rows are quantized, and each
+                    // panel writes only its own columns of `dst` (`m × n`).
+                    unsafe {
+                        let (p, rows, out) = (&w.inner, PANEL.min(n - r0), out.get().add(r0));
+                        match w.format {
+                            Q4_0 => x86::prepacked_panel::<Q4_0>(p, pi, rows, acts, m, out, n),
+                            Q4_1 => x86::prepacked_panel::<Q4_1>(p, pi, rows, acts, m, out, n),
+                            _ => x86::prepacked_panel::<Q8_0>(p, pi, rows, acts, m, out, n),
+                        }
+                    }
+                }
+            });
+        });
+        Ok(())
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (lhs, dst);
+        Err(KernelError::Unsupported(GgmlDType::Q4_0))
+    }
 }
 
 /// [`matmul`] with the instruction-set level capped at `cap` (used to test and benchmark every

@@ -35,7 +35,9 @@ impl Linear {
             Loaded::Dense(t) => LinearKind::Dense(t),
             Loaded::Quantized(q) => {
                 if q.device().is_cpu() && kernels::supports(q.dtype()) {
-                    LinearKind::Fast(FastQMatMul { q, row_invariant: false })
+                    let (n, k) = q.shape().dims2()?;
+                    let packed = kernels::prepack(q.dtype(), &q.data()?, n, k).map(Arc::new);
+                    LinearKind::Fast(FastQMatMul { q, row_invariant: false, packed })
                 } else {
                     LinearKind::Candle(QMatMul::from_arc(q)?)
                 }
@@ -66,7 +68,7 @@ impl Linear {
     pub(crate) fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.inner {
             LinearKind::Fast(op) => {
-                let op = FastQMatMul { q: op.q.clone(), row_invariant: true };
+                let op = FastQMatMul { q: op.q.clone(), row_invariant: true, packed: op.packed.clone() };
                 x.contiguous()?.apply_op1_no_bwd(&op)?
             }
             // candle's quantized matmul computes each (row, column) dot product on its own.
@@ -108,6 +110,9 @@ struct FastQMatMul {
     q: Arc<QTensor>,
     /// Use [`kernels::matmul_row_invariant`].
     row_invariant: bool,
+    /// The weights packed for the panel kernel (AVX-512, 4-bit formats): then every product
+    /// runs on them, and every row has its lone bits at any batch size.
+    packed: Option<Arc<kernels::Prepacked>>,
 }
 
 impl CustomOp1 for FastQMatMul {
@@ -129,11 +134,16 @@ impl CustomOp1 for FastQMatMul {
         let Some(lhs) = data.get(layout.start_offset()..layout.start_offset() + m * k) else {
             candle_core::bail!("qmatmul input storage is shorter than its layout")
         };
-        let weights = self.q.data()?;
         let mut dst = vec![0f32; m * n];
-        let matmul = if self.row_invariant { kernels::matmul_row_invariant } else { kernels::matmul };
-        matmul(self.q.dtype(), &weights, m, k, n, lhs, &mut dst)
-            .map_err(|e| candle_core::Error::Msg(format!("quantized kernel: {e}")))?;
+        let done = match &self.packed {
+            Some(p) => kernels::matmul_prepacked(p, m, lhs, &mut dst),
+            None => {
+                let weights = self.q.data()?;
+                let matmul = if self.row_invariant { kernels::matmul_row_invariant } else { kernels::matmul };
+                matmul(self.q.dtype(), &weights, m, k, n, lhs, &mut dst)
+            }
+        };
+        done.map_err(|e| candle_core::Error::Msg(format!("quantized kernel: {e}")))?;
         let mut out_dims = lead.to_vec();
         out_dims.push(n);
         Ok((CpuStorage::F32(dst), Shape::from(out_dims)))

@@ -298,3 +298,36 @@ fn row_invariant_rows_equal_single_rows() -> TestResult {
     }
     Ok(())
 }
+
+#[test]
+fn prepacked_panels_equal_the_panel_kernel_and_keep_rows_invariant() -> TestResult {
+    if level() < Level::Avx512 {
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            assert!(super::prepack(dtype, &weights(dtype, 16, 64, 1)?.0, 16, 64).is_none());
+        }
+        return Ok(());
+    }
+    // n = 37: a partial last panel; k = 96: 3 blocks.
+    let (n, k) = (37, 96);
+    for (i, dtype) in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0].into_iter().enumerate() {
+        let (raw, _) = weights(dtype, n, k, 20 + i as u64)?;
+        let packed = super::prepack(dtype, &raw, n, k).ok_or("the format packs with AVX-512")?;
+        let m = 11;
+        let lhs = values(m * k, 40 + i as u64);
+        // Against the panel kernel packing per call (m >= 4): the same bits.
+        let (mut want, mut got) = (vec![0f32; m * n], vec![0f32; m * n]);
+        matmul(dtype, &raw, m, k, n, &lhs, &mut want)?;
+        super::matmul_prepacked(&packed, m, &lhs, &mut got)?;
+        assert_eq!(got, want, "{dtype:?}");
+        // Each row alone: the same bits again.
+        for t in 0..m {
+            let mut one = vec![0f32; n];
+            super::matmul_prepacked(&packed, 1, &lhs[t * k..(t + 1) * k], &mut one)?;
+            assert_eq!(one, &got[t * n..(t + 1) * n], "{dtype:?} row {t}");
+        }
+        // Bad sizes are errors, not panics.
+        assert!(super::matmul_prepacked(&packed, 2, &lhs[..k], &mut got[..2 * n]).is_err());
+    }
+    assert!(super::prepack(GgmlDType::Q5_1, &weights(GgmlDType::Q5_1, 16, 64, 3)?.0, 16, 64).is_none());
+    Ok(())
+}

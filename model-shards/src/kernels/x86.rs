@@ -384,3 +384,164 @@ unsafe fn panel_tile<const F: u8, const T: usize>(
         }
     }
 }
+
+/// Weights packed once, at load, into panels of [`PANEL`] rows. 4-bit formats (`Q4_0`,
+/// `Q4_1`): for panel `p`, block `b`, group `g < 4` and row `r`, the 4 raw bytes
+/// `qs[4g..4g+4]` of that block at `qs[((p*nb + b)*4 + g)*PANEL + r]` (their low nibbles are
+/// values `4g..4g+4`, their high nibbles values `16+4g..16+4g+4`). `Q8_0`: 8 groups per block,
+/// the 4 values of group `g` offset by +128 (unsigned, as `vpdpbusd` takes them) at
+/// `qs[((p*nb + b)*8 + g)*PANEL + r]`. Scales and minimums at `(p*nb + b)*PANEL + r` as `f32`.
+/// Missing rows of the last panel are zeros. Per 32 values: 24 bytes for `Q4_1` (raw: 20), 20
+/// for `Q4_0` (18), 36 for `Q8_0` (34).
+pub(super) struct Prepacked {
+    pub(super) qs: Vec<u32>,
+    pub(super) d: Vec<f32>,
+    pub(super) m: Vec<f32>,
+}
+
+/// Groups of 4 values stored per block by [`prepack`].
+const fn packed_groups(f: u8) -> usize {
+    if f == Q8_0 { 8 } else { 4 }
+}
+
+/// Packs `n` rows of `nb` blocks of format `F` (`Q4_0`, `Q4_1` or `Q8_0`).
+pub(super) fn prepack<const F: u8>(w: &[u8], n: usize, nb: usize) -> Prepacked {
+    let bb = block_bytes(F);
+    let qs_at = if has_min(F) { 4 } else { 2 };
+    let groups = packed_groups(F);
+    let panels = n.div_ceil(PANEL);
+    let mut p = Prepacked {
+        qs: vec![0; panels * nb * groups * PANEL],
+        d: vec![0.0; panels * nb * PANEL],
+        m: if has_min(F) { vec![0.0; panels * nb * PANEL] } else { Vec::new() },
+    };
+    let f16 = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+    for r in 0..n {
+        let (pi, rr) = (r / PANEL, r % PANEL);
+        for b in 0..nb {
+            let blk = &w[(r * nb + b) * bb..(r * nb + b + 1) * bb];
+            let at = (pi * nb + b) * PANEL + rr;
+            for g in 0..groups {
+                let q = &blk[qs_at + 4 * g..qs_at + 4 * g + 4];
+                let q = [q[0], q[1], q[2], q[3]];
+                let q = if F == Q8_0 { q.map(|v| v.wrapping_add(128)) } else { q };
+                p.qs[((pi * nb + b) * groups + g) * PANEL + rr] = u32::from_le_bytes(q);
+            }
+            p.d[at] = f16(&blk[0..2]);
+            if has_min(F) {
+                p.m[at] = f16(&blk[2..4]);
+            }
+        }
+    }
+    p
+}
+
+/// [`panel`] on prepacked panel `pi` of `p` (rows `0..rows` of it, `rows <= PANEL`): the same
+/// arithmetic as [`panel_tile`] on a panel packed per call, so the same bits, for any `m`.
+///
+/// # Safety
+/// `p` must be packed for `acts.nb` blocks with panel `pi`; `acts` must hold `m` rows and `dst`
+/// be writable at `dst[t*ldd + r]` for `t < m`, `r < rows`; the CPU must support AVX2, FMA,
+/// F16C and AVX-512 F/BW/VL/VNNI.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn prepacked_panel<const F: u8>(
+    p: &Prepacked,
+    pi: usize,
+    rows: usize,
+    acts: Acts,
+    m: usize,
+    dst: *mut f32,
+    ldd: usize,
+) {
+    let nb = acts.nb;
+    // SAFETY: forwarded contract.
+    unsafe {
+        let qs = p.qs.as_ptr().add(pi * nb * packed_groups(F) * PANEL);
+        let d = p.d.as_ptr().add(pi * nb * PANEL);
+        let mm = if has_min(F) { p.m.as_ptr().add(pi * nb * PANEL) } else { d };
+        let mut t0 = 0;
+        while t0 < m {
+            let a = acts.row(t0);
+            let out = dst.add(t0 * ldd);
+            match m - t0 {
+                1 => prepacked_tile::<F, 1>(qs, d, mm, a, out, ldd, rows),
+                2 => prepacked_tile::<F, 2>(qs, d, mm, a, out, ldd, rows),
+                3 => prepacked_tile::<F, 3>(qs, d, mm, a, out, ldd, rows),
+                4 => prepacked_tile::<F, 4>(qs, d, mm, a, out, ldd, rows),
+                5 => prepacked_tile::<F, 5>(qs, d, mm, a, out, ldd, rows),
+                6 => prepacked_tile::<F, 6>(qs, d, mm, a, out, ldd, rows),
+                7 => prepacked_tile::<F, 7>(qs, d, mm, a, out, ldd, rows),
+                _ => prepacked_tile::<F, PANEL_T>(qs, d, mm, a, out, ldd, rows),
+            }
+            t0 += PANEL_T;
+        }
+    }
+}
+
+/// `T` activation rows against one prepacked panel (see [`prepacked_panel`]).
+///
+/// # Safety
+/// As [`prepacked_panel`], for `T` rows.
+#[inline(always)]
+unsafe fn prepacked_tile<const F: u8, const T: usize>(
+    qs: *const u32,
+    d: *const f32,
+    mm: *const f32,
+    a: Acts,
+    dst: *mut f32,
+    ldd: usize,
+    rows: usize,
+) {
+    let off = offset(F, true);
+    // SAFETY: as documented; all reads are within the panel and the `T` activation rows.
+    unsafe {
+        let low = _mm512_set1_epi8(0x0F);
+        let mut acc = [_mm512_setzero_ps(); T];
+        for b in 0..a.nb {
+            let mut isum = [_mm512_setzero_si512(); T];
+            if off != 0 {
+                for (t, isum) in isum.iter_mut().enumerate() {
+                    *isum = _mm512_set1_epi32(*a.corr.add(t * a.nb + b));
+                }
+            }
+            if F == Q8_0 {
+                for g in 0..8 {
+                    let wv = _mm512_loadu_si512(qs.add((b * 8 + g) * PANEL).cast());
+                    for (t, isum) in isum.iter_mut().enumerate() {
+                        let av = a.qs.add(t * a.k + b * QK + 4 * g).cast::<i32>().read_unaligned();
+                        *isum = _mm512_dpbusd_epi32(*isum, wv, _mm512_set1_epi32(av));
+                    }
+                }
+            } else {
+                for g in 0..4 {
+                    let raw = _mm512_loadu_si512(qs.add((b * 4 + g) * PANEL).cast());
+                    let lo = _mm512_and_si512(raw, low);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+                    for (t, isum) in isum.iter_mut().enumerate() {
+                        let row = a.qs.add(t * a.k + b * QK);
+                        let a_lo = row.add(4 * g).cast::<i32>().read_unaligned();
+                        let a_hi = row.add(16 + 4 * g).cast::<i32>().read_unaligned();
+                        *isum = _mm512_dpbusd_epi32(*isum, lo, _mm512_set1_epi32(a_lo));
+                        *isum = _mm512_dpbusd_epi32(*isum, hi, _mm512_set1_epi32(a_hi));
+                    }
+                }
+            }
+            let dw = _mm512_loadu_ps(d.add(b * PANEL));
+            for (t, acc) in acc.iter_mut().enumerate() {
+                let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*a.d.add(t * a.nb + b)));
+                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), scale, *acc);
+            }
+            if has_min(F) {
+                let mw = _mm512_loadu_ps(mm.add(b * PANEL));
+                for (t, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm512_fmadd_ps(mw, _mm512_set1_ps(*a.s8.add(t * a.nb + b) * 8.0), *acc);
+                }
+            }
+        }
+        let mask: __mmask16 = if rows >= PANEL { !0 } else { (1u16 << rows) - 1 };
+        for (t, acc) in acc.iter().enumerate() {
+            _mm512_mask_storeu_ps(dst.add(t * ldd), mask, *acc);
+        }
+    }
+}
