@@ -72,7 +72,10 @@ pub struct DriverConfig {
     pub ban_base: Duration,
     /// Longest ban.
     pub ban_max: Duration,
-    /// Most tokens per prefill step.
+    /// Most tokens per prefill step. Stages compute about this many prefill tokens per round
+    /// before they run the decode steps that arrived meanwhile
+    /// (`shoal_worker::net::PREFILL_BUDGET`), so a long prompt delays other sessions by one
+    /// chunk at a time.
     pub prefill_chunk: usize,
 }
 
@@ -86,7 +89,7 @@ impl Default for DriverConfig {
             max_failovers: 8,
             ban_base: Duration::from_secs(15),
             ban_max: Duration::from_secs(600),
-            prefill_chunk: 512,
+            prefill_chunk: shoal_worker::net::PREFILL_BUDGET,
         }
     }
 }

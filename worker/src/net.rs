@@ -277,6 +277,9 @@ const MAX_BATCH: usize = 64;
 /// Shortest and longest wait for other sessions' steps to join a batch.
 const BATCH_WAIT_MIN: Duration = Duration::from_micros(200);
 const BATCH_WAIT_MAX: Duration = Duration::from_millis(2);
+/// Prefill tokens a stage computes per round before it looks at its queue again (see
+/// [`crate::service::schedule`]); the origin's prefill chunks are this size by default.
+pub const PREFILL_BUDGET: usize = 64;
 
 /// Most addresses a node keeps from other peers' session openings.
 const MAX_LEARNED: usize = 4096;
@@ -875,11 +878,19 @@ fn stage_loop(
     let mut last_sweep = Instant::now();
     // A command taken from the queue while gathering a batch, to run next.
     let mut held: Option<Command> = None;
+    // Messages scheduled for a later round (prefill chunks over the round's budget and what
+    // came after them), run before anything that arrives meanwhile.
+    let mut deferred: Vec<(PeerId, Message)> = Vec::new();
     // How long the last batch of steps took to compute.
     let mut last_compute = Duration::ZERO;
     loop {
         let cmd = match held.take() {
             Some(cmd) => Some(cmd),
+            None if !deferred.is_empty() => match rx.try_recv() {
+                Ok(cmd) => Some(cmd),
+                Err(std::sync::mpsc::TryRecvError::Empty) => None,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
+            },
             None => match rx.recv_timeout(sweep) {
                 Ok(cmd) => Some(cmd),
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
@@ -889,58 +900,68 @@ fn stage_loop(
         let now = Instant::now();
         let mut actions = Vec::new();
         let mut done = None;
-        match cmd {
-            Some(Command::Deliver(from, msg)) => {
-                // Everything already queued goes in together: the service batches the decode
-                // steps of distinct sessions into one forward (continuous batching).
-                //
-                // Sessions in a ring fall out of phase: while one session's step computes, the
-                // next step of another arrives, and each would then run alone in turn. So when
-                // other open sessions have no step queued yet, the stage waits a moment (a
-                // quarter of the last compute time, 0.2 to 2 ms) for their steps to join.
-                let mut msgs = vec![(from, msg)];
-                let expected = service.stats().sessions.min(MAX_BATCH);
-                let wait = (last_compute / 4).clamp(BATCH_WAIT_MIN, BATCH_WAIT_MAX);
-                let deadline = Instant::now() + wait;
-                let is_decode = |m: &Message| matches!(m, Message::Step(s) if s.payload.len() == 1);
-                while msgs.len() < MAX_BATCH {
-                    let next = match rx.try_recv() {
-                        Ok(cmd) => Ok(cmd),
-                        Err(_) if msgs.len() < expected && msgs.iter().all(|(_, m)| is_decode(m)) => {
-                            match deadline.checked_duration_since(Instant::now()) {
-                                Some(left) => rx.recv_timeout(left).map_err(|_| ()),
-                                None => Err(()),
-                            }
+        let arrived = match cmd {
+            Some(Command::Deliver(from, msg)) => Some((from, msg)),
+            other => {
+                held = other;
+                None
+            }
+        };
+        if arrived.is_some() || (held.is_none() && !deferred.is_empty()) {
+            // Everything already queued goes in together: the service batches the decode
+            // steps of distinct sessions into one forward (continuous batching), decode steps
+            // first and prefill chunks up to a budget (`schedule`).
+            //
+            // Sessions in a ring fall out of phase: while one session's step computes, the
+            // next step of another arrives, and each would then run alone in turn. So when
+            // other open sessions have no step queued yet, the stage waits a moment (a
+            // quarter of the last compute time, 0.2 to 2 ms) for their steps to join.
+            let mut msgs = std::mem::take(&mut deferred);
+            msgs.extend(arrived);
+            let expected = service.stats().sessions.min(MAX_BATCH);
+            let wait = (last_compute / 4).clamp(BATCH_WAIT_MIN, BATCH_WAIT_MAX);
+            let deadline = Instant::now() + wait;
+            let is_decode = |m: &Message| matches!(m, Message::Step(s) if s.payload.len() == 1);
+            while held.is_none() && msgs.len() < MAX_BATCH {
+                let next = match rx.try_recv() {
+                    Ok(cmd) => Ok(cmd),
+                    Err(_) if msgs.len() < expected && msgs.iter().all(|(_, m)| is_decode(m)) => {
+                        match deadline.checked_duration_since(Instant::now()) {
+                            Some(left) => rx.recv_timeout(left).map_err(|_| ()),
+                            None => Err(()),
                         }
-                        Err(_) => Err(()),
-                    };
-                    match next {
-                        Ok(Command::Deliver(from, msg)) => msgs.push((from, msg)),
-                        Ok(other) => {
-                            held = Some(other);
-                            break;
-                        }
-                        Err(()) => break,
                     }
-                }
-                let started = Instant::now();
-                actions = if msgs.len() == 1 {
-                    let (from, msg) = msgs.remove(0);
-                    service.handle(from, msg, now)
-                } else {
-                    service.handle_many(msgs, now)
+                    Err(_) => Err(()),
                 };
-                last_compute = started.elapsed();
+                match next {
+                    Ok(Command::Deliver(from, msg)) => msgs.push((from, msg)),
+                    Ok(other) => held = Some(other),
+                    Err(()) => break,
+                }
             }
+            let (mut run, later) = crate::service::schedule(msgs, PREFILL_BUDGET);
+            deferred = later;
+            let started = Instant::now();
+            actions = if run.len() == 1 {
+                let (from, msg) = run.remove(0);
+                service.handle(from, msg, now)
+            } else {
+                service.handle_many(run, now)
+            };
+            last_compute = started.elapsed();
+        }
+        match held.take() {
             Some(Command::NextHopFailed(session_id, detail)) => {
-                actions = service.next_hop_failed(session_id, &detail);
+                actions.extend(service.next_hop_failed(session_id, &detail));
             }
-            Some(Command::PeerGone(peer)) => actions = service.peer_gone(peer),
+            Some(Command::PeerGone(peer)) => actions.extend(service.peer_gone(peer)),
             Some(Command::Drain) => service.drain(),
             Some(Command::Shutdown(reply)) => {
-                actions = service.shutdown_sessions();
+                actions.extend(service.shutdown_sessions());
                 done = Some(reply);
             }
+            // Never held (steps are gathered above); if one were, it runs next round.
+            Some(Command::Deliver(from, msg)) => deferred.push((from, msg)),
             None => {}
         }
         if now.duration_since(last_sweep) >= sweep {

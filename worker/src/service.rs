@@ -719,6 +719,53 @@ struct Pending {
     reply_to: PeerId,
 }
 
+/// A message and its sender.
+pub type Received = (PeerId, Message);
+
+/// Orders messages received together for one round of a stage, as vLLM's scheduler does:
+/// decode steps first (the first message of their session in the list, so each session still
+/// sees its messages in order), then everything else in order, until the multi-token steps
+/// (prefill chunks) taken reach `prefill_budget` tokens. At least one chunk runs per round; the
+/// messages from the first chunk over the budget on are returned to run next round, ahead of
+/// what arrives meanwhile. A long prompt then delays the other sessions' decode steps by one
+/// chunk, not by the whole prompt.
+pub fn schedule(msgs: Vec<Received>, prefill_budget: usize) -> (Vec<Received>, Vec<Received>) {
+    let mut seen = std::collections::HashSet::new();
+    let (mut run, mut rest) = (Vec::with_capacity(msgs.len()), Vec::new());
+    for (from, msg) in msgs {
+        let session = match &msg {
+            Message::Step(s) => Some(s.session_id),
+            Message::OpenSession(o) => Some(o.session_id),
+            Message::CloseSession(c) => Some(c.session_id),
+            _ => None,
+        };
+        let first = session.is_none_or(|id| seen.insert(id));
+        match &msg {
+            Message::Step(s) if s.payload.len() == 1 && first => run.push((from, msg)),
+            _ => rest.push((from, msg)),
+        }
+    }
+    let mut tokens = 0usize;
+    let mut later = Vec::new();
+    for (from, msg) in rest {
+        if !later.is_empty() {
+            later.push((from, msg));
+            continue;
+        }
+        let t = match &msg {
+            Message::Step(s) if s.payload.len() > 1 => s.payload.len(),
+            _ => 0,
+        };
+        if t > 0 && tokens > 0 && tokens + t > prefill_budget {
+            later.push((from, msg));
+        } else {
+            tokens += t;
+            run.push((from, msg));
+        }
+    }
+    (run, later)
+}
+
 /// Whether a step passes the message's own checks (as [`StageService::handle`] runs them).
 fn msg_is_valid(step: &Step) -> bool {
     Message::Step(step.clone()).validate().is_ok()

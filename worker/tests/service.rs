@@ -665,3 +665,47 @@ fn batched_steps_act_exactly_like_steps_one_by_one() -> anyhow::Result<()> {
     assert_eq!(solo.stats(), batched.stats());
     Ok(())
 }
+
+/// A stage's round: decode steps first (each the first message of its session), then the rest
+/// in order until the prefill chunks reach the budget; the remainder waits for the next round.
+#[test]
+fn schedule_runs_decode_steps_first_and_prefill_chunks_up_to_a_budget() {
+    let chunk =
+        |id: u64, step: u64, n: usize| (ORIGIN, Message::Step(tokens_step(id, step, 0, 0, &vec![1; n])));
+    let decode = |id: u64, step: u64| (ORIGIN, Message::Step(tokens_step(id, step, 0, 1, &[1])));
+    let close = |id: u64| {
+        (ORIGIN, Message::CloseSession(CloseSession { session_id: id, reason: CloseReason::Completed }))
+    };
+    let label = |msgs: &[(PeerId, Message)]| -> Vec<String> {
+        msgs.iter()
+            .map(|(_, m)| match m {
+                Message::Step(s) => format!("{}.{}", s.session_id, s.step_id),
+                Message::CloseSession(c) => format!("close {}", c.session_id),
+                other => other.kind_name().to_string(),
+            })
+            .collect()
+    };
+    let msgs = vec![
+        chunk(1, 1, 64),
+        chunk(1, 2, 64),
+        decode(2, 5),
+        chunk(3, 1, 64),
+        close(4),
+        decode(4, 3),
+        decode(1, 3),
+        decode(5, 9),
+        (ORIGIN, Message::Ping { nonce: 1 }),
+    ];
+    let (run, later) = shoal_worker::service::schedule(msgs, 64);
+    assert_eq!(label(&run), ["2.5", "5.9", "1.1"]);
+    assert_eq!(label(&later), ["1.2", "3.1", "close 4", "4.3", "1.3", "Ping"]);
+    // Next round: session 1's next chunk; a decode behind a message of its own session waits.
+    let (run, later) = shoal_worker::service::schedule(later, 64);
+    assert_eq!(label(&run), ["1.2"]);
+    assert_eq!(label(&later), ["3.1", "close 4", "4.3", "1.3", "Ping"]);
+    // A chunk over the budget still runs when it is the round's first; two chunks fit 128.
+    let (run, later) = shoal_worker::service::schedule(vec![chunk(6, 1, 200), chunk(7, 1, 10)], 64);
+    assert_eq!((label(&run), label(&later)), (vec!["6.1".to_string()], vec!["7.1".to_string()]));
+    let (run, later) = shoal_worker::service::schedule(vec![chunk(6, 1, 64), chunk(7, 1, 64)], 128);
+    assert_eq!((run.len(), later.len()), (2, 0));
+}
