@@ -225,6 +225,15 @@ pub(crate) fn matmul_row_invariant(
     matmul_impl(level(), true, dtype, weights, m, k, n, lhs, dst)
 }
 
+/// `Ok` when a buffer of `got` values has the `expected` length (`None`: the shape overflows).
+fn check_len(what: &'static str, expected: Option<usize>, got: usize) -> Result<(), KernelError> {
+    match expected {
+        None => Err(KernelError::Overflow),
+        Some(expected) if expected != got => Err(KernelError::Len { what, expected, got }),
+        Some(_) => Ok(()),
+    }
+}
+
 /// Weights packed once, at load, for the AVX-512 panel kernel (`Q4_0`, `Q4_1`, `Q8_0`): every
 /// product then runs on panels of 16 weight rows with no per-call unpacking, at any `m`, and
 /// each output row has the bits it has alone (the panel kernel sums each (row, column) over
@@ -271,13 +280,8 @@ pub(crate) fn matmul_prepacked(
     dst: &mut [f32],
 ) -> Result<(), KernelError> {
     let (n, k) = (w.n, w.k);
-    let check = |what, expected: Option<usize>, got| match expected {
-        None => Err(KernelError::Overflow),
-        Some(expected) if expected != got => Err(KernelError::Len { what, expected, got }),
-        Some(_) => Ok(()),
-    };
-    check("lhs", m.checked_mul(k), lhs.len())?;
-    check("dst", m.checked_mul(n), dst.len())?;
+    check_len("lhs", m.checked_mul(k), lhs.len())?;
+    check_len("dst", m.checked_mul(n), dst.len())?;
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -348,14 +352,9 @@ fn matmul_impl(
     }
     let nb = k / QK;
     let row_bytes = nb * block_bytes(format);
-    let check = |what, expected: Option<usize>, got| match expected {
-        None => Err(KernelError::Overflow),
-        Some(expected) if expected != got => Err(KernelError::Len { what, expected, got }),
-        Some(_) => Ok(()),
-    };
-    check("weights", n.checked_mul(row_bytes), weights.len())?;
-    check("lhs", m.checked_mul(k), lhs.len())?;
-    check("dst", m.checked_mul(n), dst.len())?;
+    check_len("weights", n.checked_mul(row_bytes), weights.len())?;
+    check_len("lhs", m.checked_mul(k), lhs.len())?;
+    check_len("dst", m.checked_mul(n), dst.len())?;
     if m == 0 || n == 0 {
         return Ok(());
     }

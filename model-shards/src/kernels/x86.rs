@@ -347,17 +347,11 @@ unsafe fn panel_tile<const F: u8, const T: usize>(
     ldd: usize,
     rows: usize,
 ) {
-    let off = offset(F, true);
     // SAFETY: as documented; all reads are within the panel and the `T` activation rows.
     unsafe {
         let mut acc = [_mm512_setzero_ps(); T];
         for b in 0..a.nb {
-            let mut isum = [_mm512_setzero_si512(); T];
-            if off != 0 {
-                for (t, isum) in isum.iter_mut().enumerate() {
-                    *isum = _mm512_set1_epi32(*a.corr.add(t * a.nb + b));
-                }
-            }
+            let mut isum = panel_isum::<F, T>(a, b);
             let qs = p.qs.as_ptr().add(b * 8 * PANEL);
             for g in 0..8 {
                 let wv = _mm512_loadu_si512(qs.add(g * PANEL).cast());
@@ -366,22 +360,73 @@ unsafe fn panel_tile<const F: u8, const T: usize>(
                     *isum = _mm512_dpbusd_epi32(*isum, wv, _mm512_set1_epi32(av));
                 }
             }
-            let dw = _mm512_loadu_ps(p.d.as_ptr().add(b * PANEL));
+            let m = if has_min(F) { p.m.as_ptr().add(b * PANEL) } else { std::ptr::null() };
+            panel_scale::<F, T>(&mut acc, &isum, p.d.as_ptr().add(b * PANEL), m, a, b);
+        }
+        panel_store(&acc, dst, ldd, rows);
+    }
+}
+
+/// Block `b`'s integer sums of `T` activation rows before its products: the format's
+/// per-block correction `-offset · Σq_a` (zero without an offset).
+///
+/// # Safety
+/// `a` must hold `T` rows of at least `b + 1` blocks; AVX-512 features as [`panel`].
+#[inline(always)]
+unsafe fn panel_isum<const F: u8, const T: usize>(a: Acts, b: usize) -> [__m512i; T] {
+    // SAFETY: as documented.
+    unsafe {
+        let mut isum = [_mm512_setzero_si512(); T];
+        if offset(F, true) != 0 {
+            for (t, isum) in isum.iter_mut().enumerate() {
+                *isum = _mm512_set1_epi32(*a.corr.add(t * a.nb + b));
+            }
+        }
+        isum
+    }
+}
+
+/// Adds block `b`'s integer sums, times the scales `d_w · d_a`, and (formats with a minimum)
+/// the minimum term `m_w · s_a` to the accumulators of 16 columns × `T` rows. `d` and `m`
+/// point at the block's 16 weight scales and minimums (`m` unused without a minimum).
+///
+/// # Safety
+/// `d` (and `m` for formats with a minimum) must hold 16 values; `a` as [`panel_isum`].
+#[inline(always)]
+unsafe fn panel_scale<const F: u8, const T: usize>(
+    acc: &mut [__m512; T],
+    isum: &[__m512i; T],
+    d: *const f32,
+    m: *const f32,
+    a: Acts,
+    b: usize,
+) {
+    // SAFETY: as documented.
+    unsafe {
+        let dw = _mm512_loadu_ps(d);
+        for (t, acc) in acc.iter_mut().enumerate() {
+            let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*a.d.add(t * a.nb + b)));
+            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), scale, *acc);
+        }
+        if has_min(F) {
+            let mw = _mm512_loadu_ps(m);
             for (t, acc) in acc.iter_mut().enumerate() {
-                let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*a.d.add(t * a.nb + b)));
-                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), scale, *acc);
-            }
-            if has_min(F) {
-                let mw = _mm512_loadu_ps(p.m.as_ptr().add(b * PANEL));
-                for (t, acc) in acc.iter_mut().enumerate() {
-                    *acc = _mm512_fmadd_ps(mw, _mm512_set1_ps(*a.s8.add(t * a.nb + b) * 8.0), *acc);
-                }
+                *acc = _mm512_fmadd_ps(mw, _mm512_set1_ps(*a.s8.add(t * a.nb + b) * 8.0), *acc);
             }
         }
-        let mask: __mmask16 = if rows >= PANEL { !0 } else { (1u16 << rows) - 1 };
-        for (t, acc) in acc.iter().enumerate() {
-            _mm512_mask_storeu_ps(dst.add(t * ldd), mask, *acc);
-        }
+    }
+}
+
+/// Stores columns `0..rows` of `T` accumulator rows at `dst[t*ldd + r]`.
+///
+/// # Safety
+/// `dst` must be writable as described; AVX-512 features as [`panel`].
+#[inline(always)]
+unsafe fn panel_store<const T: usize>(acc: &[__m512; T], dst: *mut f32, ldd: usize, rows: usize) {
+    let mask: __mmask16 = if rows >= PANEL { !0 } else { (1u16 << rows) - 1 };
+    for (t, acc) in acc.iter().enumerate() {
+        // SAFETY: as documented.
+        unsafe { _mm512_mask_storeu_ps(dst.add(t * ldd), mask, *acc) };
     }
 }
 
@@ -493,18 +538,12 @@ unsafe fn prepacked_tile<const F: u8, const T: usize>(
     ldd: usize,
     rows: usize,
 ) {
-    let off = offset(F, true);
     // SAFETY: as documented; all reads are within the panel and the `T` activation rows.
     unsafe {
         let low = _mm512_set1_epi8(0x0F);
         let mut acc = [_mm512_setzero_ps(); T];
         for b in 0..a.nb {
-            let mut isum = [_mm512_setzero_si512(); T];
-            if off != 0 {
-                for (t, isum) in isum.iter_mut().enumerate() {
-                    *isum = _mm512_set1_epi32(*a.corr.add(t * a.nb + b));
-                }
-            }
+            let mut isum = panel_isum::<F, T>(a, b);
             if F == Q8_0 {
                 for g in 0..8 {
                     let wv = _mm512_loadu_si512(qs.add((b * 8 + g) * PANEL).cast());
@@ -527,21 +566,8 @@ unsafe fn prepacked_tile<const F: u8, const T: usize>(
                     }
                 }
             }
-            let dw = _mm512_loadu_ps(d.add(b * PANEL));
-            for (t, acc) in acc.iter_mut().enumerate() {
-                let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*a.d.add(t * a.nb + b)));
-                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), scale, *acc);
-            }
-            if has_min(F) {
-                let mw = _mm512_loadu_ps(mm.add(b * PANEL));
-                for (t, acc) in acc.iter_mut().enumerate() {
-                    *acc = _mm512_fmadd_ps(mw, _mm512_set1_ps(*a.s8.add(t * a.nb + b) * 8.0), *acc);
-                }
-            }
+            panel_scale::<F, T>(&mut acc, &isum, d.add(b * PANEL), mm.add(b * PANEL), a, b);
         }
-        let mask: __mmask16 = if rows >= PANEL { !0 } else { (1u16 << rows) - 1 };
-        for (t, acc) in acc.iter().enumerate() {
-            _mm512_mask_storeu_ps(dst.add(t * ldd), mask, *acc);
-        }
+        panel_store(&acc, dst, ldd, rows);
     }
 }
