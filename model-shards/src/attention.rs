@@ -13,7 +13,7 @@
 
 use candle_core::DType;
 
-use crate::kv_cache::{KV_BLOCK, KvCache, round_to};
+use crate::kv_cache::{KV_BLOCK, KvCache, round_in_place, round_into, round_to};
 
 /// Shape of one layer's attention.
 #[derive(Debug, Clone, Copy)]
@@ -93,9 +93,16 @@ fn attend_one(h: &Heads, q: &[f32], cache: &KvCache, layer: usize, pos: usize, h
     attend_one_body(h, q, cache, layer, pos, head, out);
 }
 
+/// [`attend_one_body`] with explicit AVX2 vectors, operation for operation (the same bits):
+/// each lane of a vector is one of the portable code's 8 interleaved accumulators, 4 cached
+/// rows are scored at once for independent chains, and f16 rounding uses F16C. BF16 caches take
+/// the portable body.
+///
+/// # Safety
+/// The CPU must support AVX2 and F16C.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn attend_one_avx2(
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn attend_one_avx2(
     h: &Heads,
     q: &[f32],
     cache: &KvCache,
@@ -104,7 +111,133 @@ fn attend_one_avx2(
     head: usize,
     out: &mut [f32],
 ) {
-    attend_one_body(h, q, cache, layer, pos, head, out);
+    use std::arch::x86_64::*;
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const {
+            std::cell::RefCell::new((Vec::new(), Vec::new()))
+        };
+    }
+    let precision = cache.precision();
+    if !matches!(precision, DType::F16 | DType::F32) {
+        return attend_one_body(h, q, cache, layer, pos, head, out);
+    }
+    let hd = h.head_dim;
+    let kv_head = head / (h.n_heads / h.n_kv_heads);
+    let lo = match h.window {
+        Some(w) if pos >= w => pos + 1 - w,
+        _ => 0,
+    };
+    let scale = 1.0 / (hd as f32).sqrt();
+    let chunks = hd / 8;
+    let mut body = |(qr, scores): &mut (Vec<f32>, Vec<f32>)| {
+        qr.clear();
+        qr.resize(hd, 0.0);
+        round_into(qr, q, precision);
+        let qr = &qr[..];
+        scores.clear();
+        // SAFETY (all blocks below): every row read is `hd` values inside a cached block (the
+        // slices `cache.rows` returns), every vector load reads 8 values of a row or of `qr`.
+        let dot_tail = |k: &[f32]| {
+            let mut tail = 0f32;
+            for (x, y) in qr[chunks * 8..].iter().zip(&k[chunks * 8..hd]) {
+                tail += x * y;
+            }
+            tail
+        };
+        let reduce = |acc: __m256| {
+            let mut a = [0f32; 8];
+            // SAFETY: 8 writable values; AVX is enabled.
+            unsafe { _mm256_storeu_ps(a.as_mut_ptr(), acc) };
+            ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
+        };
+        for block in lo / KV_BLOCK..=pos / KV_BLOCK {
+            let rows = cache.rows(layer, 0, kv_head, block);
+            let first = if block == lo / KV_BLOCK { lo % KV_BLOCK } else { 0 };
+            let last = if block == pos / KV_BLOCK { pos % KV_BLOCK } else { KV_BLOCK - 1 };
+            let mut slot = first;
+            while slot + 4 <= last + 1 {
+                let k: [&[f32]; 4] = std::array::from_fn(|i| &rows[(slot + i) * hd..(slot + i + 1) * hd]);
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for c in 0..chunks {
+                    // SAFETY: see above.
+                    unsafe {
+                        let x = _mm256_loadu_ps(qr.as_ptr().add(8 * c));
+                        for i in 0..4 {
+                            let y = _mm256_loadu_ps(k[i].as_ptr().add(8 * c));
+                            acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(x, y));
+                        }
+                    }
+                }
+                for i in 0..4 {
+                    scores.push((reduce(acc[i]) + dot_tail(k[i])) * scale);
+                }
+                slot += 4;
+            }
+            for slot in slot..=last {
+                let k = &rows[slot * hd..(slot + 1) * hd];
+                let mut acc = _mm256_setzero_ps();
+                for c in 0..chunks {
+                    // SAFETY: see above.
+                    unsafe {
+                        let (x, y) =
+                            (_mm256_loadu_ps(qr.as_ptr().add(8 * c)), _mm256_loadu_ps(k.as_ptr().add(8 * c)));
+                        acc = _mm256_add_ps(acc, _mm256_mul_ps(x, y));
+                    }
+                }
+                scores.push((reduce(acc) + dot_tail(k)) * scale);
+            }
+        }
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f64;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += f64::from(*s);
+        }
+        let inv = (1.0 / sum) as f32;
+        for s in scores.iter_mut() {
+            *s *= inv;
+        }
+        round_in_place(scores, precision);
+        // The weighted sum of V, 4 vectors (32 values) of the output at a time, each kept in a
+        // register over all positions (per value the same additions in the same order).
+        out.fill(0.0);
+        let mut c0 = 0;
+        while c0 < chunks {
+            let n = (chunks - c0).min(4);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut j = 0;
+            for_rows(cache, layer, 1, kv_head, lo, pos, |v| {
+                // SAFETY: see above; `c0 + n <= chunks`.
+                unsafe {
+                    let p = _mm256_set1_ps(scores[j]);
+                    for (i, acc) in acc.iter_mut().enumerate().take(n) {
+                        let x = _mm256_loadu_ps(v.as_ptr().add(8 * (c0 + i)));
+                        *acc = _mm256_add_ps(*acc, _mm256_mul_ps(p, x));
+                    }
+                }
+                j += 1;
+            });
+            for (i, acc) in acc.iter().enumerate().take(n) {
+                // SAFETY: `out` has `hd >= 8 * (c0 + n)` values.
+                unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(8 * (c0 + i)), *acc) };
+            }
+            c0 += n;
+        }
+        if chunks * 8 < hd {
+            let mut j = 0;
+            for_rows(cache, layer, 1, kv_head, lo, pos, |v| {
+                let p = scores[j];
+                j += 1;
+                for (o, &x) in out[chunks * 8..].iter_mut().zip(&v[chunks * 8..]) {
+                    *o += p * x;
+                }
+            });
+        }
+    };
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut scratch) => body(&mut scratch),
+        Err(_) => body(&mut (Vec::new(), Vec::new())),
+    });
 }
 
 #[inline(always)]
@@ -287,6 +420,50 @@ mod tests {
         for p in [0usize, 15, 16, 39] {
             let alone = attend(&h, &q[p * 32..(p + 1) * 32], &cache, 0, p, 1);
             assert_eq!(&all[p * 32..(p + 1) * 32], &alone[..], "position {p}");
+        }
+    }
+
+    /// The AVX2 body gives the portable body's bits: head sizes with and without a scalar
+    /// tail and a partial group of vectors, f16 and f32 caches, windows, positions inside and
+    /// across blocks.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx2_body_has_the_portable_bits() {
+        assert!(crate::kernels::level() >= crate::kernels::Level::Avx2, "this test needs a CPU with AVX2");
+        for (hd, precision, window) in [
+            (12, DType::F16, None),
+            (16, DType::F32, None),
+            (64, DType::F16, None),
+            (64, DType::F16, Some(21)),
+            (72, DType::F32, Some(3)),
+            (44, DType::F16, None),
+        ] {
+            let h = Heads { n_heads: 6, n_kv_heads: 2, head_dim: hd, window };
+            let kvw = h.n_kv_heads * hd;
+            let pool = KvPool::new(block_floats(2, h.n_kv_heads, hd), None);
+            let mut cache = KvCache::new(pool, 2, h.n_kv_heads, hd, 100, precision);
+            let mut seed = hd as u64;
+            cache.reserve(70).unwrap();
+            for p in 0..70 {
+                let k: Vec<f32> = (0..kvw).map(|_| lcg(&mut seed) * 3.0).collect();
+                let v: Vec<f32> = (0..kvw).map(|_| lcg(&mut seed)).collect();
+                cache.write(1, p, &k, &v);
+            }
+            for pos in [0usize, 3, 15, 16, 17, 40, 69] {
+                for head in [0usize, 4] {
+                    let q: Vec<f32> = (0..hd).map(|_| lcg(&mut seed) * 2.0).collect();
+                    let (mut simd, mut portable) = (vec![1f32; hd], vec![2f32; hd]);
+                    // SAFETY: the CPU has AVX2 (asserted above); F16C comes with it (`Level::Avx2`).
+                    unsafe { attend_one_avx2(&h, &q, &cache, 1, pos, head, &mut simd) };
+                    attend_one_body(&h, &q, &cache, 1, pos, head, &mut portable);
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&simd),
+                        bits(&portable),
+                        "hd {hd} {precision:?} {window:?} pos {pos} head {head}"
+                    );
+                }
+            }
         }
     }
 }

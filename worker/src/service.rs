@@ -628,12 +628,20 @@ impl StageService {
         };
         match outs {
             Ok(outs) => {
-                for ((mut session, out), (step, pos, reply_to)) in sessions.into_iter().zip(outs).zip(steps) {
-                    let (session_id, step_id) = (step.session_id, step.step_id);
-                    let result = finish_step(&mut session, out, step, pos);
-                    actions.push(
-                        result.unwrap_or_else(|r| error_action(reply_to, Some(session_id), Some(step_id), r)),
-                    );
+                // Sampling (last stage) or encoding of each session, spread over the cores.
+                let work: Vec<_> = sessions.into_iter().zip(outs).zip(steps).collect();
+                let done = shoal_model_shards::threads::parallel_map(
+                    work,
+                    |((mut session, out), (step, pos, reply_to))| {
+                        let (session_id, step_id) = (step.session_id, step.step_id);
+                        let result = finish_step(&mut session, out, step, pos);
+                        let action = result
+                            .unwrap_or_else(|r| error_action(reply_to, Some(session_id), Some(step_id), r));
+                        (session_id, session, action)
+                    },
+                );
+                for (session_id, session, action) in done {
+                    actions.push(action);
                     self.sessions.insert(session_id, session);
                 }
             }
