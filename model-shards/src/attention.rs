@@ -13,7 +13,7 @@
 
 use candle_core::DType;
 
-use crate::kv_cache::{KV_BLOCK, KvCache, round_in_place, round_into, round_to};
+use crate::kv_cache::{KV_BLOCK, KvCache, Rows, round_in_place, round_into, round_to};
 
 /// Shape of one layer's attention.
 #[derive(Debug, Clone, Copy)]
@@ -93,16 +93,95 @@ fn attend_one(h: &Heads, q: &[f32], cache: &KvCache, layer: usize, pos: usize, h
     attend_one_body(h, q, cache, layer, pos, head, out);
 }
 
+/// A stored cache value the AVX2 body reads 8 at a time.
+#[cfg(target_arch = "x86_64")]
+trait Lane: Copy {
+    /// The rows of one block, when stored as `Self`.
+    fn of(rows: Rows<'_>) -> &[Self];
+    /// Values `p..p + 8` widened to f32.
+    ///
+    /// # Safety
+    /// 8 readable values at `p`; AVX and F16C.
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// One value widened to f32.
+    fn widen(self) -> f32;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lane for f32 {
+    fn of(rows: Rows<'_>) -> &[f32] {
+        match rows {
+            Rows::F32(r) => r,
+            _ => &[],
+        }
+    }
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller guarantees 8 readable values.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+/// f16 bits.
+#[cfg(target_arch = "x86_64")]
+impl Lane for u16 {
+    fn of(rows: Rows<'_>) -> &[u16] {
+        match rows {
+            Rows::F16(r) => r,
+            _ => &[],
+        }
+    }
+    #[inline(always)]
+    unsafe fn load8(p: *const u16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees 8 readable values and F16C.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        half::f16::from_bits(self).to_f32()
+    }
+}
+
 /// [`attend_one_body`] with explicit AVX2 vectors, operation for operation (the same bits):
 /// each lane of a vector is one of the portable code's 8 interleaved accumulators, 4 cached
-/// rows are scored at once for independent chains, and f16 rounding uses F16C. BF16 caches take
-/// the portable body.
+/// rows are scored at once for independent chains, f16 values are widened and rounded with
+/// F16C. BF16 caches take the portable body.
 ///
 /// # Safety
 /// The CPU must support AVX2 and F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn attend_one_avx2(
+    h: &Heads,
+    q: &[f32],
+    cache: &KvCache,
+    layer: usize,
+    pos: usize,
+    head: usize,
+    out: &mut [f32],
+) {
+    // SAFETY: forwarded contract.
+    unsafe {
+        match cache.precision() {
+            DType::F16 => attend_lanes::<u16>(h, q, cache, layer, pos, head, out),
+            DType::F32 => attend_lanes::<f32>(h, q, cache, layer, pos, head, out),
+            _ => attend_one_body(h, q, cache, layer, pos, head, out),
+        }
+    }
+}
+
+/// [`attend_one_avx2`] on a cache stored as `E`.
+///
+/// # Safety
+/// As [`attend_one_avx2`]; the cache must be stored as `E`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn attend_lanes<E: Lane>(
     h: &Heads,
     q: &[f32],
     cache: &KvCache,
@@ -118,9 +197,6 @@ unsafe fn attend_one_avx2(
         };
     }
     let precision = cache.precision();
-    if !matches!(precision, DType::F16 | DType::F32) {
-        return attend_one_body(h, q, cache, layer, pos, head, out);
-    }
     let hd = h.head_dim;
     let kv_head = head / (h.n_heads / h.n_kv_heads);
     let lo = match h.window {
@@ -129,6 +205,15 @@ unsafe fn attend_one_avx2(
     };
     let scale = 1.0 / (hd as f32).sqrt();
     let chunks = hd / 8;
+    // Calls `f` on the K (kind 0) or V (kind 1) rows of each position `lo..=pos`, as `E`.
+    let each_block = |kind: usize, f: &mut dyn FnMut(&[E], usize, usize)| {
+        for block in lo / KV_BLOCK..=pos / KV_BLOCK {
+            let rows = E::of(cache.rows(layer, kind, kv_head, block));
+            let first = if block == lo / KV_BLOCK { lo % KV_BLOCK } else { 0 };
+            let last = if block == pos / KV_BLOCK { pos % KV_BLOCK } else { KV_BLOCK - 1 };
+            f(&rows[..(last + 1) * hd], first, last);
+        }
+    };
     let mut body = |(qr, scores): &mut (Vec<f32>, Vec<f32>)| {
         qr.clear();
         qr.resize(hd, 0.0);
@@ -136,11 +221,11 @@ unsafe fn attend_one_avx2(
         let qr = &qr[..];
         scores.clear();
         // SAFETY (all blocks below): every row read is `hd` values inside a cached block (the
-        // slices `cache.rows` returns), every vector load reads 8 values of a row or of `qr`.
-        let dot_tail = |k: &[f32]| {
+        // slices `each_block` passes), every vector load reads 8 values of a row or of `qr`.
+        let dot_tail = |k: &[E]| {
             let mut tail = 0f32;
             for (x, y) in qr[chunks * 8..].iter().zip(&k[chunks * 8..hd]) {
-                tail += x * y;
+                tail += x * y.widen();
             }
             tail
         };
@@ -150,26 +235,22 @@ unsafe fn attend_one_avx2(
             unsafe { _mm256_storeu_ps(a.as_mut_ptr(), acc) };
             ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
         };
-        for block in lo / KV_BLOCK..=pos / KV_BLOCK {
-            let rows = cache.rows(layer, 0, kv_head, block);
-            let first = if block == lo / KV_BLOCK { lo % KV_BLOCK } else { 0 };
-            let last = if block == pos / KV_BLOCK { pos % KV_BLOCK } else { KV_BLOCK - 1 };
+        each_block(0, &mut |rows, first, last| {
             let mut slot = first;
             while slot + 4 <= last + 1 {
-                let k: [&[f32]; 4] = std::array::from_fn(|i| &rows[(slot + i) * hd..(slot + i + 1) * hd]);
+                let k: [&[E]; 4] = std::array::from_fn(|i| &rows[(slot + i) * hd..(slot + i + 1) * hd]);
                 let mut acc = [_mm256_setzero_ps(); 4];
                 for c in 0..chunks {
                     // SAFETY: see above.
                     unsafe {
                         let x = _mm256_loadu_ps(qr.as_ptr().add(8 * c));
-                        for i in 0..4 {
-                            let y = _mm256_loadu_ps(k[i].as_ptr().add(8 * c));
-                            acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(x, y));
+                        for (acc, k) in acc.iter_mut().zip(&k) {
+                            *acc = _mm256_add_ps(*acc, _mm256_mul_ps(x, E::load8(k.as_ptr().add(8 * c))));
                         }
                     }
                 }
-                for i in 0..4 {
-                    scores.push((reduce(acc[i]) + dot_tail(k[i])) * scale);
+                for (acc, k) in acc.iter().zip(&k) {
+                    scores.push((reduce(*acc) + dot_tail(k)) * scale);
                 }
                 slot += 4;
             }
@@ -179,14 +260,13 @@ unsafe fn attend_one_avx2(
                 for c in 0..chunks {
                     // SAFETY: see above.
                     unsafe {
-                        let (x, y) =
-                            (_mm256_loadu_ps(qr.as_ptr().add(8 * c)), _mm256_loadu_ps(k.as_ptr().add(8 * c)));
-                        acc = _mm256_add_ps(acc, _mm256_mul_ps(x, y));
+                        let x = _mm256_loadu_ps(qr.as_ptr().add(8 * c));
+                        acc = _mm256_add_ps(acc, _mm256_mul_ps(x, E::load8(k.as_ptr().add(8 * c))));
                     }
                 }
                 scores.push((reduce(acc) + dot_tail(k)) * scale);
             }
-        }
+        });
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f64;
         for s in scores.iter_mut() {
@@ -206,16 +286,18 @@ unsafe fn attend_one_avx2(
             let n = (chunks - c0).min(4);
             let mut acc = [_mm256_setzero_ps(); 4];
             let mut j = 0;
-            for_rows(cache, layer, 1, kv_head, lo, pos, |v| {
-                // SAFETY: see above; `c0 + n <= chunks`.
-                unsafe {
-                    let p = _mm256_set1_ps(scores[j]);
-                    for (i, acc) in acc.iter_mut().enumerate().take(n) {
-                        let x = _mm256_loadu_ps(v.as_ptr().add(8 * (c0 + i)));
-                        *acc = _mm256_add_ps(*acc, _mm256_mul_ps(p, x));
+            each_block(1, &mut |rows, first, last| {
+                for slot in first..=last {
+                    // SAFETY: see above; `c0 + n <= chunks`.
+                    unsafe {
+                        let p = _mm256_set1_ps(scores[j]);
+                        let v = rows.as_ptr().add(slot * hd);
+                        for (i, acc) in acc.iter_mut().enumerate().take(n) {
+                            *acc = _mm256_add_ps(*acc, _mm256_mul_ps(p, E::load8(v.add(8 * (c0 + i)))));
+                        }
                     }
+                    j += 1;
                 }
-                j += 1;
             });
             for (i, acc) in acc.iter().enumerate().take(n) {
                 // SAFETY: `out` has `hd >= 8 * (c0 + n)` values.
@@ -225,11 +307,13 @@ unsafe fn attend_one_avx2(
         }
         if chunks * 8 < hd {
             let mut j = 0;
-            for_rows(cache, layer, 1, kv_head, lo, pos, |v| {
-                let p = scores[j];
-                j += 1;
-                for (o, &x) in out[chunks * 8..].iter_mut().zip(&v[chunks * 8..]) {
-                    *o += p * x;
+            each_block(1, &mut |rows, first, last| {
+                for slot in first..=last {
+                    let p = scores[j];
+                    j += 1;
+                    for (o, &x) in out[chunks * 8..].iter_mut().zip(&rows[slot * hd + chunks * 8..(slot + 1) * hd]) {
+                        *o += p * x.widen();
+                    }
                 }
             });
         }
@@ -305,12 +389,13 @@ fn for_rows(
     mut f: impl FnMut(&[f32]),
 ) {
     let hd = cache.head_dim();
+    let mut buf = Vec::with_capacity(hd);
     for block in lo / KV_BLOCK..=hi / KV_BLOCK {
         let rows = cache.rows(layer, kind, kv_head, block);
         let first = if block == lo / KV_BLOCK { lo % KV_BLOCK } else { 0 };
         let last = if block == hi / KV_BLOCK { hi % KV_BLOCK } else { KV_BLOCK - 1 };
         for slot in first..=last {
-            f(&rows[slot * hd..(slot + 1) * hd]);
+            f(rows.row(slot, hd, &mut buf));
         }
     }
 }
@@ -336,7 +421,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kv_cache::{KvPool, block_floats};
+    use crate::kv_cache::{KvPool, block_values};
 
     /// Straightforward attention in f64 over dense K/V.
     #[allow(clippy::too_many_arguments)]
@@ -377,7 +462,7 @@ mod tests {
         for window in [None, Some(5), Some(KV_BLOCK + 3)] {
             let h = Heads { n_heads: 4, n_kv_heads: 2, head_dim: 12, window };
             let kvw = h.n_kv_heads * h.head_dim;
-            let pool = KvPool::new(block_floats(2, h.n_kv_heads, h.head_dim), None);
+            let pool = KvPool::new(block_values(2, h.n_kv_heads, h.head_dim), DType::F32, None);
             let mut cache = KvCache::new(pool, 2, h.n_kv_heads, h.head_dim, 200, DType::F32);
             let mut seed = 7u64;
             let (mut ks, mut vs) = (Vec::new(), Vec::new());
@@ -406,7 +491,7 @@ mod tests {
     #[test]
     fn a_position_has_the_same_bits_in_a_chunk_and_alone() {
         let h = Heads { n_heads: 2, n_kv_heads: 1, head_dim: 16, window: None };
-        let pool = KvPool::new(block_floats(1, 1, 16), None);
+        let pool = KvPool::new(block_values(1, 1, 16), DType::F16, None);
         let mut cache = KvCache::new(pool, 1, 1, 16, 100, DType::F16);
         let mut seed = 3u64;
         cache.reserve(40).unwrap();
@@ -440,7 +525,7 @@ mod tests {
         ] {
             let h = Heads { n_heads: 6, n_kv_heads: 2, head_dim: hd, window };
             let kvw = h.n_kv_heads * hd;
-            let pool = KvPool::new(block_floats(2, h.n_kv_heads, hd), None);
+            let pool = KvPool::new(block_values(2, h.n_kv_heads, hd), precision, None);
             let mut cache = KvCache::new(pool, 2, h.n_kv_heads, hd, 100, precision);
             let mut seed = hd as u64;
             cache.reserve(70).unwrap();

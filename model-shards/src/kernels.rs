@@ -45,9 +45,10 @@
 //! tile, swept over tiles of 16 activation rows.
 //!
 //! With AVX-512, `Q4_0`, `Q4_1` and `Q8_0` weights are also packed into those panels once, at
-//! load ([`prepack`], [`matmul_prepacked`]; 4-bit values stay nibbles, 1.2x the raw size for
-//! `Q4_1`): then every product, decode and prefill, batch 1 or 64, runs the panel kernel with
-//! no per-call unpacking, and each output row has the bits it has alone.
+//! load ([`prepack`], [`matmul_prepacked`]; 4-bit values stay nibbles and scales `f16`, so a
+//! packed matrix has the file's size): then every product, decode and prefill, batch 1 or 64,
+//! runs the panel kernel with no per-call unpacking, and each output row has the bits it has
+//! alone.
 
 use std::cell::RefCell;
 use std::fmt;

@@ -7,10 +7,10 @@
 //! no block left refuses the step with [`Error::KvCacheFull`] and leaves the cache unchanged,
 //! so a worker can say so and the origin can route elsewhere.
 //!
-//! Blocks live in host memory as f32 (attention reads them directly, see
-//! [`crate::attention`]); values are rounded to the cache's precision first: f16 for GGUF
-//! models, as llama.cpp's default cache does, the compute dtype otherwise. A block holds, for
-//! each layer of the span, K then V as `[n_kv_heads][KV_BLOCK][head_dim]`.
+//! Blocks live in host memory in the cache's precision (attention reads them directly, see
+//! [`crate::attention`]): f16 for GGUF models, as llama.cpp's default cache, 2 bytes a value;
+//! the compute dtype otherwise (f32 on the CPU, 4 bytes; bf16 and f16 as 2). A block holds,
+//! for each layer of the span, K then V as `[n_kv_heads][KV_BLOCK][head_dim]`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,22 +33,69 @@ pub struct KvPool {
 
 #[derive(Debug)]
 struct PoolInner {
-    /// f32 values per block.
-    block_floats: usize,
+    /// Values per block.
+    block_values: usize,
+    /// How the values are stored.
+    precision: DType,
     /// Blocks the budget holds (`usize::MAX`: unlimited).
     max_blocks: usize,
     used: AtomicUsize,
-    spare: Mutex<Vec<Box<[f32]>>>,
+    spare: Mutex<Vec<Block>>,
+}
+
+/// One block's values: f32, or the bits of f16 / bf16 values.
+#[derive(Debug)]
+enum Block {
+    F32(Box<[f32]>),
+    Half(Box<[u16]>),
+}
+
+/// Bytes of one value stored in `precision`.
+fn value_bytes(precision: DType) -> usize {
+    match precision {
+        DType::F16 | DType::BF16 => 2,
+        _ => 4,
+    }
+}
+
+/// The rows of one block of K or V, in the cache's storage (see [`KvCache::rows`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Rows<'a> {
+    F32(&'a [f32]),
+    F16(&'a [u16]),
+    Bf16(&'a [u16]),
+}
+
+impl Rows<'_> {
+    /// Row `slot` (of `hd` values) as f32: borrowed when stored as f32, else widened into `buf`
+    /// (exactly: every f16 and bf16 value is an f32).
+    pub(crate) fn row<'b>(&'b self, slot: usize, hd: usize, buf: &'b mut Vec<f32>) -> &'b [f32] {
+        let range = slot * hd..(slot + 1) * hd;
+        match self {
+            Rows::F32(r) => &r[range],
+            Rows::F16(r) => {
+                buf.clear();
+                buf.extend(r[range].iter().map(|&b| half::f16::from_bits(b).to_f32()));
+                buf
+            }
+            Rows::Bf16(r) => {
+                buf.clear();
+                buf.extend(r[range].iter().map(|&b| half::bf16::from_bits(b).to_f32()));
+                buf
+            }
+        }
+    }
 }
 
 impl KvPool {
-    /// A pool of `budget_bytes` for blocks of `block_floats` f32 values.
-    pub(crate) fn new(block_floats: usize, budget_bytes: Option<usize>) -> Self {
-        let block_bytes = block_floats * 4;
+    /// A pool of `budget_bytes` for blocks of `block_values` values stored in `precision`.
+    pub(crate) fn new(block_values: usize, precision: DType, budget_bytes: Option<usize>) -> Self {
+        let block_bytes = block_values * value_bytes(precision);
         let max_blocks = budget_bytes.map_or(usize::MAX, |b| b / block_bytes.max(1));
         Self {
             inner: Arc::new(PoolInner {
-                block_floats,
+                block_values,
+                precision,
                 max_blocks,
                 used: AtomicUsize::new(0),
                 spare: Mutex::new(Vec::new()),
@@ -58,7 +105,12 @@ impl KvPool {
 
     /// Bytes of one block.
     pub fn block_bytes(&self) -> usize {
-        self.inner.block_floats * 4
+        self.inner.block_values * value_bytes(self.inner.precision)
+    }
+
+    /// Whether this pool's blocks fit caches of `block_values` values in `precision`.
+    pub(crate) fn fits(&self, block_values: usize, precision: DType) -> bool {
+        self.inner.block_values == block_values && value_bytes(self.inner.precision) == value_bytes(precision)
     }
 
     /// Blocks the budget holds (`usize::MAX` when unlimited).
@@ -87,7 +139,7 @@ impl KvPool {
     }
 
     /// Takes `n` blocks, all or none.
-    fn take(&self, n: usize) -> Result<Vec<Box<[f32]>>> {
+    fn take(&self, n: usize) -> Result<Vec<Block>> {
         let inner = &self.inner;
         let mut used = inner.used.load(Ordering::Acquire);
         loop {
@@ -105,12 +157,17 @@ impl KvPool {
         }
         let mut spare = inner.spare.lock().unwrap_or_else(|e| e.into_inner());
         Ok((0..n)
-            .map(|_| spare.pop().unwrap_or_else(|| vec![0f32; inner.block_floats].into_boxed_slice()))
+            .map(|_| {
+                spare.pop().unwrap_or_else(|| match value_bytes(inner.precision) {
+                    2 => Block::Half(vec![0u16; inner.block_values].into_boxed_slice()),
+                    _ => Block::F32(vec![0f32; inner.block_values].into_boxed_slice()),
+                })
+            })
             .collect())
     }
 
     /// Gives blocks back.
-    fn give(&self, blocks: impl ExactSizeIterator<Item = Box<[f32]>>) {
+    fn give(&self, blocks: impl ExactSizeIterator<Item = Block>) {
         let n = blocks.len();
         let mut spare = self.inner.spare.lock().unwrap_or_else(|e| e.into_inner());
         for b in blocks {
@@ -127,7 +184,7 @@ impl KvPool {
 #[derive(Debug)]
 pub struct KvCache {
     pool: KvPool,
-    blocks: Vec<Box<[f32]>>,
+    blocks: Vec<Block>,
     len: usize,
     max_len: usize,
     n_kv_heads: usize,
@@ -146,7 +203,7 @@ impl KvCache {
         max_len: usize,
         precision: DType,
     ) -> Self {
-        debug_assert_eq!(pool.inner.block_floats, block_floats(n_layers, n_kv_heads, head_dim));
+        debug_assert!(pool.fits(block_values(n_layers, n_kv_heads, head_dim), precision));
         Self { pool, blocks: Vec::new(), len: 0, max_len, n_kv_heads, head_dim, precision }
     }
 
@@ -221,16 +278,29 @@ impl KvCache {
             let src = if kind == 0 { k } else { v };
             for h in 0..self.n_kv_heads {
                 let at = self.offset(layer, kind, h) + slot * hd;
-                round_into(&mut self.blocks[b][at..at + hd], &src[h * hd..(h + 1) * hd], precision);
+                let src = &src[h * hd..(h + 1) * hd];
+                match &mut self.blocks[b] {
+                    Block::F32(d) => round_into(&mut d[at..at + hd], src, precision),
+                    Block::Half(d) if precision == DType::F16 => f16_bits_into(&mut d[at..at + hd], src),
+                    Block::Half(d) => {
+                        for (d, &s) in d[at..at + hd].iter_mut().zip(src) {
+                            *d = half::bf16::from_f32(s).to_bits();
+                        }
+                    }
+                }
             }
         }
     }
 
     /// K (kind 0) or V (kind 1) of `head` at positions `block * KV_BLOCK ..` of `layer`: up to
     /// [`KV_BLOCK`] rows of `head_dim` values.
-    pub(crate) fn rows(&self, layer: usize, kind: usize, head: usize, block: usize) -> &[f32] {
-        let at = self.offset(layer, kind, head);
-        &self.blocks[block][at..at + KV_BLOCK * self.head_dim]
+    pub(crate) fn rows(&self, layer: usize, kind: usize, head: usize, block: usize) -> Rows<'_> {
+        let range = self.offset(layer, kind, head)..self.offset(layer, kind, head) + KV_BLOCK * self.head_dim;
+        match &self.blocks[block] {
+            Block::F32(b) => Rows::F32(&b[range]),
+            Block::Half(b) if self.precision == DType::F16 => Rows::F16(&b[range]),
+            Block::Half(b) => Rows::Bf16(&b[range]),
+        }
     }
 
     /// The precision values are rounded to.
@@ -255,8 +325,8 @@ impl Drop for KvCache {
     }
 }
 
-/// f32 values of one block for this geometry.
-pub(crate) fn block_floats(n_layers: usize, n_kv_heads: usize, head_dim: usize) -> usize {
+/// Values of one block for this geometry.
+pub(crate) fn block_values(n_layers: usize, n_kv_heads: usize, head_dim: usize) -> usize {
     n_layers * 2 * n_kv_heads * KV_BLOCK * head_dim
 }
 
@@ -288,6 +358,41 @@ pub(crate) fn round_in_place(x: &mut [f32], precision: DType) {
         for v in x {
             *v = round_to(*v, precision);
         }
+    }
+}
+
+/// `dst[i]` = the f16 bits of `src[i]` (round to nearest even), 8 at a time with F16C.
+fn f16_bits_into(dst: &mut [u16], src: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::kernels::level() >= crate::kernels::Level::Avx2 {
+        // SAFETY: `Level::Avx2` includes F16C (checked at run time just above).
+        unsafe { f16_bits_f16c(dst, src) };
+        return;
+    }
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = half::f16::from_f32(s).to_bits();
+    }
+}
+
+/// [`f16_bits_into`] with F16C.
+///
+/// # Safety
+/// The CPU must support AVX and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn f16_bits_f16c(dst: &mut [u16], src: &[f32]) {
+    use std::arch::x86_64::*;
+    let (d8, d_tail) = dst.as_chunks_mut::<8>();
+    let (s8, s_tail) = src.as_chunks::<8>();
+    for (d, s) in d8.iter_mut().zip(s8) {
+        // SAFETY: 8 readable values and 8 writable ones; the features are enabled.
+        unsafe {
+            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(s.as_ptr()));
+            _mm_storeu_si128(d.as_mut_ptr().cast(), h);
+        }
+    }
+    for (d, &s) in d_tail.iter_mut().zip(s_tail) {
+        *d = half::f16::from_f32(s).to_bits();
     }
 }
 
@@ -323,7 +428,7 @@ mod tests {
 
     #[test]
     fn blocks_come_from_the_pool_and_go_back() {
-        let pool = KvPool::new(block_floats(2, 1, 4), Some(3 * block_floats(2, 1, 4) * 4));
+        let pool = KvPool::new(block_values(2, 1, 4), DType::F32, Some(3 * block_values(2, 1, 4) * 4));
         assert_eq!(pool.capacity_blocks(), 3);
         let mut a = cache(&pool, 1000);
         a.reserve(KV_BLOCK + 1).unwrap();
@@ -343,21 +448,30 @@ mod tests {
 
     #[test]
     fn written_values_are_read_back_rounded() {
-        let pool = KvPool::new(block_floats(2, 1, 4), None);
-        let mut c = KvCache::new(pool, 2, 1, 4, 100, DType::F16);
-        c.reserve(KV_BLOCK + 2).unwrap();
-        let k = [1.0f32, 1.0e-4 + 1.0, -3.0, 0.1];
-        let v = [5.0f32, 6.0, 7.0, 8.0];
-        c.write(1, KV_BLOCK + 1, &k, &v);
-        let rows = c.rows(1, 0, 0, 1);
-        assert_eq!(&rows[4..8], &k.map(|x| round_to(x, DType::F16)));
-        assert_eq!(&c.rows(1, 1, 0, 1)[4..8], &v);
-        assert_ne!(rows[5], k[1], "f16 rounding happened");
+        for precision in [DType::F16, DType::BF16, DType::F32] {
+            let pool = KvPool::new(block_values(2, 1, 4), precision, None);
+            let mut c = KvCache::new(pool.clone(), 2, 1, 4, 100, precision);
+            c.reserve(KV_BLOCK + 2).unwrap();
+            assert_eq!(c.bytes(), 2 * block_values(2, 1, 4) * value_bytes(precision));
+            // 10 values: a vector of 8 and a tail for the F16C path.
+            let k = [1.0f32, 1.0e-4 + 1.0, -3.0, 0.1, 7.7, -1.0e-3, 65504.0, 1.0e6, 0.3, -0.7];
+            let v = [5.0f32, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0];
+            let mut c = KvCache::new(KvPool::new(block_values(2, 1, 10), precision, None), 2, 1, 10, 100, precision);
+            c.reserve(KV_BLOCK + 2).unwrap();
+            c.write(1, KV_BLOCK + 1, &k, &v);
+            let mut buf = Vec::new();
+            let rows = c.rows(1, 0, 0, 1);
+            let got = rows.row(1, 10, &mut buf).to_vec();
+            assert_eq!(got, k.map(|x| round_to(x, precision)), "{precision:?}");
+            assert_eq!(c.rows(1, 1, 0, 1).row(1, 10, &mut buf), &v, "{precision:?}");
+            assert_eq!(got[1] != k[1], precision != DType::F32, "{precision:?}: rounding");
+            assert_eq!(pool.used_blocks(), 2);
+        }
     }
 
     #[test]
     fn too_long_is_refused() {
-        let pool = KvPool::new(block_floats(2, 1, 4), None);
+        let pool = KvPool::new(block_values(2, 1, 4), DType::F32, None);
         let mut c = cache(&pool, 10);
         assert!(matches!(c.reserve(11), Err(Error::SequenceTooLong { len: 11, max: 10 })));
     }

@@ -5,7 +5,7 @@ use std::ops::Range;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::kv_cache::{KvCache, KvPool, block_floats};
+use crate::kv_cache::{KvCache, KvPool, block_values};
 use crate::linear::{Embedding, Linear};
 use crate::llama::{Block, RmsNorm};
 use crate::model::Model;
@@ -146,7 +146,7 @@ impl Shard {
     /// A pool of KV blocks for this span's sessions holding `budget_bytes` (`None`:
     /// unlimited). See [`KvCache`].
     pub fn kv_pool(&self, budget_bytes: Option<usize>) -> KvPool {
-        KvPool::new(self.kv_block_floats(), budget_bytes)
+        KvPool::new(self.kv_block_values(), self.kv_precision, budget_bytes)
     }
 
     /// A new, empty KV cache for one session with a budget of its own (unlimited), limited to
@@ -158,16 +158,15 @@ impl Shard {
     /// A new, empty KV cache drawing its blocks from `pool` (made by [`Shard::kv_pool`] of a
     /// span of the same length), limited to `max_len` positions.
     pub fn new_cache_in(&self, pool: &KvPool, max_len: usize) -> Result<KvCache> {
-        if pool.block_bytes() != 4 * block_floats(self.blocks.len(), self.spec.n_kv_heads, self.spec.head_dim)
-        {
+        if !pool.fits(self.kv_block_values(), self.kv_precision) {
             return Err(Error::InvalidInput("the KV pool was made for another span".into()));
         }
         Ok(self.cache_from(pool.clone(), max_len))
     }
 
-    /// f32 values of one KV block of this span.
-    fn kv_block_floats(&self) -> usize {
-        block_floats(self.blocks.len(), self.spec.n_kv_heads, self.spec.head_dim)
+    /// Values of one KV block of this span.
+    fn kv_block_values(&self) -> usize {
+        block_values(self.blocks.len(), self.spec.n_kv_heads, self.spec.head_dim)
     }
 
     fn cache_from(&self, pool: KvPool, max_len: usize) -> KvCache {

@@ -360,8 +360,9 @@ unsafe fn panel_tile<const F: u8, const T: usize>(
                     *isum = _mm512_dpbusd_epi32(*isum, wv, _mm512_set1_epi32(av));
                 }
             }
-            let m = if has_min(F) { p.m.as_ptr().add(b * PANEL) } else { std::ptr::null() };
-            panel_scale::<F, T>(&mut acc, &isum, p.d.as_ptr().add(b * PANEL), m, a, b);
+            let dw = _mm512_loadu_ps(p.d.as_ptr().add(b * PANEL));
+            let mw = if has_min(F) { _mm512_loadu_ps(p.m.as_ptr().add(b * PANEL)) } else { dw };
+            panel_scale::<F, T>(&mut acc, &isum, dw, mw, a, b);
         }
         panel_store(&acc, dst, ldd, rows);
     }
@@ -387,29 +388,27 @@ unsafe fn panel_isum<const F: u8, const T: usize>(a: Acts, b: usize) -> [__m512i
 }
 
 /// Adds block `b`'s integer sums, times the scales `d_w · d_a`, and (formats with a minimum)
-/// the minimum term `m_w · s_a` to the accumulators of 16 columns × `T` rows. `d` and `m`
-/// point at the block's 16 weight scales and minimums (`m` unused without a minimum).
+/// the minimum term `m_w · s_a` to the accumulators of 16 columns × `T` rows. `dw` and `mw`
+/// are the block's 16 weight scales and minimums (`mw` unused without a minimum).
 ///
 /// # Safety
-/// `d` (and `m` for formats with a minimum) must hold 16 values; `a` as [`panel_isum`].
+/// `a` as [`panel_isum`].
 #[inline(always)]
 unsafe fn panel_scale<const F: u8, const T: usize>(
     acc: &mut [__m512; T],
     isum: &[__m512i; T],
-    d: *const f32,
-    m: *const f32,
+    dw: __m512,
+    mw: __m512,
     a: Acts,
     b: usize,
 ) {
     // SAFETY: as documented.
     unsafe {
-        let dw = _mm512_loadu_ps(d);
         for (t, acc) in acc.iter_mut().enumerate() {
             let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*a.d.add(t * a.nb + b)));
             *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), scale, *acc);
         }
         if has_min(F) {
-            let mw = _mm512_loadu_ps(m);
             for (t, acc) in acc.iter_mut().enumerate() {
                 *acc = _mm512_fmadd_ps(mw, _mm512_set1_ps(*a.s8.add(t * a.nb + b) * 8.0), *acc);
             }
@@ -435,13 +434,13 @@ unsafe fn panel_store<const T: usize>(acc: &[__m512; T], dst: *mut f32, ldd: usi
 /// `qs[4g..4g+4]` of that block at `qs[((p*nb + b)*4 + g)*PANEL + r]` (their low nibbles are
 /// values `4g..4g+4`, their high nibbles values `16+4g..16+4g+4`). `Q8_0`: 8 groups per block,
 /// the 4 values of group `g` offset by +128 (unsigned, as `vpdpbusd` takes them) at
-/// `qs[((p*nb + b)*8 + g)*PANEL + r]`. Scales and minimums at `(p*nb + b)*PANEL + r` as `f32`.
-/// Missing rows of the last panel are zeros. Per 32 values: 24 bytes for `Q4_1` (raw: 20), 20
-/// for `Q4_0` (18), 36 for `Q8_0` (34).
+/// `qs[((p*nb + b)*8 + g)*PANEL + r]`. Scales and minimums at `(p*nb + b)*PANEL + r`, the
+/// file's `f16` bits (widened by one `vcvtph2ps` per block). Missing rows of the last panel are
+/// zeros. The same bytes per 32 values as the file: 20 for `Q4_1`, 18 for `Q4_0`, 34 for `Q8_0`.
 pub(super) struct Prepacked {
     pub(super) qs: Vec<u32>,
-    pub(super) d: Vec<f32>,
-    pub(super) m: Vec<f32>,
+    pub(super) d: Vec<u16>,
+    pub(super) m: Vec<u16>,
 }
 
 /// Groups of 4 values stored per block by [`prepack`].
@@ -457,10 +456,10 @@ pub(super) fn prepack<const F: u8>(w: &[u8], n: usize, nb: usize) -> Prepacked {
     let panels = n.div_ceil(PANEL);
     let mut p = Prepacked {
         qs: vec![0; panels * nb * groups * PANEL],
-        d: vec![0.0; panels * nb * PANEL],
-        m: if has_min(F) { vec![0.0; panels * nb * PANEL] } else { Vec::new() },
+        d: vec![0; panels * nb * PANEL],
+        m: if has_min(F) { vec![0; panels * nb * PANEL] } else { Vec::new() },
     };
-    let f16 = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+    let f16 = |b: &[u8]| u16::from_le_bytes([b[0], b[1]]);
     for r in 0..n {
         let (pi, rr) = (r / PANEL, r % PANEL);
         for b in 0..nb {
@@ -531,8 +530,8 @@ pub(super) unsafe fn prepacked_panel<const F: u8>(
 #[inline(always)]
 unsafe fn prepacked_tile<const F: u8, const T: usize>(
     qs: *const u32,
-    d: *const f32,
-    mm: *const f32,
+    d: *const u16,
+    mm: *const u16,
     a: Acts,
     dst: *mut f32,
     ldd: usize,
@@ -566,7 +565,9 @@ unsafe fn prepacked_tile<const F: u8, const T: usize>(
                     }
                 }
             }
-            panel_scale::<F, T>(&mut acc, &isum, d.add(b * PANEL), mm.add(b * PANEL), a, b);
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(d.add(b * PANEL).cast()));
+            let mw = if has_min(F) { _mm512_cvtph_ps(_mm256_loadu_si256(mm.add(b * PANEL).cast())) } else { dw };
+            panel_scale::<F, T>(&mut acc, &isum, dw, mw, a, b);
         }
         panel_store(&acc, dst, ldd, rows);
     }
