@@ -4,7 +4,8 @@
 //! by block, no copy of the cache), softmax, weighted sum of V. Precision follows llama.cpp's
 //! CPU path for a GGUF model (its cache is f16): the query is rounded to the cache's precision
 //! before it meets K (ggml converts the f32 operand of an f16 matmul), scores and their
-//! softmax are f32 with the normaliser summed in f64 (ggml's `ggml_float`), and the
+//! softmax are f32 (the exponential is the sampler's deterministic `det_exp`, which
+//! vectorizes) with the normaliser summed in f64 (ggml's `ggml_float`), and the
 //! probabilities are rounded to that precision before they meet V. For a Hugging Face model
 //! the precision is the compute dtype (f32 on the CPU), so nothing is rounded.
 //!
@@ -14,6 +15,7 @@
 use candle_core::DType;
 
 use crate::kv_cache::{KV_BLOCK, KvCache, Rows, round_in_place, round_into, round_to};
+use crate::sampler::det_exp;
 
 /// Shape of one layer's attention.
 #[derive(Debug, Clone, Copy)]
@@ -268,11 +270,11 @@ unsafe fn attend_lanes<E: Lane>(
             }
         });
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f64;
+        // A plain map (it vectorizes), then the normaliser in order.
         for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += f64::from(*s);
+            *s = det_exp(*s - max);
         }
+        let sum: f64 = scores.iter().fold(0f64, |sum, &s| sum + f64::from(s));
         let inv = (1.0 / sum) as f32;
         for s in scores.iter_mut() {
             *s *= inv;
@@ -346,11 +348,10 @@ fn attend_one_body(
     let mut scores = Vec::with_capacity(pos + 1 - lo);
     for_rows(cache, layer, 0, kv_head, lo, pos, |k| scores.push(dot(&q, k) * scale));
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f64;
     for s in &mut scores {
-        *s = (*s - max).exp();
-        sum += f64::from(*s);
+        *s = det_exp(*s - max);
     }
+    let sum: f64 = scores.iter().fold(0f64, |sum, &s| sum + f64::from(s));
     let inv = (1.0 / sum) as f32;
     let rounded = precision != DType::F32;
     for s in &mut scores {

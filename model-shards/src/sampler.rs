@@ -690,7 +690,7 @@ fn sum_weights(x: &[f32], max: f32, inv_t: f32, threshold: f32) -> f64 {
 /// platform; relative error below 1e-6. Returns 0 below −87 (weights under
 /// 1.6e−38 of the top token's) and for `-inf` or NaN; positive inputs are
 /// clamped to 0. Branch-free so that loops over it vectorize.
-fn det_exp(x: f32) -> f32 {
+pub(crate) fn det_exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // Cody–Waite split of ln 2 (Cephes): C1 has 9 significant bits, so
     // k · C1 is exact for |k| ≤ 126.

@@ -552,6 +552,11 @@ unsafe fn prepacked_tile<const F: u8, const T: usize>(
                     }
                 }
             } else {
+                // The panel streams from memory once per call: fetch 8 blocks ahead.
+                let ahead = qs.wrapping_add((b + 8) * 4 * PANEL).cast::<i8>();
+                for line in 0..4 {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
+                }
                 for g in 0..4 {
                     let raw = _mm512_loadu_si512(qs.add((b * 4 + g) * PANEL).cast());
                     let lo = _mm512_and_si512(raw, low);
