@@ -544,12 +544,23 @@ unsafe fn prepacked_tile<const F: u8, const T: usize>(
         for b in 0..a.nb {
             let mut isum = panel_isum::<F, T>(a, b);
             if F == Q8_0 {
+                // Even and odd groups in two integer sums per row (independent chains), added
+                // at the end: exact, so the same bits.
+                let mut isum_odd = [_mm512_setzero_si512(); T];
                 for g in 0..8 {
                     let wv = _mm512_loadu_si512(qs.add((b * 8 + g) * PANEL).cast());
-                    for (t, isum) in isum.iter_mut().enumerate() {
+                    for t in 0..T {
                         let av = a.qs.add(t * a.k + b * QK + 4 * g).cast::<i32>().read_unaligned();
-                        *isum = _mm512_dpbusd_epi32(*isum, wv, _mm512_set1_epi32(av));
+                        let av = _mm512_set1_epi32(av);
+                        if g % 2 == 0 {
+                            isum[t] = _mm512_dpbusd_epi32(isum[t], wv, av);
+                        } else {
+                            isum_odd[t] = _mm512_dpbusd_epi32(isum_odd[t], wv, av);
+                        }
                     }
+                }
+                for t in 0..T {
+                    isum[t] = _mm512_add_epi32(isum[t], isum_odd[t]);
                 }
             } else {
                 // The panel streams from memory once per call: fetch 8 blocks ahead.
@@ -557,17 +568,23 @@ unsafe fn prepacked_tile<const F: u8, const T: usize>(
                 for line in 0..4 {
                     _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
                 }
+                // Low and high nibbles in two integer sums per row (twice the independent
+                // chains for `vpdpbusd`'s latency), added at the end: exact, so the same bits.
+                let mut isum_hi = [_mm512_setzero_si512(); T];
                 for g in 0..4 {
                     let raw = _mm512_loadu_si512(qs.add((b * 4 + g) * PANEL).cast());
                     let lo = _mm512_and_si512(raw, low);
                     let hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
-                    for (t, isum) in isum.iter_mut().enumerate() {
+                    for t in 0..T {
                         let row = a.qs.add(t * a.k + b * QK);
                         let a_lo = row.add(4 * g).cast::<i32>().read_unaligned();
                         let a_hi = row.add(16 + 4 * g).cast::<i32>().read_unaligned();
-                        *isum = _mm512_dpbusd_epi32(*isum, lo, _mm512_set1_epi32(a_lo));
-                        *isum = _mm512_dpbusd_epi32(*isum, hi, _mm512_set1_epi32(a_hi));
+                        isum[t] = _mm512_dpbusd_epi32(isum[t], lo, _mm512_set1_epi32(a_lo));
+                        isum_hi[t] = _mm512_dpbusd_epi32(isum_hi[t], hi, _mm512_set1_epi32(a_hi));
                     }
+                }
+                for t in 0..T {
+                    isum[t] = _mm512_add_epi32(isum[t], isum_hi[t]);
                 }
             }
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(d.add(b * PANEL).cast()));
