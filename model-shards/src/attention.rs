@@ -44,20 +44,24 @@ pub(crate) struct Job<'a> {
 /// the layout of its `q`.
 pub(crate) fn attend_many(h: &Heads, jobs: &[Job<'_>], layer: usize) -> Vec<Vec<f32>> {
     let hd = h.head_dim;
-    // Units of work: (job, row * n_heads + head), each writing `hd` values of its job's result.
+    let g = h.n_heads / h.n_kv_heads;
+    // Units of work: (job, row * n_kv_heads + kv_head), each the `g` query heads sharing a KV
+    // head, writing `g * hd` values of its job's result.
     let units: Vec<(usize, usize)> =
-        jobs.iter().enumerate().flat_map(|(j, job)| (0..job.t * h.n_heads).map(move |r| (j, r))).collect();
+        jobs.iter().enumerate().flat_map(|(j, job)| (0..job.t * h.n_kv_heads).map(move |r| (j, r))).collect();
     let mut outs: Vec<Vec<f32>> = jobs.iter().map(|j| vec![0f32; j.t * h.n_heads * hd]).collect();
     let work: usize = jobs.iter().map(|j| j.t * (j.start + j.t)).sum::<usize>() * h.n_heads * hd;
     let ptrs: Vec<SyncPtr> = outs.iter_mut().map(|o| SyncPtr(o.as_mut_ptr())).collect();
     let run = |range: std::ops::Range<usize>| {
         for &(j, r) in &units[range] {
             let job = &jobs[j];
-            let (i, head) = (r / h.n_heads, r % h.n_heads);
-            // SAFETY: unit (j, r) is the only writer of values `r*hd..(r+1)*hd` of result `j`,
+            let (i, kv_head) = (r / h.n_kv_heads, r % h.n_kv_heads);
+            // The group's heads are `r*g..(r+1)*g` of the `t * n_heads` (row, head) pairs.
+            let at = r * g * hd;
+            // SAFETY: unit (j, r) is the only writer of values `at..at + g*hd` of result `j`,
             // which has `t * n_heads * hd` values; `outs` outlives the pool call.
-            let dst = unsafe { std::slice::from_raw_parts_mut(ptrs[j].0.add(r * hd), hd) };
-            attend_one(h, &job.q[r * hd..(r + 1) * hd], job.cache, layer, job.start + i, head, dst);
+            let dst = unsafe { std::slice::from_raw_parts_mut(ptrs[j].0.add(at), g * hd) };
+            attend_group(h, &job.q[at..at + g * hd], job.cache, layer, job.start + i, kv_head, dst);
         }
     };
     if work >= PARALLEL_WORK {
@@ -82,17 +86,252 @@ unsafe impl Send for SyncPtr {}
 // SAFETY: as above.
 unsafe impl Sync for SyncPtr {}
 
-/// One query head at position `pos`: the portable body compiled for AVX2 when the CPU has it.
-/// The arithmetic is written out in a fixed order (no fused multiply-adds), so both builds
-/// give the same bits.
-fn attend_one(h: &Heads, q: &[f32], cache: &KvCache, layer: usize, pos: usize, head: usize, out: &mut [f32]) {
+/// The query heads sharing KV head `kv_head` at position `pos` (`q` and `out` hold `g = n_heads /
+/// n_kv_heads` heads of `head_dim` values): with AVX-512 all of them in one pass over the
+/// cached rows, else head by head with AVX2 or the portable body. The arithmetic is written
+/// out in a fixed order (no fused multiply-adds), so every path gives the same bits.
+fn attend_group(
+    h: &Heads,
+    q: &[f32],
+    cache: &KvCache,
+    layer: usize,
+    pos: usize,
+    kv_head: usize,
+    out: &mut [f32],
+) {
+    let (hd, g) = (h.head_dim, h.n_heads / h.n_kv_heads);
     #[cfg(target_arch = "x86_64")]
-    if crate::kernels::level() >= crate::kernels::Level::Avx2 {
-        // SAFETY: the CPU supports AVX2 (checked at run time just above).
-        unsafe { attend_one_avx2(h, q, cache, layer, pos, head, out) };
-        return;
+    {
+        use crate::kernels::{Level, level};
+        if level() >= Level::Avx512 && matches!(cache.precision(), DType::F16 | DType::F32) {
+            // SAFETY: the CPU supports AVX-512 F and F16C (checked at run time just above).
+            unsafe {
+                match cache.precision() {
+                    DType::F16 => attend_group_avx512::<u16>(h, q, cache, layer, pos, kv_head, out),
+                    _ => attend_group_avx512::<f32>(h, q, cache, layer, pos, kv_head, out),
+                }
+            }
+            return;
+        }
+        if level() >= Level::Avx2 {
+            for i in 0..g {
+                let (q, out) = (&q[i * hd..(i + 1) * hd], &mut out[i * hd..(i + 1) * hd]);
+                // SAFETY: the CPU supports AVX2 (checked at run time just above).
+                unsafe { attend_one_avx2(h, q, cache, layer, pos, kv_head * g + i, out) };
+            }
+            return;
+        }
     }
-    attend_one_body(h, q, cache, layer, pos, head, out);
+    for i in 0..g {
+        let (q, out) = (&q[i * hd..(i + 1) * hd], &mut out[i * hd..(i + 1) * hd]);
+        attend_one_body(h, q, cache, layer, pos, kv_head * g + i, out);
+    }
+}
+
+/// Scratch of [`attend_group_avx512`]: the rounded queries and the scores, per head.
+#[cfg(target_arch = "x86_64")]
+#[derive(Default)]
+struct GroupScratch {
+    q: Vec<f32>,
+    scores: Vec<f32>,
+}
+
+/// [`attend_group`] with AVX-512 on a cache stored as `E`: every cached row is loaded (and
+/// widened) once for the whole group, the next block of rows is prefetched, and the weighted
+/// sum of V keeps up to 4 heads × 64 values in registers over all positions.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, AVX2 and F16C; the cache must be stored as `E`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c,avx512f")]
+unsafe fn attend_group_avx512<E: Lane>(
+    h: &Heads,
+    q: &[f32],
+    cache: &KvCache,
+    layer: usize,
+    pos: usize,
+    kv_head: usize,
+    out: &mut [f32],
+) {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<GroupScratch> = std::cell::RefCell::new(GroupScratch::default());
+    }
+    let mut own = None;
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        // SAFETY: forwarded contract.
+        Ok(mut scratch) => unsafe { group_avx512::<E>(h, q, cache, layer, pos, kv_head, out, &mut scratch) },
+        Err(_) => own = Some(()),
+    });
+    if own.is_some() {
+        // SAFETY: forwarded contract.
+        unsafe { group_avx512::<E>(h, q, cache, layer, pos, kv_head, out, &mut GroupScratch::default()) };
+    }
+}
+
+/// The body of [`attend_group_avx512`].
+///
+/// # Safety
+/// As [`attend_group_avx512`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c,avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn group_avx512<E: Lane>(
+    h: &Heads,
+    q: &[f32],
+    cache: &KvCache,
+    layer: usize,
+    pos: usize,
+    kv_head: usize,
+    out: &mut [f32],
+    scratch: &mut GroupScratch,
+) {
+    let precision = cache.precision();
+    let (hd, g) = (h.head_dim, h.n_heads / h.n_kv_heads);
+    let lo = match h.window {
+        Some(w) if pos >= w => pos + 1 - w,
+        _ => 0,
+    };
+    let n = pos + 1 - lo;
+    let scale = 1.0 / (hd as f32).sqrt();
+    scratch.q.clear();
+    scratch.q.resize(g * hd, 0.0);
+    round_into(&mut scratch.q, &q[..g * hd], precision);
+    scratch.scores.clear();
+    scratch.scores.resize(g * n, 0.0);
+    let (qr, scores) = (&scratch.q[..], &mut scratch.scores[..]);
+    let blocks = lo / KV_BLOCK..=pos / KV_BLOCK;
+    let span = |block: usize| {
+        let first = if block == lo / KV_BLOCK { lo % KV_BLOCK } else { 0 };
+        let last = if block == pos / KV_BLOCK { pos % KV_BLOCK } else { KV_BLOCK - 1 };
+        (first, last)
+    };
+    // Scores, 4 heads at a time.
+    for h0 in (0..g).step_by(4) {
+        let nh = (g - h0).min(4);
+        for block in blocks.clone() {
+            let rows = E::of(cache.rows(layer, 0, kv_head, block));
+            if block < pos / KV_BLOCK {
+                // SAFETY: SSE is enabled; a prefetch reads nothing.
+                unsafe { prefetch(E::of(cache.rows(layer, 0, kv_head, block + 1))) };
+            }
+            let (first, last) = span(block);
+            for slot in first..=last {
+                let j = block * KV_BLOCK + slot - lo;
+                let k = &rows[slot * hd..(slot + 1) * hd];
+                // SAFETY: `k` and each head of `qr` hold `hd` values; AVX2 and F16C are enabled.
+                let dots = unsafe {
+                    match nh {
+                        1 => dots::<E, 1>(&qr[h0 * hd..], k, hd),
+                        2 => dots::<E, 2>(&qr[h0 * hd..], k, hd),
+                        3 => dots::<E, 3>(&qr[h0 * hd..], k, hd),
+                        _ => dots::<E, 4>(&qr[h0 * hd..], k, hd),
+                    }
+                };
+                for (i, d) in dots.iter().enumerate().take(nh) {
+                    scores[(h0 + i) * n + j] = d * scale;
+                }
+            }
+        }
+    }
+    // Softmax per head, as the portable body.
+    for s in scores.chunks_exact_mut(n) {
+        let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for s in s.iter_mut() {
+            *s = det_exp(*s - max);
+        }
+        let sum: f64 = s.iter().fold(0f64, |sum, &s| sum + f64::from(s));
+        let inv = (1.0 / sum) as f32;
+        for s in s.iter_mut() {
+            *s *= inv;
+        }
+        round_in_place(s, precision);
+    }
+    // Weighted sums of V: up to 4 heads × 4 vectors (64 values) in registers.
+    let c16 = hd / 16;
+    for h0 in (0..g).step_by(4) {
+        let nh = (g - h0).min(4);
+        let mut c0 = 0;
+        while c0 < c16 {
+            let nc = (c16 - c0).min(4);
+            let pass = PvPass { cache, layer, kv_head, lo, pos, hd, c0, scores: &scores[h0 * n..], n };
+            let o = &mut out[h0 * hd..];
+            // SAFETY: AVX-512 F is enabled; `o` holds `nh` heads of `hd >= 16 * (c0 + nc)` values.
+            unsafe {
+                match (nh, nc) {
+                    (1, 1) => pass.run::<E, 1, 1>(o),
+                    (1, 2) => pass.run::<E, 1, 2>(o),
+                    (1, 3) => pass.run::<E, 1, 3>(o),
+                    (1, _) => pass.run::<E, 1, 4>(o),
+                    (2, 1) => pass.run::<E, 2, 1>(o),
+                    (2, 2) => pass.run::<E, 2, 2>(o),
+                    (2, 3) => pass.run::<E, 2, 3>(o),
+                    (2, _) => pass.run::<E, 2, 4>(o),
+                    (3, 1) => pass.run::<E, 3, 1>(o),
+                    (3, 2) => pass.run::<E, 3, 2>(o),
+                    (3, 3) => pass.run::<E, 3, 3>(o),
+                    (3, _) => pass.run::<E, 3, 4>(o),
+                    (_, 1) => pass.run::<E, 4, 1>(o),
+                    (_, 2) => pass.run::<E, 4, 2>(o),
+                    (_, 3) => pass.run::<E, 4, 3>(o),
+                    (_, _) => pass.run::<E, 4, 4>(o),
+                }
+            }
+            c0 += nc;
+        }
+        // Values past the last 16, in order (as the portable body).
+        if c16 * 16 < hd {
+            for i in 0..nh {
+                let o = &mut out[(h0 + i) * hd..(h0 + i + 1) * hd];
+                o[c16 * 16..].fill(0.0);
+                for block in blocks.clone() {
+                    let rows = E::of(cache.rows(layer, 1, kv_head, block));
+                    let (first, last) = span(block);
+                    for slot in first..=last {
+                        let p = scores[(h0 + i) * n + block * KV_BLOCK + slot - lo];
+                        for (o, &x) in
+                            o[c16 * 16..].iter_mut().zip(&rows[slot * hd + c16 * 16..(slot + 1) * hd])
+                        {
+                            *o += p * x.widen();
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`dot`] of `N <= 4` query heads (`q`, head after head, `hd` values each) with one cached
+/// row, in the first `N` entries: the row is loaded (and widened) once for all of them.
+///
+/// # Safety
+/// `q` must hold `N * hd` values and `k` `hd`; AVX2 and F16C.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dots<E: Lane, const N: usize>(q: &[f32], k: &[E], hd: usize) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let chunks = hd / 8;
+    // SAFETY: as documented; every load reads 8 values inside `q` or `k`.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); N];
+        for c in 0..chunks {
+            let y = E::load8(k.as_ptr().add(8 * c));
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let x = _mm256_loadu_ps(q.as_ptr().add(i * hd + 8 * c));
+                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(x, y));
+            }
+        }
+        let mut out = [0f32; 4];
+        for i in 0..N {
+            let mut a = [0f32; 8];
+            _mm256_storeu_ps(a.as_mut_ptr(), acc[i]);
+            let mut tail = 0f32;
+            for (x, y) in q[i * hd + chunks * 8..(i + 1) * hd].iter().zip(&k[chunks * 8..hd]) {
+                tail += x * y.widen();
+            }
+            out[i] = fold8(a) + tail;
+        }
+        out
+    }
 }
 
 /// A stored cache value the AVX2 body reads 8 at a time.
@@ -105,6 +344,11 @@ trait Lane: Copy {
     /// # Safety
     /// 8 readable values at `p`; AVX and F16C.
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// Values `p..p + 16` widened to f32.
+    ///
+    /// # Safety
+    /// 16 readable values at `p`; AVX-512 F.
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
     /// One value widened to f32.
     fn widen(self) -> f32;
 }
@@ -121,6 +365,11 @@ impl Lane for f32 {
     unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
         // SAFETY: the caller guarantees 8 readable values.
         unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller guarantees 16 readable values and AVX-512 F.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
     }
     #[inline(always)]
     fn widen(self) -> f32 {
@@ -142,6 +391,12 @@ impl Lane for u16 {
         use std::arch::x86_64::*;
         // SAFETY: the caller guarantees 8 readable values and F16C.
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+    #[inline(always)]
+    unsafe fn load16(p: *const u16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees 16 readable values and AVX-512 F.
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
     }
     #[inline(always)]
     fn widen(self) -> f32 {
@@ -313,7 +568,9 @@ unsafe fn attend_lanes<E: Lane>(
                 for slot in first..=last {
                     let p = scores[j];
                     j += 1;
-                    for (o, &x) in out[chunks * 8..].iter_mut().zip(&rows[slot * hd + chunks * 8..(slot + 1) * hd]) {
+                    for (o, &x) in
+                        out[chunks * 8..].iter_mut().zip(&rows[slot * hd + chunks * 8..(slot + 1) * hd])
+                    {
                         *o += p * x.widen();
                     }
                 }
@@ -419,6 +676,88 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
+/// The fixed tree summing 8 lanes (as [`dot`] does).
+#[inline(always)]
+fn fold8(a: [f32; 8]) -> f32 {
+    ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
+}
+
+/// Asks for `rows` in the L1 cache: the next block of a pass, which is elsewhere in memory.
+///
+/// # Safety
+/// SSE (any x86_64 CPU).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn prefetch<E>(rows: &[E]) {
+    use std::arch::x86_64::*;
+    let p = rows.as_ptr().cast::<i8>();
+    for line in (0..std::mem::size_of_val(rows)).step_by(64) {
+        // SAFETY: a prefetch of an address inside `rows` reads nothing and cannot fault.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(line)) };
+    }
+}
+
+/// One pass of [`group_avx512`]'s weighted sum of V: values `16 * c0..` of a few heads.
+#[cfg(target_arch = "x86_64")]
+struct PvPass<'a> {
+    cache: &'a KvCache,
+    layer: usize,
+    kv_head: usize,
+    lo: usize,
+    pos: usize,
+    hd: usize,
+    c0: usize,
+    /// The probabilities of the pass's first head, then the next heads', `n` each.
+    scores: &'a [f32],
+    n: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl PvPass<'_> {
+    /// Values `16 * c0..16 * (c0 + NC)` of heads `0..NH` into `out` (`hd` values per head): for
+    /// each, the sum over positions in order of `p · v`, from 0 (the portable body's order).
+    ///
+    /// # Safety
+    /// AVX-512 F; `hd >= 16 * (c0 + NC)`, `out` holds `NH * hd` values, `scores` `NH * n`.
+    #[inline(always)]
+    unsafe fn run<E: Lane, const NH: usize, const NC: usize>(&self, out: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let (hd, lo, pos) = (self.hd, self.lo, self.pos);
+        // SAFETY: as documented; every load reads 16 values inside a cached row.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); NC]; NH];
+            for block in lo / KV_BLOCK..=pos / KV_BLOCK {
+                let rows = E::of(self.cache.rows(self.layer, 1, self.kv_head, block));
+                if block < pos / KV_BLOCK {
+                    prefetch(E::of(self.cache.rows(self.layer, 1, self.kv_head, block + 1)));
+                }
+                let first = if block == lo / KV_BLOCK { lo % KV_BLOCK } else { 0 };
+                let last = if block == pos / KV_BLOCK { pos % KV_BLOCK } else { KV_BLOCK - 1 };
+                let rows = &rows[..(last + 1) * hd];
+                for slot in first..=last {
+                    let j = block * KV_BLOCK + slot - lo;
+                    let v = rows.as_ptr().add(slot * hd + 16 * self.c0);
+                    let mut x = [_mm512_setzero_ps(); NC];
+                    for (c, x) in x.iter_mut().enumerate() {
+                        *x = E::load16(v.add(16 * c));
+                    }
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let p = _mm512_set1_ps(self.scores[i * self.n + j]);
+                        for (acc, x) in acc.iter_mut().zip(&x) {
+                            *acc = _mm512_add_ps(*acc, _mm512_mul_ps(p, *x));
+                        }
+                    }
+                }
+            }
+            for (i, acc) in acc.iter().enumerate() {
+                for (c, acc) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(out[i * hd + 16 * (self.c0 + c)..][..16].as_mut_ptr(), *acc);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -509,22 +848,25 @@ mod tests {
         }
     }
 
-    /// The AVX2 body gives the portable body's bits: head sizes with and without a scalar
-    /// tail and a partial group of vectors, f16 and f32 caches, windows, positions inside and
-    /// across blocks.
+    /// The SIMD bodies give the portable body's bits: AVX2 head by head, and (on a CPU with
+    /// AVX-512) the whole group in one pass; head sizes with and without a scalar tail, groups
+    /// of 1, 3 and 5 heads, f16 and f32 caches, windows, positions inside and across blocks.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn the_avx2_body_has_the_portable_bits() {
-        assert!(crate::kernels::level() >= crate::kernels::Level::Avx2, "this test needs a CPU with AVX2");
-        for (hd, precision, window) in [
-            (12, DType::F16, None),
-            (16, DType::F32, None),
-            (64, DType::F16, None),
-            (64, DType::F16, Some(21)),
-            (72, DType::F32, Some(3)),
-            (44, DType::F16, None),
+    fn the_simd_bodies_have_the_portable_bits() {
+        use crate::kernels::{Level, level};
+        assert!(level() >= Level::Avx2, "this test needs a CPU with AVX2");
+        for (hd, precision, window, n_heads) in [
+            (12, DType::F16, None, 6),
+            (16, DType::F32, None, 2),
+            (64, DType::F16, None, 6),
+            (64, DType::F16, Some(21), 10),
+            (72, DType::F32, Some(3), 6),
+            (44, DType::F16, None, 10),
+            (128, DType::F16, None, 6),
         ] {
-            let h = Heads { n_heads: 6, n_kv_heads: 2, head_dim: hd, window };
+            let h = Heads { n_heads, n_kv_heads: 2, head_dim: hd, window };
+            let g = n_heads / 2;
             let kvw = h.n_kv_heads * hd;
             let pool = KvPool::new(block_values(2, h.n_kv_heads, hd), precision, None);
             let mut cache = KvCache::new(pool, 2, h.n_kv_heads, hd, 100, precision);
@@ -535,19 +877,32 @@ mod tests {
                 let v: Vec<f32> = (0..kvw).map(|_| lcg(&mut seed)).collect();
                 cache.write(1, p, &k, &v);
             }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             for pos in [0usize, 3, 15, 16, 17, 40, 69] {
-                for head in [0usize, 4] {
-                    let q: Vec<f32> = (0..hd).map(|_| lcg(&mut seed) * 2.0).collect();
-                    let (mut simd, mut portable) = (vec![1f32; hd], vec![2f32; hd]);
-                    // SAFETY: the CPU has AVX2 (asserted above); F16C comes with it (`Level::Avx2`).
-                    unsafe { attend_one_avx2(&h, &q, &cache, 1, pos, head, &mut simd) };
-                    attend_one_body(&h, &q, &cache, 1, pos, head, &mut portable);
-                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(
-                        bits(&simd),
-                        bits(&portable),
-                        "hd {hd} {precision:?} {window:?} pos {pos} head {head}"
-                    );
+                for kv_head in [0usize, 1] {
+                    let q: Vec<f32> = (0..g * hd).map(|_| lcg(&mut seed) * 2.0).collect();
+                    let mut portable = vec![2f32; g * hd];
+                    for i in 0..g {
+                        let head = kv_head * g + i;
+                        attend_one_body(
+                            &h,
+                            &q[i * hd..][..hd],
+                            &cache,
+                            1,
+                            pos,
+                            head,
+                            &mut portable[i * hd..][..hd],
+                        );
+                        let mut simd = vec![1f32; hd];
+                        // SAFETY: the CPU has AVX2 (asserted above); F16C comes with it.
+                        unsafe { attend_one_avx2(&h, &q[i * hd..][..hd], &cache, 1, pos, head, &mut simd) };
+                        let what = format!("AVX2 hd {hd} {precision:?} {window:?} pos {pos} head {head}");
+                        assert_eq!(bits(&simd), bits(&portable[i * hd..][..hd]), "{what}");
+                    }
+                    let mut group = vec![3f32; g * hd];
+                    attend_group(&h, &q, &cache, 1, pos, kv_head, &mut group);
+                    let what = format!("group ({:?}) hd {hd} {precision:?} {window:?} pos {pos}", level());
+                    assert_eq!(bits(&group), bits(&portable), "{what}");
                 }
             }
         }

@@ -456,7 +456,8 @@ mod tests {
             // 10 values: a vector of 8 and a tail for the F16C path.
             let k = [1.0f32, 1.0e-4 + 1.0, -3.0, 0.1, 7.7, -1.0e-3, 65504.0, 1.0e6, 0.3, -0.7];
             let v = [5.0f32, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0];
-            let mut c = KvCache::new(KvPool::new(block_values(2, 1, 10), precision, None), 2, 1, 10, 100, precision);
+            let mut c =
+                KvCache::new(KvPool::new(block_values(2, 1, 10), precision, None), 2, 1, 10, 100, precision);
             c.reserve(KV_BLOCK + 2).unwrap();
             c.write(1, KV_BLOCK + 1, &k, &v);
             let mut buf = Vec::new();

@@ -588,7 +588,8 @@ unsafe fn prepacked_tile<const F: u8, const T: usize>(
                 }
             }
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(d.add(b * PANEL).cast()));
-            let mw = if has_min(F) { _mm512_cvtph_ps(_mm256_loadu_si256(mm.add(b * PANEL).cast())) } else { dw };
+            let mw =
+                if has_min(F) { _mm512_cvtph_ps(_mm256_loadu_si256(mm.add(b * PANEL).cast())) } else { dw };
             panel_scale::<F, T>(&mut acc, &isum, dw, mw, a, b);
         }
         panel_store(&acc, dst, ldd, rows);
