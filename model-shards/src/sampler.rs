@@ -658,8 +658,46 @@ impl<'a> Ranked<'a> {
 /// Sum of `exp((x − max) · inv_t)` (as computed by [`det_exp`]) over the
 /// logits whose weight is at least `threshold`, accumulated in `f64` in a
 /// fixed order (8 interleaved partial sums per block of 256, combined left to
-/// right at the end): deterministic, and it vectorizes.
+/// right at the end): deterministic, and it vectorizes (compiled for AVX-512 or
+/// AVX2 when the CPU has them: the same operations, so the same bits).
 fn sum_weights(x: &[f32], max: f32, inv_t: f32, threshold: f32) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::kernels::{Level, level};
+        if level() >= Level::Avx512 {
+            // SAFETY: the CPU has AVX-512 F (checked at run time just above).
+            return unsafe { sum_weights_avx512(x, max, inv_t, threshold) };
+        }
+        if level() >= Level::Avx2 {
+            // SAFETY: the CPU has AVX2 (checked at run time just above).
+            return unsafe { sum_weights_avx2(x, max, inv_t, threshold) };
+        }
+    }
+    sum_weights_body(x, max, inv_t, threshold)
+}
+
+/// [`sum_weights_body`] for AVX-512 (no FMA: the same bits).
+///
+/// # Safety
+/// The CPU must support AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,avx512f")]
+unsafe fn sum_weights_avx512(x: &[f32], max: f32, inv_t: f32, threshold: f32) -> f64 {
+    sum_weights_body(x, max, inv_t, threshold)
+}
+
+/// [`sum_weights_body`] for AVX2 (no FMA: the same bits).
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn sum_weights_avx2(x: &[f32], max: f32, inv_t: f32, threshold: f32) -> f64 {
+    sum_weights_body(x, max, inv_t, threshold)
+}
+
+#[inline(always)]
+fn sum_weights_body(x: &[f32], max: f32, inv_t: f32, threshold: f32) -> f64 {
     const BLOCK: usize = 256;
     const L: usize = 8;
     let mut acc = [0.0f64; L];
@@ -690,6 +728,7 @@ fn sum_weights(x: &[f32], max: f32, inv_t: f32, threshold: f32) -> f64 {
 /// platform; relative error below 1e-6. Returns 0 below −87 (weights under
 /// 1.6e−38 of the top token's) and for `-inf` or NaN; positive inputs are
 /// clamped to 0. Branch-free so that loops over it vectorize.
+#[inline(always)]
 pub(crate) fn det_exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // Cody–Waite split of ln 2 (Cephes): C1 has 9 significant bits, so
@@ -715,7 +754,8 @@ pub(crate) fn det_exp(x: f32) -> f32 {
     p = p * r + 1.0;
     p = p * r + 1.0;
     // k ∈ [-126, 0]: 2^k is a normal number.
-    let scale = f32::from_bits(((ki + 127) as u32) << 23);
+    // (wrapping: no overflow check in the loop, which would keep it from vectorizing)
+    let scale = f32::from_bits((ki.wrapping_add(127) as u32) << 23);
     if in_range { p * scale } else { 0.0 }
 }
 
@@ -1086,6 +1126,33 @@ mod tests {
         assert!(out.top_logprobs.is_empty());
         let lse = [0.5f64, 2.0, 2.0, -1.0, 1.0].iter().map(|v| v.exp()).sum::<f64>().ln();
         assert!((f64::from(out.logprob) - (2.0 - lse)).abs() < 1e-6);
+    }
+
+    /// Every compiled version of `sum_weights` gives the portable bits.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn sum_weights_has_the_same_bits_on_every_instruction_set() {
+        use crate::kernels::{Level, level};
+        let mut seed = 11u64;
+        let x: Vec<f32> = (0..49_157)
+            .map(|_| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((seed >> 40) as f32 / (1u64 << 24) as f32) * 30.0 - 20.0
+            })
+            .collect();
+        let max = lane_max(&x);
+        for (inv_t, threshold) in [(1.0, 0.0), (1.7, 0.0), (0.5, 1e-3)] {
+            let want = sum_weights_body(&x, max, inv_t, threshold).to_bits();
+            if level() >= Level::Avx2 {
+                // SAFETY: the CPU has AVX2 (checked just above).
+                assert_eq!(unsafe { sum_weights_avx2(&x, max, inv_t, threshold) }.to_bits(), want);
+            }
+            if level() >= Level::Avx512 {
+                // SAFETY: the CPU has AVX-512 F (checked just above).
+                assert_eq!(unsafe { sum_weights_avx512(&x, max, inv_t, threshold) }.to_bits(), want);
+            }
+            assert_eq!(sum_weights(&x, max, inv_t, threshold).to_bits(), want);
+        }
     }
 
     #[test]
