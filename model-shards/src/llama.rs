@@ -11,6 +11,7 @@ use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
 use crate::rope::Rope;
+use crate::sampler::det_exp;
 use crate::spec::ModelSpec;
 use crate::weights::{LayerWeight as L, WeightName, Weights};
 
@@ -177,15 +178,66 @@ impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let g = self.gate.forward(x)?;
         let u = self.up.forward(x)?;
-        self.down.forward(&(candle_nn::ops::silu(&g)? * u)?)
+        self.down.forward(&swiglu(&g, &u)?)
     }
 
     /// [`Mlp::forward`] on rows of independent sessions, each with the bits it gets alone.
     fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
         let g = self.gate.forward_rows(x)?;
         let u = self.up.forward_rows(x)?;
-        self.down.forward_rows(&(candle_nn::ops::silu(&g)? * u)?)
+        self.down.forward_rows(&swiglu(&g, &u)?)
     }
+}
+
+/// `silu(g) · u`. On the CPU in f32 one vectorized pass on the host (the sigmoid from the
+/// sampler's deterministic [`det_exp`], the same bits on every instruction set); elsewhere
+/// candle's ops.
+fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    if !(g.device().is_cpu() && g.dtype() == DType::F32 && u.dtype() == DType::F32 && g.dims() == u.dims()) {
+        return Ok((candle_nn::ops::silu(g)? * u)?);
+    }
+    let (gv, uv) = (g.flatten_all()?.to_vec1::<f32>()?, u.flatten_all()?.to_vec1::<f32>()?);
+    let mut out = vec![0f32; gv.len()];
+    swiglu_rows(&gv, &uv, &mut out);
+    Ok(Tensor::from_vec(out, g.dims(), g.device())?)
+}
+
+/// `out[i] = silu(g[i]) · u[i]` with `sigmoid(x) = 1 / (1 + e^-x)` for `x ≥ 0` and
+/// `e^x / (1 + e^x)` below (so [`det_exp`] only sees `-|x|`).
+fn swiglu_rows(g: &[f32], u: &[f32], out: &mut [f32]) {
+    #[inline(always)]
+    fn body(g: &[f32], u: &[f32], out: &mut [f32]) {
+        for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+            let e = det_exp(-g.abs());
+            let sigmoid = if g >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) };
+            *o = g * sigmoid * u;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        /// # Safety
+        /// The CPU must support AVX-512 F.
+        #[target_feature(enable = "avx2,avx512f")]
+        unsafe fn avx512(g: &[f32], u: &[f32], out: &mut [f32]) {
+            body(g, u, out)
+        }
+        /// # Safety
+        /// The CPU must support AVX2.
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2(g: &[f32], u: &[f32], out: &mut [f32]) {
+            body(g, u, out)
+        }
+        use crate::kernels::{Level, level};
+        if level() >= Level::Avx512 {
+            // SAFETY: checked at run time just above.
+            return unsafe { avx512(g, u, out) };
+        }
+        if level() >= Level::Avx2 {
+            // SAFETY: checked at run time just above.
+            return unsafe { avx2(g, u, out) };
+        }
+    }
+    body(g, u, out)
 }
 
 /// One transformer block.
@@ -240,5 +292,46 @@ impl Block {
         let x = (x + h)?;
         let h = self.mlp.forward_rows(&self.ffn_norm.forward(&x)?)?;
         Ok((x + h)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The host SwiGLU is candle's `silu(g) · u` to f32 rounding, and every compiled version
+    /// (the vectorized ones included: the length leaves a tail) gives the same bits.
+    #[test]
+    fn swiglu_matches_candle_and_has_the_same_bits_everywhere() {
+        use candle_core::{Device, Tensor};
+        let n = 3 * 1536 + 5;
+        let g: Vec<f32> = (0..n).map(|i| ((i * 37 % 1001) as f32 / 1000.0 - 0.5) * 24.0).collect();
+        let u: Vec<f32> = (0..n).map(|i| ((i * 53 % 997) as f32 / 996.0 - 0.5) * 3.0).collect();
+        let mut ours = vec![0f32; n];
+        super::swiglu_rows(&g, &u, &mut ours);
+        let (gt, ut) =
+            (Tensor::new(&g[..], &Device::Cpu).unwrap(), Tensor::new(&u[..], &Device::Cpu).unwrap());
+        let candle = (candle_nn::ops::silu(&gt).unwrap() * &ut).unwrap().to_vec1::<f32>().unwrap();
+        for i in 0..n {
+            let tol = 1e-5 * candle[i].abs().max(1e-3);
+            assert!(
+                (ours[i] - candle[i]).abs() <= tol,
+                "{i}: g {} u {}: {} vs {}",
+                g[i],
+                u[i],
+                ours[i],
+                candle[i]
+            );
+        }
+        let via_tensor = super::swiglu(&gt, &ut).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(via_tensor, ours);
+        // The portable loop (compiled without SIMD features) against the dispatched one.
+        let mut portable = vec![0f32; n];
+        for ((o, &g), &u) in portable.iter_mut().zip(&g).zip(&u) {
+            let e = super::det_exp(-g.abs());
+            *o = g * (if g >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) }) * u;
+        }
+        assert_eq!(
+            portable.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            ours.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
     }
 }
