@@ -273,6 +273,33 @@ pub(crate) fn prepack(dtype: GgmlDType, weights: &[u8], n: usize, k: usize) -> O
     }
 }
 
+/// The weights of several matrices of `k` columns stacked as one, rows of the first, then of
+/// the next (`q`, `k`, `v` as one projection): each output column keeps its bits, as it comes
+/// from its own panel. `None` unless every part has the same format and `k` and a row count
+/// that fills whole panels.
+pub(crate) fn concat_prepacked(parts: &[&Prepacked]) -> Option<Prepacked> {
+    let first = parts.first()?;
+    if parts.iter().any(|p| p.format != first.format || p.k != first.k || !p.n.is_multiple_of(PANEL)) {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let cat = |f: &dyn Fn(&x86::Prepacked) -> &[u32]| parts.iter().flat_map(|p| f(&p.inner).iter().copied()).collect();
+        let cat16 = |f: &dyn Fn(&x86::Prepacked) -> &[u16]| parts.iter().flat_map(|p| f(&p.inner).iter().copied()).collect();
+        let inner = x86::Prepacked { qs: cat(&|p| &p.qs), d: cat16(&|p| &p.d), m: cat16(&|p| &p.m) };
+        Some(Prepacked { inner, format: first.format, n: parts.iter().map(|p| p.n).sum(), k: first.k })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
+}
+
+impl Prepacked {
+    /// Output columns (weight rows) and inner dimension: `(n, k)`.
+    pub(crate) fn shape(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+}
+
 /// `dst[m*n] = lhs[m*k] · Wᵀ` on prepacked weights (see [`Prepacked`]).
 pub(crate) fn matmul_prepacked(
     w: &Prepacked,

@@ -36,8 +36,11 @@ impl Linear {
             Loaded::Quantized(q) => {
                 if q.device().is_cpu() && kernels::supports(q.dtype()) {
                     let (n, k) = q.shape().dims2()?;
-                    let packed = kernels::prepack(q.dtype(), &q.data()?, n, k).map(Arc::new);
-                    LinearKind::Fast(FastQMatMul { q, row_invariant: false, packed })
+                    // Packed weights replace the file's (nothing reads those again).
+                    match kernels::prepack(q.dtype(), &q.data()?, n, k).map(Arc::new) {
+                        Some(packed) => LinearKind::Fast(FastQMatMul::Packed(packed)),
+                        None => LinearKind::Fast(FastQMatMul::Blocks { q, row_invariant: false }),
+                    }
                 } else {
                     LinearKind::Candle(QMatMul::from_arc(q)?)
                 }
@@ -63,14 +66,33 @@ impl Linear {
         Self::new(weight, bias)
     }
 
+    /// The layers of `parts` (quantized, packed, without bias, of one input size) as one whose
+    /// outputs are theirs side by side, each with the bits it has alone; `Err(parts)` when they
+    /// cannot be stacked. One product then quantizes the input once and fills the cores once.
+    pub(crate) fn stacked(parts: Vec<Linear>) -> std::result::Result<Linear, Vec<Linear>> {
+        let packed: Option<Vec<&kernels::Prepacked>> = parts
+            .iter()
+            .map(|l| match (&l.inner, &l.bias) {
+                (LinearKind::Fast(FastQMatMul::Packed(p)), None) => Some(&**p),
+                _ => None,
+            })
+            .collect();
+        match packed.and_then(|p| kernels::concat_prepacked(&p)) {
+            Some(p) => Ok(Linear { inner: LinearKind::Fast(FastQMatMul::Packed(Arc::new(p))), bias: None }),
+            None => Err(parts),
+        }
+    }
+
     /// Applies the layer to the rows of `x` (`(m, in)`), each row with exactly the bits it
     /// would get alone: the rows are independent sessions batched together.
     pub(crate) fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.inner {
-            LinearKind::Fast(op) => {
-                let op = FastQMatMul { q: op.q.clone(), row_invariant: true, packed: op.packed.clone() };
+            LinearKind::Fast(FastQMatMul::Blocks { q, .. }) => {
+                let op = FastQMatMul::Blocks { q: q.clone(), row_invariant: true };
                 x.contiguous()?.apply_op1_no_bwd(&op)?
             }
+            // Packed products give every row its lone bits at any batch size.
+            LinearKind::Fast(op) => x.contiguous()?.apply_op1_no_bwd(op)?,
             // candle's quantized matmul computes each (row, column) dot product on its own.
             LinearKind::Candle(m) => m.forward(x)?,
             // A dense GEMM blocks over rows: one row at a time keeps each row's summation order.
@@ -105,14 +127,17 @@ impl Linear {
     }
 }
 
-/// candle custom op running [`kernels::matmul`] on a quantized weight.
-struct FastQMatMul {
-    q: Arc<QTensor>,
-    /// Use [`kernels::matmul_row_invariant`].
-    row_invariant: bool,
-    /// The weights packed for the panel kernel (AVX-512, 4-bit formats): then every product
-    /// runs on them, and every row has its lone bits at any batch size.
-    packed: Option<Arc<kernels::Prepacked>>,
+/// candle custom op running shoal's kernels on a quantized weight.
+enum FastQMatMul {
+    /// The file's blocks, through [`kernels::matmul`].
+    Blocks {
+        q: Arc<QTensor>,
+        /// Use [`kernels::matmul_row_invariant`].
+        row_invariant: bool,
+    },
+    /// Packed for the panel kernel (AVX-512; `Q4_0`, `Q4_1`, `Q8_0`): every product runs on
+    /// them, and every row has its lone bits at any batch size.
+    Packed(Arc<kernels::Prepacked>),
 }
 
 impl CustomOp1 for FastQMatMul {
@@ -121,7 +146,10 @@ impl CustomOp1 for FastQMatMul {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, k) = self.q.shape().dims2()?;
+        let (n, k) = match self {
+            Self::Blocks { q, .. } => q.shape().dims2()?,
+            Self::Packed(p) => p.shape(),
+        };
         let dims = layout.shape().dims();
         let Some((&last, lead)) = dims.split_last() else {
             candle_core::bail!("qmatmul input must have at least one dimension")
@@ -135,12 +163,12 @@ impl CustomOp1 for FastQMatMul {
             candle_core::bail!("qmatmul input storage is shorter than its layout")
         };
         let mut dst = vec![0f32; m * n];
-        let done = match &self.packed {
-            Some(p) => kernels::matmul_prepacked(p, m, lhs, &mut dst),
-            None => {
-                let weights = self.q.data()?;
-                let matmul = if self.row_invariant { kernels::matmul_row_invariant } else { kernels::matmul };
-                matmul(self.q.dtype(), &weights, m, k, n, lhs, &mut dst)
+        let done = match self {
+            Self::Packed(p) => kernels::matmul_prepacked(p, m, lhs, &mut dst),
+            Self::Blocks { q, row_invariant } => {
+                let weights = q.data()?;
+                let matmul = if *row_invariant { kernels::matmul_row_invariant } else { kernels::matmul };
+                matmul(q.dtype(), &weights, m, k, n, lhs, &mut dst)
             }
         };
         done.map_err(|e| candle_core::Error::Msg(format!("quantized kernel: {e}")))?;

@@ -31,10 +31,51 @@ impl RmsNorm {
     }
 }
 
+/// Projections that read the same input: separate, or stacked into one product (see
+/// [`Linear::stacked`]) whose output columns are theirs side by side.
+enum Projections {
+    Separate(Vec<Linear>),
+    Stacked(Linear),
+}
+
+impl Projections {
+    /// `parts` stacked when they can be.
+    fn new(parts: Vec<Linear>) -> Self {
+        match Linear::stacked(parts) {
+            Ok(l) => Self::Stacked(l),
+            Err(parts) => Self::Separate(parts),
+        }
+    }
+
+    /// Each projection of the rows of `x` (`(t, in)`), `widths` its output sizes.
+    fn apply(
+        &self,
+        x: &Tensor,
+        widths: &[usize],
+        project: impl Fn(&Linear, &Tensor) -> Result<Tensor>,
+    ) -> Result<Vec<Tensor>> {
+        match self {
+            Self::Separate(parts) => parts.iter().map(|l| project(l, x)).collect(),
+            Self::Stacked(l) => {
+                let y = project(l, x)?;
+                let last = y.rank() - 1;
+                let mut at = 0;
+                widths
+                    .iter()
+                    .map(|&w| {
+                        let part = y.narrow(last, at, w)?;
+                        at += w;
+                        Ok(part)
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k, v.
+    qkv: Projections,
     o: Linear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
@@ -51,9 +92,11 @@ impl Attention {
         let lin = |name, b, shape| Linear::load(w, WeightName::Layer(i, name), b, shape, device, dtype);
         let norm = |name| RmsNorm::load(w, WeightName::Layer(i, name), hd, spec.rms_norm_eps, device);
         Ok(Self {
-            q: lin(L::Q, bias(L::QBias), (spec.n_heads * hd, h))?,
-            k: lin(L::K, bias(L::KBias), (spec.n_kv_heads * hd, h))?,
-            v: lin(L::V, bias(L::VBias), (spec.n_kv_heads * hd, h))?,
+            qkv: Projections::new(vec![
+                lin(L::Q, bias(L::QBias), (spec.n_heads * hd, h))?,
+                lin(L::K, bias(L::KBias), (spec.n_kv_heads * hd, h))?,
+                lin(L::V, bias(L::VBias), (spec.n_kv_heads * hd, h))?,
+            ]),
             o: lin(L::O, None, (h, spec.n_heads * hd))?,
             q_norm: if spec.qk_norm { Some(norm(L::QNorm)?) } else { None },
             k_norm: if spec.qk_norm { Some(norm(L::KNorm)?) } else { None },
@@ -130,10 +173,15 @@ impl Attention {
             };
             Ok(y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
         };
+        let (qw, kw) = (self.n_heads * hd, self.n_kv_heads * hd);
+        let mut ys = self.qkv.apply(x, &[qw, kw, kw], project)?.into_iter();
+        let (Some(q), Some(k), Some(v)) = (ys.next(), ys.next(), ys.next()) else {
+            return Err(crate::Error::InvalidInput("attention needs q, k and v projections".into()));
+        };
         Ok((
-            host(project(&self.q, x)?, self.n_heads, &self.q_norm)?,
-            host(project(&self.k, x)?, self.n_kv_heads, &self.k_norm)?,
-            host(project(&self.v, x)?, self.n_kv_heads, &None)?,
+            host(q, self.n_heads, &self.q_norm)?,
+            host(k, self.n_kv_heads, &self.k_norm)?,
+            host(v, self.n_kv_heads, &None)?,
         ))
     }
 
@@ -163,8 +211,10 @@ impl Attention {
 }
 
 struct Mlp {
-    gate: Linear,
-    up: Linear,
+    /// gate, up.
+    gate_up: Projections,
+    /// Intermediate size.
+    f: usize,
     down: Linear,
 }
 
@@ -172,20 +222,22 @@ impl Mlp {
     fn load(w: &Weights, i: usize, spec: &ModelSpec, device: &Device, dtype: DType) -> Result<Self> {
         let (h, f) = (spec.hidden_size, spec.intermediate_size);
         let lin = |name, shape| Linear::load(w, WeightName::Layer(i, name), None, shape, device, dtype);
-        Ok(Self { gate: lin(L::Gate, (f, h))?, up: lin(L::Up, (f, h))?, down: lin(L::Down, (h, f))? })
+        Ok(Self {
+            gate_up: Projections::new(vec![lin(L::Gate, (f, h))?, lin(L::Up, (f, h))?]),
+            f,
+            down: lin(L::Down, (h, f))?,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = self.gate.forward(x)?;
-        let u = self.up.forward(x)?;
-        self.down.forward(&swiglu(&g, &u)?)
+        let gu = self.gate_up.apply(x, &[self.f, self.f], |l, x| l.forward(x))?;
+        self.down.forward(&swiglu(&gu[0], &gu[1])?)
     }
 
     /// [`Mlp::forward`] on rows of independent sessions, each with the bits it gets alone.
     fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
-        let g = self.gate.forward_rows(x)?;
-        let u = self.up.forward_rows(x)?;
-        self.down.forward_rows(&swiglu(&g, &u)?)
+        let gu = self.gate_up.apply(x, &[self.f, self.f], |l, x| l.forward_rows(x))?;
+        self.down.forward_rows(&swiglu(&gu[0], &gu[1])?)
     }
 }
 

@@ -331,3 +331,42 @@ fn prepacked_panels_equal_the_panel_kernel_and_keep_rows_invariant() -> TestResu
     assert!(super::prepack(GgmlDType::Q5_1, &weights(GgmlDType::Q5_1, 16, 64, 3)?.0, 16, 64).is_none());
     Ok(())
 }
+
+#[test]
+fn stacked_prepacked_weights_give_each_part_its_bits() -> TestResult {
+    if level() < Level::Avx512 {
+        // Nothing packs without AVX-512: stacking must refuse what is not there.
+        assert!(super::prepack(GgmlDType::Q4_1, &weights(GgmlDType::Q4_1, 16, 64, 1)?.0, 16, 64).is_none());
+        return Ok(());
+    }
+    let (k, m) = (96, 5);
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        let ns = [48usize, 16, 32];
+        let packed: Vec<_> = ns
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| super::prepack(dtype, &weights(dtype, n, k, 10 + i as u64).unwrap().0, n, k).unwrap())
+            .collect();
+        let stacked = super::concat_prepacked(&packed.iter().collect::<Vec<_>>()).ok_or("stacks")?;
+        let total: usize = ns.iter().sum();
+        assert_eq!(stacked.shape(), (total, k));
+        let lhs = values(m * k, 77);
+        let mut all = vec![0f32; m * total];
+        super::matmul_prepacked(&stacked, m, &lhs, &mut all)?;
+        let mut col = 0;
+        for (p, &n) in packed.iter().zip(&ns) {
+            let mut one = vec![0f32; m * n];
+            super::matmul_prepacked(p, m, &lhs, &mut one)?;
+            for t in 0..m {
+                assert_eq!(&all[t * total + col..t * total + col + n], &one[t * n..(t + 1) * n], "{dtype:?} row {t}");
+            }
+            col += n;
+        }
+        // A part that does not fill whole panels, or another k, is refused.
+        let odd = super::prepack(dtype, &weights(dtype, 20, k, 3)?.0, 20, k).ok_or("packs")?;
+        assert!(super::concat_prepacked(&[&packed[0], &odd]).is_none());
+        let other_k = super::prepack(dtype, &weights(dtype, 16, 64, 4)?.0, 16, 64).ok_or("packs")?;
+        assert!(super::concat_prepacked(&[&packed[0], &other_k]).is_none());
+    }
+    Ok(())
+}
