@@ -284,8 +284,12 @@ pub(crate) fn concat_prepacked(parts: &[&Prepacked]) -> Option<Prepacked> {
     }
     #[cfg(target_arch = "x86_64")]
     {
-        let cat = |f: &dyn Fn(&x86::Prepacked) -> &[u32]| parts.iter().flat_map(|p| f(&p.inner).iter().copied()).collect();
-        let cat16 = |f: &dyn Fn(&x86::Prepacked) -> &[u16]| parts.iter().flat_map(|p| f(&p.inner).iter().copied()).collect();
+        let cat = |f: &dyn Fn(&x86::Prepacked) -> &[u32]| {
+            parts.iter().flat_map(|p| f(&p.inner).iter().copied()).collect()
+        };
+        let cat16 = |f: &dyn Fn(&x86::Prepacked) -> &[u16]| {
+            parts.iter().flat_map(|p| f(&p.inner).iter().copied()).collect()
+        };
         let inner = x86::Prepacked { qs: cat(&|p| &p.qs), d: cat16(&|p| &p.d), m: cat16(&|p| &p.m) };
         Some(Prepacked { inner, format: first.format, n: parts.iter().map(|p| p.n).sum(), k: first.k })
     }
@@ -319,18 +323,31 @@ pub(crate) fn matmul_prepacked(
         let out = DstPtr(dst.as_mut_ptr());
         with_scratch(|scratch| {
             let acts = scratch.quantize(lhs, m, k, w.format, &kernels);
-            candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(PANEL), |items| {
-                for pi in items {
+            // Work items are pairs of panels (32 columns), run together; a last odd panel alone.
+            let panels = n.div_ceil(PANEL);
+            candle_core::utils::barrier_pool().execute_chunked(panels.div_ceil(2), |items| {
+                for item in items {
+                    let pi = 2 * item;
                     let r0 = pi * PANEL;
-                    // SAFETY: `prepack` checked AVX-512 and the shape; panel `pi` holds rows
-                    // `r0..r0 + rows` of `n`, the `m` activation rows are quantized, and each
-                    // panel writes only its own columns of `dst` (`m × n`).
+                    // SAFETY: `prepack` checked AVX-512 and the shape; panels `pi` (and `pi + 1`
+                    // when it exists) hold rows `r0..` of `n`, the `m` activation rows are
+                    // quantized, and each item writes only its own columns of `dst` (`m × n`).
                     unsafe {
-                        let (p, rows, out) = (&w.inner, PANEL.min(n - r0), out.get().add(r0));
-                        match w.format {
-                            Q4_0 => x86::prepacked_panel::<Q4_0>(p, pi, rows, acts, m, out, n),
-                            Q4_1 => x86::prepacked_panel::<Q4_1>(p, pi, rows, acts, m, out, n),
-                            _ => x86::prepacked_panel::<Q8_0>(p, pi, rows, acts, m, out, n),
+                        let (p, out) = (&w.inner, out.get().add(r0));
+                        if pi + 1 < panels {
+                            let rows = PANEL.min(n - r0 - PANEL);
+                            match w.format {
+                                Q4_0 => x86::prepacked_pair::<Q4_0>(p, pi, rows, acts, m, out, n),
+                                Q4_1 => x86::prepacked_pair::<Q4_1>(p, pi, rows, acts, m, out, n),
+                                _ => x86::prepacked_pair::<Q8_0>(p, pi, rows, acts, m, out, n),
+                            }
+                        } else {
+                            let rows = PANEL.min(n - r0);
+                            match w.format {
+                                Q4_0 => x86::prepacked_panel::<Q4_0>(p, pi, rows, acts, m, out, n),
+                                Q4_1 => x86::prepacked_panel::<Q4_1>(p, pi, rows, acts, m, out, n),
+                                _ => x86::prepacked_panel::<Q8_0>(p, pi, rows, acts, m, out, n),
+                            }
                         }
                     }
                 }

@@ -307,9 +307,14 @@ fn prepacked_panels_equal_the_panel_kernel_and_keep_rows_invariant() -> TestResu
         }
         return Ok(());
     }
-    // n = 37: a partial last panel; k = 96: 3 blocks.
-    let (n, k) = (37, 96);
-    for (i, dtype) in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0].into_iter().enumerate() {
+    // k = 96: 3 blocks. n = 37: a pair of panels and a partial odd one; 20: a pair whose second
+    // panel is partial; 64: two whole pairs.
+    let k = 96;
+    for (i, (dtype, n)) in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0]
+        .into_iter()
+        .flat_map(|d| [(d, 37), (d, 20), (d, 64)])
+        .enumerate()
+    {
         let (raw, _) = weights(dtype, n, k, 20 + i as u64)?;
         let packed = super::prepack(dtype, &raw, n, k).ok_or("the format packs with AVX-512")?;
         let m = 11;
@@ -345,7 +350,9 @@ fn stacked_prepacked_weights_give_each_part_its_bits() -> TestResult {
         let packed: Vec<_> = ns
             .iter()
             .enumerate()
-            .map(|(i, &n)| super::prepack(dtype, &weights(dtype, n, k, 10 + i as u64).unwrap().0, n, k).unwrap())
+            .map(|(i, &n)| {
+                super::prepack(dtype, &weights(dtype, n, k, 10 + i as u64).unwrap().0, n, k).unwrap()
+            })
             .collect();
         let stacked = super::concat_prepacked(&packed.iter().collect::<Vec<_>>()).ok_or("stacks")?;
         let total: usize = ns.iter().sum();
@@ -358,7 +365,11 @@ fn stacked_prepacked_weights_give_each_part_its_bits() -> TestResult {
             let mut one = vec![0f32; m * n];
             super::matmul_prepacked(p, m, &lhs, &mut one)?;
             for t in 0..m {
-                assert_eq!(&all[t * total + col..t * total + col + n], &one[t * n..(t + 1) * n], "{dtype:?} row {t}");
+                assert_eq!(
+                    &all[t * total + col..t * total + col + n],
+                    &one[t * n..(t + 1) * n],
+                    "{dtype:?} row {t}"
+                );
             }
             col += n;
         }

@@ -498,100 +498,149 @@ pub(super) unsafe fn prepacked_panel<const F: u8>(
     dst: *mut f32,
     ldd: usize,
 ) {
-    let nb = acts.nb;
     // SAFETY: forwarded contract.
     unsafe {
-        let qs = p.qs.as_ptr().add(pi * nb * packed_groups(F) * PANEL);
-        let d = p.d.as_ptr().add(pi * nb * PANEL);
-        let mm = if has_min(F) { p.m.as_ptr().add(pi * nb * PANEL) } else { d };
         let mut t0 = 0;
         while t0 < m {
-            let a = acts.row(t0);
-            let out = dst.add(t0 * ldd);
+            let (a, out) = (acts.row(t0), dst.add(t0 * ldd));
             match m - t0 {
-                1 => prepacked_tile::<F, 1>(qs, d, mm, a, out, ldd, rows),
-                2 => prepacked_tile::<F, 2>(qs, d, mm, a, out, ldd, rows),
-                3 => prepacked_tile::<F, 3>(qs, d, mm, a, out, ldd, rows),
-                4 => prepacked_tile::<F, 4>(qs, d, mm, a, out, ldd, rows),
-                5 => prepacked_tile::<F, 5>(qs, d, mm, a, out, ldd, rows),
-                6 => prepacked_tile::<F, 6>(qs, d, mm, a, out, ldd, rows),
-                7 => prepacked_tile::<F, 7>(qs, d, mm, a, out, ldd, rows),
-                _ => prepacked_tile::<F, PANEL_T>(qs, d, mm, a, out, ldd, rows),
+                1 => prepacked_tile::<F, 1, 1>(p, pi, a, out, ldd, rows),
+                2 => prepacked_tile::<F, 2, 1>(p, pi, a, out, ldd, rows),
+                3 => prepacked_tile::<F, 3, 1>(p, pi, a, out, ldd, rows),
+                4 => prepacked_tile::<F, 4, 1>(p, pi, a, out, ldd, rows),
+                5 => prepacked_tile::<F, 5, 1>(p, pi, a, out, ldd, rows),
+                6 => prepacked_tile::<F, 6, 1>(p, pi, a, out, ldd, rows),
+                7 => prepacked_tile::<F, 7, 1>(p, pi, a, out, ldd, rows),
+                _ => prepacked_tile::<F, PANEL_T, 1>(p, pi, a, out, ldd, rows),
             }
             t0 += PANEL_T;
         }
     }
 }
 
-/// `T` activation rows against one prepacked panel (see [`prepacked_panel`]).
+/// Activation rows per two-panel tile.
+const PAIR_T: usize = 4;
+
+/// [`prepacked_panel`] on panels `pi` (whole) and `pi + 1` (rows `0..rows` of it) together:
+/// each broadcast activation group feeds both panels, half the loads per product. Every
+/// column has the same arithmetic as alone, so the same bits.
 ///
 /// # Safety
-/// As [`prepacked_panel`], for `T` rows.
+/// As [`prepacked_panel`], for columns `0..PANEL + rows` of `dst`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn prepacked_pair<const F: u8>(
+    p: &Prepacked,
+    pi: usize,
+    rows: usize,
+    acts: Acts,
+    m: usize,
+    dst: *mut f32,
+    ldd: usize,
+) {
+    // SAFETY: forwarded contract.
+    unsafe {
+        let mut t0 = 0;
+        while t0 < m {
+            let (a, out) = (acts.row(t0), dst.add(t0 * ldd));
+            match m - t0 {
+                1 => prepacked_tile::<F, 1, 2>(p, pi, a, out, ldd, rows),
+                2 => prepacked_tile::<F, 2, 2>(p, pi, a, out, ldd, rows),
+                3 => prepacked_tile::<F, 3, 2>(p, pi, a, out, ldd, rows),
+                _ => prepacked_tile::<F, PAIR_T, 2>(p, pi, a, out, ldd, rows),
+            }
+            t0 += PAIR_T;
+        }
+    }
+}
+
+/// `T` activation rows against `P` consecutive prepacked panels from `pi` (see
+/// [`prepacked_panel`]); the last panel's columns `0..rows`, the others whole.
+///
+/// # Safety
+/// As [`prepacked_panel`], for `T` rows and `P` panels.
 #[inline(always)]
-unsafe fn prepacked_tile<const F: u8, const T: usize>(
-    qs: *const u32,
-    d: *const u16,
-    mm: *const u16,
+unsafe fn prepacked_tile<const F: u8, const T: usize, const P: usize>(
+    p: &Prepacked,
+    pi: usize,
     a: Acts,
     dst: *mut f32,
     ldd: usize,
     rows: usize,
 ) {
-    // SAFETY: as documented; all reads are within the panel and the `T` activation rows.
+    let nb = a.nb;
+    let groups = packed_groups(F);
+    // SAFETY: as documented; all reads are within the panels and the `T` activation rows.
     unsafe {
+        let qs: [*const u32; P] = std::array::from_fn(|j| p.qs.as_ptr().add((pi + j) * nb * groups * PANEL));
+        let d: [*const u16; P] = std::array::from_fn(|j| p.d.as_ptr().add((pi + j) * nb * PANEL));
+        let mm: [*const u16; P] =
+            if has_min(F) { std::array::from_fn(|j| p.m.as_ptr().add((pi + j) * nb * PANEL)) } else { d };
         let low = _mm512_set1_epi8(0x0F);
-        let mut acc = [_mm512_setzero_ps(); T];
-        for b in 0..a.nb {
-            let mut isum = panel_isum::<F, T>(a, b);
+        let mut acc = [[_mm512_setzero_ps(); T]; P];
+        for b in 0..nb {
+            let mut isum = [panel_isum::<F, T>(a, b); P];
+            // Two integer sums per row and panel (nibble halves for 4-bit formats, group
+            // parity for Q8_0), added at the end: independent chains for `vpdpbusd`'s latency,
+            // exact, so the same bits.
+            let mut part = [[_mm512_setzero_si512(); T]; P];
             if F == Q8_0 {
-                // Even and odd groups in two integer sums per row (independent chains), added
-                // at the end: exact, so the same bits.
-                let mut isum_odd = [_mm512_setzero_si512(); T];
                 for g in 0..8 {
-                    let wv = _mm512_loadu_si512(qs.add((b * 8 + g) * PANEL).cast());
+                    let wv: [__m512i; P] =
+                        std::array::from_fn(|j| _mm512_loadu_si512(qs[j].add((b * 8 + g) * PANEL).cast()));
                     for t in 0..T {
                         let av = a.qs.add(t * a.k + b * QK + 4 * g).cast::<i32>().read_unaligned();
                         let av = _mm512_set1_epi32(av);
-                        if g % 2 == 0 {
-                            isum[t] = _mm512_dpbusd_epi32(isum[t], wv, av);
-                        } else {
-                            isum_odd[t] = _mm512_dpbusd_epi32(isum_odd[t], wv, av);
+                        for j in 0..P {
+                            if g % 2 == 0 {
+                                isum[j][t] = _mm512_dpbusd_epi32(isum[j][t], wv[j], av);
+                            } else {
+                                part[j][t] = _mm512_dpbusd_epi32(part[j][t], wv[j], av);
+                            }
                         }
                     }
                 }
-                for t in 0..T {
-                    isum[t] = _mm512_add_epi32(isum[t], isum_odd[t]);
-                }
             } else {
-                // The panel streams from memory once per call: fetch 8 blocks ahead.
-                let ahead = qs.wrapping_add((b + 8) * 4 * PANEL).cast::<i8>();
-                for line in 0..4 {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
-                }
-                // Low and high nibbles in two integer sums per row (twice the independent
-                // chains for `vpdpbusd`'s latency), added at the end: exact, so the same bits.
-                let mut isum_hi = [_mm512_setzero_si512(); T];
-                for g in 0..4 {
-                    let raw = _mm512_loadu_si512(qs.add((b * 4 + g) * PANEL).cast());
-                    let lo = _mm512_and_si512(raw, low);
-                    let hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
-                    for t in 0..T {
-                        let row = a.qs.add(t * a.k + b * QK);
-                        let a_lo = row.add(4 * g).cast::<i32>().read_unaligned();
-                        let a_hi = row.add(16 + 4 * g).cast::<i32>().read_unaligned();
-                        isum[t] = _mm512_dpbusd_epi32(isum[t], lo, _mm512_set1_epi32(a_lo));
-                        isum_hi[t] = _mm512_dpbusd_epi32(isum_hi[t], hi, _mm512_set1_epi32(a_hi));
+                // The panels stream from memory once per call: fetch 8 blocks ahead.
+                for q in qs {
+                    let ahead = q.wrapping_add((b + 8) * 4 * PANEL).cast::<i8>();
+                    for line in 0..4 {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
                     }
                 }
-                for t in 0..T {
-                    isum[t] = _mm512_add_epi32(isum[t], isum_hi[t]);
+                for g in 0..4 {
+                    let raw: [__m512i; P] =
+                        std::array::from_fn(|j| _mm512_loadu_si512(qs[j].add((b * 4 + g) * PANEL).cast()));
+                    let lo: [__m512i; P] = std::array::from_fn(|j| _mm512_and_si512(raw[j], low));
+                    let hi: [__m512i; P] =
+                        std::array::from_fn(|j| _mm512_and_si512(_mm512_srli_epi16(raw[j], 4), low));
+                    for t in 0..T {
+                        let row = a.qs.add(t * a.k + b * QK);
+                        let a_lo = _mm512_set1_epi32(row.add(4 * g).cast::<i32>().read_unaligned());
+                        let a_hi = _mm512_set1_epi32(row.add(16 + 4 * g).cast::<i32>().read_unaligned());
+                        for j in 0..P {
+                            isum[j][t] = _mm512_dpbusd_epi32(isum[j][t], lo[j], a_lo);
+                            part[j][t] = _mm512_dpbusd_epi32(part[j][t], hi[j], a_hi);
+                        }
+                    }
                 }
             }
-            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(d.add(b * PANEL).cast()));
-            let mw =
-                if has_min(F) { _mm512_cvtph_ps(_mm256_loadu_si256(mm.add(b * PANEL).cast())) } else { dw };
-            panel_scale::<F, T>(&mut acc, &isum, dw, mw, a, b);
+            for j in 0..P {
+                for t in 0..T {
+                    isum[j][t] = _mm512_add_epi32(isum[j][t], part[j][t]);
+                }
+                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(d[j].add(b * PANEL).cast()));
+                let mw = if has_min(F) {
+                    _mm512_cvtph_ps(_mm256_loadu_si256(mm[j].add(b * PANEL).cast()))
+                } else {
+                    dw
+                };
+                panel_scale::<F, T>(&mut acc[j], &isum[j], dw, mw, a, b);
+            }
         }
-        panel_store(&acc, dst, ldd, rows);
+        for (j, acc) in acc.iter().enumerate() {
+            let cols = if j + 1 == P { rows } else { PANEL };
+            panel_store(acc, dst.add(j * PANEL), ldd, cols);
+        }
     }
 }
