@@ -276,7 +276,7 @@ fn start_local_discovery(
 const MAX_BATCH: usize = 64;
 /// Shortest and longest wait for other sessions' steps to join a batch.
 const BATCH_WAIT_MIN: Duration = Duration::from_micros(200);
-const BATCH_WAIT_MAX: Duration = Duration::from_millis(2);
+const BATCH_WAIT_MAX: Duration = Duration::from_millis(5);
 /// Prefill tokens a stage computes per round before it looks at its queue again (see
 /// [`crate::service::schedule`]); the origin's prefill chunks are this size by default.
 pub const PREFILL_BUDGET: usize = 64;
@@ -914,12 +914,14 @@ fn stage_loop(
             //
             // Sessions in a ring fall out of phase: while one session's step computes, the
             // next step of another arrives, and each would then run alone in turn. So when
-            // other open sessions have no step queued yet, the stage waits a moment (a
-            // quarter of the last compute time, 0.2 to 2 ms) for their steps to join.
+            // other open sessions have no step queued yet, the stage waits a moment (as long
+            // as the last compute took, 0.2 to 5 ms) for their steps to join: a batch split
+            // in two costs a whole second forward, a wait at most one compute. With several
+            // stages on shared cores this keeps the sessions moving round the ring together.
             let mut msgs = std::mem::take(&mut deferred);
             msgs.extend(arrived);
             let expected = service.stats().sessions.min(MAX_BATCH);
-            let wait = (last_compute / 4).clamp(BATCH_WAIT_MIN, BATCH_WAIT_MAX);
+            let wait = last_compute.clamp(BATCH_WAIT_MIN, BATCH_WAIT_MAX);
             let deadline = Instant::now() + wait;
             let is_decode = |m: &Message| matches!(m, Message::Step(s) if s.payload.len() == 1);
             while held.is_none() && msgs.len() < MAX_BATCH {
