@@ -279,7 +279,7 @@ const BATCH_WAIT_MIN: Duration = Duration::from_micros(200);
 const BATCH_WAIT_MAX: Duration = Duration::from_millis(5);
 /// Prefill tokens a stage computes per round before it looks at its queue again (see
 /// [`crate::service::schedule`]); the origin's prefill chunks are this size by default.
-pub const PREFILL_BUDGET: usize = 64;
+pub const PREFILL_BUDGET: usize = 256;
 
 /// Most addresses a node keeps from other peers' session openings.
 const MAX_LEARNED: usize = 4096;
