@@ -584,6 +584,20 @@ unsafe fn prepacked_tile<const F: u8, const T: usize, const P: usize>(
             // parity for Q8_0), added at the end: independent chains for `vpdpbusd`'s latency,
             // exact, so the same bits.
             let mut part = [[_mm512_setzero_si512(); T]; P];
+            // The panels stream from memory once per call: fetch 8 blocks ahead (the values,
+            // and the scales and minimums every other block: a line holds two blocks' worth).
+            for j in 0..P {
+                let ahead = qs[j].wrapping_add((b + 8) * groups * PANEL).cast::<i8>();
+                for line in 0..groups {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
+                }
+                if b % 2 == 0 {
+                    _mm_prefetch::<_MM_HINT_T0>(d[j].wrapping_add((b + 8) * PANEL).cast::<i8>());
+                    if has_min(F) {
+                        _mm_prefetch::<_MM_HINT_T0>(mm[j].wrapping_add((b + 8) * PANEL).cast::<i8>());
+                    }
+                }
+            }
             if F == Q8_0 {
                 for g in 0..8 {
                     let wv: [__m512i; P] =
@@ -601,13 +615,6 @@ unsafe fn prepacked_tile<const F: u8, const T: usize, const P: usize>(
                     }
                 }
             } else {
-                // The panels stream from memory once per call: fetch 8 blocks ahead.
-                for q in qs {
-                    let ahead = q.wrapping_add((b + 8) * 4 * PANEL).cast::<i8>();
-                    for line in 0..4 {
-                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
-                    }
-                }
                 for g in 0..4 {
                     let raw: [__m512i; P] =
                         std::array::from_fn(|j| _mm512_loadu_si512(qs[j].add((b * 4 + g) * PANEL).cast()));
