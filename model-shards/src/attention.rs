@@ -235,16 +235,7 @@ unsafe fn group_avx512<E: Lane>(
     }
     // Softmax per head, as the portable body.
     for s in scores.chunks_exact_mut(n) {
-        let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        for s in s.iter_mut() {
-            *s = det_exp(*s - max);
-        }
-        let sum: f64 = s.iter().fold(0f64, |sum, &s| sum + f64::from(s));
-        let inv = (1.0 / sum) as f32;
-        for s in s.iter_mut() {
-            *s *= inv;
-        }
-        round_in_place(s, precision);
+        softmax(s, precision);
     }
     // Weighted sums of V: up to 4 heads × 4 vectors (64 values) in registers.
     let c16 = hd / 16;
@@ -524,17 +515,7 @@ unsafe fn attend_lanes<E: Lane>(
                 scores.push((reduce(acc) + dot_tail(k)) * scale);
             }
         });
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        // A plain map (it vectorizes), then the normaliser in order.
-        for s in scores.iter_mut() {
-            *s = det_exp(*s - max);
-        }
-        let sum: f64 = scores.iter().fold(0f64, |sum, &s| sum + f64::from(s));
-        let inv = (1.0 / sum) as f32;
-        for s in scores.iter_mut() {
-            *s *= inv;
-        }
-        round_in_place(scores, precision);
+        softmax(scores, precision);
         // The weighted sum of V, 4 vectors (32 values) of the output at a time, each kept in a
         // register over all positions (per value the same additions in the same order).
         out.fill(0.0);
@@ -604,19 +585,7 @@ fn attend_one_body(
     let scale = 1.0 / (hd as f32).sqrt();
     let mut scores = Vec::with_capacity(pos + 1 - lo);
     for_rows(cache, layer, 0, kv_head, lo, pos, |k| scores.push(dot(&q, k) * scale));
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    for s in &mut scores {
-        *s = det_exp(*s - max);
-    }
-    let sum: f64 = scores.iter().fold(0f64, |sum, &s| sum + f64::from(s));
-    let inv = (1.0 / sum) as f32;
-    let rounded = precision != DType::F32;
-    for s in &mut scores {
-        *s *= inv;
-        if rounded {
-            *s = round_to(*s, precision);
-        }
-    }
+    softmax(&mut scores, precision);
     out.fill(0.0);
     let mut j = 0;
     for_rows(cache, layer, 1, kv_head, lo, pos, |v| {
@@ -633,6 +602,23 @@ fn attend_one_body(
             *o += p * x;
         }
     });
+}
+
+/// Scaled scores to probabilities, in place, the same way on every path: `det_exp` of each
+/// score minus the maximum (a plain map, it vectorizes), the normaliser summed in f64 in order,
+/// then each times its inverse and rounded to the cache's precision.
+#[inline(always)]
+fn softmax(s: &mut [f32], precision: DType) {
+    let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for s in s.iter_mut() {
+        *s = det_exp(*s - max);
+    }
+    let sum: f64 = s.iter().fold(0f64, |sum, &s| sum + f64::from(s));
+    let inv = (1.0 / sum) as f32;
+    for s in s.iter_mut() {
+        *s *= inv;
+    }
+    round_in_place(s, precision);
 }
 
 /// Calls `f` on the K (kind 0) or V (kind 1) row of `kv_head` at each position `lo..=hi`.

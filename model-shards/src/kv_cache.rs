@@ -464,6 +464,9 @@ mod tests {
             let rows = c.rows(1, 0, 0, 1);
             let got = rows.row(1, 10, &mut buf).to_vec();
             assert_eq!(got, k.map(|x| round_to(x, precision)), "{precision:?}");
+            let mut rounded = k;
+            round_in_place(&mut rounded, precision);
+            assert_eq!(rounded, k.map(|x| round_to(x, precision)), "{precision:?}: in place");
             assert_eq!(c.rows(1, 1, 0, 1).row(1, 10, &mut buf), &v, "{precision:?}");
             assert_eq!(got[1] != k[1], precision != DType::F32, "{precision:?}: rounding");
             assert_eq!(pool.used_blocks(), 2);
