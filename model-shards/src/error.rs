@@ -102,6 +102,9 @@ pub enum Error {
     /// The quantized kernels rejected their input.
     #[error("quantized kernel: {0}")]
     Kernel(String),
+    /// A model manifest is malformed or does not fit its file.
+    #[error("invalid model manifest: {0}")]
+    Manifest(String),
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

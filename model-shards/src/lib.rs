@@ -28,6 +28,7 @@ mod kernels;
 mod kv_cache;
 mod linear;
 mod llama;
+pub mod manifest;
 mod model;
 mod rope;
 pub mod sampler;

@@ -8,6 +8,7 @@ use candle_core::quantized::gguf_file;
 
 use crate::chat_template::ChatTemplate;
 use crate::error::{Error, Result};
+use crate::manifest::Manifest;
 use crate::spec::{HfConfig, ModelSpec};
 use crate::tokenizer::Tokenizer;
 use crate::weights::Weights;
@@ -120,14 +121,15 @@ impl Model {
         }
     }
 
-    /// The model's identity: a BLAKE3 hash of everything that defines it (the GGUF file; or
-    /// `config.json`, the tokenizer files and every safetensors file of a directory), so two
-    /// quantizations or fine-tunes of one architecture never share an id. Reads every byte
-    /// once (about 0.1 s for a 100 MB file); call it once per process.
+    /// The model's identity: a BLAKE3 hash of everything that defines it, so two
+    /// quantizations or fine-tunes of one architecture never share an id. For a GGUF file,
+    /// the id of its [`Manifest`] (which hashes every piece); for a directory, a hash of
+    /// `config.json`, the tokenizer files and every safetensors file. Reads every byte once
+    /// (about 0.1 s for a 100 MB file); call it once per process.
     pub fn model_id(&self) -> Result<[u8; 32]> {
         let mut hasher = blake3::Hasher::new();
         let files: Vec<PathBuf> = match self.format {
-            ModelFormat::Gguf => vec![self.path.clone()],
+            ModelFormat::Gguf => return Ok(Manifest::of_gguf(&self.path)?.id()),
             ModelFormat::HuggingFace => {
                 let mut v = vec![self.path.join("config.json")];
                 for name in ["tokenizer.json", "tokenizer_config.json"] {
