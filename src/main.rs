@@ -2,6 +2,7 @@
 
 mod cli;
 mod node;
+mod weights;
 
 use std::process::ExitCode;
 

@@ -18,3 +18,4 @@
 pub mod driver;
 pub mod membership;
 pub mod swarm;
+pub mod weights;

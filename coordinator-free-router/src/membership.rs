@@ -28,7 +28,7 @@ use tokio::task::JoinSet;
 use tokio_stream::StreamExt;
 
 use crate::driver::Driver;
-use crate::swarm::announce::{AnnounceError, Announcement, MAX_ADDRS, PeerState, Signed, open};
+use crate::swarm::announce::{AnnounceError, Announcement, Holdings, MAX_ADDRS, PeerState, Signed, open};
 use crate::swarm::view::{SwarmView, ViewConfig, ViewEvent};
 use crate::swarm::{ModelId, PeerId};
 
@@ -74,6 +74,8 @@ pub struct OwnSpan {
     pub load: u32,
     /// Free KV-cache bytes.
     pub free_kv_bytes: u64,
+    /// The pieces of the model's weights this node serves to others.
+    pub holds: Holdings,
 }
 
 /// Timing of the membership loops.
@@ -222,6 +224,7 @@ impl Membership {
                         issued_at_ms: now,
                         ttl_ms,
                         addrs,
+                        holds: own.holds,
                     };
                     lock(&view).handle(ViewEvent::Announced(a.clone()), now);
                     if let Err(e) = sender.broadcast(sign(&key, &a).encode().into()).await {
@@ -344,6 +347,7 @@ mod tests {
             issued_at_ms: 1_800_000_000_000,
             ttl_ms: 30_000,
             addrs: vec!["127.0.0.1:7000".parse().unwrap()],
+            holds: Holdings::all(30),
         }
     }
 

@@ -28,6 +28,7 @@ fn peer(n: u8, start: u32, end: u32) -> Announcement {
         issued_at_ms: 0,
         ttl_ms: 10_000,
         addrs: vec!["127.0.0.1:9".parse().unwrap()],
+        holds: Default::default(),
     }
 }
 

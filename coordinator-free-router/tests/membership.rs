@@ -29,6 +29,7 @@ fn span(start: u32, end: u32) -> impl Fn() -> Option<OwnSpan> + Send + Sync + 's
             throughput: 100.0,
             load: 0,
             free_kv_bytes: 1 << 30,
+            holds: Default::default(),
         })
     }
 }
@@ -87,6 +88,7 @@ async fn peers_find_each_other_forgeries_fail_and_silence_expires() {
         issued_at_ms: now,
         ttl_ms: 60_000,
         addrs: vec![],
+        holds: Default::default(),
     };
     for _ in 0..5 {
         sender.broadcast(sign(forger.endpoint().secret_key(), &fake).encode().into()).await.unwrap();

@@ -2,7 +2,7 @@
 //! `shoal worker --api`), the `shoal api` subcommand, and serving it in front of a driver.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,8 +13,8 @@ use shoal_coordinator_free_router::driver::Driver;
 use shoal_model_shards::Model;
 use shoal_worker::net::Node;
 
-use crate::cli::generate::DEFAULT_MODEL;
 use crate::node::{DriverArgs, SwarmArgs, SwarmOrigin, parse_tickets, runtime, shutdown_signal};
+use crate::weights::{DataArgs, Weights};
 
 /// Options of the API server.
 #[derive(Debug, Clone, Args)]
@@ -96,9 +96,10 @@ impl ApiArgs {
 #[derive(Debug, Args)]
 pub struct ApiCommandArgs {
     /// Model: a .gguf file or a Hugging Face directory (for its tokenizer, chat template and
-    /// identity; this node computes nothing).
-    #[arg(long, env = "SHOAL_MODEL", default_value = DEFAULT_MODEL)]
-    model: PathBuf,
+    /// identity; this node computes nothing). Without it, the swarm's model: only its header
+    /// is fetched, into `--data-dir`.
+    #[arg(long, env = "SHOAL_MODEL")]
+    model: Option<PathBuf>,
     /// A node of the swarm to join through (repeatable; one is enough): routes go through
     /// every worker the swarm announces. Needed unless `--discovery local` finds the swarm
     /// on the local network.
@@ -113,13 +114,14 @@ pub struct ApiCommandArgs {
     driver: DriverArgs,
     #[command(flatten)]
     swarm: SwarmArgs,
+    #[command(flatten)]
+    data: DataArgs,
 }
 
 /// Runs `shoal api`.
 pub fn run(args: ApiCommandArgs) -> Result<()> {
-    let model = Model::open(&args.model).with_context(|| format!("opening {}", args.model.display()))?;
-    let model_id = model.model_id().context("hashing the model")?;
-    parse_tickets(&args.join)?;
+    let local = args.model.as_deref().map(|m| Weights::local(m, &args.data)).transpose()?;
+    let tickets = parse_tickets(&args.join)?;
     if args.join.is_empty() && !args.driver.net.local_discovery() {
         bail!(
             "give a worker's ticket with --join TICKET (or find the swarm on the LAN with --discovery local)"
@@ -128,33 +130,38 @@ pub fn run(args: ApiCommandArgs) -> Result<()> {
     args.swarm.config()?;
     runtime()?.block_on(async move {
         let origin = Node::bind(args.driver.net.options(None)).await?;
-        let swarm = SwarmOrigin::join(
-            &model,
-            model_id,
-            origin.clone(),
-            args.driver.config(),
-            &args.join,
-            &args.swarm,
-        )
-        .await?;
-        let result = serve(&model, &args.model, swarm.driver.clone(), args.listen, &args.api).await;
-        drop(swarm);
+        let result = async {
+            let weights = match local {
+                Some(w) => w,
+                None => Weights::from_swarm(&origin, &tickets, &args.data).await?,
+            };
+            let swarm = SwarmOrigin::join(
+                &weights.model,
+                weights.model_id,
+                origin.clone(),
+                args.driver.config(),
+                &args.join,
+                &args.swarm,
+            )
+            .await?;
+            serve(&weights.model, &weights.name(), swarm.driver.clone(), args.listen, &args.api).await
+        }
+        .await;
         origin.shutdown().await;
         result
     })
 }
 
 /// Serves the API in front of `driver` until Ctrl-C or SIGTERM.
+/// The model is called `--served-model-name`, else `default_name`.
 pub async fn serve(
     model: &Model,
-    path: &Path,
+    default_name: &str,
     driver: Arc<Driver>,
     addr: SocketAddr,
     args: &ApiArgs,
 ) -> Result<()> {
-    let name = args.served_model_name.clone().unwrap_or_else(|| {
-        path.file_stem().map_or_else(|| "model".to_owned(), |s| s.to_string_lossy().into_owned())
-    });
+    let name = args.served_model_name.clone().unwrap_or_else(|| default_name.to_owned());
     let served = ServedModel::of(model, name.clone()).context("reading the model's tokenizer")?;
     let state = Arc::new(ApiState::new(driver, served, args.config()?).context("metrics")?);
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;

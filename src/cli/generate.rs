@@ -11,13 +11,17 @@ use shoal_model_shards::generate::{FinishReason, Flow, generate};
 use shoal_model_shards::sampler::SamplingParams;
 use shoal_model_shards::tokenizer::{IncrementalDecoder, Tokenizer};
 use shoal_model_shards::{DType, Device, Model, Shard};
+use shoal_worker::net::Node;
+
+use crate::weights::Weights;
 
 /// Arguments of `shoal generate`.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// Model: a .gguf file or a Hugging Face directory.
-    #[arg(long, env = "SHOAL_MODEL", default_value = DEFAULT_MODEL)]
-    model: PathBuf,
+    /// Model: a .gguf file or a Hugging Face directory (default: the default model file; with
+    /// `--join` and no `--model`, the swarm's model, of which only the header is fetched).
+    #[arg(long, env = "SHOAL_MODEL")]
+    model: Option<PathBuf>,
     /// The prompt text.
     #[arg(long)]
     prompt: String,
@@ -35,6 +39,8 @@ pub struct GenerateArgs {
     net: crate::node::DriverArgs,
     #[command(flatten)]
     swarm: crate::node::SwarmArgs,
+    #[command(flatten)]
+    data: crate::weights::DataArgs,
 }
 
 /// The model `shoal` uses when none is given (fetched by `deploy/fetch-model.sh`).
@@ -200,19 +206,39 @@ impl Printer {
 
 /// Runs `shoal generate`.
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let model = Model::open(&args.model).with_context(|| format!("opening {}", args.model.display()))?;
-    let p = prepare(&model, &args.prompt, &args.options)?;
     if !args.join.is_empty() || args.net.net.local_discovery() {
-        return crate::node::runtime()?.block_on(crate::cli::run::generate_remote(
-            &model,
-            p,
-            &args.options,
-            &args.join,
-            &args.net,
-            &args.swarm,
-            args.route_wait,
-        ));
+        let tickets = crate::node::parse_tickets(&args.join)?;
+        let local = args.model.as_deref().map(|m| Weights::local(m, &args.data)).transpose()?;
+        return crate::node::runtime()?.block_on(async {
+            let origin = Node::bind(args.net.net.options(None)).await?;
+            let weights = match local {
+                Some(w) => Ok(w),
+                None => Weights::from_swarm(&origin, &tickets, &args.data).await,
+            };
+            let run = async {
+                let weights = weights?;
+                let p = prepare(&weights.model, &args.prompt, &args.options)?;
+                crate::cli::run::generate_remote(
+                    &weights.model,
+                    weights.model_id,
+                    origin.clone(),
+                    p,
+                    &args.options,
+                    &args.join,
+                    &args.net,
+                    &args.swarm,
+                    args.route_wait,
+                )
+                .await
+            };
+            let result = run.await;
+            origin.shutdown().await;
+            result
+        });
     }
+    let path = args.model.unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL));
+    let model = Model::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let p = prepare(&model, &args.prompt, &args.options)?;
     let n_layers = model.spec().n_layers;
     let shard = Shard::load(&model, 0..n_layers, &Device::Cpu, DType::F32)?;
     let mut printer = Printer::new(&p.tokenizer, args.options.json);

@@ -5,11 +5,11 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Args;
 use shoal_coordinator_free_router::driver::{Driver, Request};
 use shoal_coordinator_free_router::membership::OwnSpan;
-use shoal_coordinator_free_router::swarm::announce::PeerState;
+use shoal_coordinator_free_router::swarm::announce::{Holdings, PeerState};
 use shoal_model_shards::Model;
 use shoal_worker::net::{Node, short};
 
@@ -19,6 +19,7 @@ use crate::node::{
     DriverArgs, StageArgs, SwarmArgs, SwarmOrigin, driver, join_swarm, load_stage, runtime, shutdown_signal,
     wait_for_route,
 };
+use crate::weights::{DataArgs, Weights};
 
 /// Arguments of `shoal run`.
 #[derive(Debug, Args)]
@@ -46,11 +47,17 @@ pub struct RunArgs {
     limits: StageArgs,
     #[command(flatten)]
     swarm: SwarmArgs,
+    #[command(flatten)]
+    data: DataArgs,
 }
 
 /// What a stage of `shoal run` announces: its span, load and free cache, `throughput` tokens/s
 /// per layer; `draining` once it refuses sessions.
-fn stage_announcer(node: &Node, throughput: f64) -> impl Fn() -> Option<OwnSpan> + Send + Sync + 'static {
+fn stage_announcer(
+    node: &Node,
+    throughput: f64,
+    holds: Holdings,
+) -> impl Fn() -> Option<OwnSpan> + Send + Sync + 'static {
     let node = node.clone();
     move || {
         let info = node.stage_info()?;
@@ -61,6 +68,7 @@ fn stage_announcer(node: &Node, throughput: f64) -> impl Fn() -> Option<OwnSpan>
             throughput: throughput as f32,
             load: info.sessions,
             free_kv_bytes: info.free_kv_bytes,
+            holds: holds.clone(),
         })
     }
 }
@@ -72,13 +80,14 @@ pub fn even_spans(n_layers: usize, stages: usize) -> Vec<std::ops::Range<usize>>
 
 /// Runs `shoal run`.
 pub fn run(args: RunArgs) -> Result<()> {
-    let model = Model::open(&args.model).with_context(|| format!("opening {}", args.model.display()))?;
+    let weights = Weights::local(&args.model, &args.data)?;
+    let model = weights.model.clone();
     let n_layers = model.spec().n_layers;
     if args.stages == 0 || args.stages > n_layers {
         bail!("--stages must be between 1 and the model's {n_layers} layers");
     }
     let prepared = args.prompt.as_deref().map(|p| prepare(&model, p, &args.options)).transpose()?;
-    let model_id = model.model_id().context("hashing the model")?;
+    let model_id = weights.model_id;
     let mut services = Vec::new();
     for span in even_spans(n_layers, args.stages) {
         services.push((span.clone(), load_stage(&model, model_id, span, &args.limits)?));
@@ -95,7 +104,10 @@ pub fn run(args: RunArgs) -> Result<()> {
                 // --join` (a replica, more layers) work against any stage's ticket.
                 let throughput = service.shard().measure_layer_throughput(8)?;
                 let bootstrap = nodes.first().map(|(_, n): &(_, Node)| n.addr()).into_iter().collect();
-                let own = stage_announcer(&node, throughput);
+                // The first stage's node also serves the model's pieces to workers that join
+                // with no model file.
+                let holds = if nodes.is_empty() { weights.seed(&node).await? } else { Holdings::default() };
+                let own = stage_announcer(&node, throughput, holds);
                 memberships
                     .push(join_swarm(&node, model_id, n_layers as u32, bootstrap, own, &args.swarm).await?);
             }
@@ -117,7 +129,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
         let result = match (prepared, args.listen) {
             (Some(p), _) => generate_with(&d, p, &args.options).await,
-            (None, Some(addr)) => serve(&model, &args.model, d.clone(), addr, &args.api).await,
+            (None, Some(addr)) => serve(&model, &weights.name(), d.clone(), addr, &args.api).await,
             (None, None) => {
                 for (span, node) in &nodes {
                     println!("stage {}..{}: {}", span.start, span.end, node.ticket());
@@ -136,10 +148,12 @@ pub fn run(args: RunArgs) -> Result<()> {
     })
 }
 
-/// `shoal generate --join`: this process is the origin; the swarm's workers compute. Waits
-/// at most `wait` seconds for the swarm to cover every layer.
+/// `shoal generate --join`: this process (`origin`) is the origin; the swarm's workers
+/// compute. Waits at most `wait` seconds for the swarm to cover every layer.
 pub async fn generate_remote(
     model: &Model,
+    model_id: [u8; 32],
+    origin: Node,
     p: Prepared,
     options: &GenOptions,
     tickets: &[String],
@@ -147,16 +161,9 @@ pub async fn generate_remote(
     swarm: &SwarmArgs,
     wait: f64,
 ) -> Result<()> {
-    let model_id = model.model_id().context("hashing the model")?;
-    let origin = Node::bind(args.net.options(None)).await?;
-    let result = async {
-        let swarm = SwarmOrigin::join(model, model_id, origin.clone(), args.config(), tickets, swarm).await?;
-        wait_for_route(&swarm.driver, Duration::from_secs_f64(wait.max(0.0))).await?;
-        generate_with(&swarm.driver, p, options).await
-    }
-    .await;
-    origin.shutdown().await;
-    result
+    let swarm = SwarmOrigin::join(model, model_id, origin, args.config(), tickets, swarm).await?;
+    wait_for_route(&swarm.driver, Duration::from_secs_f64(wait.max(0.0))).await?;
+    generate_with(&swarm.driver, p, options).await
 }
 
 /// Generates through `driver` and prints like `shoal generate`.

@@ -9,7 +9,7 @@ use clap::Args;
 use shoal_coordinator_free_router::swarm::announce::{Announcement, PeerState};
 use shoal_coordinator_free_router::swarm::view::bottleneck;
 use shoal_model_shards::Model;
-use shoal_worker::net::{Node, endpoint_id, peer_id, short};
+use shoal_worker::net::{Node, endpoint_id, short};
 
 use crate::node::{NetArgs, SwarmArgs, join_swarm, parse_tickets, runtime};
 
@@ -65,7 +65,7 @@ pub fn run(args: StatusArgs) -> Result<()> {
         let result = async {
             let (model_id, n_layers) = match local {
                 Some(m) => m,
-                None => identify(&node, &tickets).await?,
+                None => crate::weights::identify(&node, &tickets).await?,
             };
             let membership = join_swarm(&node, model_id, n_layers, tickets, || None, &args.swarm).await?;
             tokio::time::sleep(wait).await;
@@ -84,34 +84,6 @@ pub fn run(args: StatusArgs) -> Result<()> {
         node.shutdown().await;
         result
     })
-}
-
-/// The model a swarm serves, from the first ticket (or node found on the local network)
-/// whose node serves layers. A worker that is moving serves nothing for a moment, and mDNS
-/// takes a moment too: asks again for up to ten seconds.
-async fn identify(node: &Node, tickets: &[iroh::EndpointAddr]) -> Result<([u8; 32], u32)> {
-    for addr in tickets {
-        node.add_peer_addr(addr.clone());
-    }
-    let until = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let mut why = Vec::new();
-        let ids: Vec<_> = tickets.iter().map(|a| peer_id(&a.id)).chain(node.local_peers()).collect();
-        if ids.is_empty() {
-            why.push("no node found on the local network yet".to_owned());
-        }
-        for id in ids {
-            match node.ping(id, Duration::from_secs(5)).await {
-                Ok((_, Some(info))) => return Ok((info.model_id, info.n_layers)),
-                Ok((_, None)) => why.push(format!("{} serves no layers", short(&id))),
-                Err(e) => why.push(format!("{}: {e}", short(&id))),
-            }
-        }
-        if std::time::Instant::now() >= until {
-            bail!("no ticket is a worker's, so the model is unknown ({}); give --model", why.join("; "));
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -233,6 +205,7 @@ mod tests {
             issued_at_ms: 0,
             ttl_ms: 1000,
             addrs: vec![],
+            holds: Default::default(),
         }
     }
 

@@ -20,7 +20,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use shoal_coordinator_free_router::driver::DriverConfig;
 use shoal_coordinator_free_router::membership::{Membership, OwnSpan};
-use shoal_coordinator_free_router::swarm::announce::PeerState;
+use shoal_coordinator_free_router::swarm::announce::{Announcement, Holdings, PeerState};
 use shoal_coordinator_free_router::swarm::placement::{
     RebalanceConfig, choose_span, move_target, next_check_ms, planned_coverage, should_move,
     span_len_for_memory,
@@ -35,6 +35,7 @@ use crate::node::{
     NetArgs, StageArgs, SwarmArgs, driver, join_swarm, load_or_create_key, load_stage, parse_layers,
     parse_tickets, runtime, shutdown_signal,
 };
+use crate::weights::{DataArgs, Weights};
 
 /// One-token forwards timed to measure a span's speed.
 const SPEED_STEPS: usize = 8;
@@ -42,9 +43,12 @@ const SPEED_STEPS: usize = 8;
 /// Arguments of `shoal worker`.
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
-    /// Model: a .gguf file or a Hugging Face directory.
-    #[arg(long, env = "SHOAL_MODEL", default_value = DEFAULT_MODEL)]
-    model: PathBuf,
+    /// Model: a .gguf file or a Hugging Face directory, whose pieces this worker also serves
+    /// to peers. Without it, a worker that joins a swarm (`--join`, `--discovery local`)
+    /// fetches the swarm's model from its peers, only the pieces of its span, into
+    /// `--data-dir`; a worker that joins nothing uses the default model file.
+    #[arg(long, env = "SHOAL_MODEL")]
+    model: Option<PathBuf>,
     /// The span of layers to serve: `START..END` (end exclusive, e.g. `0..15`), or `auto`:
     /// `--num-layers` layers (or as many as `--memory-budget` holds) placed where the swarm
     /// is weakest, moved later when that clearly helps the swarm.
@@ -86,6 +90,8 @@ pub struct WorkerArgs {
     swarm: SwarmArgs,
     #[command(flatten)]
     limits: StageArgs,
+    #[command(flatten)]
+    data: DataArgs,
 }
 
 /// What this worker says about itself in its announcements.
@@ -94,6 +100,7 @@ struct Own {
     span: Option<Range<usize>>,
     state: PeerState,
     throughput: f64,
+    holds: Holdings,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -116,40 +123,25 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         // Bad API options (an unreadable key file...) fail before any layer is loaded.
         args.api_options.config()?;
     }
-    let model =
-        Arc::new(Model::open(&args.model).with_context(|| format!("opening {}", args.model.display()))?);
-    let model_id = model.model_id().context("hashing the model")?;
-    let n_layers = model.spec().n_layers;
-    let len = match (&fixed, args.num_layers) {
-        (Some(span), _) => {
-            if span.end > n_layers {
-                bail!("layers {}..{} are outside the model's {n_layers} layers", span.start, span.end);
-            }
-            span.len()
-        }
-        (None, Some(n)) if n == 0 || n > n_layers => bail!("--num-layers must be 1..={n_layers}, got {n}"),
-        (None, Some(n)) => n,
-        (None, None) => {
-            let budget = match budget {
-                Some(b) => b,
-                None => available_memory()? / 2,
-            };
-            let per_layer = model.layer_bytes();
-            let len = span_len_for_memory(budget, per_layer, n_layers as u32) as usize;
-            if budget < per_layer {
-                bail!(
-                    "a memory budget of {} MiB does not hold one layer ({} MiB)",
-                    budget >> 20,
-                    per_layer.div_ceil(1 << 20)
-                );
-            }
-            len
-        }
+    let joins = !bootstrap.is_empty() || args.net.local_discovery();
+    let local = match (&args.model, joins) {
+        (Some(path), _) => Some(Weights::local(path, &args.data)?),
+        (None, false) => Some(Weights::local(Path::new(DEFAULT_MODEL), &args.data)?),
+        (None, true) => None,
     };
     runtime()?.block_on(async move {
         let key = args.key_file.as_deref().map(load_or_create_key).transpose()?;
         let node = Node::bind(args.net.options(key)).await?;
-        let own = Arc::new(Mutex::new(Own { span: None, state: PeerState::Joining, throughput: 0.0 }));
+        let weights = Arc::new(match local {
+            Some(w) => w,
+            None => Weights::from_swarm(&node, &bootstrap, &args.data).await?,
+        });
+        let model = weights.model.clone();
+        let model_id = weights.model_id;
+        let n_layers = model.spec().n_layers;
+        let len = span_len(&model, fixed.as_ref(), args.num_layers, budget)?;
+        let holds = weights.seed(&node).await?;
+        let own = Arc::new(Mutex::new(Own { span: None, state: PeerState::Joining, throughput: 0.0, holds }));
         let membership = Arc::new(
             join_swarm(
                 &node,
@@ -170,7 +162,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         out.flush()?;
         drop(out);
         for t in &args.join {
-            check_peer(&node, t, model_id).await;
+            check_peer(&node, t, model_id).await?;
         }
 
         let span = match fixed.clone() {
@@ -202,6 +194,10 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             o.state = PeerState::Joining;
         }
         membership.announce_now();
+        let fallback: Vec<_> = bootstrap.iter().map(|a| peer_id(&a.id)).collect();
+        if weights.fetch_span(&node, span.clone(), peers_fn(&membership), fallback).await?.is_some() {
+            lock(&own).holds = weights.seed(&node).await?;
+        }
         let (stage, throughput) = load_measured(&model, model_id, span.clone(), &args.limits)?;
         node.serve(stage);
         {
@@ -226,8 +222,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         let drain_timeout = Duration::from_secs_f64(args.drain_timeout.max(0.0));
         let mover = (fixed.is_none() && args.rebalance_interval > 0.0).then(|| {
             let mover = Mover {
-                model: model.clone(),
-                model_id,
+                weights: weights.clone(),
                 limits: args.limits.clone(),
                 node: node.clone(),
                 membership: membership.clone(),
@@ -247,7 +242,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
                 let origin = Node::bind(net.options(None)).await?;
                 let d = Arc::new(driver(&model, model_id, origin.clone(), DriverConfig::default()));
                 membership.follow(d.clone());
-                let served = serve(&model, &args.model, d, addr, &args.api_options).await;
+                let served = serve(&model, &weights.name(), d, addr, &args.api_options).await;
                 origin.shutdown().await;
                 served
             }
@@ -269,6 +264,48 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         eprintln!("stopped");
         served
     })
+}
+
+/// The layers to serve: a fixed span's, `--num-layers`, or as many as the memory budget
+/// (default: half the memory available) holds.
+fn span_len(
+    model: &Model,
+    fixed: Option<&Range<usize>>,
+    num_layers: Option<usize>,
+    budget: Option<u64>,
+) -> Result<usize> {
+    let n_layers = model.spec().n_layers;
+    Ok(match (fixed, num_layers) {
+        (Some(span), _) => {
+            if span.end > n_layers {
+                bail!("layers {}..{} are outside the model's {n_layers} layers", span.start, span.end);
+            }
+            span.len()
+        }
+        (None, Some(n)) if n == 0 || n > n_layers => bail!("--num-layers must be 1..={n_layers}, got {n}"),
+        (None, Some(n)) => n,
+        (None, None) => {
+            let budget = match budget {
+                Some(b) => b,
+                None => available_memory()? / 2,
+            };
+            let per_layer = model.layer_bytes();
+            if budget < per_layer {
+                bail!(
+                    "a memory budget of {} MiB does not hold one layer ({} MiB)",
+                    budget >> 20,
+                    per_layer.div_ceil(1 << 20)
+                );
+            }
+            span_len_for_memory(budget, per_layer, n_layers as u32) as usize
+        }
+    })
+}
+
+/// The peers of the membership's view (the providers of pieces).
+fn peers_fn(membership: &Arc<Membership>) -> impl Fn() -> Vec<Announcement> + Send + Sync + 'static {
+    let m = membership.clone();
+    move || m.peers()
 }
 
 /// Loads `span` and measures its speed.
@@ -312,6 +349,7 @@ fn own_fn(own: Arc<Mutex<Own>>, node: Node) -> impl Fn() -> Option<OwnSpan> + Se
             throughput: o.throughput as f32,
             load: info.as_ref().map_or(0, |i| i.sessions),
             free_kv_bytes: info.map_or(0, |i| i.free_kv_bytes),
+            holds: o.holds,
         })
     }
 }
@@ -319,8 +357,7 @@ fn own_fn(own: Arc<Mutex<Own>>, node: Node) -> impl Fn() -> Option<OwnSpan> + Se
 /// Rebalancing: at jittered intervals, asks the placement rules whether to move, and moves
 /// with the drain → re-check → join protocol.
 struct Mover {
-    model: Arc<Model>,
-    model_id: [u8; 32],
+    weights: Arc<Weights>,
     limits: StageArgs,
     node: Node,
     membership: Arc<Membership>,
@@ -331,6 +368,16 @@ struct Mover {
 }
 
 impl Mover {
+    /// Fetches the pieces `span` needs that this node lacks (nothing for a local model file),
+    /// then serves and announces them.
+    async fn prefetch(&self, span: Range<usize>) -> Result<()> {
+        if self.weights.fetch_span(&self.node, span, peers_fn(&self.membership), Vec::new()).await?.is_some()
+        {
+            lock(&self.own).holds = self.weights.seed(&self.node).await?;
+        }
+        Ok(())
+    }
+
     async fn run(self) {
         let mut rng = StdRng::from_os_rng();
         loop {
@@ -360,6 +407,15 @@ impl Mover {
             (o.span.clone().context("no span")?, o.throughput)
         };
         let len = old.len();
+        // Fetch first: a worker moving to layers whose pieces it lacks fetches them while it
+        // still serves its span, so coverage never drops for the download.
+        if let Some(dest) = self
+            .membership
+            .with_view(|v| move_target(v, me, old.start as u32, old.end as u32, throughput, &self.config))
+        {
+            let dest = dest as usize;
+            self.prefetch(dest..dest + len).await?;
+        }
         eprintln!("rebalancing: layers {}..{} may move; draining to re-check", old.start, old.end);
         // Origins stop routing new sessions here as soon as they see this.
         self.set(old.clone(), PeerState::Draining);
@@ -373,11 +429,17 @@ impl Mover {
             return Ok(());
         };
         let new = dest..dest + len;
+        // Normally fetched already; the re-check may have chosen another destination.
+        if let Err(e) = self.prefetch(new.clone()).await {
+            eprintln!("rebalancing: staying on layers {}..{} ({e:#})", old.start, old.end);
+            self.set(old, PeerState::Serving);
+            return Ok(());
+        }
         drain(&self.node, self.drain_timeout).await;
         self.node.stop_serving().await;
         self.set(new.clone(), PeerState::Joining);
         let (stage, throughput, span) =
-            match load_measured(&self.model, self.model_id, new.clone(), &self.limits) {
+            match load_measured(&self.weights.model, self.weights.model_id, new.clone(), &self.limits) {
                 Ok((stage, t)) => (stage, t, new),
                 Err(e) => {
                     eprintln!(
@@ -385,7 +447,8 @@ impl Mover {
                         new.start, new.end, old.start, old.end
                     );
                     self.set(old.clone(), PeerState::Joining);
-                    let (stage, t) = load_measured(&self.model, self.model_id, old.clone(), &self.limits)?;
+                    let (stage, t) =
+                        load_measured(&self.weights.model, self.weights.model_id, old.clone(), &self.limits)?;
                     (stage, t, old.clone())
                 }
             };
@@ -444,9 +507,10 @@ fn parse_size(s: &str) -> Result<u64> {
     Ok(bytes as u64)
 }
 
-/// Pings a peer from a ticket and reports what it serves.
-async fn check_peer(node: &Node, ticket: &str, model_id: [u8; 32]) {
-    let Ok(addr) = parse_ticket(ticket) else { return };
+/// Pings a peer from a ticket and reports what it serves; a peer that serves another model
+/// (another file, or other bytes of it) is an error naming both model ids.
+async fn check_peer(node: &Node, ticket: &str, model_id: [u8; 32]) -> Result<()> {
+    let Ok(addr) = parse_ticket(ticket) else { return Ok(()) };
     let id = peer_id(&addr.id);
     node.add_peer_addr(addr);
     match node.ping(id, Duration::from_secs(5)).await {
@@ -458,10 +522,21 @@ async fn check_peer(node: &Node, ticket: &str, model_id: [u8; 32]) {
                 info.end
             );
         }
-        Ok((_, Some(_))) => eprintln!("warning: peer {} serves a different model", short(&id)),
+        Ok((_, Some(info))) => bail!(
+            "peer {} serves model {}, but this worker's model is {}: the local file is not the \
+             swarm's model (another model, or damaged bytes); drop --model to fetch the swarm's",
+            short(&id),
+            hex(&info.model_id),
+            hex(&model_id)
+        ),
         Ok((_, None)) => eprintln!("peer {} serves no layers", short(&id)),
         Err(e) => eprintln!("warning: peer {}: {e}", short(&id)),
     }
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn write_atomically(path: &Path, text: &str) -> Result<()> {

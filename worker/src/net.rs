@@ -3,7 +3,8 @@
 //!
 //! # Shape
 //! - A [`Node`] owns one iroh [`Endpoint`] and a [`Router`] that accepts the stage ALPN
-//!   ([`crate::protocol::ALPN`]). Relays and public address lookup are off unless
+//!   ([`crate::protocol::ALPN`]), iroh-gossip's and iroh-blobs' (the pieces of model weights
+//!   in [`Node::blobs`]). Relays and public address lookup are off unless
 //!   [`NodeOptions`] turns them on; peers are dialed by node id through an in-memory address
 //!   book ([`MemoryLookup`]) filled from tickets and from the address book of each
 //!   `OpenSession`.
@@ -291,6 +292,7 @@ pub struct Node {
     inner: Arc<Inner>,
     router: Arc<Router>,
     gossip: iroh_gossip::Gossip,
+    blobs: iroh_blobs::store::mem::MemStore,
 }
 
 impl std::fmt::Debug for Node {
@@ -367,11 +369,16 @@ impl Node {
         });
         // Gossip carries the swarm's announcements (small: far below this message limit).
         let gossip = iroh_gossip::Gossip::builder().max_message_size(4096).spawn(endpoint.clone());
+        // Pieces of model weights this node serves (added by whoever holds them; see
+        // `shoal_coordinator_free_router::weights`). In memory: pieces are zero-copy views of
+        // memory-mapped model files.
+        let blobs = iroh_blobs::store::mem::MemStore::new();
         let router = Router::builder(endpoint)
             .accept(ALPN, StageProtocol { inner: inner.clone() })
             .accept(iroh_gossip::ALPN, gossip.clone())
+            .accept(iroh_blobs::ALPN, iroh_blobs::BlobsProtocol::new(&blobs, None))
             .spawn();
-        Ok(Self { inner, router: Arc::new(router), gossip })
+        Ok(Self { inner, router: Arc::new(router), gossip, blobs })
     }
 
     /// Shoal nodes found on the local network by mDNS (empty unless
@@ -398,6 +405,12 @@ impl Node {
     /// The gossip protocol of this node (the swarm's membership runs on it).
     pub fn gossip(&self) -> &iroh_gossip::Gossip {
         &self.gossip
+    }
+
+    /// The content-addressed store whose blobs this node serves to peers over iroh-blobs
+    /// (pieces of model weights).
+    pub fn blobs(&self) -> &iroh_blobs::api::Store {
+        &self.blobs
     }
 
     /// How to reach this node: its id and direct addresses (the bound sockets, with an

@@ -4,10 +4,11 @@
 //! `issued_at_ms + ttl_ms`". It travels inside a [`Signed`] envelope; [`open`] decodes the body
 //! and verifies the signature against the body's `node` (the author, never the forwarder).
 //!
-//! # Wire format of an announcement body (format version 1)
+//! # Wire format of an announcement body (format version 2)
 //!
-//! All integers little-endian. The total is 116 + `version_len` + the addresses' bytes
-//! (116..=300), and anything longer than [`MAX_ANNOUNCEMENT_BYTES`] is refused before parsing.
+//! All integers little-endian. The total is 118 + `version_len` + the addresses' and held
+//! ranges' bytes (118..=334), and anything longer than [`MAX_ANNOUNCEMENT_BYTES`] is refused
+//! before parsing.
 //!
 //! | offset | size | field           | notes                                             |
 //! |-------:|-----:|-----------------|---------------------------------------------------|
@@ -28,9 +29,14 @@
 //! | 115    | len  | `version`       | UTF-8                                             |
 //! | 115+len| 1    | `n_addrs`       | u8, 0..=[`MAX_ADDRS`]                             |
 //! | …      | 7/19 | `addrs[i]`      | family u8 (4 or 6), IP (4 or 16 bytes), port u16  |
+//! | …      | 1    | `n_held`        | u8, 0..=[`MAX_HELD_RANGES`]                       |
+//! | …      | 8    | `held[i]`       | u32 start, u32 end: layers whose pieces it serves |
+//! | …      | 1    | `held_flags`    | bit 0 header and globals, 1 embedding, 2 output norm and LM head |
 //!
 //! The addresses are where the author accepts connections (its direct socket addresses): with
-//! relays and address lookup off, a peer known only by its key could not be dialled.
+//! relays and address lookup off, a peer known only by its key could not be dialled. The held
+//! ranges and flags say which pieces of the model's manifest (see `shoal_model_shards::manifest`)
+//! the author serves to peers that fetch weights: layer pieces by range, the others by flag.
 //!
 //! # Wire format of a [`Signed`] envelope
 //!
@@ -49,9 +55,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use crate::swarm::{ModelId, PeerId};
 
 /// Leading byte of every encoded announcement body.
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
 /// Largest accepted encoded body; longer input is refused before parsing.
-pub const MAX_ANNOUNCEMENT_BYTES: usize = 320;
+pub const MAX_ANNOUNCEMENT_BYTES: usize = 352;
+/// Most layer ranges of held pieces in one announcement.
+pub const MAX_HELD_RANGES: usize = 4;
 /// Most socket addresses in one announcement.
 pub const MAX_ADDRS: usize = 8;
 /// Largest accepted encoded [`Signed`] envelope.
@@ -107,6 +115,36 @@ impl PeerState {
     }
 }
 
+/// Which pieces of the model's manifest a peer serves to others (weights fetched from the
+/// swarm).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Holdings {
+    /// Layer ranges `(start, end)` whose layer pieces it holds, at most [`MAX_HELD_RANGES`].
+    pub layers: Vec<(u32, u32)>,
+    /// The header and global tensors.
+    pub header: bool,
+    /// The token embedding.
+    pub embedding: bool,
+    /// The final norm and the LM head.
+    pub output: bool,
+}
+
+impl Holdings {
+    /// Everything of a model of `n_layers` layers (a node with the whole file).
+    pub fn all(n_layers: u32) -> Self {
+        Self { layers: vec![(0, n_layers)], header: true, embedding: true, output: true }
+    }
+
+    /// Whether the layer pieces of `layer` are held.
+    pub fn has_layer(&self, layer: u32) -> bool {
+        self.layers.iter().any(|&(s, e)| s <= layer && layer < e)
+    }
+
+    fn flags(&self) -> u8 {
+        u8::from(self.header) | u8::from(self.embedding) << 1 | u8::from(self.output) << 2
+    }
+}
+
 /// One node's statement about what it serves. See the module docs for the byte layout.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Announcement {
@@ -138,6 +176,8 @@ pub struct Announcement {
     pub ttl_ms: u32,
     /// Where the author accepts connections, at most [`MAX_ADDRS`].
     pub addrs: Vec<SocketAddr>,
+    /// The pieces of the model's weights the author serves to others.
+    pub holds: Holdings,
 }
 
 /// Why bytes or an announcement were refused.
@@ -193,6 +233,17 @@ pub enum AnnounceError {
     TooManyAddrs(usize),
     /// An address family byte other than 4 or 6.
     UnknownAddrFamily(u8),
+    /// More than [`MAX_HELD_RANGES`] held layer ranges.
+    TooManyHeldRanges(usize),
+    /// A held layer range that is empty or beyond the model.
+    BadHeldRange {
+        /// First layer.
+        start: u32,
+        /// One past the last layer.
+        end: u32,
+    },
+    /// Unknown bits in the held flags.
+    UnknownHeldFlags(u8),
 }
 
 impl fmt::Display for AnnounceError {
@@ -218,6 +269,11 @@ impl fmt::Display for AnnounceError {
             AnnounceError::BadSignature => write!(f, "signature does not verify"),
             AnnounceError::TooManyAddrs(n) => write!(f, "{n} addresses exceed {MAX_ADDRS}"),
             AnnounceError::UnknownAddrFamily(b) => write!(f, "unknown address family {b}"),
+            AnnounceError::TooManyHeldRanges(n) => {
+                write!(f, "{n} held layer ranges exceed {MAX_HELD_RANGES}")
+            }
+            AnnounceError::BadHeldRange { start, end } => write!(f, "bad held layer range [{start}, {end})"),
+            AnnounceError::UnknownHeldFlags(b) => write!(f, "unknown held flags {b:#x}"),
         }
     }
 }
@@ -247,6 +303,12 @@ impl Announcement {
         }
         if self.addrs.len() > MAX_ADDRS {
             return Err(AnnounceError::TooManyAddrs(self.addrs.len()));
+        }
+        if self.holds.layers.len() > MAX_HELD_RANGES {
+            return Err(AnnounceError::TooManyHeldRanges(self.holds.layers.len()));
+        }
+        if let Some(&(start, end)) = self.holds.layers.iter().find(|&&(s, e)| s >= e || e > self.n_layers) {
+            return Err(AnnounceError::BadHeldRange { start, end });
         }
         Ok(())
     }
@@ -293,6 +355,13 @@ impl Announcement {
             }
             out.extend_from_slice(&addr.port().to_le_bytes());
         }
+        let n = self.holds.layers.len().min(usize::from(u8::MAX));
+        out.push(n as u8);
+        for &(start, end) in &self.holds.layers[..n] {
+            out.extend_from_slice(&start.to_le_bytes());
+            out.extend_from_slice(&end.to_le_bytes());
+        }
+        out.push(self.holds.flags());
         out
     }
 
@@ -337,6 +406,20 @@ impl Announcement {
             };
             addrs.push(SocketAddr::new(ip, r.u16()?));
         }
+        let n_held = usize::from(r.u8()?);
+        if n_held > MAX_HELD_RANGES {
+            return Err(AnnounceError::TooManyHeldRanges(n_held));
+        }
+        let mut layers = Vec::with_capacity(n_held);
+        for _ in 0..n_held {
+            layers.push((r.u32()?, r.u32()?));
+        }
+        let flags = r.u8()?;
+        if flags & !0b111 != 0 {
+            return Err(AnnounceError::UnknownHeldFlags(flags));
+        }
+        let holds =
+            Holdings { layers, header: flags & 1 != 0, embedding: flags & 2 != 0, output: flags & 4 != 0 };
         r.finish()?;
         let a = Announcement {
             node,
@@ -353,6 +436,7 @@ impl Announcement {
             issued_at_ms,
             ttl_ms,
             addrs,
+            holds,
         };
         a.validate()?;
         Ok(a)

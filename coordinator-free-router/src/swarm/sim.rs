@@ -249,6 +249,7 @@ impl Sim {
             issued_at_ms,
             ttl_ms: (3 * self.cfg.announce_interval_ms) as u32,
             addrs: Vec::new(),
+            holds: Default::default(),
         });
         p.view.handle(ViewEvent::Announced((*a).clone()), issued_at_ms);
         let (dmin, dmax) = self.cfg.delay_ms;

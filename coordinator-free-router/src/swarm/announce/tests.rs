@@ -18,6 +18,7 @@ pub(crate) fn sample() -> Announcement {
         issued_at_ms: 1_700_000_000_000,
         ttl_ms: 90_000,
         addrs: vec!["127.0.0.1:4433".parse().unwrap(), "[::1]:4434".parse().unwrap()],
+        holds: Holdings { layers: vec![(4, 10), (20, 30)], header: true, embedding: false, output: true },
     }
 }
 
@@ -48,6 +49,8 @@ prop_compose! {
         issued_at_ms in any::<u64>(),
         ttl_ms in MIN_TTL_MS..=MAX_TTL_MS,
         addrs in proptest::collection::vec(arb_addr(), 0..=MAX_ADDRS),
+        held in proptest::collection::vec((any::<u32>(), any::<u32>()), 0..=MAX_HELD_RANGES),
+        flags in 0u8..8,
     ) -> Announcement {
         let start = a % n_layers;
         let end = start + 1 + b % (n_layers - start);
@@ -55,9 +58,18 @@ prop_compose! {
         while version.len() > MAX_VERSION_BYTES {
             version.pop();
         }
+        let layers = held
+            .into_iter()
+            .map(|(a, b)| {
+                let s = a % n_layers;
+                (s, s + 1 + b % (n_layers - s))
+            })
+            .collect();
+        let holds =
+            Holdings { layers, header: flags & 1 != 0, embedding: flags & 2 != 0, output: flags & 4 != 0 };
         Announcement {
             node, model, n_layers, start, end, state, throughput, load, free_kv_bytes, version, seq,
-            issued_at_ms, ttl_ms, addrs,
+            issued_at_ms, ttl_ms, addrs, holds,
         }
     }
 }
@@ -139,10 +151,13 @@ fn each_invalid_field_is_refused() {
         (|a| a.version = "x".repeat(33), AnnounceError::VersionTooLong(33)),
         (
             |a| a.version = "x".repeat(300),
-            // 115 fixed + 255 version + 1 count + 7 (IPv4) + 19 (IPv6).
-            AnnounceError::TooLarge { len: 115 + 255 + 1 + 7 + 19, max: MAX_ANNOUNCEMENT_BYTES },
+            // 115 fixed + 255 version + 1 count + 7 (IPv4) + 19 (IPv6) + 1 + 2 * 8 held + 1 flags.
+            AnnounceError::TooLarge { len: 115 + 255 + 1 + 7 + 19 + 1 + 16 + 1, max: MAX_ANNOUNCEMENT_BYTES },
         ),
         (|a| a.addrs = vec!["10.0.0.1:1".parse().unwrap(); MAX_ADDRS + 1], AnnounceError::TooManyAddrs(9)),
+        (|a| a.holds.layers = vec![(0, 1); MAX_HELD_RANGES + 1], AnnounceError::TooManyHeldRanges(5)),
+        (|a| a.holds.layers = vec![(3, 3)], AnnounceError::BadHeldRange { start: 3, end: 3 }),
+        (|a| a.holds.layers = vec![(29, 31)], AnnounceError::BadHeldRange { start: 29, end: 31 }),
     ];
     for (i, (mutate, want)) in cases.into_iter().enumerate() {
         let mut a = sample();
@@ -156,8 +171,8 @@ fn each_invalid_field_is_refused() {
     assert!(matches!(Announcement::decode(&a.encode()), Err(AnnounceError::BadThroughput(t)) if t.is_nan()));
     // Bytes that no encoder produces.
     let mut bytes = sample().encode();
-    bytes[0] = 2;
-    assert_eq!(Announcement::decode(&bytes), Err(AnnounceError::UnknownFormat(2)));
+    bytes[0] = 1;
+    assert_eq!(Announcement::decode(&bytes), Err(AnnounceError::UnknownFormat(1)));
     let mut bytes = sample().encode();
     bytes[77] = 3;
     assert_eq!(Announcement::decode(&bytes), Err(AnnounceError::UnknownState(3)));
@@ -168,6 +183,10 @@ fn each_invalid_field_is_refused() {
     let mut bytes = sample().encode();
     bytes[115 + 11 + 1] = 5;
     assert_eq!(Announcement::decode(&bytes), Err(AnnounceError::UnknownAddrFamily(5)));
+    // The held flags are the last byte.
+    let mut bytes = sample().encode();
+    *bytes.last_mut().unwrap() = 0x08;
+    assert_eq!(Announcement::decode(&bytes), Err(AnnounceError::UnknownHeldFlags(0x08)));
 }
 
 #[test]
@@ -185,7 +204,7 @@ fn signature_is_checked_against_the_author() {
     let relabelled = Signed { body: other.encode(), signature: [7; 64] };
     assert_eq!(open(&relabelled, verify), Err(AnnounceError::BadSignature));
     // A body that does not decode is refused before the verifier runs.
-    let garbage = Signed { body: vec![1, 2, 3], signature: [7; 64] };
+    let garbage = Signed { body: vec![FORMAT_VERSION, 2, 3], signature: [7; 64] };
     assert_eq!(open(&garbage, |_, _, _| panic!("verify must not run")), Err(AnnounceError::Truncated));
 }
 
@@ -195,11 +214,11 @@ fn byte_snapshot() {
     assert_eq!(hex, SNAPSHOT);
 }
 
-/// Format version 1 of `sample()`: 01 | node | model | n_layers | start | end | state |
+/// Format version 2 of `sample()`: 02 | node | model | n_layers | start | end | state |
 /// throughput | load | free_kv_bytes | seq | issued_at_ms | ttl_ms | version_len | version |
-/// n_addrs | (family, ip, port) per address.
+/// n_addrs | (family, ip, port) per address | n_held | (start, end) per range | held flags.
 const SNAPSHOT: &str = concat!(
-    "01",
+    "02",
     "1111111111111111111111111111111111111111111111111111111111111111",
     "2222222222222222222222222222222222222222222222222222222222222222",
     "1e000000",
@@ -221,6 +240,12 @@ const SNAPSHOT: &str = concat!(
     "06",
     "00000000000000000000000000000001",
     "5211",
+    "02",
+    "04000000",
+    "0a000000",
+    "14000000",
+    "1e000000",
+    "05",
 );
 
 #[test]

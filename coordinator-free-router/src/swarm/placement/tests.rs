@@ -27,6 +27,7 @@ fn view_of(n_layers: u32, peers: &[(u32, u32, f64, PeerState)]) -> SwarmView {
             issued_at_ms: T0,
             ttl_ms: 60_000,
             addrs: Vec::new(),
+            holds: Default::default(),
         };
         v.handle(ViewEvent::Announced(a), T0);
     }

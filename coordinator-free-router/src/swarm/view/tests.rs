@@ -20,6 +20,7 @@ fn ann(node: u8, start: u32, end: u32, seq: u64, issued_at_ms: u64) -> Announcem
         issued_at_ms,
         ttl_ms: 10_000,
         addrs: Vec::new(),
+        holds: Default::default(),
     }
 }
 

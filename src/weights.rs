@@ -1,0 +1,306 @@
+//! The model a node runs: a local file, whose pieces the node seeds to the swarm, or the
+//! swarm's, fetched piece by piece into the data dir (see
+//! `shoal_coordinator_free_router::weights`).
+
+use std::io::IsTerminal;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use iroh::EndpointAddr;
+use shoal_coordinator_free_router::swarm::PeerId;
+use shoal_coordinator_free_router::swarm::announce::{Announcement, Holdings};
+use shoal_coordinator_free_router::weights::{
+    FetchConfig, FetchReport, PieceDir, Progress, announces, fetch_manifest, fetch_pieces, holdings, seed,
+};
+use shoal_model_shards::manifest::Manifest;
+use shoal_model_shards::{Model, ModelFormat};
+use shoal_worker::net::{Node, peer_id, short};
+
+/// Where a node keeps what it fetches.
+#[derive(Debug, Clone, Args)]
+pub struct DataArgs {
+    /// Where model pieces fetched from the swarm and manifests of local model files are kept
+    /// (default: `$XDG_DATA_HOME/shoal`, else `~/.local/share/shoal`).
+    #[arg(long, env = "SHOAL_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl DataArgs {
+    /// The data dir.
+    pub fn dir(&self) -> Result<PathBuf> {
+        if let Some(d) = &self.data_dir {
+            return Ok(d.clone());
+        }
+        if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+            return Ok(PathBuf::from(d).join("shoal"));
+        }
+        let home = std::env::var_os("HOME")
+            .filter(|h| !h.is_empty())
+            .context("no --data-dir, XDG_DATA_HOME or HOME: give --data-dir")?;
+        Ok(PathBuf::from(home).join(".local/share/shoal"))
+    }
+}
+
+/// The manifest of a local GGUF file, cached in the data dir under the file's path, size and
+/// modification time (computing it reads the whole file; see BENCHMARKS.md). A cache that
+/// cannot be read or written is only a cost, never an error.
+pub fn local_manifest(path: &Path, data: &DataArgs) -> Result<Manifest> {
+    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+    let key = format!("{}\n{}\n{:?}", canonical.display(), meta.len(), mtime);
+    let cache = data
+        .dir()
+        .ok()
+        .map(|d| d.join("manifests").join(format!("{}.json", blake3::hash(key.as_bytes()).to_hex())));
+    if let Some(bytes) = cache.as_ref().and_then(|c| std::fs::read(c).ok())
+        && let Ok(m) = Manifest::from_bytes(&bytes, None)
+        && m.file_size == meta.len()
+    {
+        return Ok(m);
+    }
+    let started = Instant::now();
+    let manifest = Manifest::of_gguf(path).with_context(|| format!("hashing {}", path.display()))?;
+    tracing::info!("hashed {} in {:.2?}", path.display(), started.elapsed());
+    if let Some(c) = cache {
+        let written = c.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| {
+            let tmp = c.with_extension("tmp");
+            std::fs::write(&tmp, manifest.to_bytes())?;
+            std::fs::rename(&tmp, &c)
+        });
+        if let Err(e) = written {
+            tracing::debug!("caching the manifest at {}: {e}", c.display());
+        }
+    }
+    Ok(manifest)
+}
+
+/// Where the weights come from.
+enum Source {
+    /// A model file or directory on this machine (all of it).
+    Local(PathBuf),
+    /// The swarm's, in the data dir.
+    Swarm(Arc<PieceDir>),
+}
+
+/// The model a node runs, and where its weights come from.
+pub struct Weights {
+    /// The opened model (for a swarm-fetched one, loadable where its pieces are present).
+    pub model: Arc<Model>,
+    /// The swarm's model id.
+    pub model_id: [u8; 32],
+    manifest: Option<Manifest>,
+    source: Source,
+}
+
+impl Weights {
+    /// A model on this machine: a GGUF file (its id is its manifest's) or a Hugging Face
+    /// directory.
+    pub fn local(path: &Path, data: &DataArgs) -> Result<Self> {
+        let model = Model::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let (model_id, manifest) = match model.format() {
+            ModelFormat::Gguf => {
+                let m = local_manifest(path, data)?;
+                (m.id(), Some(m))
+            }
+            ModelFormat::HuggingFace => (model.model_id().context("hashing the model")?, None),
+        };
+        Ok(Self { model: Arc::new(model), model_id, manifest, source: Source::Local(path.to_path_buf()) })
+    }
+
+    /// The swarm's model, learned from the nodes of `tickets` (or found on the LAN): its
+    /// manifest, header and global tensors are fetched into the data dir (what an origin
+    /// needs: tokenizer, chat template, shapes); [`Weights::fetch_span`] fetches a span's.
+    pub async fn from_swarm(node: &Node, tickets: &[EndpointAddr], data: &DataArgs) -> Result<Self> {
+        let data_dir = data.dir()?;
+        let (model_id, _) = identify(node, tickets).await?;
+        let providers: Vec<PeerId> =
+            tickets.iter().map(|a| peer_id(&a.id)).chain(node.local_peers()).collect();
+        let dir = match PieceDir::open(&data_dir, &model_id)? {
+            Some(dir) => dir,
+            None => {
+                let manifest = fetch_manifest(node, model_id, &providers).await?;
+                PieceDir::create(&data_dir, manifest)
+                    .with_context(|| format!("preparing the data dir {}", data_dir.display()))?
+            }
+        };
+        let dir = Arc::new(dir);
+        let want = dir.manifest().pieces_for_span(0..0);
+        let fixed = providers.clone();
+        let report = fetch_pieces(
+            node,
+            dir.clone(),
+            &want,
+            Arc::new(move |_| fixed.clone()),
+            FetchConfig::default(),
+            Arc::new(|_, _| {}),
+        )
+        .await
+        .context("fetching the model's header from the swarm")?;
+        if report.pieces > 0 {
+            eprintln!(
+                "fetched the model's header from the swarm: {} bytes (model {})",
+                report.bytes,
+                short(&model_id)
+            );
+        }
+        let path = dir.file();
+        let model = Model::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let manifest = dir.manifest().clone();
+        Ok(Self { model: Arc::new(model), model_id, manifest: Some(manifest), source: Source::Swarm(dir) })
+    }
+
+    /// A name for the model: a local file's stem, or the GGUF's `general.name`.
+    pub fn name(&self) -> String {
+        let path = match &self.source {
+            Source::Local(p) => p,
+            Source::Swarm(_) => {
+                let general = self.model.gguf_content().and_then(|c| c.metadata.get("general.name"));
+                if let Some(Ok(name)) = general.map(|v| v.to_string()) {
+                    return name.replace(' ', "-");
+                }
+                return format!("model-{}", short(&self.model_id));
+            }
+        };
+        path.file_stem().map_or_else(|| "model".to_owned(), |s| s.to_string_lossy().into_owned())
+    }
+
+    /// Serves every piece this node holds to the swarm; returns what to announce.
+    pub async fn seed(&self, node: &Node) -> Result<Holdings> {
+        let Some(manifest) = &self.manifest else { return Ok(Holdings::default()) };
+        let (path, held) = match &self.source {
+            Source::Local(p) => (p.clone(), (0..manifest.pieces.len()).collect::<Vec<_>>()),
+            Source::Swarm(d) => (d.file(), d.complete()),
+        };
+        let served = seed(node, &path, manifest, &held).await?;
+        if let Source::Swarm(d) = &self.source {
+            let bad: Vec<usize> = held.iter().copied().filter(|i| !served.contains(i)).collect();
+            if !bad.is_empty() {
+                // Damaged on disk: fetched again when next needed.
+                d.forget(&bad)?;
+            }
+        }
+        Ok(holdings(manifest, &served))
+    }
+
+    /// Fetches the pieces layers `span` need from the peers that announce them (`peers`, the
+    /// node's view), with a progress bar on a terminal; nothing for a local model.
+    pub async fn fetch_span(
+        &self,
+        node: &Node,
+        span: Range<usize>,
+        peers: impl Fn() -> Vec<Announcement> + Send + Sync + 'static,
+        fallback: Vec<PeerId>,
+    ) -> Result<Option<FetchReport>> {
+        let Source::Swarm(dir) = &self.source else { return Ok(None) };
+        let want = dir.manifest().pieces_for_span(span.clone());
+        let missing = dir.missing(&want);
+        if missing.is_empty() {
+            return Ok(None);
+        }
+        let total = dir.manifest().bytes_of(&missing);
+        eprintln!(
+            "fetching layers {}..{} from the swarm: {} pieces, {:.1} MiB (the whole file is {:.1} MiB)",
+            span.start,
+            span.end,
+            missing.len(),
+            mib(total),
+            mib(dir.manifest().file_size)
+        );
+        let bar = progress_bar(total);
+        let providers = Arc::new(move |piece: &shoal_model_shards::manifest::Piece| {
+            let mut ids: Vec<PeerId> =
+                peers().into_iter().filter(|a| announces(a, piece)).map(|a| a.node).collect();
+            if ids.is_empty() {
+                ids = fallback.clone();
+            }
+            ids
+        });
+        let report =
+            fetch_pieces(node, dir.clone(), &missing, providers, FetchConfig::default(), bar.clone())
+                .await
+                .with_context(|| format!("fetching layers {}..{} from the swarm", span.start, span.end))?;
+        let secs = report.elapsed.as_secs_f64().max(1e-6);
+        eprintln!(
+            "fetched: {} bytes in {} pieces in {:.2?} ({:.1} MB/s); the file is {} bytes{}",
+            report.bytes,
+            report.pieces,
+            report.elapsed,
+            report.bytes as f64 / secs / 1e6,
+            dir.manifest().file_size,
+            if report.corrupt_peers.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; peers caught sending corrupted bytes: {}",
+                    report.corrupt_peers.iter().map(short).collect::<Vec<_>>().join(", ")
+                )
+            }
+        );
+        Ok(Some(report))
+    }
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1 << 20) as f64
+}
+
+/// A progress callback: a bar (bytes, rate, ETA) on a terminal, a line every 10% otherwise.
+fn progress_bar(total: u64) -> Progress {
+    if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        return Arc::new(move |done, _| {
+            bar.set_position(done);
+            if done >= total {
+                bar.finish_and_clear();
+            }
+        });
+    }
+    let last = std::sync::Mutex::new(0u64);
+    Arc::new(move |done, total| {
+        let tenth = (done * 10).checked_div(total).unwrap_or(10);
+        let mut l = last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if tenth > *l {
+            *l = tenth;
+            eprintln!("fetch progress: {done}/{total} bytes");
+        }
+    })
+}
+
+/// The model a swarm serves, from the first ticket (or node found on the local network)
+/// whose node serves layers: its id and layer count. A worker that is moving serves nothing
+/// for a moment, and mDNS takes a moment too: asks again for up to ten seconds.
+pub async fn identify(node: &Node, tickets: &[EndpointAddr]) -> Result<([u8; 32], u32)> {
+    for addr in tickets {
+        node.add_peer_addr(addr.clone());
+    }
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut why = Vec::new();
+        let ids: Vec<_> = tickets.iter().map(|a| peer_id(&a.id)).chain(node.local_peers()).collect();
+        if ids.is_empty() {
+            why.push("no node found on the local network yet".to_owned());
+        }
+        for id in ids {
+            match node.ping(id, Duration::from_secs(5)).await {
+                Ok((_, Some(info))) => return Ok((info.model_id, info.n_layers)),
+                Ok((_, None)) => why.push(format!("{} serves no layers", short(&id))),
+                Err(e) => why.push(format!("{}: {e}", short(&id))),
+            }
+        }
+        if Instant::now() >= until {
+            bail!("no ticket is a worker's, so the model is unknown ({}); give --model", why.join("; "));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

@@ -1,0 +1,174 @@
+//! Weights from the swarm, as a volunteer meets them: real `shoal` processes on loopback.
+//!
+//! A worker with the model file serves layers 0..15; a second worker started with a ticket
+//! alone (no `--model`, an empty data dir) fetches only the pieces of layers 15..30 from it and
+//! serves them; an origin with no model file (`shoal generate --join`) fetches only the
+//! header. Greedy ids through the pair equal the one-process run, and those of an origin
+//! that has the file.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use serde::Deserialize;
+use shoal_model_shards::manifest::Manifest;
+
+fn model() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.is_file(), "{} is missing: run `bash deploy/fetch-model.sh` first", p.display());
+    p
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("shoal-weights-proc-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// A `shoal worker` process (killed when dropped), with what it printed until `ready:`.
+struct Worker {
+    child: Child,
+    ticket: String,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+impl Worker {
+    fn start(args: &[&str], data_dir: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .arg("worker")
+            .args(args)
+            .args(["--bind", "127.0.0.1:0", "--announce-interval", "1", "--data-dir"])
+            .arg(data_dir)
+            .env("SHOAL_THREADS", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start a worker");
+        let mut err = child.stderr.take().expect("stderr");
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut err, &mut s);
+            s
+        });
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut ticket = None;
+        let mut ready = false;
+        for line in lines.by_ref() {
+            let line = line.expect("worker stdout");
+            if let Some(t) = line.strip_prefix("ticket: ") {
+                ticket = Some(t.to_owned());
+            }
+            if line.starts_with("ready: ") {
+                ready = true;
+                break;
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        let mut w = Self { child, ticket: ticket.unwrap_or_default(), stderr };
+        if !ready {
+            let _ = w.child.kill();
+            let log = w.log();
+            panic!("worker {args:?} did not become ready: {log}");
+        }
+        w
+    }
+
+    /// Stops the worker and returns its stderr.
+    fn log(&mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::mem::replace(&mut self.stderr, std::thread::spawn(String::new)).join().unwrap_or_default()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Deserialize, Debug)]
+struct JsonLine {
+    text: String,
+    token_ids: Vec<u32>,
+}
+
+fn generate(args: &[&str]) -> (JsonLine, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .arg("generate")
+        .args(["--prompt", "The three primary colors are", "--max-tokens", "32", "--json"])
+        .args(args)
+        .env("SHOAL_THREADS", "2")
+        .output()
+        .expect("run shoal generate");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "shoal generate {args:?} failed: {stderr}");
+    (serde_json::from_slice(&out.stdout).expect("one JSON line"), stderr)
+}
+
+#[test]
+fn a_worker_joins_with_a_ticket_alone_and_fetches_only_its_span() {
+    let m = model();
+    let manifest = Manifest::of_gguf(&m).expect("manifest");
+    let (d0, d1, d2) = (temp_dir("seeder"), temp_dir("joiner"), temp_dir("origin"));
+    let mut seeder = Worker::start(&["--model", m.to_str().expect("utf-8"), "--layers", "0..15"], &d0);
+    let mut joiner = Worker::start(&["--join", &seeder.ticket, "--layers", "15..30"], &d1);
+
+    let (local, _) = generate(&["--model", m.to_str().expect("utf-8")]);
+    assert!(local.token_ids.len() >= 8, "{local:?}");
+    let bind = ["--bind", "127.0.0.1:0", "--announce-interval", "1"];
+    let mut no_file = vec!["--join", seeder.ticket.as_str(), "--data-dir", d2.to_str().expect("utf-8")];
+    no_file.extend(bind);
+    let (swarm, origin_log) = generate(&no_file);
+    assert_eq!(swarm.token_ids, local.token_ids, "{origin_log}");
+    assert_eq!(swarm.text, local.text);
+    let mut with_file = vec!["--join", seeder.ticket.as_str(), "--model", m.to_str().expect("utf-8")];
+    with_file.extend(bind);
+    let (with_file, _) = generate(&with_file);
+    assert_eq!(with_file.token_ids, local.token_ids);
+
+    // The joiner fetched exactly its span's pieces (and the header), far less than the file.
+    let log = joiner.log();
+    let want = manifest.bytes_of(&manifest.pieces_for_span(15..30));
+    let line = log.lines().find(|l| l.starts_with("fetched: ")).unwrap_or_else(|| panic!("{log}"));
+    eprintln!("joiner: {line}");
+    let header = manifest.bytes_of(&manifest.pieces_for_span(0..0));
+    let fetched: u64 =
+        line["fetched: ".len()..].split(' ').next().and_then(|n| n.parse().ok()).expect("a byte count");
+    assert_eq!(fetched + header, want, "{line}");
+    assert!(want < manifest.file_size * 7 / 10, "{want} of {}", manifest.file_size);
+    // The origin fetched the header alone.
+    assert!(origin_log.contains(&format!("header from the swarm: {header} bytes")), "{origin_log}");
+    let on_disk = |dir: &Path| -> u64 {
+        let file = dir.join("models").join(hex(&manifest.id())).join("model.gguf");
+        std::fs::metadata(&file).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).expect("the copy")
+    };
+    // Sparse copies: disk use follows what was fetched, not the file's size.
+    assert!(on_disk(&d1) < want + (1 << 20), "{} on disk", on_disk(&d1));
+    assert!(on_disk(&d2) < header + (1 << 20), "{} on disk", on_disk(&d2));
+    let seeder_log = seeder.log();
+    assert!(!seeder_log.contains("does not match"), "{seeder_log}");
+    for d in [d0, d1, d2] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn a_joiner_whose_ticket_is_not_a_worker_gets_a_clear_error() {
+    let d = temp_dir("noworker");
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["worker", "--layers", "0..2", "--bind", "127.0.0.1:0", "--data-dir"])
+        .arg(&d)
+        .args(["--join", "not-a-ticket"])
+        .output()
+        .expect("run shoal worker");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--join not-a-ticket") || err.contains("invalid ticket"), "{err}");
+    let _ = std::fs::remove_dir_all(d);
+}
