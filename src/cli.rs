@@ -2,6 +2,7 @@
 
 pub mod api;
 mod bench;
+pub mod common;
 pub mod generate;
 pub mod run;
 mod status;

@@ -13,7 +13,7 @@ use shoal_coordinator_free_router::driver::Driver;
 use shoal_model_shards::Model;
 use shoal_worker::net::Node;
 
-use crate::cli::generate::DEFAULT_MODEL;
+use crate::cli::common::DEFAULT_MODEL;
 use crate::node::{DriverArgs, SwarmArgs, SwarmOrigin, parse_tickets, runtime, shutdown_signal};
 
 /// Options of the API server.

@@ -76,7 +76,7 @@ use shoal_worker::net::Node;
 use shoal_worker::service::PeerId;
 use tokio::task::JoinSet;
 
-use crate::cli::generate::DEFAULT_MODEL;
+use crate::cli::common::DEFAULT_MODEL;
 use crate::cli::run::even_spans;
 use crate::node::{
     DriverArgs, StageArgs, SwarmArgs, SwarmOrigin, driver, load_stage, runtime, wait_for_route,

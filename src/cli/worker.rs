@@ -30,7 +30,7 @@ use shoal_worker::net::{Node, parse_ticket, peer_id, short};
 use shoal_worker::service::StageService;
 
 use crate::cli::api::{ApiArgs, serve};
-use crate::cli::generate::DEFAULT_MODEL;
+use crate::cli::common::DEFAULT_MODEL;
 use crate::node::{
     NetArgs, StageArgs, SwarmArgs, driver, join_swarm, load_or_create_key, load_stage, parse_layers,
     parse_tickets, runtime, shutdown_signal,
