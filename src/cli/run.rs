@@ -12,7 +12,9 @@ use shoal_worker::net::Node;
 
 use crate::cli::api::{ApiArgs, serve};
 use crate::cli::common::{DEFAULT_MODEL, GenOptions, generate_with, prepare};
-use crate::node::{DriverArgs, StageArgs, SwarmArgs, driver, join_swarm, load_stage, runtime, shutdown_signal};
+use crate::node::{
+    DriverArgs, StageArgs, SwarmArgs, driver, join_swarm, load_stage, runtime, shutdown_signal,
+};
 
 /// Arguments of `shoal run`.
 #[derive(Debug, Args)]
