@@ -26,31 +26,31 @@ pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 #[derive(Debug, Clone, Args)]
 pub struct GenOptions {
     /// Wrap the prompt as one user message with the model's chat template.
-    #[arg(long)]
+    #[arg(long, env = "SHOAL_CHAT")]
     pub chat: bool,
     /// Maximum tokens to generate.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, env = "SHOAL_MAX_TOKENS", default_value_t = 128)]
     pub max_tokens: usize,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, env = "SHOAL_TEMPERATURE", default_value_t = 0.0)]
     pub temperature: f32,
     /// Nucleus sampling mass.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, env = "SHOAL_TOP_P", default_value_t = 1.0)]
     pub top_p: f32,
     /// Keep only the k most likely tokens.
-    #[arg(long)]
+    #[arg(long, env = "SHOAL_TOP_K")]
     pub top_k: Option<u32>,
     /// Drop tokens below this fraction of the top token's probability.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, env = "SHOAL_MIN_P", default_value_t = 0.0)]
     pub min_p: f32,
     /// Repetition penalty (1 = off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, env = "SHOAL_REPETITION_PENALTY", default_value_t = 1.0)]
     pub repetition_penalty: f32,
     /// Seed of the deterministic sampler.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, env = "SHOAL_SEED", default_value_t = 0)]
     pub seed: u64,
     /// Print one JSON line instead of the text.
-    #[arg(long)]
+    #[arg(long, env = "SHOAL_JSON")]
     pub json: bool,
 }
 

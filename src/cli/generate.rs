@@ -16,17 +16,17 @@ pub struct GenerateArgs {
     #[arg(long, env = "SHOAL_MODEL", default_value = DEFAULT_MODEL)]
     model: PathBuf,
     /// The prompt text.
-    #[arg(long)]
+    #[arg(long, env = "SHOAL_PROMPT")]
     prompt: String,
     #[command(flatten)]
     options: GenOptions,
     /// Generate through the swarm of this node's ticket (repeatable; one is enough) instead
     /// of locally; this process then only tokenizes and routes (`--discovery local` also
     /// generates through the swarm, found on the local network).
-    #[arg(long = "join", value_name = "TICKET")]
+    #[arg(long = "join", env = "SHOAL_JOIN", value_name = "TICKET", value_delimiter = ',')]
     join: Vec<String>,
     /// With `--join`: seconds to wait for the swarm to cover every layer.
-    #[arg(long, default_value_t = 30.0, value_name = "SECS")]
+    #[arg(long, env = "SHOAL_ROUTE_WAIT", default_value_t = 30.0, value_name = "SECS")]
     route_wait: f64,
     #[command(flatten)]
     net: crate::node::DriverArgs,

@@ -23,14 +23,14 @@ pub struct RunArgs {
     #[arg(long, env = "SHOAL_MODEL", default_value = DEFAULT_MODEL)]
     model: PathBuf,
     /// Stages to split the layers into, evenly; each is its own iroh endpoint on loopback.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, env = "SHOAL_STAGES", default_value_t = 3)]
     stages: usize,
     /// Generate once for this prompt and exit; without it, keep serving until Ctrl-C.
-    #[arg(long, conflicts_with = "listen")]
+    #[arg(long, env = "SHOAL_PROMPT", conflicts_with = "listen")]
     prompt: Option<String>,
     /// Serve the OpenAI-compatible API on this address (e.g. 127.0.0.1:8000; port 0 picks
     /// one, printed on stdout).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, env = "SHOAL_LISTEN", value_name = "ADDR")]
     listen: Option<SocketAddr>,
     #[command(flatten)]
     options: GenOptions,
