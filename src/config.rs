@@ -198,6 +198,10 @@ impl ConfigFile {
             let Some(setting) = section.and_then(|s| s.get(long)).or_else(|| self.top.get(long)) else {
                 continue;
             };
+            if setting.values.is_empty() {
+                // `join = []`: the flag not given.
+                continue;
+            }
             let delimiter = arg.get_value_delimiter().unwrap_or(',');
             out.push((env.to_string_lossy().into_owned(), setting.values.join(&delimiter.to_string())));
         }

@@ -75,6 +75,9 @@ drain-timeout = 45.5
     // `shoal api` has no stage limits: the top-level key does not apply there.
     assert!(!env_of(&file, "api").contains_key("SHOAL_KV_BUDGET_MIB"));
     assert_eq!(env_of(&file, "api")["SHOAL_JOIN"], "ticketA,ticketB");
+    // An empty list is the flag not given.
+    let empty = parse("join = []\n").expect("valid");
+    assert!(!env_of(&empty, "worker").contains_key("SHOAL_JOIN"));
 }
 
 #[test]
