@@ -3,6 +3,7 @@
 pub mod api;
 mod bench;
 pub mod common;
+mod fetch;
 pub mod generate;
 pub mod run;
 mod status;

@@ -14,6 +14,7 @@ use shoal_model_shards::Model;
 use shoal_worker::net::Node;
 
 use crate::cli::common::DEFAULT_MODEL;
+use crate::cli::fetch::open_model;
 use crate::node::{DriverArgs, SwarmArgs, SwarmOrigin, parse_tickets, runtime, shutdown_signal};
 
 /// Options of the API server.
@@ -117,7 +118,7 @@ pub struct ApiCommandArgs {
 
 /// Runs `shoal api`.
 pub fn run(args: ApiCommandArgs) -> Result<()> {
-    let model = Model::open(&args.model).with_context(|| format!("opening {}", args.model.display()))?;
+    let model = open_model(&args.model)?;
     let model_id = model.model_id().context("hashing the model")?;
     parse_tickets(&args.join)?;
     if args.join.is_empty() && !args.driver.net.local_discovery() {
