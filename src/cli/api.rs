@@ -14,6 +14,7 @@ use shoal_model_shards::Model;
 use shoal_worker::net::Node;
 
 use crate::cli::common::DEFAULT_MODEL;
+use crate::cli::dashboard::Dashboard;
 use crate::cli::fetch::open_model;
 use crate::node::{DriverArgs, SwarmArgs, SwarmOrigin, parse_tickets, runtime, shutdown_signal};
 
@@ -162,11 +163,14 @@ pub async fn serve(
     let local = listener.local_addr()?;
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(watch_mesh(state.clone(), Duration::from_secs(5)));
+    let dashboard = Dashboard::new(state.clone(), model.spec().n_layers);
+    tasks.spawn(dashboard.clone().run_sampler());
     let keys = if state.config.api_keys.is_empty() { "no API key" } else { "API key required" };
     println!("listening: http://{local}/v1 (model {name}, {keys})");
     use std::io::Write;
     std::io::stdout().flush()?;
-    let served = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal()).await;
+    let app = router(state).merge(crate::cli::dashboard::router(dashboard));
+    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await;
     tasks.abort_all();
     served.context("serving the API")
 }
