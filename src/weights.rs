@@ -101,7 +101,7 @@ impl Weights {
     /// A model on this machine: a GGUF file (its id is its manifest's) or a Hugging Face
     /// directory.
     pub fn local(path: &Path, data: &DataArgs) -> Result<Self> {
-        let model = Model::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let model = crate::cli::fetch::open_model(path)?;
         let (model_id, manifest) = match model.format() {
             ModelFormat::Gguf => {
                 let m = local_manifest(path, data)?;

@@ -13,6 +13,7 @@ use shoal_coordinator_free_router::driver::Driver;
 use shoal_model_shards::Model;
 use shoal_worker::net::Node;
 
+use crate::cli::dashboard::Dashboard;
 use crate::node::{DriverArgs, SwarmArgs, SwarmOrigin, parse_tickets, runtime, shutdown_signal};
 use crate::weights::{DataArgs, Weights};
 
@@ -103,7 +104,7 @@ pub struct ApiCommandArgs {
     /// A node of the swarm to join through (repeatable; one is enough): routes go through
     /// every worker the swarm announces. Needed unless `--discovery local` finds the swarm
     /// on the local network.
-    #[arg(long = "join", value_name = "TICKET")]
+    #[arg(long = "join", env = "SHOAL_JOIN", value_name = "TICKET", value_delimiter = ',')]
     join: Vec<String>,
     /// Address of the HTTP server.
     #[arg(long, env = "SHOAL_LISTEN", default_value = "127.0.0.1:8000")]
@@ -168,11 +169,14 @@ pub async fn serve(
     let local = listener.local_addr()?;
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(watch_mesh(state.clone(), Duration::from_secs(5)));
+    let dashboard = Dashboard::new(state.clone(), model.spec().n_layers);
+    tasks.spawn(dashboard.clone().run_sampler());
     let keys = if state.config.api_keys.is_empty() { "no API key" } else { "API key required" };
     println!("listening: http://{local}/v1 (model {name}, {keys})");
     use std::io::Write;
     std::io::stdout().flush()?;
-    let served = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal()).await;
+    let app = router(state).merge(crate::cli::dashboard::router(dashboard));
+    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await;
     tasks.abort_all();
     served.context("serving the API")
 }

@@ -4,11 +4,10 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Args;
 use shoal_coordinator_free_router::swarm::announce::{Announcement, PeerState};
 use shoal_coordinator_free_router::swarm::view::bottleneck;
-use shoal_model_shards::Model;
 use shoal_worker::net::{Node, endpoint_id, short};
 
 use crate::node::{NetArgs, SwarmArgs, join_swarm, parse_tickets, runtime};
@@ -18,19 +17,19 @@ use crate::node::{NetArgs, SwarmArgs, join_swarm, parse_tickets, runtime};
 pub struct StatusArgs {
     /// A node of the swarm to join through (repeatable; one is enough; not needed with
     /// `--discovery local` when the swarm is on the local network).
-    #[arg(long = "join", value_name = "TICKET")]
+    #[arg(long = "join", env = "SHOAL_JOIN", value_name = "TICKET", value_delimiter = ',')]
     join: Vec<String>,
     /// One line of JSON: `{"model", "n_layers", "peers": [{"id", "start", "end", "state",
     /// "throughput", "load"}]}`.
-    #[arg(long)]
+    #[arg(long, env = "SHOAL_JSON")]
     json: bool,
     /// The model, when no ticket is a worker's (its identity names the swarm); by default the
     /// first worker among the tickets says which model it serves.
-    #[arg(long)]
+    #[arg(long, env = "SHOAL_MODEL")]
     model: Option<PathBuf>,
     /// Seconds to listen to the swarm before printing (default: one and a half announcement
     /// intervals, so that every live peer has announced once).
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, env = "SHOAL_WAIT", value_name = "SECS")]
     wait: Option<f64>,
     #[command(flatten)]
     net: NetArgs,
@@ -56,7 +55,7 @@ pub fn run(args: StatusArgs) -> Result<()> {
         .model
         .as_ref()
         .map(|p| -> Result<_> {
-            let m = Model::open(p).with_context(|| format!("opening {}", p.display()))?;
+            let m = crate::cli::fetch::open_model(p)?;
             Ok((m.model_id()?, m.spec().n_layers as u32))
         })
         .transpose()?;
