@@ -2,6 +2,7 @@
 
 pub mod api;
 mod bench;
+pub mod common;
 pub mod generate;
 pub mod run;
 mod status;
@@ -19,8 +20,14 @@ pub struct Cli {
     #[arg(long, global = true, env = "SHOAL_THREADS")]
     pub threads: Option<usize>,
     /// More logging on stderr (-v info, -vv debug); RUST_LOG overrides.
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    #[arg(short, long, global = true, env = "SHOAL_VERBOSE", action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// A TOML file of settings: keys are flag names (`kv-budget-mib = 1024`), at the top
+    /// level for every command or in a `[COMMAND]` table. A flag and an environment variable
+    /// win over the file. Default: `$XDG_CONFIG_HOME/shoal/config.toml` (or
+    /// `~/.config/shoal/config.toml`), else `/etc/shoal/config.toml`, when one exists.
+    #[arg(long, global = true, env = crate::config::CONFIG_ENV, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -50,6 +57,29 @@ enum Command {
     /// run; not known for --url) and failed streams. A table on stdout (a progress bar on
     /// stderr), or one JSON line with `--json`.
     Bench(bench::BenchArgs),
+    /// The config file: `shoal config print [COMMAND [FLAGS...]]` shows the settings a command
+    /// runs with and where each comes from (flag, env, file or default).
+    Config(ConfigArgs),
+}
+
+/// Arguments of `shoal config`.
+#[derive(Debug, clap::Args)]
+pub struct ConfigArgs {
+    #[command(subcommand)]
+    action: ConfigAction,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigAction {
+    /// Print the effective settings of a command (of every command when none is named), as a
+    /// config file whose comments say where each value comes from.
+    Print {
+        /// The command: run, worker, api, generate, status or bench.
+        command: Option<String>,
+        /// That command's flags, as they would be given to it.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        flags: Vec<String>,
+    },
 }
 
 /// Installs the tracing subscriber (stderr).
@@ -64,8 +94,8 @@ pub fn init_tracing(verbose: u8) {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
-/// Runs the chosen subcommand.
-pub fn run(cli: Cli) -> Result<()> {
+/// Runs the chosen subcommand (`config` is the config file `main` read, if any).
+pub fn run(cli: Cli, config: Option<&crate::config::ConfigFile>) -> Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Worker(args) => worker::run(args),
@@ -73,5 +103,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Api(args) => api::run(args),
         Command::Status(args) => status::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Config(ConfigArgs { action: ConfigAction::Print { command, flags } }) => {
+            let text = crate::config::print(config, command.as_deref(), &flags)?;
+            print!("{text}");
+            Ok(())
+        }
     }
 }

@@ -34,19 +34,19 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
 #[derive(Debug, Clone, Args)]
 pub struct NetArgs {
     /// Socket to bind (default: every interface, a random port).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, env = "SHOAL_BIND", value_name = "ADDR")]
     pub bind: Option<SocketAddr>,
     /// Use n0's public relays (off: works offline, peers must reach each other directly).
-    #[arg(long)]
+    #[arg(long, env = "SHOAL_RELAY")]
     pub relay: bool,
     /// How to find peers besides join tickets (repeatable): `local` finds shoal nodes on
     /// the local network with mDNS (no ticket needed there); `dns` publishes and looks up
     /// addresses through n0's public DNS. Neither by default (offline, tickets only).
-    #[arg(long, value_enum, value_name = "HOW")]
+    #[arg(long, env = "SHOAL_DISCOVERY", value_enum, value_name = "HOW", value_delimiter = ',')]
     pub discovery: Vec<Discovery>,
     /// Delay added before each frame this node sends, in milliseconds (emulates a network
     /// on loopback for benchmarks).
-    #[arg(long, default_value_t = 0.0, hide = true)]
+    #[arg(long, env = "SHOAL_SEND_DELAY_MS", default_value_t = 0.0, hide = true)]
     pub send_delay_ms: f64,
 }
 
@@ -104,11 +104,11 @@ impl From<WireArg> for WireDType {
 #[derive(Debug, Clone, Args)]
 pub struct DriverArgs {
     /// Dtype of hidden states between stages.
-    #[arg(long, value_enum, default_value_t = WireArg::F32)]
+    #[arg(long, env = "SHOAL_WIRE_DTYPE", value_enum, default_value_t = WireArg::F32)]
     pub wire_dtype: WireArg,
     /// Deadline of one decode step around the ring, in seconds; a step that misses it
     /// fails over to another route.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, env = "SHOAL_STEP_TIMEOUT", default_value_t = 10.0)]
     pub step_timeout: f64,
     #[command(flatten)]
     pub net: NetArgs,
@@ -221,20 +221,20 @@ impl SwarmOrigin {
 #[derive(Debug, Clone, Args)]
 pub struct StageArgs {
     /// Most sessions open at once.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, env = "SHOAL_MAX_SESSIONS", default_value_t = 64)]
     pub max_sessions: usize,
     /// KV-cache memory of the stage, in MiB, shared in blocks of 16 positions; a step that
     /// does not fit is refused.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, env = "SHOAL_KV_BUDGET_MIB", default_value_t = 2048)]
     pub kv_budget_mib: usize,
     /// Most sessions one peer may hold open here.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, env = "SHOAL_PER_PEER_SESSIONS", default_value_t = 16)]
     pub per_peer_sessions: usize,
     /// Close a session after this many seconds without a message.
-    #[arg(long, default_value_t = 120.0)]
+    #[arg(long, env = "SHOAL_IDLE_TIMEOUT", default_value_t = 120.0)]
     pub idle_timeout: f64,
     /// Longest session, in positions (also capped by the model).
-    #[arg(long, default_value_t = 8192)]
+    #[arg(long, env = "SHOAL_MAX_SEQ_LEN", default_value_t = 8192)]
     pub max_seq_len: usize,
 }
 

@@ -28,6 +28,35 @@ use crate::tokenizer::{Tokenizer, TokenizerConfig};
 
 const TEMPLATE_NAME: &str = "chat_template";
 
+/// Gemma's chat template (Gemma 3's `tokenizer_config.json`, for text content), used for a
+/// Gemma GGUF that ships none: turns `<start_of_turn>user|model` … `<end_of_turn>`, the
+/// system message prefixed to the first user turn, roles alternating from the user.
+pub const GEMMA_TEMPLATE: &str = r#"{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {{- message['content'] | trim -}}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"#;
+
 /// Errors of chat-template compilation and rendering.
 #[derive(Debug, thiserror::Error)]
 pub enum ChatTemplateError {
@@ -124,9 +153,13 @@ impl ChatTemplate {
     /// The template shipped in GGUF metadata `tokenizer.chat_template`, with `bos_token` /
     /// `eos_token` taken from `tokenizer.ggml.{bos,eos}_token_id` and `tokenizer.ggml.tokens`.
     /// `Ok(None)` when the file has no chat template.
+    /// A Gemma GGUF without a template gets [`GEMMA_TEMPLATE`].
     pub fn from_gguf(content: &Content) -> Result<Option<Self>, ChatTemplateError> {
         let md = &content.metadata;
+        let is_gemma =
+            matches!(md.get("general.architecture"), Some(GgufValue::String(a)) if a.starts_with("gemma"));
         let source = match md.get("tokenizer.chat_template") {
+            None if is_gemma => GEMMA_TEMPLATE.to_owned(),
             None => return Ok(None),
             Some(GgufValue::String(s)) => s.clone(),
             Some(other) => {

@@ -184,7 +184,10 @@ impl KvPool {
 #[derive(Debug)]
 pub struct KvCache {
     pool: KvPool,
+    /// The blocks held: block `first + i` of the session is `blocks[i]`.
     blocks: Vec<Block>,
+    /// Leading blocks given back because no later position can see them (sliding window).
+    first: usize,
     len: usize,
     max_len: usize,
     n_kv_heads: usize,
@@ -204,7 +207,7 @@ impl KvCache {
         precision: DType,
     ) -> Self {
         debug_assert!(pool.fits(block_values(n_layers, n_kv_heads, head_dim), precision));
-        Self { pool, blocks: Vec::new(), len: 0, max_len, n_kv_heads, head_dim, precision }
+        Self { pool, blocks: Vec::new(), first: 0, len: 0, max_len, n_kv_heads, head_dim, precision }
     }
 
     /// Positions already cached: the position of the next token.
@@ -238,12 +241,35 @@ impl KvCache {
     }
 
     /// Forgets the positions from `len` on and gives back the blocks no longer needed; a
-    /// no-op when shorter.
+    /// no-op when shorter. Going back before the first position still held (see
+    /// [`KvCache::first_position`]) forgets everything: those positions are gone.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
-        let keep = self.len.div_ceil(KV_BLOCK);
+        if self.len < self.first_position() {
+            self.len = 0;
+        }
+        if self.len == 0 {
+            self.first = 0;
+        }
+        let keep = self.len.div_ceil(KV_BLOCK).saturating_sub(self.first);
         if self.blocks.len() > keep {
             self.pool.give(self.blocks.drain(keep..));
+        }
+    }
+
+    /// The first position whose K and V are still held (0 unless a sliding window let the
+    /// cache give blocks back).
+    pub fn first_position(&self) -> usize {
+        self.first * KV_BLOCK
+    }
+
+    /// Gives back the whole blocks of positions before `pos` (the span's layers all attend
+    /// through a sliding window, and no position from `pos` on can see them).
+    pub(crate) fn release_before(&mut self, pos: usize) {
+        let drop = (pos.min(self.len) / KV_BLOCK).saturating_sub(self.first).min(self.blocks.len());
+        if drop > 0 {
+            self.pool.give(self.blocks.drain(..drop));
+            self.first += drop;
         }
     }
 
@@ -255,7 +281,7 @@ impl KvCache {
         if needed > self.max_len {
             return Err(Error::SequenceTooLong { len: needed, max: self.max_len });
         }
-        let blocks = needed.div_ceil(KV_BLOCK);
+        let blocks = needed.div_ceil(KV_BLOCK) - self.first;
         if blocks > self.blocks.len() {
             let fresh = self.pool.take(blocks - self.blocks.len())?;
             self.blocks.extend(fresh);
@@ -273,7 +299,7 @@ impl KvCache {
     pub(crate) fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
         let hd = self.head_dim;
         let precision = self.precision;
-        let (b, slot) = (pos / KV_BLOCK, pos % KV_BLOCK);
+        let (b, slot) = (pos / KV_BLOCK - self.first, pos % KV_BLOCK);
         for kind in 0..2 {
             let src = if kind == 0 { k } else { v };
             for h in 0..self.n_kv_heads {
@@ -293,10 +319,10 @@ impl KvCache {
     }
 
     /// K (kind 0) or V (kind 1) of `head` at positions `block * KV_BLOCK ..` of `layer`: up to
-    /// [`KV_BLOCK`] rows of `head_dim` values.
+    /// [`KV_BLOCK`] rows of `head_dim` values. The block must still be held.
     pub(crate) fn rows(&self, layer: usize, kind: usize, head: usize, block: usize) -> Rows<'_> {
         let range = self.offset(layer, kind, head)..self.offset(layer, kind, head) + KV_BLOCK * self.head_dim;
-        match &self.blocks[block] {
+        match &self.blocks[block - self.first] {
             Block::F32(b) => Rows::F32(&b[range]),
             Block::Half(b) if self.precision == DType::F16 => Rows::F16(&b[range]),
             Block::Half(b) => Rows::Bf16(&b[range]),
@@ -471,6 +497,35 @@ mod tests {
             assert_eq!(got[1] != k[1], precision != DType::F32, "{precision:?}: rounding");
             assert_eq!(pool.used_blocks(), 2);
         }
+    }
+
+    #[test]
+    fn released_blocks_go_back_and_positions_keep_their_blocks() {
+        let pool = KvPool::new(block_values(2, 1, 4), DType::F32, None);
+        let mut c = cache(&pool, 1000);
+        c.reserve(3 * KV_BLOCK + 5).unwrap();
+        for pos in 0..3 * KV_BLOCK + 5 {
+            c.write(0, pos, &[pos as f32; 4], &[-(pos as f32); 4]);
+        }
+        c.advance(3 * KV_BLOCK + 5);
+        assert_eq!(pool.used_blocks(), 4);
+        c.release_before(2 * KV_BLOCK + 3);
+        assert_eq!((pool.used_blocks(), c.first_position()), (2, 2 * KV_BLOCK));
+        let mut buf = Vec::new();
+        assert_eq!(c.rows(0, 0, 0, 2).row(3, 4, &mut buf), &[(2 * KV_BLOCK + 3) as f32; 4]);
+        assert_eq!(c.rows(0, 1, 0, 3).row(4, 4, &mut buf), &[-((3 * KV_BLOCK + 4) as f32); 4]);
+        // Growing takes blocks for the new positions only.
+        c.reserve(KV_BLOCK).unwrap();
+        assert_eq!(pool.used_blocks(), 3);
+        c.write(0, 4 * KV_BLOCK + 2, &[7.0; 4], &[8.0; 4]);
+        assert_eq!(c.rows(0, 0, 0, 4).row(2, 4, &mut buf), &[7.0; 4]);
+        // Going back inside what is held keeps it; before it, forgets everything.
+        c.truncate(2 * KV_BLOCK + 1);
+        assert_eq!((c.len(), pool.used_blocks()), (2 * KV_BLOCK + 1, 1));
+        c.truncate(KV_BLOCK);
+        assert_eq!((c.len(), c.first_position(), pool.used_blocks()), (0, 0, 0));
+        c.reserve(1).unwrap();
+        assert_eq!(pool.used_blocks(), 1);
     }
 
     #[test]

@@ -73,7 +73,7 @@ impl Projections {
     }
 }
 
-struct Attention {
+pub(crate) struct Attention {
     /// q, k, v.
     qkv: Projections,
     o: Linear,
@@ -83,10 +83,19 @@ struct Attention {
     n_kv_heads: usize,
     head_dim: usize,
     sliding_window: Option<usize>,
+    /// Multiplies the rotated query when the model's attention scale is not `1/sqrt(head_dim)`
+    /// (attention applies that one).
+    q_rescale: Option<f32>,
 }
 
 impl Attention {
-    fn load(w: &Weights, i: usize, spec: &ModelSpec, device: &Device, dtype: DType) -> Result<Self> {
+    pub(crate) fn load(
+        w: &Weights,
+        i: usize,
+        spec: &ModelSpec,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let (h, hd) = (spec.hidden_size, spec.head_dim);
         let bias = |b| spec.attention_bias.then_some(WeightName::Layer(i, b));
         let lin = |name, b, shape| Linear::load(w, WeightName::Layer(i, name), b, shape, device, dtype);
@@ -103,7 +112,8 @@ impl Attention {
             n_heads: spec.n_heads,
             n_kv_heads: spec.n_kv_heads,
             head_dim: hd,
-            sliding_window: spec.sliding_window,
+            sliding_window: if spec.is_sliding(i) { spec.sliding_window } else { None },
+            q_rescale: spec.query_scale.map(|s| s * (hd as f32).sqrt()),
         })
     }
 
@@ -117,7 +127,13 @@ impl Attention {
     }
 
     /// `x`: `(t, hidden)` at the positions `cache.len()..cache.len() + t`.
-    fn forward(&self, x: &Tensor, layer: usize, cache: &mut KvCache, rope: &Rope) -> Result<Tensor> {
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        cache: &mut KvCache,
+        rope: &Rope,
+    ) -> Result<Tensor> {
         let t = x.dim(0)?;
         let (mut q, k, v) = self.qkv(x, |l, x| l.forward(x))?;
         let start = cache.len();
@@ -132,7 +148,7 @@ impl Attention {
     /// One new position for each of several sessions: row `i` of `x` (`(b, hidden)`) is the
     /// next position of `caches[i]`. Every row gets exactly the bits [`Attention::forward`]
     /// gives it alone.
-    fn forward_batch(
+    pub(crate) fn forward_batch(
         &self,
         x: &Tensor,
         layer: usize,
@@ -207,37 +223,65 @@ impl Attention {
             rope.rotate(&mut k_row, start + i);
             cache.write(layer, start + i, &k_row, &v[i * kw..(i + 1) * kw]);
         }
+        if let Some(s) = self.q_rescale {
+            q[..t * qw].iter_mut().for_each(|x| *x *= s);
+        }
     }
 }
 
-struct Mlp {
+/// The gate's activation of a gated feed-forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Gate {
+    /// `silu(gate) · up` (llama, mistral, qwen).
+    Silu,
+    /// `gelu_tanh(gate) · up` (gemma), as llama.cpp computes it (see [`crate::gemma3::geglu`]).
+    GeluTanh,
+}
+
+pub(crate) struct Mlp {
     /// gate, up.
     gate_up: Projections,
     /// Intermediate size.
     f: usize,
     down: Linear,
+    gate: Gate,
 }
 
 impl Mlp {
-    fn load(w: &Weights, i: usize, spec: &ModelSpec, device: &Device, dtype: DType) -> Result<Self> {
+    pub(crate) fn load(
+        w: &Weights,
+        i: usize,
+        spec: &ModelSpec,
+        device: &Device,
+        dtype: DType,
+        gate: Gate,
+    ) -> Result<Self> {
         let (h, f) = (spec.hidden_size, spec.intermediate_size);
         let lin = |name, shape| Linear::load(w, WeightName::Layer(i, name), None, shape, device, dtype);
         Ok(Self {
             gate_up: Projections::new(vec![lin(L::Gate, (f, h))?, lin(L::Up, (f, h))?]),
             f,
             down: lin(L::Down, (h, f))?,
+            gate,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn act(&self, g: &Tensor, u: &Tensor) -> Result<Tensor> {
+        match self.gate {
+            Gate::Silu => swiglu(g, u),
+            Gate::GeluTanh => crate::gemma3::geglu(g, u),
+        }
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gu = self.gate_up.apply(x, &[self.f, self.f], |l, x| l.forward(x))?;
-        self.down.forward(&swiglu(&gu[0], &gu[1])?)
+        self.down.forward(&self.act(&gu[0], &gu[1])?)
     }
 
     /// [`Mlp::forward`] on rows of independent sessions, each with the bits it gets alone.
-    fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward_rows(&self, x: &Tensor) -> Result<Tensor> {
         let gu = self.gate_up.apply(x, &[self.f, self.f], |l, x| l.forward_rows(x))?;
-        self.down.forward_rows(&swiglu(&gu[0], &gu[1])?)
+        self.down.forward_rows(&self.act(&gu[0], &gu[1])?)
     }
 }
 
@@ -314,7 +358,7 @@ impl Block {
             attn_norm: norm(L::AttnNorm)?,
             attn: Attention::load(w, i, spec, device, dtype)?,
             ffn_norm: norm(L::FfnNorm)?,
-            mlp: Mlp::load(w, i, spec, device, dtype)?,
+            mlp: Mlp::load(w, i, spec, device, dtype, Gate::Silu)?,
         })
     }
 

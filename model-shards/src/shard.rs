@@ -7,9 +7,10 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::{Error, Result};
 use crate::kv_cache::{KvCache, KvPool, block_values};
 use crate::linear::{Embedding, Linear};
-use crate::llama::{Block, RmsNorm};
+use crate::llama::RmsNorm;
 use crate::model::Model;
 use crate::rope::Rope;
+use crate::spec::Architecture;
 use crate::spec::ModelSpec;
 use crate::weights::{Loaded, WeightName};
 
@@ -55,6 +56,49 @@ pub enum StageOutput {
     Logits(Tensor),
 }
 
+/// One transformer block of any supported family.
+enum Block {
+    Llama(crate::llama::Block),
+    Gemma3(crate::gemma3::Block),
+}
+
+impl Block {
+    fn load(
+        w: &crate::weights::Weights,
+        i: usize,
+        spec: &ModelSpec,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        Ok(match spec.arch {
+            Architecture::Gemma3 => Self::Gemma3(crate::gemma3::Block::load(w, i, spec, device, dtype)?),
+            Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 | Architecture::Qwen3 => {
+                Self::Llama(crate::llama::Block::load(w, i, spec, device, dtype)?)
+            }
+        })
+    }
+
+    fn forward(&self, x: &Tensor, layer: usize, cache: &mut KvCache, rope: &Rope) -> Result<Tensor> {
+        match self {
+            Self::Llama(b) => b.forward(x, layer, cache, rope),
+            Self::Gemma3(b) => b.forward(x, layer, cache),
+        }
+    }
+
+    fn forward_batch(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        caches: &mut [&mut KvCache],
+        rope: &Rope,
+    ) -> Result<Tensor> {
+        match self {
+            Self::Llama(b) => b.forward_batch(x, layer, caches, rope),
+            Self::Gemma3(b) => b.forward_batch(x, layer, caches),
+        }
+    }
+}
+
 /// A contiguous span `[start, end)` of a model's layers, with the embedding when it starts at
 /// layer 0 and the final norm and LM head when it ends at the last layer.
 pub struct Shard {
@@ -66,6 +110,8 @@ pub struct Shard {
     rope: Rope,
     device: Device,
     kv_precision: DType,
+    /// The window, when every layer of the span attends through it.
+    sliding_only: Option<usize>,
 }
 
 impl Shard {
@@ -115,7 +161,18 @@ impl Shard {
             crate::ModelFormat::Gguf => DType::F16,
             crate::ModelFormat::HuggingFace => dtype,
         };
-        Ok(Self { spec, span, embedding, blocks, head, rope, device: device.clone(), kv_precision })
+        let sliding_only = spec.sliding_window.filter(|_| span.clone().all(|i| spec.is_sliding(i)));
+        Ok(Self {
+            spec,
+            span,
+            embedding,
+            blocks,
+            head,
+            rope,
+            device: device.clone(),
+            kv_precision,
+            sliding_only,
+        })
     }
 
     /// The model's spec.
@@ -188,6 +245,7 @@ impl Shard {
             return Err(Error::InvalidInput("empty step".into()));
         }
         let mut x = self.input_rows(input, t)?;
+        self.release_outside_window(cache);
         cache.reserve(t)?;
         for (i, block) in self.blocks.iter().enumerate() {
             x = block.forward(&x, i, cache, &self.rope)?;
@@ -202,6 +260,16 @@ impl Shard {
                 };
                 Ok(StageOutput::Logits(lm_head.forward(&norm.forward(&x)?)?))
             }
+        }
+    }
+
+    /// When every layer of the span attends through a sliding window of `w` positions, gives
+    /// back the cache blocks no coming position can see (those before `len + 1 - w`): the
+    /// session's cache stays bounded by the window however long it grows. A block holds
+    /// every layer of the span, so a span with a global layer keeps all of its blocks.
+    fn release_outside_window(&self, cache: &mut KvCache) {
+        if let Some(w) = self.sliding_only {
+            cache.release_before((cache.len() + 1).saturating_sub(w));
         }
     }
 
@@ -222,7 +290,12 @@ impl Shard {
                         self.spec.vocab_size
                     )));
                 }
-                emb.forward(&ids, &self.device)?
+                let x = emb.forward(&ids, &self.device)?;
+                match self.spec.arch {
+                    // llama.cpp: `ggml_scale(inpL, sqrtf(n_embd))`, in f32.
+                    Architecture::Gemma3 => (x * f64::from((self.spec.hidden_size as f32).sqrt()))?,
+                    _ => x,
+                }
             }
             StageInput::Hidden(h) => {
                 if self.is_first() {
@@ -273,6 +346,7 @@ impl Shard {
             return Err(Error::InvalidInput("a batch mixes token ids and hidden states".into()));
         };
         for cache in caches.iter_mut() {
+            self.release_outside_window(cache);
             cache.reserve(1)?;
         }
         for (i, block) in self.blocks.iter().enumerate() {

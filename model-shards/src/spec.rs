@@ -26,6 +26,10 @@ pub enum Architecture {
     Qwen2,
     /// Qwen3: RMSNorm on q and k per head, explicit head dimension.
     Qwen3,
+    /// Gemma 3: sliding-window and global layers interleaved (each with its own rope base),
+    /// RMSNorm on q and k per head, norms after attention and after the feed-forward, GELU
+    /// (tanh) gated feed-forward, embeddings scaled by `sqrt(hidden)`. See [`crate::gemma3`].
+    Gemma3,
 }
 
 impl Architecture {
@@ -36,6 +40,7 @@ impl Architecture {
             "mistral" => Ok(Self::Mistral),
             "qwen2" => Ok(Self::Qwen2),
             "qwen3" => Ok(Self::Qwen3),
+            "gemma3" => Ok(Self::Gemma3),
             other => Err(Error::UnsupportedArchitecture(other.to_string())),
         }
     }
@@ -47,6 +52,7 @@ impl Architecture {
             Self::Mistral => "mistral",
             Self::Qwen2 => "qwen2",
             Self::Qwen3 => "qwen3",
+            Self::Gemma3 => "gemma3",
         }
     }
 }
@@ -108,8 +114,21 @@ pub struct ModelSpec {
     pub attention_bias: bool,
     /// RMSNorm on q and k per head (qwen3).
     pub qk_norm: bool,
-    /// Sliding attention window (mistral), if any.
+    /// Sliding attention window (mistral: every layer; gemma3: the layers
+    /// [`ModelSpec::is_sliding`] names), if any.
     pub sliding_window: Option<usize>,
+    /// Gemma: of every `p` layers the first `p - 1` use the sliding window and the last one is
+    /// global (llama.cpp's `sliding_window_pattern`, 6 for Gemma 3).
+    #[serde(default)]
+    pub sliding_window_pattern: Option<usize>,
+    /// Gemma 3: the rotary base of the sliding-window layers (`rope_theta` is the global
+    /// layers').
+    #[serde(default)]
+    pub rope_local_theta: Option<f32>,
+    /// Scale applied to the query before attention in place of `1/sqrt(head_dim)`, when it
+    /// differs (Gemma 3 27B: `1/sqrt(hidden/heads)`).
+    #[serde(default)]
+    pub query_scale: Option<f32>,
 }
 
 impl ModelSpec {
@@ -154,6 +173,15 @@ impl ModelSpec {
         Ok(())
     }
 
+    /// Whether layer `i` attends through the sliding window only.
+    pub fn is_sliding(&self, i: usize) -> bool {
+        match (self.sliding_window, self.sliding_window_pattern) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(_), Some(p)) => p == 0 || i % p < p - 1,
+        }
+    }
+
     /// Bytes of K and V cache per token per layer, at `dtype_bytes` bytes per value.
     pub fn kv_bytes_per_token_per_layer(&self, dtype_bytes: usize) -> usize {
         2 * self.n_kv_heads * self.head_dim * dtype_bytes
@@ -162,6 +190,11 @@ impl ModelSpec {
     /// Builds the spec from a Hugging Face `config.json`.
     pub fn from_hf_config(cfg: &HfConfig) -> Result<Self> {
         let arch = Architecture::from_name(&cfg.model_type)?;
+        if arch == Architecture::Gemma3 {
+            return Err(Error::UnsupportedArchitecture(
+                "gemma3 from safetensors (gemma3 is supported from GGUF files)".into(),
+            ));
+        }
         let req =
             |v: Option<usize>, key: &str| v.ok_or_else(|| Error::MissingConfig { key: key.to_string() });
         let hidden_size = req(cfg.hidden_size, "hidden_size")?;
@@ -240,6 +273,9 @@ impl ModelSpec {
             },
             qk_norm: arch == Architecture::Qwen3,
             sliding_window,
+            sliding_window_pattern: None,
+            rope_local_theta: None,
+            query_scale: None,
         };
         spec.validate()?;
         Ok(spec)
@@ -287,7 +323,7 @@ impl ModelSpec {
             // qwen models keep the Hugging Face layout and use the neox (half-split) rope.
             rope_style: match arch {
                 Architecture::Llama | Architecture::Mistral => RopeStyle::Interleaved,
-                Architecture::Qwen2 | Architecture::Qwen3 => RopeStyle::HalfSplit,
+                Architecture::Qwen2 | Architecture::Qwen3 | Architecture::Gemma3 => RopeStyle::HalfSplit,
             },
             // GGUF stores Llama 3 scaling as precomputed `rope_freqs.weight` factors instead.
             rope_scaling: None,
@@ -295,9 +331,64 @@ impl ModelSpec {
             tie_word_embeddings: !has("output.weight"),
             attention_bias: has("blk.0.attn_q.bias"),
             qk_norm: has("blk.0.attn_q_norm.weight"),
-            sliding_window: opt_usize(md, &key("attention.sliding_window"))?,
+            sliding_window: opt_usize(md, &key("attention.sliding_window"))?.filter(|&w| w > 0),
+            sliding_window_pattern: None,
+            rope_local_theta: None,
+            query_scale: None,
+        };
+        let spec = match arch {
+            Architecture::Gemma3 => Self::gemma3_from_gguf(spec, md, arch_name)?,
+            _ => spec,
         };
         spec.validate()?;
+        Ok(spec)
+    }
+}
+
+impl ModelSpec {
+    /// Gemma 3's additions, with llama.cpp's defaults where the file is silent (it writes
+    /// neither the layer pattern nor the local rope base for Gemma 3): every 6th layer is
+    /// global, sliding-window layers rotate with base 10 000, and the query is scaled by
+    /// `1/sqrt(head_dim)` except on the 62-layer 27B (`1/sqrt(hidden/heads)`).
+    fn gemma3_from_gguf(
+        mut spec: Self,
+        md: &HashMap<String, gguf_file::Value>,
+        arch_name: &str,
+    ) -> Result<Self> {
+        let key = |k: &str| format!("{arch_name}.{k}");
+        if md.contains_key(&key("final_logit_softcapping")) {
+            return Err(Error::InvalidConfig {
+                key: key("final_logit_softcapping"),
+                reason: "final logit soft-capping is not supported for gemma3".into(),
+            });
+        }
+        if let Some(v) = md.get(&key("attention.sliding_window_pattern"))
+            && !matches!(v, gguf_file::Value::Array(_))
+        {
+            spec.sliding_window_pattern = opt_usize(md, &key("attention.sliding_window_pattern"))?;
+        } else if md.contains_key(&key("attention.sliding_window_pattern")) {
+            return Err(Error::InvalidConfig {
+                key: key("attention.sliding_window_pattern"),
+                reason: "a per-layer list of sliding-window layers is not supported".into(),
+            });
+        }
+        if spec.sliding_window.is_some() {
+            spec.sliding_window_pattern = Some(spec.sliding_window_pattern.unwrap_or(6));
+            spec.rope_local_theta =
+                Some(opt_f64(md, &key("rope.freq_base_swa"))?.map_or(10_000.0, |v| v as f32));
+        }
+        if opt_f64(md, &key("rope.scaling.factor"))?.is_some_and(|f| f != 1.0) {
+            return Err(Error::InvalidConfig {
+                key: key("rope.scaling.factor"),
+                reason: "rope scaling of gemma3's global layers is not supported".into(),
+            });
+        }
+        if spec.n_layers == 62 {
+            spec.query_scale = Some(1.0 / ((spec.hidden_size / spec.n_heads) as f32).sqrt());
+        }
+        if !spec.qk_norm {
+            return Err(Error::MissingWeight("blk.0.attn_q_norm.weight".into()));
+        }
         Ok(spec)
     }
 }

@@ -29,6 +29,10 @@ pub(crate) enum LayerWeight {
     QNorm,
     KNorm,
     FfnNorm,
+    /// Gemma: RMSNorm of the attention's output, before the residual add.
+    PostAttnNorm,
+    /// Gemma: RMSNorm of the feed-forward's output, before the residual add.
+    PostFfnNorm,
     Gate,
     Up,
     Down,
@@ -66,6 +70,8 @@ impl WeightName {
                     L::QNorm => "attn_q_norm.weight",
                     L::KNorm => "attn_k_norm.weight",
                     L::FfnNorm => "ffn_norm.weight",
+                    L::PostAttnNorm => "post_attention_norm.weight",
+                    L::PostFfnNorm => "post_ffw_norm.weight",
                     L::Gate => "ffn_gate.weight",
                     L::Up => "ffn_up.weight",
                     L::Down => "ffn_down.weight",
@@ -95,6 +101,10 @@ impl WeightName {
                     L::QNorm => "self_attn.q_norm.weight",
                     L::KNorm => "self_attn.k_norm.weight",
                     L::FfnNorm => "post_attention_layernorm.weight",
+                    // Gemma's names (its GGUF-only support never reads them; note that Gemma
+                    // calls its post-attention norm what llama calls its pre-MLP norm).
+                    L::PostAttnNorm => "post_attention_norm.weight",
+                    L::PostFfnNorm => "post_feedforward_layernorm.weight",
                     L::Gate => "mlp.gate_proj.weight",
                     L::Up => "mlp.up_proj.weight",
                     L::Down => "mlp.down_proj.weight",

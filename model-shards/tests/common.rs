@@ -27,3 +27,10 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
+
+/// The real Gemma 3 270M Q4_K_M; fails (never skips) when it has not been fetched.
+pub fn gemma3_path() -> PathBuf {
+    let p = repo_root().join("models/gemma-3-270m-q4_k_m.gguf");
+    assert!(p.is_file(), "{} is missing: run `bash deploy/fetch-gemma3.sh` first", p.display());
+    p
+}

@@ -14,7 +14,7 @@ use shoal_coordinator_free_router::driver::Driver;
 use shoal_model_shards::Model;
 use shoal_worker::net::Node;
 
-use crate::cli::generate::DEFAULT_MODEL;
+use crate::cli::common::DEFAULT_MODEL;
 use crate::node::{DriverArgs, SwarmArgs, SwarmOrigin, parse_tickets, runtime, shutdown_signal};
 
 /// Options of the API server.
@@ -147,7 +147,7 @@ pub struct ApiCommandArgs {
     /// A node of the swarm to join through (repeatable; one is enough): routes go through
     /// every worker the swarm announces. Needed unless `--discovery local` finds the swarm
     /// on the local network.
-    #[arg(long = "join", value_name = "TICKET")]
+    #[arg(long = "join", env = "SHOAL_JOIN", value_name = "TICKET", value_delimiter = ',')]
     join: Vec<String>,
     /// Address of the HTTP server.
     #[arg(long, env = "SHOAL_LISTEN", default_value = "127.0.0.1:8000")]

@@ -77,7 +77,7 @@ use shoal_worker::net::Node;
 use shoal_worker::service::PeerId;
 use tokio::task::JoinSet;
 
-use crate::cli::generate::DEFAULT_MODEL;
+use crate::cli::common::DEFAULT_MODEL;
 use crate::cli::run::even_spans;
 use crate::node::{
     DriverArgs, StageArgs, SwarmArgs, SwarmOrigin, driver, load_stage, runtime, wait_for_route,
@@ -110,15 +110,15 @@ pub struct BenchArgs {
     model: PathBuf,
     /// Benchmark a local swarm: the model split evenly into this many stages in this
     /// process, each its own iroh endpoint on loopback.
-    #[arg(long, value_name = "N")]
+    #[arg(long, env = "SHOAL_BENCH_STAGES", value_name = "N")]
     stages: Option<usize>,
     /// Benchmark the swarm of this node's ticket (repeatable; one is enough); this process
     /// only routes.
-    #[arg(long = "join", value_name = "TICKET")]
+    #[arg(long = "join", env = "SHOAL_BENCH_JOIN", value_name = "TICKET", value_delimiter = ',')]
     join: Vec<String>,
     /// Benchmark an OpenAI-compatible API at this base URL (e.g. `http://127.0.0.1:8000/v1`)
     /// through streamed /completions requests.
-    #[arg(long, value_name = "URL")]
+    #[arg(long, env = "SHOAL_BENCH_URL", value_name = "URL")]
     url: Option<String>,
     /// API key for --url (`Authorization: Bearer KEY`).
     #[arg(long, env = "SHOAL_API_KEY", hide_env_values = true)]
@@ -129,28 +129,28 @@ pub struct BenchArgs {
     #[arg(long, env = "SHOAL_BENCH_IGNORE_EOS")]
     ignore_eos: bool,
     /// Prompt length of every stream, in tokens (a fixed English text, repeated and cut).
-    #[arg(long, default_value_t = 128, value_name = "N")]
+    #[arg(long, env = "SHOAL_BENCH_PROMPT_TOKENS", default_value_t = 128, value_name = "N")]
     prompt_tokens: usize,
     /// Tokens each stream generates (greedy, no stop; an API may stop earlier at the end of
     /// sequence, and what came is counted).
-    #[arg(long, default_value_t = 128, value_name = "N")]
+    #[arg(long, env = "SHOAL_BENCH_GEN_TOKENS", default_value_t = 128, value_name = "N")]
     gen_tokens: usize,
     /// Concurrency levels, comma-separated: one run per level, with that many streams
     /// started at once.
-    #[arg(long, default_value = "1,2,4,8,16", value_name = "LIST", value_parser = parse_levels)]
+    #[arg(long, env = "SHOAL_BENCH_CONCURRENCY", default_value = "1,2,4,8,16", value_name = "LIST", value_parser = parse_levels)]
     concurrency: Levels,
     /// Short unmeasured requests before the first run.
-    #[arg(long, default_value_t = 1, value_name = "N")]
+    #[arg(long, env = "SHOAL_BENCH_WARMUP", default_value_t = 1, value_name = "N")]
     warmup: usize,
     /// Run the whole list of levels this many times, one pass after the other (so drift on a
     /// shared machine touches every level alike), and report each level's median run.
-    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
+    #[arg(long, env = "SHOAL_BENCH_REPEAT", default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
     repeat: u32,
     /// Print one JSON line (`{"runs": [...]}`) instead of the table.
-    #[arg(long)]
+    #[arg(long, env = "SHOAL_JSON")]
     json: bool,
     /// With --join: seconds to wait for the swarm to cover every layer.
-    #[arg(long, default_value_t = 30.0, value_name = "SECS")]
+    #[arg(long, env = "SHOAL_ROUTE_WAIT", default_value_t = 30.0, value_name = "SECS")]
     route_wait: f64,
     #[command(flatten)]
     driver: DriverArgs,

@@ -1,16 +1,13 @@
 //! `shoal generate`: a completion from the whole model in this process.
 
-use std::io::Write;
 use std::path::PathBuf;
-use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Args;
-use shoal_model_shards::chat_template::ChatMessage;
-use shoal_model_shards::generate::{FinishReason, Flow, generate};
-use shoal_model_shards::sampler::SamplingParams;
-use shoal_model_shards::tokenizer::{IncrementalDecoder, Tokenizer};
+use shoal_model_shards::generate::generate;
 use shoal_model_shards::{DType, Device, Model, Shard};
+
+use crate::cli::common::{DEFAULT_MODEL, GenOptions, Printer, generate_remote, prepare};
 
 /// Arguments of `shoal generate`.
 #[derive(Debug, Args)]
@@ -19,17 +16,17 @@ pub struct GenerateArgs {
     #[arg(long, env = "SHOAL_MODEL", default_value = DEFAULT_MODEL)]
     model: PathBuf,
     /// The prompt text.
-    #[arg(long)]
+    #[arg(long, env = "SHOAL_PROMPT")]
     prompt: String,
     #[command(flatten)]
     options: GenOptions,
     /// Generate through the swarm of this node's ticket (repeatable; one is enough) instead
     /// of locally; this process then only tokenizes and routes (`--discovery local` also
     /// generates through the swarm, found on the local network).
-    #[arg(long = "join", value_name = "TICKET")]
+    #[arg(long = "join", env = "SHOAL_JOIN", value_name = "TICKET", value_delimiter = ',')]
     join: Vec<String>,
     /// With `--join`: seconds to wait for the swarm to cover every layer.
-    #[arg(long, default_value_t = 30.0, value_name = "SECS")]
+    #[arg(long, env = "SHOAL_ROUTE_WAIT", default_value_t = 30.0, value_name = "SECS")]
     route_wait: f64,
     #[command(flatten)]
     net: crate::node::DriverArgs,
@@ -37,173 +34,12 @@ pub struct GenerateArgs {
     swarm: crate::node::SwarmArgs,
 }
 
-/// The model `shoal` uses when none is given (fetched by `deploy/fetch-model.sh`).
-pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
-
-/// Generation options shared by `shoal generate` and `shoal run`.
-#[derive(Debug, Clone, Args)]
-pub struct GenOptions {
-    /// Wrap the prompt as one user message with the model's chat template.
-    #[arg(long)]
-    pub chat: bool,
-    /// Maximum tokens to generate.
-    #[arg(long, default_value_t = 128)]
-    pub max_tokens: usize,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f32,
-    /// Nucleus sampling mass.
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f32,
-    /// Keep only the k most likely tokens.
-    #[arg(long)]
-    pub top_k: Option<u32>,
-    /// Drop tokens below this fraction of the top token's probability.
-    #[arg(long, default_value_t = 0.0)]
-    pub min_p: f32,
-    /// Repetition penalty (1 = off).
-    #[arg(long, default_value_t = 1.0)]
-    pub repetition_penalty: f32,
-    /// Seed of the deterministic sampler.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Print one JSON line instead of the text.
-    #[arg(long)]
-    pub json: bool,
-}
-
-/// The `--json` line.
-#[derive(serde::Serialize)]
-struct JsonOutput<'a> {
-    text: &'a str,
-    token_ids: &'a [u32],
-    prompt_tokens: usize,
-    completion_tokens: usize,
-    prefill_tok_s: f64,
-    decode_tok_s: f64,
-    finish_reason: FinishReason,
-}
-
-/// A prompt ready to generate from.
-pub struct Prepared {
-    /// The model's tokenizer.
-    pub tokenizer: Tokenizer,
-    /// Prompt ids.
-    pub prompt: Vec<u32>,
-    /// Validated sampling parameters.
-    pub params: SamplingParams,
-    /// Ids that end generation.
-    pub stop_ids: Vec<u32>,
-}
-
-/// Tokenizes `prompt` (through the chat template with `--chat`) and validates the options.
-pub fn prepare(model: &Model, prompt: &str, o: &GenOptions) -> Result<Prepared> {
-    let params = SamplingParams {
-        temperature: o.temperature,
-        top_k: o.top_k,
-        top_p: o.top_p,
-        min_p: o.min_p,
-        repetition_penalty: o.repetition_penalty,
-        seed: o.seed,
-        ..SamplingParams::default()
-    };
-    params.validate()?;
-    let tokenizer = model.tokenizer().context("loading the tokenizer")?;
-    let text = if o.chat {
-        let template = model.chat_template()?.context("the model has no chat template; drop --chat")?;
-        template.render(&[ChatMessage { role: "user".into(), content: prompt.to_owned() }], true)?
-    } else {
-        prompt.to_owned()
-    };
-    // A chat template writes its own special tokens.
-    let ids = tokenizer.encode(&text, !o.chat)?;
-    if ids.is_empty() {
-        bail!("the prompt encodes to no tokens");
-    }
-    let mut stop_ids = tokenizer.eos_ids().to_vec();
-    stop_ids.extend(model.config_eos_ids());
-    Ok(Prepared { tokenizer, prompt: ids, params, stop_ids })
-}
-
-/// Streams generated text to stdout (or collects it for `--json`) and prints the summary.
-pub struct Printer {
-    decoder: IncrementalDecoder,
-    json: bool,
-    text: String,
-    write_err: Option<std::io::Error>,
-}
-
-impl Printer {
-    /// A printer for `tokenizer`'s ids.
-    pub fn new(tokenizer: &Tokenizer, json: bool) -> Self {
-        Self { decoder: tokenizer.incremental_decoder(), json, text: String::new(), write_err: None }
-    }
-
-    /// Handles one generated id; `Flow::Stop` when stdout is gone.
-    pub fn token(&mut self, id: u32) -> Flow {
-        match self.decoder.push(id) {
-            Ok(Some(piece)) => {
-                self.text.push_str(&piece);
-                if !self.json {
-                    let mut out = std::io::stdout().lock();
-                    if let Err(e) = out.write_all(piece.as_bytes()).and_then(|()| out.flush()) {
-                        self.write_err = Some(e);
-                        return Flow::Stop;
-                    }
-                }
-            }
-            Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "detokenization failed"),
-        }
-        Flow::Continue
-    }
-
-    /// Prints the end of the text (or the JSON line) and the speed summary on stderr.
-    pub fn finish(
-        mut self,
-        prompt_len: usize,
-        token_ids: &[u32],
-        finish_reason: FinishReason,
-        prefill_time: Duration,
-        decode_time: Duration,
-    ) -> Result<()> {
-        if let Some(e) = self.write_err {
-            return Err(e).context("writing to stdout");
-        }
-        let tail = self.decoder.finish()?;
-        self.text.push_str(&tail);
-        let n = token_ids.len();
-        let prefill_tok_s = prompt_len as f64 / prefill_time.as_secs_f64().max(1e-9);
-        let decode_tok_s = n.saturating_sub(1) as f64 / decode_time.as_secs_f64().max(1e-9);
-        let mut stdout = std::io::stdout().lock();
-        if self.json {
-            let line = JsonOutput {
-                text: &self.text,
-                token_ids,
-                prompt_tokens: prompt_len,
-                completion_tokens: n,
-                prefill_tok_s,
-                decode_tok_s,
-                finish_reason,
-            };
-            writeln!(stdout, "{}", serde_json::to_string(&line)?)?;
-        } else {
-            writeln!(stdout, "{tail}")?;
-        }
-        stdout.flush()?;
-        eprintln!(
-            "prompt {prompt_len} tokens at {prefill_tok_s:.1} tok/s; generated {n} tokens at {decode_tok_s:.1} tok/s; finish {finish_reason:?}"
-        );
-        Ok(())
-    }
-}
-
 /// Runs `shoal generate`.
 pub fn run(args: GenerateArgs) -> Result<()> {
     let model = Model::open(&args.model).with_context(|| format!("opening {}", args.model.display()))?;
     let p = prepare(&model, &args.prompt, &args.options)?;
     if !args.join.is_empty() || args.net.net.local_discovery() {
-        return crate::node::runtime()?.block_on(crate::cli::run::generate_remote(
+        return crate::node::runtime()?.block_on(generate_remote(
             &model,
             p,
             &args.options,

@@ -1,23 +1,19 @@
-//! `shoal run`: a whole swarm in one process (N stages on loopback plus an origin), and the
-//! origin side shared with `shoal generate --join`.
+//! `shoal run`: a whole swarm in one process (N stages on loopback plus an origin).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use shoal_coordinator_free_router::driver::{Driver, Request};
 use shoal_coordinator_free_router::membership::OwnSpan;
 use shoal_coordinator_free_router::swarm::announce::PeerState;
 use shoal_model_shards::Model;
-use shoal_worker::net::{Node, short};
+use shoal_worker::net::Node;
 
 use crate::cli::api::{ApiArgs, serve};
-use crate::cli::generate::{DEFAULT_MODEL, GenOptions, Prepared, Printer, prepare};
+use crate::cli::common::{DEFAULT_MODEL, GenOptions, generate_with, prepare};
 use crate::node::{
-    DriverArgs, StageArgs, SwarmArgs, SwarmOrigin, driver, join_swarm, load_stage, runtime, shutdown_signal,
-    wait_for_route,
+    DriverArgs, StageArgs, SwarmArgs, driver, join_swarm, load_stage, runtime, shutdown_signal,
 };
 
 /// Arguments of `shoal run`.
@@ -27,14 +23,14 @@ pub struct RunArgs {
     #[arg(long, env = "SHOAL_MODEL", default_value = DEFAULT_MODEL)]
     model: PathBuf,
     /// Stages to split the layers into, evenly; each is its own iroh endpoint on loopback.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, env = "SHOAL_STAGES", default_value_t = 3)]
     stages: usize,
     /// Generate once for this prompt and exit; without it, keep serving until Ctrl-C.
-    #[arg(long, conflicts_with = "listen")]
+    #[arg(long, env = "SHOAL_PROMPT", conflicts_with = "listen")]
     prompt: Option<String>,
     /// Serve the OpenAI-compatible API on this address (e.g. 127.0.0.1:8000; port 0 picks
     /// one, printed on stdout).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, env = "SHOAL_LISTEN", value_name = "ADDR")]
     listen: Option<SocketAddr>,
     #[command(flatten)]
     options: GenOptions,
@@ -134,58 +130,4 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
         result
     })
-}
-
-/// `shoal generate --join`: this process is the origin; the swarm's workers compute. Waits
-/// at most `wait` seconds for the swarm to cover every layer.
-pub async fn generate_remote(
-    model: &Model,
-    p: Prepared,
-    options: &GenOptions,
-    tickets: &[String],
-    args: &DriverArgs,
-    swarm: &SwarmArgs,
-    wait: f64,
-) -> Result<()> {
-    let model_id = model.model_id().context("hashing the model")?;
-    let origin = Node::bind(args.net.options(None)).await?;
-    let result = async {
-        let swarm = SwarmOrigin::join(model, model_id, origin.clone(), args.config(), tickets, swarm).await?;
-        wait_for_route(&swarm.driver, Duration::from_secs_f64(wait.max(0.0))).await?;
-        generate_with(&swarm.driver, p, options).await
-    }
-    .await;
-    origin.shutdown().await;
-    result
-}
-
-/// Generates through `driver` and prints like `shoal generate`.
-pub async fn generate_with(driver: &Driver, p: Prepared, options: &GenOptions) -> Result<()> {
-    let request = Request {
-        prompt: p.prompt.clone(),
-        params: p.params.clone(),
-        max_tokens: options.max_tokens,
-        stop_ids: p.stop_ids.clone(),
-        top_logprobs: 0,
-    };
-    let mut printer = Printer::new(&p.tokenizer, options.json);
-    let outcome = driver.generate(&request, |ev| printer.token(ev.token)).await?;
-    for f in &outcome.failovers {
-        eprintln!(
-            "recovered at token {}: {} (banned [{}]; detected after {:.2?}, stalled {:.2?})",
-            f.at_token,
-            f.reason,
-            f.banned.join(", "),
-            f.detection,
-            f.stall
-        );
-    }
-    tracing::info!(route = ?outcome.route.iter().map(short).collect::<Vec<_>>(), "done");
-    printer.finish(
-        p.prompt.len(),
-        &outcome.tokens,
-        outcome.finish_reason,
-        outcome.prefill_time,
-        outcome.decode_time,
-    )
 }

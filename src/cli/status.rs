@@ -18,19 +18,19 @@ use crate::node::{NetArgs, SwarmArgs, join_swarm, parse_tickets, runtime};
 pub struct StatusArgs {
     /// A node of the swarm to join through (repeatable; one is enough; not needed with
     /// `--discovery local` when the swarm is on the local network).
-    #[arg(long = "join", value_name = "TICKET")]
+    #[arg(long = "join", env = "SHOAL_JOIN", value_name = "TICKET", value_delimiter = ',')]
     join: Vec<String>,
     /// One line of JSON: `{"model", "n_layers", "peers": [{"id", "start", "end", "state",
     /// "throughput", "load"}]}`.
-    #[arg(long)]
+    #[arg(long, env = "SHOAL_JSON")]
     json: bool,
     /// The model, when no ticket is a worker's (its identity names the swarm); by default the
     /// first worker among the tickets says which model it serves.
-    #[arg(long)]
+    #[arg(long, env = "SHOAL_MODEL")]
     model: Option<PathBuf>,
     /// Seconds to listen to the swarm before printing (default: one and a half announcement
     /// intervals, so that every live peer has announced once).
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, env = "SHOAL_WAIT", value_name = "SECS")]
     wait: Option<f64>,
     #[command(flatten)]
     net: NetArgs,

@@ -30,7 +30,7 @@ use shoal_worker::net::{Node, parse_ticket, peer_id, short};
 use shoal_worker::service::StageService;
 
 use crate::cli::api::{ApiArgs, serve};
-use crate::cli::generate::DEFAULT_MODEL;
+use crate::cli::common::DEFAULT_MODEL;
 use crate::node::{
     NetArgs, StageArgs, SwarmArgs, driver, join_swarm, load_or_create_key, load_stage, parse_layers,
     parse_tickets, runtime, shutdown_signal,
@@ -48,35 +48,35 @@ pub struct WorkerArgs {
     /// The span of layers to serve: `START..END` (end exclusive, e.g. `0..15`), or `auto`:
     /// `--num-layers` layers (or as many as `--memory-budget` holds) placed where the swarm
     /// is weakest, moved later when that clearly helps the swarm.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, env = "SHOAL_LAYERS", default_value = "auto")]
     layers: String,
     /// With `--layers auto`: how many layers to serve.
-    #[arg(long, value_name = "N")]
+    #[arg(long, env = "SHOAL_NUM_LAYERS", value_name = "N")]
     num_layers: Option<usize>,
     /// With `--layers auto` and no `--num-layers`: memory for layer weights, e.g. `512MiB`,
     /// `2GiB` (default: half of the memory available at start).
-    #[arg(long, value_name = "SIZE")]
+    #[arg(long, env = "SHOAL_MEMORY_BUDGET", value_name = "SIZE")]
     memory_budget: Option<String>,
     /// With `--layers auto`: mean seconds between rebalancing checks (each jittered by
     /// ±50%); 0 never moves.
-    #[arg(long, default_value_t = 60.0, value_name = "SECS")]
+    #[arg(long, env = "SHOAL_REBALANCE_INTERVAL", default_value_t = 60.0, value_name = "SECS")]
     rebalance_interval: f64,
     /// A node of the swarm to join through (repeatable; one is enough).
-    #[arg(long = "join", value_name = "TICKET")]
+    #[arg(long = "join", env = "SHOAL_JOIN", value_name = "TICKET", value_delimiter = ',')]
     join: Vec<String>,
     /// Write this node's join ticket to this file as well as to stdout.
-    #[arg(long)]
+    #[arg(long, env = "SHOAL_TICKET_FILE")]
     ticket_file: Option<PathBuf>,
     /// The node key: read from this file, created there when missing (stable node id across
     /// restarts). Without it the node id is new at each start.
-    #[arg(long)]
+    #[arg(long, env = "SHOAL_KEY_FILE")]
     key_file: Option<PathBuf>,
     /// On SIGTERM or Ctrl-C (or before moving), wait at most this many seconds for running
     /// sessions to finish before handing them back to their origins.
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, env = "SHOAL_DRAIN_TIMEOUT", default_value_t = 30.0)]
     drain_timeout: f64,
     /// Also serve the OpenAI-compatible API on this address, routing through the swarm.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, env = "SHOAL_API", value_name = "ADDR")]
     api: Option<SocketAddr>,
     #[command(flatten)]
     api_options: ApiArgs,

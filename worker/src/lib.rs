@@ -1,22 +1,22 @@
 //! # shoal-worker
 //!
-//! The stage service of a shoal node: it holds one contiguous span of a model's layers
-//! (loaded with [`shoal_model_shards`]) and serves sessions through them.
+//! The stage of a shoal node: it holds one contiguous span of a model's layers (loaded with
+//! [`shoal_model_shards`]) and serves sessions through them.
 //!
-//! Shape (see `DESIGN.md`, "One token's trip"): sessions with KV caches under a memory budget,
-//! a scheduler that batches the steps of concurrent sessions, the versioned stage wire
-//! protocol adapted to iroh by a thin `ProtocolHandler`, and forwarding of hidden states
-//! straight to the next peer of the ring.
+//! Shape (see `docs/architecture.md`, "One token's trip"): sessions with KV caches under a
+//! memory budget, a scheduler that batches the steps of concurrent sessions, the versioned
+//! stage wire protocol adapted to iroh by a thin `ProtocolHandler`, and forwarding of hidden
+//! states straight to the next peer of the ring.
 //!
-//! What exists today is transport-free:
 //! - [`protocol`]: every message of the ring (session open, step, result, close, typed errors,
 //!   ping) with its byte layout and the checks that make hostile input safe to decode;
 //! - [`service`]: the stage as a pure state machine, `handle(from, message, now) -> actions`:
 //!   sessions and their KV caches under a memory budget, per-peer quotas, idle timeouts,
-//!   draining, and every check of a step against its session before any compute.
-//!
-//! The iroh adapter, `shoal worker` and the pipeline driver come with the worker-pipeline
-//! issue.
+//!   draining, and every check of a step against its session before any compute;
+//! - [`net`]: the iroh transport: a node's endpoint, the stage protocol's handler under its
+//!   ALPN, the stage's compute thread fed by a channel, per-peer ordered sending, and the
+//!   origin's side of a session ([`net::SessionChannel`]) that the pipeline driver of
+//!   `shoal-coordinator-free-router` uses.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod net;

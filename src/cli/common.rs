@@ -1,0 +1,235 @@
+//! What the subcommands share: the default model, the generation options and their
+//! printing, and generating through a pipeline driver (`shoal run --prompt`, `shoal generate
+//! --join`). The subcommands import these from here; apart from that only `run`, `worker`
+//! (serving the API) and `bench` (the spans of `run`) import another subcommand's module, and
+//! nothing imports back.
+
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use shoal_coordinator_free_router::driver::{Driver, Request};
+use shoal_model_shards::Model;
+use shoal_model_shards::chat_template::ChatMessage;
+use shoal_model_shards::generate::{FinishReason, Flow};
+use shoal_model_shards::sampler::SamplingParams;
+use shoal_model_shards::tokenizer::{IncrementalDecoder, Tokenizer};
+use shoal_worker::net::{Node, short};
+
+use crate::node::{DriverArgs, SwarmArgs, SwarmOrigin, wait_for_route};
+
+/// The model `shoal` uses when none is given (fetched by `deploy/fetch-model.sh`).
+pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Generation options shared by `shoal generate` and `shoal run`.
+#[derive(Debug, Clone, Args)]
+pub struct GenOptions {
+    /// Wrap the prompt as one user message with the model's chat template.
+    #[arg(long, env = "SHOAL_CHAT")]
+    pub chat: bool,
+    /// Maximum tokens to generate.
+    #[arg(long, env = "SHOAL_MAX_TOKENS", default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, env = "SHOAL_TEMPERATURE", default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus sampling mass.
+    #[arg(long, env = "SHOAL_TOP_P", default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Keep only the k most likely tokens.
+    #[arg(long, env = "SHOAL_TOP_K")]
+    pub top_k: Option<u32>,
+    /// Drop tokens below this fraction of the top token's probability.
+    #[arg(long, env = "SHOAL_MIN_P", default_value_t = 0.0)]
+    pub min_p: f32,
+    /// Repetition penalty (1 = off).
+    #[arg(long, env = "SHOAL_REPETITION_PENALTY", default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Seed of the deterministic sampler.
+    #[arg(long, env = "SHOAL_SEED", default_value_t = 0)]
+    pub seed: u64,
+    /// Print one JSON line instead of the text.
+    #[arg(long, env = "SHOAL_JSON")]
+    pub json: bool,
+}
+
+/// The `--json` line.
+#[derive(serde::Serialize)]
+struct JsonOutput<'a> {
+    text: &'a str,
+    token_ids: &'a [u32],
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    prefill_tok_s: f64,
+    decode_tok_s: f64,
+    finish_reason: FinishReason,
+}
+
+/// A prompt ready to generate from.
+pub struct Prepared {
+    /// The model's tokenizer.
+    pub tokenizer: Tokenizer,
+    /// Prompt ids.
+    pub prompt: Vec<u32>,
+    /// Validated sampling parameters.
+    pub params: SamplingParams,
+    /// Ids that end generation.
+    pub stop_ids: Vec<u32>,
+}
+
+/// Tokenizes `prompt` (through the chat template with `--chat`) and validates the options.
+pub fn prepare(model: &Model, prompt: &str, o: &GenOptions) -> Result<Prepared> {
+    let params = SamplingParams {
+        temperature: o.temperature,
+        top_k: o.top_k,
+        top_p: o.top_p,
+        min_p: o.min_p,
+        repetition_penalty: o.repetition_penalty,
+        seed: o.seed,
+        ..SamplingParams::default()
+    };
+    params.validate()?;
+    let tokenizer = model.tokenizer().context("loading the tokenizer")?;
+    let text = if o.chat {
+        let template = model.chat_template()?.context("the model has no chat template; drop --chat")?;
+        template.render(&[ChatMessage { role: "user".into(), content: prompt.to_owned() }], true)?
+    } else {
+        prompt.to_owned()
+    };
+    // A chat template writes its own special tokens.
+    let ids = tokenizer.encode(&text, !o.chat)?;
+    if ids.is_empty() {
+        bail!("the prompt encodes to no tokens");
+    }
+    let mut stop_ids = tokenizer.eos_ids().to_vec();
+    stop_ids.extend(model.config_eos_ids());
+    Ok(Prepared { tokenizer, prompt: ids, params, stop_ids })
+}
+
+/// Streams generated text to stdout (or collects it for `--json`) and prints the summary.
+pub struct Printer {
+    decoder: IncrementalDecoder,
+    json: bool,
+    text: String,
+    write_err: Option<std::io::Error>,
+}
+
+impl Printer {
+    /// A printer for `tokenizer`'s ids.
+    pub fn new(tokenizer: &Tokenizer, json: bool) -> Self {
+        Self { decoder: tokenizer.incremental_decoder(), json, text: String::new(), write_err: None }
+    }
+
+    /// Handles one generated id; `Flow::Stop` when stdout is gone.
+    pub fn token(&mut self, id: u32) -> Flow {
+        match self.decoder.push(id) {
+            Ok(Some(piece)) => {
+                self.text.push_str(&piece);
+                if !self.json {
+                    let mut out = std::io::stdout().lock();
+                    if let Err(e) = out.write_all(piece.as_bytes()).and_then(|()| out.flush()) {
+                        self.write_err = Some(e);
+                        return Flow::Stop;
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "detokenization failed"),
+        }
+        Flow::Continue
+    }
+
+    /// Prints the end of the text (or the JSON line) and the speed summary on stderr.
+    pub fn finish(
+        mut self,
+        prompt_len: usize,
+        token_ids: &[u32],
+        finish_reason: FinishReason,
+        prefill_time: Duration,
+        decode_time: Duration,
+    ) -> Result<()> {
+        if let Some(e) = self.write_err {
+            return Err(e).context("writing to stdout");
+        }
+        let tail = self.decoder.finish()?;
+        self.text.push_str(&tail);
+        let n = token_ids.len();
+        let prefill_tok_s = prompt_len as f64 / prefill_time.as_secs_f64().max(1e-9);
+        let decode_tok_s = n.saturating_sub(1) as f64 / decode_time.as_secs_f64().max(1e-9);
+        let mut stdout = std::io::stdout().lock();
+        if self.json {
+            let line = JsonOutput {
+                text: &self.text,
+                token_ids,
+                prompt_tokens: prompt_len,
+                completion_tokens: n,
+                prefill_tok_s,
+                decode_tok_s,
+                finish_reason,
+            };
+            writeln!(stdout, "{}", serde_json::to_string(&line)?)?;
+        } else {
+            writeln!(stdout, "{tail}")?;
+        }
+        stdout.flush()?;
+        eprintln!(
+            "prompt {prompt_len} tokens at {prefill_tok_s:.1} tok/s; generated {n} tokens at {decode_tok_s:.1} tok/s; finish {finish_reason:?}"
+        );
+        Ok(())
+    }
+}
+
+/// `shoal generate --join`: this process is the origin; the swarm's workers compute. Waits
+/// at most `wait` seconds for the swarm to cover every layer.
+pub async fn generate_remote(
+    model: &Model,
+    p: Prepared,
+    options: &GenOptions,
+    tickets: &[String],
+    args: &DriverArgs,
+    swarm: &SwarmArgs,
+    wait: f64,
+) -> Result<()> {
+    let model_id = model.model_id().context("hashing the model")?;
+    let origin = Node::bind(args.net.options(None)).await?;
+    let result = async {
+        let swarm = SwarmOrigin::join(model, model_id, origin.clone(), args.config(), tickets, swarm).await?;
+        wait_for_route(&swarm.driver, Duration::from_secs_f64(wait.max(0.0))).await?;
+        generate_with(&swarm.driver, p, options).await
+    }
+    .await;
+    origin.shutdown().await;
+    result
+}
+
+/// Generates through `driver` and prints like `shoal generate`.
+pub async fn generate_with(driver: &Driver, p: Prepared, options: &GenOptions) -> Result<()> {
+    let request = Request {
+        prompt: p.prompt.clone(),
+        params: p.params.clone(),
+        max_tokens: options.max_tokens,
+        stop_ids: p.stop_ids.clone(),
+        top_logprobs: 0,
+    };
+    let mut printer = Printer::new(&p.tokenizer, options.json);
+    let outcome = driver.generate(&request, |ev| printer.token(ev.token)).await?;
+    for f in &outcome.failovers {
+        eprintln!(
+            "recovered at token {}: {} (banned [{}]; detected after {:.2?}, stalled {:.2?})",
+            f.at_token,
+            f.reason,
+            f.banned.join(", "),
+            f.detection,
+            f.stall
+        );
+    }
+    tracing::info!(route = ?outcome.route.iter().map(short).collect::<Vec<_>>(), "done");
+    printer.finish(
+        p.prompt.len(),
+        &outcome.tokens,
+        outcome.finish_reason,
+        outcome.prefill_time,
+        outcome.decode_time,
+    )
+}
