@@ -4,10 +4,14 @@
 //! [`Driver`]: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`
 //! (and `/v1/models/{model}`), `GET /health`, `GET /metrics` (Prometheus) and
 //! `GET /openapi.json`, with OpenAI's request fields, response shapes, streaming
-//! (server-sent events ending in `data: [DONE]`) and error envelope.
+//! (server-sent events ending in `data: [DONE]`) and error envelope; and Anthropic's
+//! Messages API (`POST /v1/messages`, `/v1/messages/count_tokens`) on the same machinery,
+//! in Anthropic's shapes. Sampling fields a request leaves out get [`defaults`]; CORS is
+//! answered for the configured origins only.
 //!
 //! What each request goes through:
-//! 1. With API keys configured, `/v1/*` needs `Authorization: Bearer KEY` (401 otherwise).
+//! 1. With API keys configured, `/v1/*` needs `Authorization: Bearer KEY` or `x-api-key:
+//!    KEY` (401 otherwise).
 //! 2. The body is read under a size limit (413 beyond it) and parsed; unknown fields are
 //!    ignored; a malformed body or a value out of range is a 400 with OpenAI's envelope
 //!    `{"error": {"message", "type", "param", "code"}}`; a `model` other than the one served
