@@ -3,6 +3,8 @@
 pub mod api;
 mod bench;
 pub mod common;
+mod dashboard;
+mod fetch;
 pub mod generate;
 pub mod run;
 mod status;

@@ -577,7 +577,6 @@ fn attend_one_body(
     head: usize,
     out: &mut [f32],
 ) {
-    let hd = h.head_dim;
     let precision = cache.precision();
     let kv_head = head / (h.n_heads / h.n_kv_heads);
     let lo = match h.window {

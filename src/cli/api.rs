@@ -14,6 +14,8 @@ use shoal_model_shards::Model;
 use shoal_worker::net::Node;
 
 use crate::cli::common::DEFAULT_MODEL;
+use crate::cli::dashboard::Dashboard;
+use crate::cli::fetch::open_model;
 use crate::node::{DriverArgs, SwarmArgs, SwarmOrigin, parse_tickets, runtime, shutdown_signal};
 
 /// Options of the API server.
@@ -117,7 +119,7 @@ pub struct ApiCommandArgs {
 
 /// Runs `shoal api`.
 pub fn run(args: ApiCommandArgs) -> Result<()> {
-    let model = Model::open(&args.model).with_context(|| format!("opening {}", args.model.display()))?;
+    let model = open_model(&args.model)?;
     let model_id = model.model_id().context("hashing the model")?;
     parse_tickets(&args.join)?;
     if args.join.is_empty() && !args.driver.net.local_discovery() {
@@ -161,11 +163,14 @@ pub async fn serve(
     let local = listener.local_addr()?;
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(watch_mesh(state.clone(), Duration::from_secs(5)));
+    let dashboard = Dashboard::new(state.clone(), model.spec().n_layers);
+    tasks.spawn(dashboard.clone().run_sampler());
     let keys = if state.config.api_keys.is_empty() { "no API key" } else { "API key required" };
     println!("listening: http://{local}/v1 (model {name}, {keys})");
     use std::io::Write;
     std::io::stdout().flush()?;
-    let served = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal()).await;
+    let app = router(state).merge(crate::cli::dashboard::router(dashboard));
+    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await;
     tasks.abort_all();
     served.context("serving the API")
 }

@@ -77,6 +77,7 @@ use shoal_worker::service::PeerId;
 use tokio::task::JoinSet;
 
 use crate::cli::common::DEFAULT_MODEL;
+use crate::cli::fetch::open_model;
 use crate::cli::run::even_spans;
 use crate::node::{
     DriverArgs, StageArgs, SwarmArgs, SwarmOrigin, driver, load_stage, runtime, wait_for_route,
@@ -745,7 +746,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         bail!("--gen-tokens must be at least 1");
     }
     let levels = std::mem::take(&mut args.concurrency.0);
-    let model = Model::open(&args.model).with_context(|| format!("opening {}", args.model.display()))?;
+    let model = open_model(&args.model)?;
     let spec = model.spec();
     if args.url.is_none() && args.prompt_tokens.saturating_add(args.gen_tokens) > spec.max_position_embeddings
     {

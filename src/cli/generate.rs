@@ -2,12 +2,13 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 use shoal_model_shards::generate::generate;
-use shoal_model_shards::{DType, Device, Model, Shard};
+use shoal_model_shards::{DType, Device, Shard};
 
 use crate::cli::common::{DEFAULT_MODEL, GenOptions, Printer, generate_remote, prepare};
+use crate::cli::fetch::open_model;
 
 /// Arguments of `shoal generate`.
 #[derive(Debug, Args)]
@@ -36,7 +37,7 @@ pub struct GenerateArgs {
 
 /// Runs `shoal generate`.
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let model = Model::open(&args.model).with_context(|| format!("opening {}", args.model.display()))?;
+    let model = open_model(&args.model)?;
     let p = prepare(&model, &args.prompt, &args.options)?;
     if !args.join.is_empty() || args.net.net.local_discovery() {
         return crate::node::runtime()?.block_on(generate_remote(

@@ -7,11 +7,11 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use shoal_coordinator_free_router::membership::OwnSpan;
 use shoal_coordinator_free_router::swarm::announce::PeerState;
-use shoal_model_shards::Model;
 use shoal_worker::net::Node;
 
 use crate::cli::api::{ApiArgs, serve};
 use crate::cli::common::{DEFAULT_MODEL, GenOptions, generate_with, prepare};
+use crate::cli::fetch::open_model;
 use crate::node::{
     DriverArgs, StageArgs, SwarmArgs, driver, join_swarm, load_stage, runtime, shutdown_signal,
 };
@@ -68,7 +68,7 @@ pub fn even_spans(n_layers: usize, stages: usize) -> Vec<std::ops::Range<usize>>
 
 /// Runs `shoal run`.
 pub fn run(args: RunArgs) -> Result<()> {
-    let model = Model::open(&args.model).with_context(|| format!("opening {}", args.model.display()))?;
+    let model = open_model(&args.model)?;
     let n_layers = model.spec().n_layers;
     if args.stages == 0 || args.stages > n_layers {
         bail!("--stages must be between 1 and the model's {n_layers} layers");

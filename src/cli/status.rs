@@ -4,11 +4,10 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Args;
 use shoal_coordinator_free_router::swarm::announce::{Announcement, PeerState};
 use shoal_coordinator_free_router::swarm::view::bottleneck;
-use shoal_model_shards::Model;
 use shoal_worker::net::{Node, endpoint_id, peer_id, short};
 
 use crate::node::{NetArgs, SwarmArgs, join_swarm, parse_tickets, runtime};
@@ -56,7 +55,7 @@ pub fn run(args: StatusArgs) -> Result<()> {
         .model
         .as_ref()
         .map(|p| -> Result<_> {
-            let m = Model::open(p).with_context(|| format!("opening {}", p.display()))?;
+            let m = crate::cli::fetch::open_model(p)?;
             Ok((m.model_id()?, m.spec().n_layers as u32))
         })
         .transpose()?;

@@ -116,8 +116,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         // Bad API options (an unreadable key file...) fail before any layer is loaded.
         args.api_options.config()?;
     }
-    let model =
-        Arc::new(Model::open(&args.model).with_context(|| format!("opening {}", args.model.display()))?);
+    let model = Arc::new(crate::cli::fetch::open_model(&args.model)?);
     let model_id = model.model_id().context("hashing the model")?;
     let n_layers = model.spec().n_layers;
     let len = match (&fixed, args.num_layers) {
