@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Engine speed beside llama.cpp, measured back to back in one run (same machine, same load):
-# pp512 and tg128 on SmolLM2-135M-Instruct Q4_1 with the same thread count, then the ratios.
-# Needs llama-cpp-python (see tests/reference/README.md for the build flags).
+# pp512 and tg128 on SmolLM2-135M-Instruct Q4_1 (or the GGUF in $SHOAL_BENCH_MODEL) with the
+# same thread count, then the ratios. Needs llama-cpp-python (see tests/reference/README.md for
+# the build flags). `SHOAL_BENCH_PROFILE=dev` builds the bench in the dev profile (the engine
+# and its dependencies are optimised there too) instead of the release one.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 threads="${SHOAL_THREADS:-2}"
-cargo bench --bench speed --no-run >/dev/null 2>&1
-shoal=$(SHOAL_THREADS=$threads cargo bench --bench speed 2>/dev/null | grep '"engine"')
-llama=$(python3 benches/llama_cpp_speed.py --threads "$threads")
+model="${SHOAL_BENCH_MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"
+profile="${SHOAL_BENCH_PROFILE:-bench}"
+cargo bench --profile "$profile" --bench speed --no-run >/dev/null 2>&1
+shoal=$(SHOAL_THREADS=$threads SHOAL_BENCH_MODEL="$(realpath "$model")" \
+    cargo bench --profile "$profile" --bench speed 2>/dev/null | grep '"engine"')
+llama=$(python3 benches/llama_cpp_speed.py --threads "$threads" --model "$model")
 echo "$shoal"
 echo "$llama"
 python3 - "$shoal" "$llama" <<'PY'

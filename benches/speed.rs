@@ -1,7 +1,7 @@
-//! llama-bench style throughput of the engine on SmolLM2-135M Q4_1: `pp512` (prefill of a
-//! 512-token prompt) and `tg128` (128 tokens decoded one at a time from an empty context),
-//! median of several repetitions, printed as one JSON line. Threads follow `SHOAL_THREADS`
-//! (default: all cores). `benches/compare_llama_cpp.sh` runs this and llama.cpp back to back
+//! llama-bench style throughput of the engine on SmolLM2-135M Q4_1 (or the GGUF named by
+//! `SHOAL_BENCH_MODEL`): `pp512` (prefill of a 512-token prompt) and `tg128` (128 tokens
+//! decoded one at a time from an empty context), median of several repetitions, printed as one
+//! JSON line. Threads follow `SHOAL_THREADS` (default: all cores). `benches/compare_llama_cpp.sh` runs this and llama.cpp back to back
 //! and prints the ratios.
 //!
 //! `cargo bench --bench speed`
@@ -24,7 +24,10 @@ fn main() {
         )
     };
     let reps: usize = std::env::var("SHOAL_BENCH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let path = match std::env::var_os("SHOAL_BENCH_MODEL") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    };
     assert!(path.is_file(), "{} is missing: run `bash deploy/fetch-model.sh`", path.display());
     let model = Model::open(&path).expect("open model");
     let n = model.spec().n_layers;

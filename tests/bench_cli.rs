@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use api_server::ApiServer;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const KEYS: [&str; 7] = [
     "concurrency",
@@ -117,4 +117,87 @@ fn bench_refuses_bad_input_with_a_clear_message() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("cannot reach the API at http://127.0.0.1:1/v1/models"), "{stderr}");
+}
+
+/// A one-thread HTTP server that answers like an OpenAI API whose model always ends at once
+/// (one token, then the end of sequence) unless the request carries `ignore_eos: true`, and
+/// records the bodies of the completions requests.
+fn eos_server() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}/v1", listener.local_addr().expect("addr"));
+    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = bodies.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut request_line = String::new();
+            if reader.read_line(&mut request_line).is_err() {
+                continue;
+            }
+            let mut length = 0usize;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; length];
+            let _ = reader.read_exact(&mut body);
+            let (content_type, reply) = if request_line.starts_with("GET /v1/models") {
+                (
+                    "application/json",
+                    r#"{"object":"list","data":[{"id":"fake","object":"model"}]}"#.to_owned(),
+                )
+            } else {
+                let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let n = if v["ignore_eos"] == true { v["max_tokens"].as_u64().unwrap_or(1) } else { 1 };
+                seen.lock().expect("lock").push(v);
+                let mut sse = String::new();
+                for _ in 0..n {
+                    sse.push_str(
+                        "data: {\"choices\":[{\"text\":\"x\",\"logprobs\":{\"tokens\":[\"x\"]}}]}\n\n",
+                    );
+                }
+                sse.push_str(&format!(
+                    "data: {{\"choices\":[],\"usage\":{{\"completion_tokens\":{n}}}}}\n\n"
+                ));
+                sse.push_str("data: [DONE]\n\n");
+                ("text/event-stream", sse)
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{reply}",
+                reply.len()
+            );
+        }
+    });
+    (url, bodies)
+}
+
+#[test]
+fn bench_ignore_eos_asks_the_api_for_every_token() {
+    let (url, bodies) = eos_server();
+    let workload = ["--prompt-tokens", "8", "--gen-tokens", "6", "--concurrency", "1", "--warmup", "0"];
+    let without = bench(&[&["--url", url.as_str()][..], &workload].concat());
+    let stderr = String::from_utf8_lossy(&without.stderr);
+    assert!(without.status.success(), "{stderr}");
+    assert!(stderr.contains("1 streams stopped before 6 tokens (end of sequence)"), "{stderr}");
+    let with = bench(&[&["--url", url.as_str(), "--ignore-eos"][..], &workload].concat());
+    let stderr = String::from_utf8_lossy(&with.stderr);
+    assert!(with.status.success(), "{stderr}");
+    assert!(!stderr.contains("stopped before"), "every stream got its 6 tokens: {stderr}");
+    let bodies = bodies.lock().expect("lock");
+    assert_eq!(bodies.len(), 2, "{bodies:?}");
+    assert!(bodies[0].get("ignore_eos").is_none(), "{}", bodies[0]);
+    assert_eq!(
+        (&bodies[1]["ignore_eos"], &bodies[1]["max_tokens"]),
+        (&json!(true), &json!(6)),
+        "{}",
+        bodies[1]
+    );
 }

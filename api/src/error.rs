@@ -90,6 +90,40 @@ impl ApiError {
     pub fn body(&self) -> Value {
         json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
     }
+
+    /// Anthropic's error type for this error's status.
+    pub fn anthropic_type(&self) -> &'static str {
+        match self.status.as_u16() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            // No route or a missed deadline: temporary, as Anthropic's 529.
+            503 | 529 => "overloaded_error",
+            500..=599 => "api_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    /// The error in Anthropic's format, `{"type": "error", "error": {"type", "message"}}`.
+    pub fn anthropic_body(&self) -> Value {
+        json!({"type": "error", "error": {"type": self.anthropic_type(), "message": self.message}})
+    }
+
+    /// The response of this error in Anthropic's format (same status and `Retry-After`).
+    pub fn into_anthropic_response(self) -> Response {
+        let mut resp = (self.status, Json(self.anthropic_body())).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+
+    /// The response in the dialect of the endpoint that answers it.
+    pub(crate) fn into_response_for(self, anthropic: bool) -> Response {
+        if anthropic { self.into_anthropic_response() } else { self.into_response() }
+    }
 }
 
 impl std::fmt::Display for ApiError {

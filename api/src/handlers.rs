@@ -27,7 +27,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::schema::{ChatBody, CompletionBody, Job, Kind, parse};
 use crate::text::TextAssembler;
-use crate::{ApiError, ApiState};
+use crate::{ApiError, ApiState, anthropic};
 
 type Tx = mpsc::UnboundedSender<Result<Event, Infallible>>;
 
@@ -139,6 +139,8 @@ struct ChoiceResult {
     index: usize,
     text: String,
     finish: &'static str,
+    /// The stop string that ended the text, if one did.
+    stop_sequence: Option<String>,
     tokens: usize,
     logprobs: Vec<TokenLp>,
 }
@@ -223,11 +225,19 @@ fn chunk(
         Kind::Completion => json!({"id": meta.id, "object": "text_completion", "created": meta.created,
             "model": meta.model,
             "choices": [{"index": index, "text": delta.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish}]}),
+        Kind::Messages => anthropic::text_delta(delta.unwrap_or("")),
     }
 }
 
+/// Sends one server-sent event. Anthropic's events (objects with a `type`) are named by
+/// their type, as Anthropic names them; OpenAI's chunks have no name.
 fn send(tx: &Tx, v: &Value) -> bool {
-    tx.send(Ok(Event::default().data(v.to_string()))).is_ok()
+    let mut event = Event::default();
+    if let Some(name) = v.get("type").and_then(Value::as_str) {
+        // `event:` before `data:`, as Anthropic writes them.
+        event = event.event(name);
+    }
+    tx.send(Ok(event.data(v.to_string()))).is_ok()
 }
 
 const NO_TOKEN: u64 = u64::MAX;
@@ -246,7 +256,7 @@ async fn run_choice(
         prompt: job.prompt.clone(),
         params,
         max_tokens: job.max_tokens,
-        stop_ids: state.model.stop_ids.clone(),
+        stop_ids: if job.ignore_eos { Vec::new() } else { state.model.stop_ids.clone() },
         top_logprobs: job.logprobs.unwrap_or(0),
     };
     let m = &state.metrics;
@@ -283,7 +293,7 @@ async fn run_choice(
         if let Some((tx, meta)) = &stream {
             if !piece.is_empty() || lp.is_some() {
                 let lpv = match (&lp, meta.kind) {
-                    (None, _) => Value::Null,
+                    (None, _) | (Some(_), Kind::Messages) => Value::Null,
                     (Some(l), Kind::Chat) => chat_logprobs(&state, std::slice::from_ref(l)),
                     (Some(l), Kind::Completion) => {
                         completion_logprobs(&state, std::slice::from_ref(l), &mut offset)
@@ -340,16 +350,20 @@ async fn run_choice(
         if !rest.is_empty() {
             send(tx, &chunk(meta, index, Some(&rest), None, false, Value::Null));
         }
-        let mut last = chunk(meta, index, None, Some(finish), false, Value::Null);
-        if meta.kind == Kind::Chat {
-            last["choices"][0]["delta"] = json!({});
+        // Anthropic's closing events need the usage: `serve` sends them.
+        if meta.kind != Kind::Messages {
+            let mut last = chunk(meta, index, None, Some(finish), false, Value::Null);
+            if meta.kind == Kind::Chat {
+                last["choices"][0]["delta"] = json!({});
+            }
+            send(tx, &last);
         }
-        send(tx, &last);
     }
     Ok(ChoiceResult {
         index,
         text: text.text().to_owned(),
         finish,
+        stop_sequence: text.matched_stop().map(str::to_owned),
         tokens: outcome.tokens.len(),
         logprobs: lps,
     })
@@ -365,22 +379,24 @@ fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// Admits `job`, runs its choices and answers (a JSON body, or server-sent events).
-async fn serve(state: Arc<ApiState>, job: Job, arrived: Instant) -> Response {
+/// Admits `job`, runs its choices and answers (a JSON body, or server-sent events), in the
+/// shapes of the job's endpoint.
+pub(crate) async fn serve(state: Arc<ApiState>, job: Job, arrived: Instant) -> Response {
+    let anthropic = job.kind == Kind::Messages;
     let permit = match state.admission.admit(job.n, state.config.first_token_timeout).await {
         Ok(p) => p,
-        Err(e) => return e.into_response(),
+        Err(e) => return e.into_response_for(anthropic),
     };
     let m = &state.metrics;
     m.queue.observe(arrived.elapsed().as_secs_f64());
     m.prompt_tokens.inc_by(job.prompt.len() as u64);
     let meta = Arc::new(Meta {
         kind: job.kind,
-        id: format!(
-            "{}-{:016x}",
-            if job.kind == Kind::Chat { "chatcmpl" } else { "cmpl" },
-            rand::random::<u64>()
-        ),
+        id: match job.kind {
+            Kind::Chat => format!("chatcmpl-{:016x}", rand::random::<u64>()),
+            Kind::Completion => format!("cmpl-{:016x}", rand::random::<u64>()),
+            Kind::Messages => format!("msg_{:032x}", rand::random::<u128>()),
+        },
         created: now_secs(),
         model: state.model.name.clone(),
     });
@@ -395,14 +411,26 @@ async fn serve(state: Arc<ApiState>, job: Job, arrived: Instant) -> Response {
             match r {
                 Ok(Ok(c)) => results.push(c),
                 // Dropping the set aborts the other choices (closing their sessions).
-                Ok(Err(e)) => return e.into_response(),
-                Err(e) => return internal(&e).into_response(),
+                Ok(Err(e)) => return e.into_response_for(anthropic),
+                Err(e) => return internal(&e).into_response_for(anthropic),
             }
         }
         drop(permit);
         m.e2e.observe(arrived.elapsed().as_secs_f64());
         results.sort_by_key(|c| c.index);
         let completion: usize = results.iter().map(|c| c.tokens).sum();
+        if let (true, Some(c)) = (anthropic, results.first()) {
+            let stop = anthropic::stop_reason(c.finish, c.stop_sequence.as_deref());
+            let m = anthropic::message(
+                &meta.id,
+                &meta.model,
+                Some(&c.text),
+                Some(stop),
+                job.prompt.len(),
+                c.tokens,
+            );
+            return Json(m).into_response();
+        }
         let choices: Vec<Value> = results
             .iter()
             .map(|c| {
@@ -416,8 +444,8 @@ async fn serve(state: Arc<ApiState>, job: Job, arrived: Instant) -> Response {
                         json!({"index": c.index, "message": {"role": "assistant", "content": c.text},
                                          "logprobs": lp, "finish_reason": c.finish})
                     }
-                    Kind::Completion => json!({"index": c.index, "text": c.text, "logprobs": lp,
-                                               "finish_reason": c.finish}),
+                    Kind::Completion | Kind::Messages => json!({"index": c.index, "text": c.text,
+                                               "logprobs": lp, "finish_reason": c.finish}),
                 }
             })
             .collect();
@@ -430,6 +458,11 @@ async fn serve(state: Arc<ApiState>, job: Job, arrived: Instant) -> Response {
     }
 
     let (tx, rx) = mpsc::unbounded_channel();
+    if anthropic {
+        for event in anthropic::opening_events(&meta.id, &meta.model, job.prompt.len()) {
+            send(&tx, &event);
+        }
+    }
     tokio::spawn(async move {
         let _permit = permit;
         let mut set = JoinSet::new();
@@ -437,10 +470,12 @@ async fn serve(state: Arc<ApiState>, job: Job, arrived: Instant) -> Response {
             set.spawn(run_choice(state.clone(), job.clone(), i, arrived, Some((tx.clone(), meta.clone()))));
         }
         let mut completion = 0;
+        let mut stop = None;
         while let Some(r) = set.join_next().await {
             let err = match r {
                 Ok(Ok(c)) => {
                     completion += c.tokens;
+                    stop = Some(anthropic::stop_reason(c.finish, c.stop_sequence.as_deref()));
                     continue;
                 }
                 Ok(Err(e)) if e.code == Some("client_closed") => {
@@ -452,10 +487,18 @@ async fn serve(state: Arc<ApiState>, job: Job, arrived: Instant) -> Response {
             };
             // One error event, then the stream closes (no [DONE]); the set's drop aborts
             // the other choices.
-            send(&tx, &err.body());
+            send(&tx, &if anthropic { err.anthropic_body() } else { err.body() });
             return;
         }
         state.metrics.e2e.observe(arrived.elapsed().as_secs_f64());
+        if anthropic {
+            if let Some(stop) = stop {
+                for event in anthropic::closing_events(stop, completion) {
+                    send(&tx, &event);
+                }
+            }
+            return;
+        }
         if job.include_usage {
             let object = if job.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
             send(

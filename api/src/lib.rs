@@ -4,10 +4,14 @@
 //! [`Driver`]: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`
 //! (and `/v1/models/{model}`), `GET /health`, `GET /metrics` (Prometheus) and
 //! `GET /openapi.json`, with OpenAI's request fields, response shapes, streaming
-//! (server-sent events ending in `data: [DONE]`) and error envelope.
+//! (server-sent events ending in `data: [DONE]`) and error envelope; and Anthropic's
+//! Messages API (`POST /v1/messages`, `/v1/messages/count_tokens`) on the same machinery,
+//! in Anthropic's shapes. Sampling fields a request leaves out get [`defaults`]; CORS is
+//! answered for the configured origins only.
 //!
 //! What each request goes through:
-//! 1. With API keys configured, `/v1/*` needs `Authorization: Bearer KEY` (401 otherwise).
+//! 1. With API keys configured, `/v1/*` needs `Authorization: Bearer KEY` or `x-api-key:
+//!    KEY` (401 otherwise).
 //! 2. The body is read under a size limit (413 beyond it) and parsed; unknown fields are
 //!    ignored; a malformed body or a value out of range is a 400 with OpenAI's envelope
 //!    `{"error": {"message", "type", "param", "code"}}`; a `model` other than the one served
@@ -30,6 +34,8 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod admission;
+mod anthropic;
+pub mod defaults;
 mod error;
 mod handlers;
 pub mod metrics;
@@ -43,7 +49,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::header;
+use axum::http::{HeaderValue, Method, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -52,8 +58,10 @@ use shoal_coordinator_free_router::driver::Driver;
 use shoal_model_shards::Model;
 use shoal_model_shards::chat_template::ChatTemplate;
 use shoal_model_shards::tokenizer::Tokenizer;
+use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
 use crate::admission::Admission;
+use crate::defaults::SamplingDefaults;
 use crate::metrics::Metrics;
 use crate::tokens::TokenText;
 
@@ -69,6 +77,9 @@ pub struct ServedModel {
     pub stop_ids: Vec<u32>,
     /// Its context: prompt plus generated tokens.
     pub max_positions: usize,
+    /// The sampling defaults the model recommends ([`SamplingDefaults::of_model`]); empty
+    /// unless the server reads them.
+    pub sampling: SamplingDefaults,
 }
 
 impl ServedModel {
@@ -88,6 +99,7 @@ impl ServedModel {
             tokenizer,
             stop_ids,
             max_positions: model.spec().max_position_embeddings,
+            sampling: SamplingDefaults::default(),
         })
     }
 }
@@ -111,6 +123,12 @@ pub struct ApiConfig {
     pub max_n: usize,
     /// Caps the context below the model's (vLLM's `--max-model-len`).
     pub max_model_len: Option<usize>,
+    /// The operator's sampling defaults (`--default-temperature`, ...): they win over the
+    /// model's recommendations, a request's own fields win over them.
+    pub sampling: SamplingDefaults,
+    /// Origins whose browser pages may call the API (CORS); `*` allows any; empty: no CORS
+    /// headers, browsers refuse cross-origin calls.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ApiConfig {
@@ -124,6 +142,8 @@ impl Default for ApiConfig {
             token_timeout: Duration::from_secs(30),
             max_n: 8,
             max_model_len: None,
+            sampling: SamplingDefaults::default(),
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -139,6 +159,7 @@ pub struct ApiState {
     admission: Admission,
     metrics: Metrics,
     token_text: TokenText,
+    sampling: SamplingDefaults,
 }
 
 impl ApiState {
@@ -152,6 +173,7 @@ impl ApiState {
             admission: Admission::new(config.max_running, config.max_waiting),
             metrics: Metrics::new(&model.name)?,
             token_text: TokenText::new(&model.tokenizer),
+            sampling: config.sampling.or(model.sampling).or(SamplingDefaults::SHOAL),
             driver,
             model,
             config,
@@ -166,6 +188,12 @@ impl ApiState {
     /// Most choices per request.
     pub fn max_n(&self) -> usize {
         self.config.max_n.min(self.config.max_running).max(1)
+    }
+
+    /// What a request gets for each sampling field it leaves out: the operator's default,
+    /// else the model's recommendation, else [`SamplingDefaults::SHOAL`].
+    pub fn sampling_defaults(&self) -> &SamplingDefaults {
+        &self.sampling
     }
 
     /// The metrics.
@@ -187,8 +215,11 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/models", get(handlers::models))
         .route("/v1/models/{model}", get(handlers::model))
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
-    Router::new()
+    let cors = cors(&state.config.cors_origins);
+    let app = Router::new()
         .merge(v1)
         .route("/health", get(handlers::health))
         .route("/metrics", get(handlers::metrics))
@@ -196,7 +227,34 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(limit))
-        .with_state(state)
+        .with_state(state);
+    match cors {
+        Some(layer) => app.layer(layer),
+        None => app,
+    }
+}
+
+/// The CORS layer for `origins` (none when empty): preflights are answered before keys are
+/// checked; an origin not in the list gets no `Access-Control-Allow-Origin`, so the browser
+/// refuses the call. Origins that are not valid header values are skipped (the CLI checks
+/// them first).
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers(AllowHeaders::mirror_request())
+            .expose_headers([header::RETRY_AFTER])
+            .max_age(Duration::from_secs(600)),
+    )
 }
 
 /// Compares in time independent of where the first difference is.
@@ -208,17 +266,24 @@ async fn require_key(State(state): State<Arc<ApiState>>, req: Request, next: Nex
     if state.config.api_keys.is_empty() {
         return next.run(req).await;
     }
-    let given = req
-        .headers()
+    let headers = req.headers();
+    let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    match given {
-        Some(k) if state.config.api_keys.iter().any(|key| same_key(key.as_bytes(), k.as_bytes())) => {
-            next.run(req).await
-        }
-        _ => ApiError::unauthorized().into_response(),
+    // Anthropic's clients send the key as `x-api-key`.
+    let x_api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim);
+    let known = |k: &str| state.config.api_keys.iter().any(|key| same_key(key.as_bytes(), k.as_bytes()));
+    if bearer.is_some_and(known) || x_api_key.is_some_and(known) {
+        return next.run(req).await;
+    }
+    if req.uri().path().starts_with("/v1/messages") {
+        let mut e = ApiError::unauthorized();
+        e.message = "invalid or missing API key: send `x-api-key: KEY`".into();
+        e.into_anthropic_response()
+    } else {
+        ApiError::unauthorized().into_response()
     }
 }
 

@@ -56,6 +56,8 @@ fn sampling_properties(model: &str, max_n: usize) -> Value {
         "stream": {"type": "boolean", "nullable": true},
         "stream_options": {"type": "object", "nullable": true,
                            "properties": {"include_usage": {"type": "boolean", "nullable": true}}},
+        "ignore_eos": {"type": "boolean", "nullable": true,
+                       "description": "Generate past the end of sequence, up to max_tokens (for benchmarks)."},
         "user": {"type": "string", "nullable": true},
     })
 }

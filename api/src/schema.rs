@@ -42,23 +42,25 @@ pub(crate) enum Int {
 /// The fields both endpoints share.
 #[derive(Debug, Default, Deserialize)]
 pub(crate) struct Common {
-    model: Option<String>,
-    max_tokens: Option<i64>,
-    max_completion_tokens: Option<i64>,
-    temperature: Option<f64>,
-    top_p: Option<f64>,
-    top_k: Option<i64>,
-    min_p: Option<f64>,
-    seed: Option<Int>,
-    stop: Option<Stop>,
-    presence_penalty: Option<f64>,
-    frequency_penalty: Option<f64>,
-    repetition_penalty: Option<f64>,
-    n: Option<i64>,
-    stream: Option<bool>,
-    stream_options: Option<StreamOptions>,
+    pub(crate) model: Option<String>,
+    pub(crate) max_tokens: Option<i64>,
+    pub(crate) max_completion_tokens: Option<i64>,
+    pub(crate) temperature: Option<f64>,
+    pub(crate) top_p: Option<f64>,
+    pub(crate) top_k: Option<i64>,
+    pub(crate) min_p: Option<f64>,
+    pub(crate) seed: Option<Int>,
+    pub(crate) stop: Option<Stop>,
+    pub(crate) presence_penalty: Option<f64>,
+    pub(crate) frequency_penalty: Option<f64>,
+    pub(crate) repetition_penalty: Option<f64>,
+    pub(crate) n: Option<i64>,
+    pub(crate) stream: Option<bool>,
+    pub(crate) stream_options: Option<StreamOptions>,
+    /// vLLM's: generate past the end-of-sequence ids, up to `max_tokens` (for benchmarks).
+    pub(crate) ignore_eos: Option<bool>,
     /// Accepted and logged (OpenAI's end-user id).
-    user: Option<String>,
+    pub(crate) user: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -120,6 +122,8 @@ pub(crate) struct CompletionBody {
 pub(crate) enum Kind {
     Chat,
     Completion,
+    /// Anthropic's Messages API ([`crate::anthropic`]).
+    Messages,
 }
 
 /// A validated generation request.
@@ -136,6 +140,8 @@ pub(crate) struct Job {
     pub(crate) logprobs: Option<u8>,
     pub(crate) stream: bool,
     pub(crate) include_usage: bool,
+    /// Generate past the end-of-sequence ids (only `max_tokens` and stop strings end it).
+    pub(crate) ignore_eos: bool,
 }
 
 /// Reads a JSON body (the size limit already applied by axum).
@@ -369,8 +375,10 @@ impl ApiState {
                 n
             }
         };
+        let d = self.sampling_defaults();
         let top_k = match c.top_k {
-            None | Some(0) | Some(-1) => None,
+            None => d.top_k.filter(|&k| k > 0),
+            Some(0) | Some(-1) => None,
             Some(k) if k > 0 => Some(u32::try_from(k).unwrap_or(u32::MAX)),
             Some(_) => return Err(ApiError::invalid("top_k must be -1, 0 or positive", Some("top_k"))),
         };
@@ -381,11 +389,15 @@ impl ApiState {
             None => rand::random(),
         };
         let params = SamplingParams {
-            temperature: float(c.temperature, 1.0, "temperature")?,
+            temperature: float(c.temperature, d.temperature.unwrap_or(1.0), "temperature")?,
             top_k,
-            top_p: float(c.top_p, 1.0, "top_p")?,
-            min_p: float(c.min_p, 0.0, "min_p")?,
-            repetition_penalty: float(c.repetition_penalty, 1.0, "repetition_penalty")?,
+            top_p: float(c.top_p, d.top_p.unwrap_or(1.0), "top_p")?,
+            min_p: float(c.min_p, d.min_p.unwrap_or(0.0), "min_p")?,
+            repetition_penalty: float(
+                c.repetition_penalty,
+                d.repetition_penalty.unwrap_or(1.0),
+                "repetition_penalty",
+            )?,
             presence_penalty: float(c.presence_penalty, 0.0, "presence_penalty")?,
             frequency_penalty: float(c.frequency_penalty, 0.0, "frequency_penalty")?,
             seed,
@@ -416,6 +428,7 @@ impl ApiState {
             logprobs,
             stream,
             include_usage: stream && c.stream_options.and_then(|o| o.include_usage).unwrap_or(false),
+            ignore_eos: c.ignore_eos.unwrap_or(false),
         })
     }
 }

@@ -10,6 +10,8 @@ pub struct TextAssembler {
     text: String,
     emitted: usize,
     stopped: bool,
+    /// The stop string that ended the text, once one has.
+    matched: Option<usize>,
 }
 
 impl TextAssembler {
@@ -22,6 +24,7 @@ impl TextAssembler {
             text: String::new(),
             emitted: 0,
             stopped: false,
+            matched: None,
         }
     }
 
@@ -47,6 +50,11 @@ impl TextAssembler {
         self.release(true).0
     }
 
+    /// The stop string that ended the text, if one did.
+    pub fn matched_stop(&self) -> Option<&str> {
+        self.matched.and_then(|i| self.stops.get(i)).map(String::as_str)
+    }
+
     /// The whole text so far (what has been released).
     pub fn text(&self) -> &str {
         &self.text[..self.emitted]
@@ -63,9 +71,15 @@ impl TextAssembler {
         while !self.text.is_char_boundary(from) {
             from -= 1;
         }
-        let hit =
-            self.stops.iter().filter_map(|s| self.text[from..].find(s.as_str()).map(|i| from + i)).min();
-        if let Some(at) = hit {
+        // The earliest match; among matches at one place, the first stop string given.
+        let hit = self
+            .stops
+            .iter()
+            .enumerate()
+            .filter_map(|(k, s)| self.text[from..].find(s.as_str()).map(|i| (from + i, k)))
+            .min();
+        if let Some((at, k)) = hit {
+            self.matched = Some(k);
             let at = at.max(self.emitted);
             let out = self.text[self.emitted..at].to_owned();
             self.text.truncate(at);
@@ -135,6 +149,7 @@ mod tests {
             assert_eq!(out, want, "stop {stop:?}");
             assert_eq!(stopped, stop != "zzz");
             assert_eq!(a.text(), want);
+            assert_eq!(a.matched_stop(), stopped.then_some(stop));
         }
     }
 }

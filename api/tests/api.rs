@@ -8,6 +8,7 @@ use axum::body::Body;
 use axum::http::{Request as HttpRequest, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
+use shoal_api::defaults::SamplingDefaults;
 use shoal_api::{ApiConfig, ApiState, ServedModel, router};
 use shoal_coordinator_free_router::driver::{Driver, DriverConfig, ModelInfo};
 use shoal_model_shards::{DType, Device, Model, Shard};
@@ -33,6 +34,11 @@ async fn fixture(with_stages: bool) -> Fixture {
 }
 
 async fn fixture_with(with_stages: bool, config: ApiConfig) -> Fixture {
+    fixture_full(with_stages, config, SamplingDefaults::default()).await
+}
+
+/// A fixture whose model recommends `recommended` sampling defaults.
+async fn fixture_full(with_stages: bool, config: ApiConfig, recommended: SamplingDefaults) -> Fixture {
     let model = Model::open(model_path()).expect("model");
     let info = ModelInfo::of(&model).expect("model info");
     let origin = Node::bind(NodeOptions::loopback()).await.expect("origin");
@@ -55,7 +61,8 @@ async fn fixture_with(with_stages: bool, config: ApiConfig) -> Fixture {
             stages.push(node);
         }
     }
-    let served = ServedModel::of(&model, "smollm2").expect("tokenizer and template");
+    let mut served = ServedModel::of(&model, "smollm2").expect("tokenizer and template");
+    served.sampling = recommended;
     let state = Arc::new(ApiState::new(Arc::new(driver), served, config).expect("metrics"));
     Fixture { app: router(state.clone()), stages, state }
 }
@@ -515,5 +522,309 @@ async fn a_missed_first_token_deadline_is_a_503() {
     assert!(v["error"]["message"].as_str().expect("message").contains("first token"), "{v}");
     for s in &f.stages {
         s.shutdown().await;
+    }
+}
+
+/// A request with extra headers; the status, the response's headers and its body.
+async fn call_headers(
+    app: &axum::Router,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+) -> (StatusCode, axum::http::HeaderMap, String) {
+    let mut req = HttpRequest::builder().method(method).uri(path);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    if body.is_some() {
+        req = req.header("content-type", "application/json");
+    }
+    let req = req.body(body.map_or(Body::empty(), |b| Body::from(b.to_string()))).expect("request");
+    let resp = app.clone().oneshot(req).await.expect("response");
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, headers, String::from_utf8(bytes.to_vec()).expect("utf-8"))
+}
+
+/// The text of a chat completion request's first choice.
+async fn chat_text(app: &axum::Router, body: Value) -> String {
+    let (s, b) = call(app, "POST", "/v1/chat/completions", Some(body)).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    json_of(&b)["choices"][0]["message"]["content"].as_str().expect("content").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampling_defaults_fill_what_a_request_leaves_out_and_ignore_eos_runs_on() {
+    let msgs = json!([{"role": "user", "content": "Name three fruits."}]);
+    // No operator default, no recommendation: shoal's own defaults.
+    let f = fixture(true).await;
+    let mut openai_differs = false;
+    for seed in [1, 2, 3, 4] {
+        let bare = chat_text(&f.app, json!({"messages": msgs, "max_tokens": 10, "seed": seed})).await;
+        let shoal = json!({"messages": msgs, "max_tokens": 10, "seed": seed,
+                           "temperature": 0.2, "top_p": 0.9, "top_k": -1, "min_p": 0.0});
+        assert_eq!(bare, chat_text(&f.app, shoal).await, "seed {seed}");
+        let openai = json!({"messages": msgs, "max_tokens": 10, "seed": seed,
+                            "temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0});
+        openai_differs |= bare != chat_text(&f.app, openai).await;
+    }
+    assert!(openai_differs, "the defaults are not OpenAI's (temperature 1 over the whole vocabulary)");
+
+    // ignore_eos: greedy, the answer ends at the end of sequence well before 48 tokens;
+    // with ignore_eos it runs to max_tokens.
+    for (path, body) in
+        [("/v1/chat/completions", json!({"messages": msgs, "max_tokens": 48, "temperature": 0}))]
+    {
+        let (s, b) = call(&f.app, "POST", path, Some(body.clone())).await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+        let v = json_of(&b);
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+        assert!(v["usage"]["completion_tokens"].as_u64().expect("usage") < 48, "{v}");
+        let mut on = body.clone();
+        on["ignore_eos"] = json!(true);
+        let (s, b) = call(&f.app, "POST", path, Some(on)).await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+        let v = json_of(&b);
+        assert_eq!(
+            (v["usage"]["completion_tokens"].as_u64(), &v["choices"][0]["finish_reason"]),
+            (Some(48), &json!("length")),
+            "{v}"
+        );
+    }
+    for s in &f.stages {
+        s.shutdown().await;
+    }
+
+    // The operator's default wins over the model's recommendation, which wins over shoal's;
+    // a request's own field wins over all.
+    let recommended =
+        SamplingDefaults { temperature: Some(0.5), top_k: Some(5), ..SamplingDefaults::default() };
+    let operator = SamplingDefaults { temperature: Some(0.0), ..SamplingDefaults::default() };
+    let f = fixture_full(true, ApiConfig { sampling: operator, ..ApiConfig::default() }, recommended).await;
+    let greedy = chat_text(&f.app, json!({"messages": msgs, "max_tokens": 10, "temperature": 0})).await;
+    for seed in [1, 2] {
+        let bare = chat_text(&f.app, json!({"messages": msgs, "max_tokens": 10, "seed": seed})).await;
+        assert_eq!(bare, greedy, "the operator's temperature 0");
+        let hot = json!({"messages": msgs, "max_tokens": 10, "seed": seed, "temperature": 1.2});
+        let spelled = json!({"messages": msgs, "max_tokens": 10, "seed": seed, "temperature": 1.2,
+                             "top_k": 5, "top_p": 0.9, "min_p": 0.0});
+        assert_eq!(chat_text(&f.app, hot).await, chat_text(&f.app, spelled).await, "the model's top_k");
+    }
+    for s in &f.stages {
+        s.shutdown().await;
+    }
+}
+
+/// Server-sent events as (event name, data).
+fn sse_events(body: &str) -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    let mut name = String::new();
+    for line in body.lines() {
+        if let Some(n) = line.strip_prefix("event: ") {
+            name = n.to_owned();
+        } else if let Some(d) = line.strip_prefix("data: ") {
+            out.push((std::mem::take(&mut name), json_of(d)));
+        }
+    }
+    out
+}
+
+fn anthropic_error(status: StatusCode, body: &str, want: StatusCode, kind: &str) {
+    assert_eq!(status, want, "{body}");
+    let v = json_of(body);
+    assert_eq!(v["type"], "error", "{body}");
+    assert_eq!(v["error"]["type"], kind, "{body}");
+    assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_messages_answer_like_chat_completions() {
+    let config = ApiConfig { api_keys: vec!["sekret".into()], ..ApiConfig::default() };
+    let f = fixture_with(true, config).await;
+    let key = [("x-api-key", "sekret"), ("anthropic-version", "2023-06-01")];
+    let post = |body: Value, headers: &'static [(&'static str, &'static str)]| {
+        let app = f.app.clone();
+        async move { call_headers(&app, "POST", "/v1/messages", headers, Some(body)).await }
+    };
+    const KEY: &[(&str, &str)] = &[("x-api-key", "sekret")];
+    let body = json!({
+        "model": "smollm2", "max_tokens": 24, "temperature": 0,
+        "system": [{"type": "text", "text": "You are brief."}],
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "Name a color."}]}],
+    });
+    // Keys: x-api-key or Bearer; a wrong or missing one is Anthropic's 401.
+    for headers in [&[][..], &[("x-api-key", "wrong")][..]] {
+        let (s, _, b) = call_headers(&f.app, "POST", "/v1/messages", headers, Some(body.clone())).await;
+        anthropic_error(s, &b, StatusCode::UNAUTHORIZED, "authentication_error");
+    }
+    let (s, _, bearer) = call_headers(
+        &f.app,
+        "POST",
+        "/v1/messages",
+        &[("authorization", "Bearer sekret")],
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{bearer}");
+    let (s, _, b) = call_headers(&f.app, "POST", "/v1/messages", &key, Some(body.clone())).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let m = json_of(&b);
+    assert_eq!(json_of(&bearer)["content"], m["content"]);
+    assert_eq!(
+        (&m["type"], &m["role"], &m["model"]),
+        (&json!("message"), &json!("assistant"), &json!("smollm2"))
+    );
+    assert!(m["id"].as_str().is_some_and(|id| id.starts_with("msg_")), "{m}");
+    let text = m["content"][0]["text"].as_str().expect("a text block").to_owned();
+    assert_eq!(m["content"][0]["type"], "text");
+    assert_eq!(m["content"].as_array().map(Vec::len), Some(1));
+    // The same conversation through chat completions: the same text and token counts.
+    let chat = json!({"model": "smollm2", "max_tokens": 24, "temperature": 0,
+        "messages": [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Name a color."}]});
+    let (s, _, cb) = call_headers(&f.app, "POST", "/v1/chat/completions", KEY, Some(chat)).await;
+    assert_eq!(s, StatusCode::OK, "{cb}");
+    let c = json_of(&cb);
+    assert_eq!(c["choices"][0]["message"]["content"], text.as_str());
+    assert_eq!(m["usage"]["input_tokens"], c["usage"]["prompt_tokens"]);
+    assert_eq!(m["usage"]["output_tokens"], c["usage"]["completion_tokens"]);
+    let (reason, n) = (m["stop_reason"].as_str().expect("stop_reason"), m["usage"]["output_tokens"].as_u64());
+    assert_eq!(reason, if n == Some(24) { "max_tokens" } else { "end_turn" }, "{m}");
+    assert!(m["stop_sequence"].is_null());
+
+    // count_tokens: the prompt the request would have.
+    let mut counted = body.clone();
+    counted.as_object_mut().expect("object").remove("max_tokens");
+    let (s, _, cb) = call_headers(&f.app, "POST", "/v1/messages/count_tokens", KEY, Some(counted)).await;
+    assert_eq!(s, StatusCode::OK, "{cb}");
+    assert_eq!(json_of(&cb)["input_tokens"], m["usage"]["input_tokens"]);
+
+    // Streaming: Anthropic's events in Anthropic's order; the deltas spell the same text.
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let (s, headers, sb) = post(streamed, KEY).await;
+    assert_eq!(s, StatusCode::OK, "{sb}");
+    assert!(headers["content-type"].to_str().expect("ascii").starts_with("text/event-stream"));
+    let events = sse_events(&sb);
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    let k = names.len();
+    assert!(k >= 7, "{names:?}");
+    assert_eq!(names[..3], ["message_start", "content_block_start", "ping"], "{names:?}");
+    assert_eq!(names[k - 3..], ["content_block_stop", "message_delta", "message_stop"], "{names:?}");
+    assert!(names[3..k - 3].iter().all(|n| *n == "content_block_delta"), "{names:?}");
+    for (name, data) in &events {
+        assert_eq!(data["type"], name.as_str(), "every event's data names its type");
+    }
+    let start = &events[0].1["message"];
+    assert_eq!((start["content"].clone(), start["stop_reason"].clone()), (json!([]), Value::Null));
+    assert_eq!(start["usage"]["input_tokens"], m["usage"]["input_tokens"]);
+    let joined: String =
+        events[3..k - 3].iter().map(|(_, d)| d["delta"]["text"].as_str().expect("text_delta")).collect();
+    assert_eq!(joined, text);
+    let delta = &events[k - 2].1;
+    assert_eq!(delta["delta"]["stop_reason"], m["stop_reason"]);
+    assert_eq!(delta["usage"]["output_tokens"], m["usage"]["output_tokens"]);
+
+    // stop_sequences: the text ends before the first one met, and the answer names it.
+    let word = text.split_whitespace().nth(1).expect("two words").to_owned();
+    let mut stopped = body.clone();
+    stopped["stop_sequences"] = json!(["zzz-never", word]);
+    let (s, _, b) = post(stopped, KEY).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let v = json_of(&b);
+    assert_eq!((&v["stop_reason"], &v["stop_sequence"]), (&json!("stop_sequence"), &json!(word)), "{v}");
+    assert_eq!(v["content"][0]["text"].as_str(), text.find(&word).map(|i| &text[..i]));
+    // max_tokens ends it too.
+    let mut short = body.clone();
+    short["max_tokens"] = json!(2);
+    let (_, _, b) = post(short, KEY).await;
+    let v = json_of(&b);
+    assert_eq!((&v["stop_reason"], &v["usage"]["output_tokens"]), (&json!("max_tokens"), &json!(2)), "{v}");
+
+    // Errors in Anthropic's format.
+    let mut no_max = body.clone();
+    no_max.as_object_mut().expect("object").remove("max_tokens");
+    let (s, _, b) = post(no_max, KEY).await;
+    anthropic_error(s, &b, StatusCode::BAD_REQUEST, "invalid_request_error");
+    assert!(b.contains("max_tokens"), "{b}");
+    for bad in [
+        json!({"max_tokens": 8, "messages": []}),
+        json!({"max_tokens": 8, "messages": [{"role": "system", "content": "hi"}]}),
+        json!({"max_tokens": 8, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}),
+        json!({"max_tokens": 8, "temperature": -1, "messages": [{"role": "user", "content": "hi"}]}),
+        json!({"max_tokens": 0, "messages": [{"role": "user", "content": "hi"}]}),
+    ] {
+        let (s, _, b) = post(bad.clone(), KEY).await;
+        anthropic_error(s, &b, StatusCode::BAD_REQUEST, "invalid_request_error");
+    }
+    let (s, _, b) = post(
+        json!({"model": "claude-x", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}),
+        KEY,
+    )
+    .await;
+    anthropic_error(s, &b, StatusCode::NOT_FOUND, "not_found_error");
+    for s in &f.stages {
+        s.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_answers_preflights_for_listed_origins_only() {
+    let preflight = |origin: &'static str| {
+        [
+            ("origin", origin),
+            ("access-control-request-method", "POST"),
+            ("access-control-request-headers", "authorization,content-type"),
+        ]
+    };
+    // No --cors-origin: no CORS headers at all.
+    let f = fixture_with(false, ApiConfig { api_keys: vec!["k".into()], ..ApiConfig::default() }).await;
+    let (_, h, _) =
+        call_headers(&f.app, "OPTIONS", "/v1/chat/completions", &preflight("http://a.test"), None).await;
+    assert!(h.get("access-control-allow-origin").is_none(), "{h:?}");
+
+    let config = ApiConfig {
+        api_keys: vec!["k".into()],
+        cors_origins: vec!["http://a.test".into(), "https://b.test:8443".into()],
+        ..ApiConfig::default()
+    };
+    let f = fixture_with(false, config).await;
+    for origin in ["http://a.test", "https://b.test:8443"] {
+        // The preflight needs no key and is answered with what the browser asked for.
+        let (s, h, b) =
+            call_headers(&f.app, "OPTIONS", "/v1/chat/completions", &preflight(origin), None).await;
+        assert!(s.is_success(), "{s} {b}");
+        assert_eq!(h["access-control-allow-origin"], origin, "{h:?}");
+        let methods = h["access-control-allow-methods"].to_str().expect("ascii");
+        assert!(methods.contains("POST") && methods.contains("GET"), "{methods}");
+        let allowed = h["access-control-allow-headers"].to_str().expect("ascii").to_ascii_lowercase();
+        assert!(allowed.contains("authorization") && allowed.contains("content-type"), "{allowed}");
+        assert_eq!(h["access-control-max-age"], "600");
+        // The real request carries the header too.
+        let (s, h, b) = call_headers(
+            &f.app,
+            "GET",
+            "/v1/models",
+            &[("origin", origin), ("authorization", "Bearer k")],
+            None,
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+        assert_eq!(h["access-control-allow-origin"], origin, "{h:?}");
+    }
+    // An origin not listed gets no Access-Control-Allow-Origin: the browser refuses.
+    for origin in ["http://evil.test", "http://a.test:8080", "https://a.test"] {
+        let (_, h, _) =
+            call_headers(&f.app, "OPTIONS", "/v1/chat/completions", &preflight(origin), None).await;
+        assert!(h.get("access-control-allow-origin").is_none(), "{origin}: {h:?}");
+        let (_, h, _) = call_headers(
+            &f.app,
+            "GET",
+            "/v1/models",
+            &[("origin", origin), ("authorization", "Bearer k")],
+            None,
+        )
+        .await;
+        assert!(h.get("access-control-allow-origin").is_none(), "{origin}: {h:?}");
     }
 }

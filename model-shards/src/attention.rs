@@ -25,6 +25,9 @@ pub(crate) struct Heads {
     pub head_dim: usize,
     /// Mistral's sliding window: a position sees the last `w` positions, itself included.
     pub window: Option<usize>,
+    /// Factor of every score (`1/sqrt(head_dim)`; 1 when the query was scaled before, as
+    /// llama.cpp does for Gemma).
+    pub scale: f32,
 }
 
 /// Below this many multiply-adds a call runs on the calling thread.
@@ -192,7 +195,7 @@ unsafe fn group_avx512<E: Lane>(
         _ => 0,
     };
     let n = pos + 1 - lo;
-    let scale = 1.0 / (hd as f32).sqrt();
+    let scale = h.scale;
     scratch.q.clear();
     scratch.q.resize(g * hd, 0.0);
     round_into(&mut scratch.q, &q[..g * hd], precision);
@@ -451,7 +454,7 @@ unsafe fn attend_lanes<E: Lane>(
         Some(w) if pos >= w => pos + 1 - w,
         _ => 0,
     };
-    let scale = 1.0 / (hd as f32).sqrt();
+    let scale = h.scale;
     let chunks = hd / 8;
     // Calls `f` on the K (kind 0) or V (kind 1) rows of each position `lo..=pos`, as `E`.
     let each_block = |kind: usize, f: &mut dyn FnMut(&[E], usize, usize)| {
@@ -574,7 +577,6 @@ fn attend_one_body(
     head: usize,
     out: &mut [f32],
 ) {
-    let hd = h.head_dim;
     let precision = cache.precision();
     let kv_head = head / (h.n_heads / h.n_kv_heads);
     let lo = match h.window {
@@ -582,7 +584,7 @@ fn attend_one_body(
         _ => 0,
     };
     let q: Vec<f32> = q.iter().map(|&x| round_to(x, precision)).collect();
-    let scale = 1.0 / (hd as f32).sqrt();
+    let scale = h.scale;
     let mut scores = Vec::with_capacity(pos + 1 - lo);
     for_rows(cache, layer, 0, kv_head, lo, pos, |k| scores.push(dot(&q, k) * scale));
     softmax(&mut scores, precision);
@@ -786,7 +788,7 @@ mod tests {
     #[test]
     fn matches_naive_attention_across_blocks_windows_and_chunks() {
         for window in [None, Some(5), Some(KV_BLOCK + 3)] {
-            let h = Heads { n_heads: 4, n_kv_heads: 2, head_dim: 12, window };
+            let h = Heads { n_heads: 4, n_kv_heads: 2, head_dim: 12, window, scale: 1.0 / 12f32.sqrt() };
             let kvw = h.n_kv_heads * h.head_dim;
             let pool = KvPool::new(block_values(2, h.n_kv_heads, h.head_dim), DType::F32, None);
             let mut cache = KvCache::new(pool, 2, h.n_kv_heads, h.head_dim, 200, DType::F32);
@@ -816,7 +818,7 @@ mod tests {
 
     #[test]
     fn a_position_has_the_same_bits_in_a_chunk_and_alone() {
-        let h = Heads { n_heads: 2, n_kv_heads: 1, head_dim: 16, window: None };
+        let h = Heads { n_heads: 2, n_kv_heads: 1, head_dim: 16, window: None, scale: 0.25 };
         let pool = KvPool::new(block_values(1, 1, 16), DType::F16, None);
         let mut cache = KvCache::new(pool, 1, 1, 16, 100, DType::F16);
         let mut seed = 3u64;
@@ -851,7 +853,7 @@ mod tests {
             (44, DType::F16, None, 10),
             (128, DType::F16, None, 6),
         ] {
-            let h = Heads { n_heads, n_kv_heads: 2, head_dim: hd, window };
+            let h = Heads { n_heads, n_kv_heads: 2, head_dim: hd, window, scale: 1.0 / (hd as f32).sqrt() };
             let g = n_heads / 2;
             let kvw = h.n_kv_heads * hd;
             let pool = KvPool::new(block_values(2, h.n_kv_heads, hd), precision, None);

@@ -5,7 +5,8 @@
 //! GELU (tanh) gated feed-forward, and its own rotary base: of every
 //! [`ModelSpec::sliding_window_pattern`] layers the first ones attend through the sliding
 //! window and rotate with [`ModelSpec::rope_local_theta`], the last one attends to everything
-//! and rotates with [`ModelSpec::rope_theta`]. The embedding is scaled by `sqrt(hidden)`
+//! and rotates with [`ModelSpec::rope_theta`] (divided by [`ModelSpec::rope_linear_factor`]
+//! on the 4B and larger). The embedding is scaled by `sqrt(hidden)`
 //! ([`crate::Shard`] does it for the first span) and the LM head is the embedding (tied).
 //! Norm weights are used as stored: llama.cpp's converter already added Gemma's `1 +`.
 
@@ -44,10 +45,13 @@ impl Block {
         let norm =
             |name| RmsNorm::load(w, WeightName::Layer(i, name), spec.hidden_size, spec.rms_norm_eps, device);
         let mut rope_spec = spec.clone();
-        if spec.is_sliding(i)
-            && let Some(theta) = spec.rope_local_theta
-        {
+        let sliding = spec.is_sliding(i);
+        if sliding && let Some(theta) = spec.rope_local_theta {
             rope_spec.rope_theta = theta;
+        }
+        let mut rope = Rope::new(&rope_spec, None);
+        if !sliding && let Some(factor) = spec.rope_linear_factor {
+            rope = rope.scale_linear(factor);
         }
         Ok(Self {
             attn_norm: norm(L::AttnNorm)?,
@@ -56,7 +60,7 @@ impl Block {
             ffn_norm: norm(L::FfnNorm)?,
             mlp: Mlp::load(w, i, spec, device, dtype, Gate::GeluTanh)?,
             post_ffn_norm: norm(L::PostFfnNorm)?,
-            rope: Rope::new(&rope_spec, None),
+            rope,
         })
     }
 

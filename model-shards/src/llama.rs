@@ -83,9 +83,9 @@ pub(crate) struct Attention {
     n_kv_heads: usize,
     head_dim: usize,
     sliding_window: Option<usize>,
-    /// Multiplies the rotated query when the model's attention scale is not `1/sqrt(head_dim)`
-    /// (attention applies that one).
-    q_rescale: Option<f32>,
+    /// Multiplies the rotated query (before attention rounds it to the cache's precision), as
+    /// llama.cpp does for Gemma; attention then leaves the scores unscaled.
+    q_scale: Option<f32>,
 }
 
 impl Attention {
@@ -113,7 +113,7 @@ impl Attention {
             n_kv_heads: spec.n_kv_heads,
             head_dim: hd,
             sliding_window: if spec.is_sliding(i) { spec.sliding_window } else { None },
-            q_rescale: spec.query_scale.map(|s| s * (hd as f32).sqrt()),
+            q_scale: spec.query_scale,
         })
     }
 
@@ -123,6 +123,7 @@ impl Attention {
             n_kv_heads: self.n_kv_heads,
             head_dim: self.head_dim,
             window: self.sliding_window,
+            scale: if self.q_scale.is_some() { 1.0 } else { 1.0 / (self.head_dim as f32).sqrt() },
         }
     }
 
@@ -223,7 +224,7 @@ impl Attention {
             rope.rotate(&mut k_row, start + i);
             cache.write(layer, start + i, &k_row, &v[i * kw..(i + 1) * kw]);
         }
-        if let Some(s) = self.q_rescale {
+        if let Some(s) = self.q_scale {
             q[..t * qw].iter_mut().for_each(|x| *x *= s);
         }
     }

@@ -41,6 +41,13 @@ impl Rope {
         Self { inv_freq, style: spec.rope_style }
     }
 
+    /// Linear scaling: every angle divided by `factor` (positions interpolated).
+    pub(crate) fn scale_linear(mut self, factor: f32) -> Self {
+        let scale = 1.0 / factor;
+        self.inv_freq.iter_mut().for_each(|f| *f *= scale);
+        self
+    }
+
     /// Rotates, in place, the heads of one position `pos`: `x` holds `n × head_dim` values
     /// (head-major). The same arithmetic as candle's `rope_i` / `rope` kernels.
     pub(crate) fn rotate(&self, x: &mut [f32], pos: usize) {

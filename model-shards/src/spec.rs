@@ -125,8 +125,14 @@ pub struct ModelSpec {
     /// layers').
     #[serde(default)]
     pub rope_local_theta: Option<f32>,
-    /// Scale applied to the query before attention in place of `1/sqrt(head_dim)`, when it
-    /// differs (Gemma 3 27B: `1/sqrt(hidden/heads)`).
+    /// Gemma 3 4B and larger: linear rope scaling of the global layers (positions divided by
+    /// this factor; the sliding-window layers are not scaled).
+    #[serde(default)]
+    pub rope_linear_factor: Option<f32>,
+    /// Gemma: the query is multiplied by this after rope, before attention rounds it to the
+    /// cache's precision (llama.cpp's order), and scores are not scaled again; `None`: scores
+    /// are scaled by `1/sqrt(head_dim)`. Gemma 3: `1/sqrt(head_dim)`, `1/sqrt(hidden/heads)`
+    /// on the 27B.
     #[serde(default)]
     pub query_scale: Option<f32>,
 }
@@ -275,6 +281,7 @@ impl ModelSpec {
             sliding_window,
             sliding_window_pattern: None,
             rope_local_theta: None,
+            rope_linear_factor: None,
             query_scale: None,
         };
         spec.validate()?;
@@ -334,6 +341,7 @@ impl ModelSpec {
             sliding_window: opt_usize(md, &key("attention.sliding_window"))?.filter(|&w| w > 0),
             sliding_window_pattern: None,
             rope_local_theta: None,
+            rope_linear_factor: None,
             query_scale: None,
         };
         let spec = match arch {
@@ -377,15 +385,30 @@ impl ModelSpec {
             spec.rope_local_theta =
                 Some(opt_f64(md, &key("rope.freq_base_swa"))?.map_or(10_000.0, |v| v as f32));
         }
-        if opt_f64(md, &key("rope.scaling.factor"))?.is_some_and(|f| f != 1.0) {
-            return Err(Error::InvalidConfig {
-                key: key("rope.scaling.factor"),
-                reason: "rope scaling of gemma3's global layers is not supported".into(),
-            });
+        match md.get(&key("rope.scaling.type")) {
+            None => {}
+            Some(gguf_file::Value::String(t)) if t == "linear" || t == "none" => {}
+            Some(other) => {
+                return Err(Error::InvalidConfig {
+                    key: key("rope.scaling.type"),
+                    reason: format!("{other:?} is not supported for gemma3 (supported: linear)"),
+                });
+            }
         }
-        if spec.n_layers == 62 {
-            spec.query_scale = Some(1.0 / ((spec.hidden_size / spec.n_heads) as f32).sqrt());
+        if let Some(f) = opt_f64(md, &key("rope.scaling.factor"))? {
+            if !(f.is_finite() && f > 0.0) {
+                return Err(Error::InvalidConfig {
+                    key: key("rope.scaling.factor"),
+                    reason: format!("{f} is not a positive number"),
+                });
+            }
+            spec.rope_linear_factor = (f != 1.0).then_some(f as f32);
         }
+        spec.query_scale = Some(if spec.n_layers == 62 {
+            1.0 / ((spec.hidden_size / spec.n_heads) as f32).sqrt()
+        } else {
+            1.0 / (spec.head_dim as f32).sqrt()
+        });
         if !spec.qk_norm {
             return Err(Error::MissingWeight("blk.0.attn_q_norm.weight".into()));
         }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use shoal_api::defaults::SamplingDefaults;
 use shoal_api::{ApiConfig, ApiState, ServedModel, router, watch_mesh};
 use shoal_coordinator_free_router::driver::Driver;
 use shoal_model_shards::Model;
@@ -51,6 +52,31 @@ pub struct ApiArgs {
     /// Largest request body, in KiB.
     #[arg(long, env = "SHOAL_MAX_BODY_KIB", default_value_t = 4096)]
     pub max_body_kib: usize,
+    /// Where sampling defaults come from besides `--default-*`: `auto` takes the model's
+    /// recommendations (a Hugging Face directory's generation_config.json, a GGUF's
+    /// general.sampling.* keys), `none` ignores them.
+    #[arg(long, env = "SHOAL_GENERATION_CONFIG", default_value = "auto", value_parser = ["auto", "none"])]
+    pub generation_config: String,
+    /// Temperature of requests that send none (wins over the model's recommendation).
+    #[arg(long, env = "SHOAL_DEFAULT_TEMPERATURE", value_name = "T")]
+    pub default_temperature: Option<f32>,
+    /// top_p of requests that send none.
+    #[arg(long, env = "SHOAL_DEFAULT_TOP_P", value_name = "P")]
+    pub default_top_p: Option<f32>,
+    /// top_k of requests that send none (0 disables top-k).
+    #[arg(long, env = "SHOAL_DEFAULT_TOP_K", value_name = "K")]
+    pub default_top_k: Option<u32>,
+    /// min_p of requests that send none.
+    #[arg(long, env = "SHOAL_DEFAULT_MIN_P", value_name = "P")]
+    pub default_min_p: Option<f32>,
+    /// repetition_penalty of requests that send none.
+    #[arg(long, env = "SHOAL_DEFAULT_REPETITION_PENALTY", value_name = "R")]
+    pub default_repetition_penalty: Option<f32>,
+    /// An origin whose web pages may call the API from a browser (CORS), e.g.
+    /// `http://localhost:3000`; repeatable (the env twin takes a comma-separated list); `*`
+    /// allows any. None by default: browsers refuse cross-origin calls.
+    #[arg(long = "cors-origin", env = "SHOAL_CORS_ORIGIN", value_name = "ORIGIN", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
 }
 
 impl ApiArgs {
@@ -80,6 +106,23 @@ impl ApiArgs {
         if self.max_running == 0 {
             bail!("--max-running must be at least 1");
         }
+        let sampling = SamplingDefaults {
+            temperature: self.default_temperature,
+            top_p: self.default_top_p,
+            top_k: self.default_top_k,
+            min_p: self.default_min_p,
+            repetition_penalty: self.default_repetition_penalty,
+        };
+        sampling.check("--default-* options")?;
+        for origin in &self.cors_origins {
+            let ok = origin == "*"
+                || (origin.starts_with("http://") || origin.starts_with("https://"))
+                    && !origin.ends_with('/')
+                    && axum::http::HeaderValue::from_str(origin).is_ok();
+            if !ok {
+                bail!("--cors-origin {origin:?} is not an origin: give scheme://host[:port] (no path), or *");
+            }
+        }
         Ok(ApiConfig {
             max_body_bytes: self.max_body_kib.saturating_mul(1024),
             api_keys: keys,
@@ -89,6 +132,8 @@ impl ApiArgs {
             token_timeout: secs(self.token_timeout, "token-timeout")?,
             max_n: self.max_n.max(1),
             max_model_len: self.max_model_len,
+            sampling,
+            cors_origins: self.cors_origins.clone(),
         })
     }
 }
@@ -163,7 +208,11 @@ pub async fn serve(
     args: &ApiArgs,
 ) -> Result<()> {
     let name = args.served_model_name.clone().unwrap_or_else(|| default_name.to_owned());
-    let served = ServedModel::of(model, name.clone()).context("reading the model's tokenizer")?;
+    let mut served = ServedModel::of(model, name.clone()).context("reading the model's tokenizer")?;
+    if args.generation_config == "auto" {
+        served.sampling = SamplingDefaults::of_model(model)
+            .context("reading the model's recommended sampling (--generation-config none ignores it)")?;
+    }
     let state = Arc::new(ApiState::new(driver, served, args.config()?).context("metrics")?);
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
     let local = listener.local_addr()?;
@@ -173,6 +222,11 @@ pub async fn serve(
     tasks.spawn(dashboard.clone().run_sampler());
     let keys = if state.config.api_keys.is_empty() { "no API key" } else { "API key required" };
     println!("listening: http://{local}/v1 (model {name}, {keys})");
+    println!(
+        "sampling defaults: {} (the model recommends: {}; a request's own fields win)",
+        state.sampling_defaults().describe(),
+        state.model.sampling.describe()
+    );
     use std::io::Write;
     std::io::stdout().flush()?;
     let app = router(state).merge(crate::cli::dashboard::router(dashboard));

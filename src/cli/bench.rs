@@ -22,9 +22,10 @@
 //! - Generation: `--gen-tokens` (default 128) per stream, greedy (temperature 0) with seed 0.
 //!   In-process and `--join`, no stop ids are given, so every stream generates exactly that
 //!   many. `--url` sends `max_tokens` and counts the tokens that actually came (the API stops
-//!   at the end of sequence); it asks for `logprobs: 0`, which makes the server send each
-//!   token as its own chunk and lets every token be counted and timed, and for
-//!   `include_usage`, whose completion count is preferred when present.
+//!   at the end of sequence, unless `--ignore-eos` sends `ignore_eos: true`); it asks for
+//!   `logprobs: 0`, which makes the server send each token as its own chunk and lets every
+//!   token be counted and timed, and for `include_usage`, whose completion count is
+//!   preferred when present.
 //! - Warm-up: `--warmup` short requests (default 1) before the first run, not measured; a
 //!   failed warm-up stops the benchmark.
 //! - Runs: for each level c of `--concurrency` (default `1,2,4,8,16`), c streams start at
@@ -123,6 +124,11 @@ pub struct BenchArgs {
     /// API key for --url (`Authorization: Bearer KEY`).
     #[arg(long, env = "SHOAL_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// With --url: ask the API to generate past the end of sequence (`ignore_eos`, as vLLM
+    /// and llama.cpp's server take it), so every stream generates exactly --gen-tokens.
+    /// (--stages and --join always do.)
+    #[arg(long, env = "SHOAL_BENCH_IGNORE_EOS")]
+    ignore_eos: bool,
     /// Prompt length of every stream, in tokens (a fixed English text, repeated and cut).
     #[arg(long, env = "SHOAL_BENCH_PROMPT_TOKENS", default_value_t = 128, value_name = "N")]
     prompt_tokens: usize,
@@ -411,6 +417,8 @@ struct ApiClient {
     key: Option<String>,
     /// The model requested (the first of `GET /models`).
     model: String,
+    /// Send `ignore_eos: true`.
+    ignore_eos: bool,
 }
 
 /// Normalizes `--url`: http or https, `/v1` when no path is given, no trailing slash.
@@ -437,7 +445,7 @@ fn api_error(status: reqwest::StatusCode, body: &[u8]) -> String {
 
 impl ApiClient {
     /// Checks that the API answers `GET /models` and picks its first model.
-    async fn connect(url: &str, key: Option<String>) -> Result<Self> {
+    async fn connect(url: &str, key: Option<String>, ignore_eos: bool) -> Result<Self> {
         let base = base_url(url)?;
         // reqwest's rustls has no bundled crypto provider here: use iroh's (ring). An error
         // only says one is installed already.
@@ -450,7 +458,8 @@ impl ApiClient {
             .pool_max_idle_per_host(MAX_CONCURRENCY)
             .build()
             .context("building the HTTP client")?;
-        let mut client = Self { http, base, key: key.filter(|k| !k.is_empty()), model: String::new() };
+        let mut client =
+            Self { http, base, key: key.filter(|k| !k.is_empty()), model: String::new(), ignore_eos };
         let models = format!("{}/models", client.base);
         let response = client
             .authorize(client.http.get(&models))
@@ -507,7 +516,7 @@ impl ApiClient {
         bar: &ProgressBar,
         s: &mut StreamResult,
     ) -> Result<()> {
-        let body = json!({
+        let mut body = json!({
             "model": self.model,
             "prompt": prompt,
             "max_tokens": max_tokens,
@@ -517,6 +526,9 @@ impl ApiClient {
             "stream": true,
             "stream_options": {"include_usage": true},
         });
+        if self.ignore_eos {
+            body["ignore_eos"] = json!(true);
+        }
         let url = format!("{}/completions", self.base);
         let request = self.authorize(self.http.post(&url)).header("content-type", "application/json");
         let mut response = request.body(body.to_string()).send().await.map_err(anyhow::Error::from)?;
@@ -768,7 +780,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
     let tokens = format!("prompt {} tokens, gen {} tokens per stream", args.prompt_tokens, args.gen_tokens);
     if let Some(url) = &args.url {
         return runtime()?.block_on(async {
-            let api = ApiClient::connect(url, args.api_key.clone()).await?;
+            let api = ApiClient::connect(url, args.api_key.clone(), args.ignore_eos).await?;
             let header = format!("shoal bench: API {} (model {}); {tokens}", api.base, api.model);
             bench(Backend::Api(Arc::new(api)), &workload, &header).await
         });
