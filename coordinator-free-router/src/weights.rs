@@ -329,8 +329,12 @@ impl PieceDir {
     }
 }
 
+/// Writes `path` through a temporary file of this process, so two processes sharing a data
+/// dir never interleave their writes.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp.{}.{n}", std::process::id()));
     let mut f = File::create(&tmp).map_err(io("writing", &tmp))?;
     f.write_all(bytes).map_err(io("writing", &tmp))?;
     f.sync_all().map_err(io("syncing", &tmp))?;
@@ -380,6 +384,9 @@ pub struct FetchReport {
 
 /// Progress of a fetch: verified bytes so far and the total to fetch.
 pub type Progress = Arc<dyn Fn(u64, u64) + Send + Sync>;
+
+/// The peers that announce a piece.
+pub type Providers = Arc<dyn Fn(&Piece) -> Vec<PeerId> + Send + Sync>;
 
 /// Fetches the manifest of `model_id` from `providers` (any peer of the swarm serves it).
 pub async fn fetch_manifest(node: &Node, model_id: [u8; 32], providers: &[PeerId]) -> Result<Manifest> {
@@ -452,7 +459,7 @@ pub async fn fetch_pieces(
     node: &Node,
     dir: Arc<PieceDir>,
     want: &[usize],
-    providers: Arc<dyn Fn(&Piece) -> Vec<PeerId> + Send + Sync>,
+    providers: Providers,
     config: FetchConfig,
     progress: Progress,
 ) -> Result<FetchReport> {

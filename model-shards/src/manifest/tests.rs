@@ -9,7 +9,7 @@ fn write_test_gguf(path: &Path) {
         let data: Vec<f32> = (0..n).map(|i| v + i as f32).collect();
         QTensor::quantize(&Tensor::from_vec(data, n, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap()
     };
-    let tensors = vec![
+    let tensors = [
         ("token_embd.weight", t(64, 1.0)),
         ("blk.0.attn_norm.weight", t(16, 2.0)),
         ("blk.0.ffn_norm.weight", t(16, 3.0)),
