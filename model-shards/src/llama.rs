@@ -86,6 +86,7 @@ pub(crate) struct Attention {
     /// Multiplies the rotated query (before attention rounds it to the cache's precision), as
     /// llama.cpp does for Gemma; attention then leaves the scores unscaled.
     q_scale: Option<f32>,
+    softcap: Option<f32>,
 }
 
 impl Attention {
@@ -114,6 +115,7 @@ impl Attention {
             head_dim: hd,
             sliding_window: if spec.is_sliding(i) { spec.sliding_window } else { None },
             q_scale: spec.query_scale,
+            softcap: spec.attn_logit_softcap,
         })
     }
 
@@ -124,6 +126,7 @@ impl Attention {
             head_dim: self.head_dim,
             window: self.sliding_window,
             scale: if self.q_scale.is_some() { 1.0 } else { 1.0 / (self.head_dim as f32).sqrt() },
+            softcap: self.softcap,
         }
     }
 
