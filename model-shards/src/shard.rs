@@ -74,9 +74,11 @@ impl Block {
             Architecture::Gemma3 | Architecture::Gemma2 => {
                 Self::Gemma3(crate::gemma3::Block::load(w, i, spec, device, dtype)?)
             }
-            Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 | Architecture::Qwen3 => {
-                Self::Llama(crate::llama::Block::load(w, i, spec, device, dtype)?)
-            }
+            Architecture::Llama
+            | Architecture::Mistral
+            | Architecture::Qwen2
+            | Architecture::Qwen3
+            | Architecture::Phi3 => Self::Llama(crate::llama::Block::load(w, i, spec, device, dtype)?),
         })
     }
 

@@ -33,6 +33,8 @@ pub enum Architecture {
     /// Gemma 2: Gemma 3's block without the q/k norms, every other layer on the sliding
     /// window, attention scores and final logits soft-capped (`cap · tanh(x / cap)`).
     Gemma2,
+    /// Phi-3: q, k and v fused in one projection, gate and up fused in another.
+    Phi3,
 }
 
 impl Architecture {
@@ -45,6 +47,7 @@ impl Architecture {
             "qwen3" => Ok(Self::Qwen3),
             "gemma3" => Ok(Self::Gemma3),
             "gemma2" => Ok(Self::Gemma2),
+            "phi3" => Ok(Self::Phi3),
             other => Err(Error::UnsupportedArchitecture(other.to_string())),
         }
     }
@@ -58,6 +61,7 @@ impl Architecture {
             Self::Qwen3 => "qwen3",
             Self::Gemma3 => "gemma3",
             Self::Gemma2 => "gemma2",
+            Self::Phi3 => "phi3",
         }
     }
 }
@@ -207,9 +211,9 @@ impl ModelSpec {
     /// Builds the spec from a Hugging Face `config.json`.
     pub fn from_hf_config(cfg: &HfConfig) -> Result<Self> {
         let arch = Architecture::from_name(&cfg.model_type)?;
-        if matches!(arch, Architecture::Gemma3 | Architecture::Gemma2) {
+        if matches!(arch, Architecture::Gemma3 | Architecture::Gemma2 | Architecture::Phi3) {
             return Err(Error::UnsupportedArchitecture(format!(
-                "{} from safetensors (Gemma is supported from GGUF files)",
+                "{} from safetensors (it is supported from GGUF files)",
                 arch.name()
             )));
         }
@@ -344,9 +348,11 @@ impl ModelSpec {
             // qwen models keep the Hugging Face layout and use the neox (half-split) rope.
             rope_style: match arch {
                 Architecture::Llama | Architecture::Mistral => RopeStyle::Interleaved,
-                Architecture::Qwen2 | Architecture::Qwen3 | Architecture::Gemma3 | Architecture::Gemma2 => {
-                    RopeStyle::HalfSplit
-                }
+                Architecture::Qwen2
+                | Architecture::Qwen3
+                | Architecture::Gemma3
+                | Architecture::Gemma2
+                | Architecture::Phi3 => RopeStyle::HalfSplit,
             },
             // GGUF stores Llama 3 scaling as precomputed `rope_freqs.weight` factors instead.
             rope_scaling: None,
@@ -364,6 +370,24 @@ impl ModelSpec {
         };
         let spec = match arch {
             Architecture::Gemma3 | Architecture::Gemma2 => Self::gemma_from_gguf(spec, md, arch_name)?,
+            Architecture::Phi3 => {
+                // llama.cpp: LongRoPE factors (the 128k variants) are not implemented here, and
+                // Phi-3's sliding window is disabled (attention sees every position); the
+                // query is scaled before its f16 rounding.
+                for name in ["rope_factors_long.weight", "rope_factors_short.weight"] {
+                    if has(name) {
+                        return Err(Error::InvalidConfig {
+                            key: name.into(),
+                            reason: "Phi-3's LongRoPE scaling (128k context variants) is not supported"
+                                .into(),
+                        });
+                    }
+                }
+                let mut spec = spec;
+                spec.sliding_window = None;
+                spec.query_scale = Some(1.0 / (spec.head_dim as f32).sqrt());
+                spec
+            }
             _ => spec,
         };
         spec.validate()?;
