@@ -28,6 +28,9 @@ pub(crate) struct Heads {
     /// Factor of every score (`1/sqrt(head_dim)`; 1 when the query was scaled before, as
     /// llama.cpp does for Gemma).
     pub scale: f32,
+    /// Gemma 2: scores become `cap · tanh(score / cap)` before the softmax (llama.cpp's
+    /// order: times `1/cap`, tanh, times `cap`).
+    pub softcap: Option<f32>,
 }
 
 /// Below this many multiply-adds a call runs on the calling thread.
@@ -238,7 +241,7 @@ unsafe fn group_avx512<E: Lane>(
     }
     // Softmax per head, as the portable body.
     for s in scores.chunks_exact_mut(n) {
-        softmax(s, precision);
+        softmax(s, precision, h.softcap);
     }
     // Weighted sums of V: up to 4 heads × 4 vectors (64 values) in registers.
     let c16 = hd / 16;
@@ -518,7 +521,7 @@ unsafe fn attend_lanes<E: Lane>(
                 scores.push((reduce(acc) + dot_tail(k)) * scale);
             }
         });
-        softmax(scores, precision);
+        softmax(scores, precision, h.softcap);
         // The weighted sum of V, 4 vectors (32 values) of the output at a time, each kept in a
         // register over all positions (per value the same additions in the same order).
         out.fill(0.0);
@@ -587,7 +590,7 @@ fn attend_one_body(
     let scale = h.scale;
     let mut scores = Vec::with_capacity(pos + 1 - lo);
     for_rows(cache, layer, 0, kv_head, lo, pos, |k| scores.push(dot(&q, k) * scale));
-    softmax(&mut scores, precision);
+    softmax(&mut scores, precision, h.softcap);
     out.fill(0.0);
     let mut j = 0;
     for_rows(cache, layer, 1, kv_head, lo, pos, |v| {
@@ -610,7 +613,13 @@ fn attend_one_body(
 /// score minus the maximum (a plain map, it vectorizes), the normaliser summed in f64 in order,
 /// then each times its inverse and rounded to the cache's precision.
 #[inline(always)]
-fn softmax(s: &mut [f32], precision: DType) {
+fn softmax(s: &mut [f32], precision: DType, softcap: Option<f32>) {
+    if let Some(cap) = softcap {
+        let inv = 1.0 / cap;
+        for s in s.iter_mut() {
+            *s = (*s * inv).tanh() * cap;
+        }
+    }
     let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     for s in s.iter_mut() {
         *s = det_exp(*s - max);
@@ -788,7 +797,14 @@ mod tests {
     #[test]
     fn matches_naive_attention_across_blocks_windows_and_chunks() {
         for window in [None, Some(5), Some(KV_BLOCK + 3)] {
-            let h = Heads { n_heads: 4, n_kv_heads: 2, head_dim: 12, window, scale: 1.0 / 12f32.sqrt() };
+            let h = Heads {
+                n_heads: 4,
+                n_kv_heads: 2,
+                head_dim: 12,
+                window,
+                scale: 1.0 / 12f32.sqrt(),
+                softcap: None,
+            };
             let kvw = h.n_kv_heads * h.head_dim;
             let pool = KvPool::new(block_values(2, h.n_kv_heads, h.head_dim), DType::F32, None);
             let mut cache = KvCache::new(pool, 2, h.n_kv_heads, h.head_dim, 200, DType::F32);
@@ -818,7 +834,7 @@ mod tests {
 
     #[test]
     fn a_position_has_the_same_bits_in_a_chunk_and_alone() {
-        let h = Heads { n_heads: 2, n_kv_heads: 1, head_dim: 16, window: None, scale: 0.25 };
+        let h = Heads { n_heads: 2, n_kv_heads: 1, head_dim: 16, window: None, scale: 0.25, softcap: None };
         let pool = KvPool::new(block_values(1, 1, 16), DType::F16, None);
         let mut cache = KvCache::new(pool, 1, 1, 16, 100, DType::F16);
         let mut seed = 3u64;
@@ -853,7 +869,14 @@ mod tests {
             (44, DType::F16, None, 10),
             (128, DType::F16, None, 6),
         ] {
-            let h = Heads { n_heads, n_kv_heads: 2, head_dim: hd, window, scale: 1.0 / (hd as f32).sqrt() };
+            let h = Heads {
+                n_heads,
+                n_kv_heads: 2,
+                head_dim: hd,
+                window,
+                scale: 1.0 / (hd as f32).sqrt(),
+                softcap: None,
+            };
             let g = n_heads / 2;
             let kvw = h.n_kv_heads * hd;
             let pool = KvPool::new(block_values(2, h.n_kv_heads, hd), precision, None);

@@ -1,4 +1,8 @@
-//! Gemma 3 (GGUF), following llama.cpp's graph for `gemma3`.
+//! Gemma 3 and Gemma 2 (GGUF), following llama.cpp's graphs for `gemma3` and `gemma2`.
+//!
+//! Gemma 2's block is Gemma 3's without the q/k norms (its files have none), with attention
+//! scores soft-capped ([`ModelSpec::attn_logit_softcap`], in [`crate::attention`]); its final
+//! logits are soft-capped too ([`crate::Shard`]).
 //!
 //! A block is a llama block with two extra RMSNorms, one on the attention's output and one on
 //! the feed-forward's output (each before its residual add), q and k normalised per head, a

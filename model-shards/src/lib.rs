@@ -3,7 +3,7 @@
 //! shoal's engine, with no networking: model formats (GGUF, and Hugging Face directories of
 //! `config.json` + `*.safetensors` + `tokenizer.json`), the validated [`ModelSpec`], loading
 //! only a span `[start, end)` of a model's layers ([`Shard`]), the Llama-family blocks (llama,
-//! mistral, qwen2, qwen3) and Gemma 3, the per-session [`KvCache`], the tokenizer and chat template, the
+//! mistral, qwen2, qwen3) Gemma 3 and 2, and Phi-3, the per-session [`KvCache`], the tokenizer and chat template, the
 //! deterministic [`sampler`], and the byte encoding of hidden states that cross the wire
 //! ([`activation`]).
 //!

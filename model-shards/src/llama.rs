@@ -86,6 +86,7 @@ pub(crate) struct Attention {
     /// Multiplies the rotated query (before attention rounds it to the cache's precision), as
     /// llama.cpp does for Gemma; attention then leaves the scores unscaled.
     q_scale: Option<f32>,
+    softcap: Option<f32>,
 }
 
 impl Attention {
@@ -100,12 +101,19 @@ impl Attention {
         let bias = |b| spec.attention_bias.then_some(WeightName::Layer(i, b));
         let lin = |name, b, shape| Linear::load(w, WeightName::Layer(i, name), b, shape, device, dtype);
         let norm = |name| RmsNorm::load(w, WeightName::Layer(i, name), hd, spec.rms_norm_eps, device);
+        let (qw, kw) = (spec.n_heads * hd, spec.n_kv_heads * hd);
+        let qkv = if w.contains(WeightName::Layer(i, L::Qkv)) {
+            // Fused (Phi-3): its output columns are q, k, v side by side.
+            Projections::Stacked(lin(L::Qkv, None, (qw + 2 * kw, h))?)
+        } else {
+            Projections::new(vec![
+                lin(L::Q, bias(L::QBias), (qw, h))?,
+                lin(L::K, bias(L::KBias), (kw, h))?,
+                lin(L::V, bias(L::VBias), (kw, h))?,
+            ])
+        };
         Ok(Self {
-            qkv: Projections::new(vec![
-                lin(L::Q, bias(L::QBias), (spec.n_heads * hd, h))?,
-                lin(L::K, bias(L::KBias), (spec.n_kv_heads * hd, h))?,
-                lin(L::V, bias(L::VBias), (spec.n_kv_heads * hd, h))?,
-            ]),
+            qkv,
             o: lin(L::O, None, (h, spec.n_heads * hd))?,
             q_norm: if spec.qk_norm { Some(norm(L::QNorm)?) } else { None },
             k_norm: if spec.qk_norm { Some(norm(L::KNorm)?) } else { None },
@@ -114,6 +122,7 @@ impl Attention {
             head_dim: hd,
             sliding_window: if spec.is_sliding(i) { spec.sliding_window } else { None },
             q_scale: spec.query_scale,
+            softcap: spec.attn_logit_softcap,
         })
     }
 
@@ -124,6 +133,7 @@ impl Attention {
             head_dim: self.head_dim,
             window: self.sliding_window,
             scale: if self.q_scale.is_some() { 1.0 } else { 1.0 / (self.head_dim as f32).sqrt() },
+            softcap: self.softcap,
         }
     }
 
@@ -259,12 +269,13 @@ impl Mlp {
     ) -> Result<Self> {
         let (h, f) = (spec.hidden_size, spec.intermediate_size);
         let lin = |name, shape| Linear::load(w, WeightName::Layer(i, name), None, shape, device, dtype);
-        Ok(Self {
-            gate_up: Projections::new(vec![lin(L::Gate, (f, h))?, lin(L::Up, (f, h))?]),
-            f,
-            down: lin(L::Down, (h, f))?,
-            gate,
-        })
+        let gate_up = if spec.arch == crate::spec::Architecture::Phi3 {
+            // Fused (Phi-3): `ffn_up` holds the gate's rows, then the up projection's.
+            Projections::Stacked(lin(L::Up, (2 * f, h))?)
+        } else {
+            Projections::new(vec![lin(L::Gate, (f, h))?, lin(L::Up, (f, h))?])
+        };
+        Ok(Self { gate_up, f, down: lin(L::Down, (h, f))?, gate })
     }
 
     fn act(&self, g: &Tensor, u: &Tensor) -> Result<Tensor> {

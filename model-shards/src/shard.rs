@@ -71,10 +71,14 @@ impl Block {
         dtype: DType,
     ) -> Result<Self> {
         Ok(match spec.arch {
-            Architecture::Gemma3 => Self::Gemma3(crate::gemma3::Block::load(w, i, spec, device, dtype)?),
-            Architecture::Llama | Architecture::Mistral | Architecture::Qwen2 | Architecture::Qwen3 => {
-                Self::Llama(crate::llama::Block::load(w, i, spec, device, dtype)?)
+            Architecture::Gemma3 | Architecture::Gemma2 => {
+                Self::Gemma3(crate::gemma3::Block::load(w, i, spec, device, dtype)?)
             }
+            Architecture::Llama
+            | Architecture::Mistral
+            | Architecture::Qwen2
+            | Architecture::Qwen3
+            | Architecture::Phi3 => Self::Llama(crate::llama::Block::load(w, i, spec, device, dtype)?),
         })
     }
 
@@ -258,7 +262,7 @@ impl Shard {
                     LogitsMode::Last => x.narrow(0, t - 1, 1)?,
                     LogitsMode::All => x,
                 };
-                Ok(StageOutput::Logits(lm_head.forward(&norm.forward(&x)?)?))
+                Ok(StageOutput::Logits(self.softcap(lm_head.forward(&norm.forward(&x)?)?)?))
             }
         }
     }
@@ -270,6 +274,14 @@ impl Shard {
     fn release_outside_window(&self, cache: &mut KvCache) {
         if let Some(w) = self.sliding_only {
             cache.release_before((cache.len() + 1).saturating_sub(w));
+        }
+    }
+
+    /// Gemma's final soft-capping of logits, `cap · tanh(logit / cap)`, when the model has it.
+    fn softcap(&self, logits: Tensor) -> Result<Tensor> {
+        match self.spec.final_logit_softcap {
+            None => Ok(logits),
+            Some(cap) => Ok(((logits * f64::from(1.0 / cap))?.tanh()? * f64::from(cap))?),
         }
     }
 
@@ -293,7 +305,9 @@ impl Shard {
                 let x = emb.forward(&ids, &self.device)?;
                 match self.spec.arch {
                     // llama.cpp: `ggml_scale(inpL, sqrtf(n_embd))`, in f32.
-                    Architecture::Gemma3 => (x * f64::from((self.spec.hidden_size as f32).sqrt()))?,
+                    Architecture::Gemma3 | Architecture::Gemma2 => {
+                        (x * f64::from((self.spec.hidden_size as f32).sqrt()))?
+                    }
                     _ => x,
                 }
             }
@@ -357,7 +371,7 @@ impl Shard {
         }
         let out = match &self.head {
             None => x,
-            Some((norm, lm_head)) => lm_head.forward_rows(&norm.forward(&x)?)?,
+            Some((norm, lm_head)) => self.softcap(lm_head.forward_rows(&norm.forward(&x)?)?)?,
         };
         (0..b)
             .map(|i| {

@@ -30,6 +30,11 @@ pub enum Architecture {
     /// RMSNorm on q and k per head, norms after attention and after the feed-forward, GELU
     /// (tanh) gated feed-forward, embeddings scaled by `sqrt(hidden)`. See [`crate::gemma3`].
     Gemma3,
+    /// Gemma 2: Gemma 3's block without the q/k norms, every other layer on the sliding
+    /// window, attention scores and final logits soft-capped (`cap · tanh(x / cap)`).
+    Gemma2,
+    /// Phi-3: q, k and v fused in one projection, gate and up fused in another.
+    Phi3,
 }
 
 impl Architecture {
@@ -41,6 +46,8 @@ impl Architecture {
             "qwen2" => Ok(Self::Qwen2),
             "qwen3" => Ok(Self::Qwen3),
             "gemma3" => Ok(Self::Gemma3),
+            "gemma2" => Ok(Self::Gemma2),
+            "phi3" => Ok(Self::Phi3),
             other => Err(Error::UnsupportedArchitecture(other.to_string())),
         }
     }
@@ -53,6 +60,8 @@ impl Architecture {
             Self::Qwen2 => "qwen2",
             Self::Qwen3 => "qwen3",
             Self::Gemma3 => "gemma3",
+            Self::Gemma2 => "gemma2",
+            Self::Phi3 => "phi3",
         }
     }
 }
@@ -135,6 +144,12 @@ pub struct ModelSpec {
     /// on the 27B.
     #[serde(default)]
     pub query_scale: Option<f32>,
+    /// Gemma 2: attention scores become `cap · tanh(score / cap)` before the softmax.
+    #[serde(default)]
+    pub attn_logit_softcap: Option<f32>,
+    /// Gemma 2 (and Gemma 3 files that set it): logits become `cap · tanh(logit / cap)`.
+    #[serde(default)]
+    pub final_logit_softcap: Option<f32>,
 }
 
 impl ModelSpec {
@@ -196,10 +211,11 @@ impl ModelSpec {
     /// Builds the spec from a Hugging Face `config.json`.
     pub fn from_hf_config(cfg: &HfConfig) -> Result<Self> {
         let arch = Architecture::from_name(&cfg.model_type)?;
-        if arch == Architecture::Gemma3 {
-            return Err(Error::UnsupportedArchitecture(
-                "gemma3 from safetensors (gemma3 is supported from GGUF files)".into(),
-            ));
+        if matches!(arch, Architecture::Gemma3 | Architecture::Gemma2 | Architecture::Phi3) {
+            return Err(Error::UnsupportedArchitecture(format!(
+                "{} from safetensors (it is supported from GGUF files)",
+                arch.name()
+            )));
         }
         let req =
             |v: Option<usize>, key: &str| v.ok_or_else(|| Error::MissingConfig { key: key.to_string() });
@@ -283,6 +299,8 @@ impl ModelSpec {
             rope_local_theta: None,
             rope_linear_factor: None,
             query_scale: None,
+            attn_logit_softcap: None,
+            final_logit_softcap: None,
         };
         spec.validate()?;
         Ok(spec)
@@ -330,7 +348,11 @@ impl ModelSpec {
             // qwen models keep the Hugging Face layout and use the neox (half-split) rope.
             rope_style: match arch {
                 Architecture::Llama | Architecture::Mistral => RopeStyle::Interleaved,
-                Architecture::Qwen2 | Architecture::Qwen3 | Architecture::Gemma3 => RopeStyle::HalfSplit,
+                Architecture::Qwen2
+                | Architecture::Qwen3
+                | Architecture::Gemma3
+                | Architecture::Gemma2
+                | Architecture::Phi3 => RopeStyle::HalfSplit,
             },
             // GGUF stores Llama 3 scaling as precomputed `rope_freqs.weight` factors instead.
             rope_scaling: None,
@@ -343,9 +365,29 @@ impl ModelSpec {
             rope_local_theta: None,
             rope_linear_factor: None,
             query_scale: None,
+            attn_logit_softcap: None,
+            final_logit_softcap: None,
         };
         let spec = match arch {
-            Architecture::Gemma3 => Self::gemma3_from_gguf(spec, md, arch_name)?,
+            Architecture::Gemma3 | Architecture::Gemma2 => Self::gemma_from_gguf(spec, md, arch_name)?,
+            Architecture::Phi3 => {
+                // llama.cpp: LongRoPE factors (the 128k variants) are not implemented here, and
+                // Phi-3's sliding window is disabled (attention sees every position); the
+                // query is scaled before its f16 rounding.
+                for name in ["rope_factors_long.weight", "rope_factors_short.weight"] {
+                    if has(name) {
+                        return Err(Error::InvalidConfig {
+                            key: name.into(),
+                            reason: "Phi-3's LongRoPE scaling (128k context variants) is not supported"
+                                .into(),
+                        });
+                    }
+                }
+                let mut spec = spec;
+                spec.sliding_window = None;
+                spec.query_scale = Some(1.0 / (spec.head_dim as f32).sqrt());
+                spec
+            }
             _ => spec,
         };
         spec.validate()?;
@@ -354,36 +396,35 @@ impl ModelSpec {
 }
 
 impl ModelSpec {
-    /// Gemma 3's additions, with llama.cpp's defaults where the file is silent (it writes
-    /// neither the layer pattern nor the local rope base for Gemma 3): every 6th layer is
-    /// global, sliding-window layers rotate with base 10 000, and the query is scaled by
-    /// `1/sqrt(head_dim)` except on the 62-layer 27B (`1/sqrt(hidden/heads)`).
-    fn gemma3_from_gguf(
+    /// Gemma 3's and Gemma 2's additions, with llama.cpp's defaults where the file is silent:
+    /// Gemma 3 has every 6th layer global and its sliding-window layers rotate with base
+    /// 10 000; Gemma 2 has every other layer on a window of 4096 (one rope base) and soft-caps
+    /// attention at 50 and logits at 30. The query is scaled by `1/sqrt(head_dim)`, or
+    /// `1/sqrt(hidden/heads)` on the 27B models (62 layers for Gemma 3, 46 for Gemma 2).
+    fn gemma_from_gguf(
         mut spec: Self,
         md: &HashMap<String, gguf_file::Value>,
         arch_name: &str,
     ) -> Result<Self> {
         let key = |k: &str| format!("{arch_name}.{k}");
-        if md.contains_key(&key("final_logit_softcapping")) {
+        let gemma2 = spec.arch == Architecture::Gemma2;
+        let pattern_key = key("attention.sliding_window_pattern");
+        if matches!(md.get(&pattern_key), Some(gguf_file::Value::Array(_))) {
             return Err(Error::InvalidConfig {
-                key: key("final_logit_softcapping"),
-                reason: "final logit soft-capping is not supported for gemma3".into(),
-            });
-        }
-        if let Some(v) = md.get(&key("attention.sliding_window_pattern"))
-            && !matches!(v, gguf_file::Value::Array(_))
-        {
-            spec.sliding_window_pattern = opt_usize(md, &key("attention.sliding_window_pattern"))?;
-        } else if md.contains_key(&key("attention.sliding_window_pattern")) {
-            return Err(Error::InvalidConfig {
-                key: key("attention.sliding_window_pattern"),
+                key: pattern_key,
                 reason: "a per-layer list of sliding-window layers is not supported".into(),
             });
         }
+        spec.sliding_window_pattern = opt_usize(md, &pattern_key)?;
+        if gemma2 && spec.sliding_window.is_none() {
+            spec.sliding_window = Some(4096);
+        }
         if spec.sliding_window.is_some() {
-            spec.sliding_window_pattern = Some(spec.sliding_window_pattern.unwrap_or(6));
+            spec.sliding_window_pattern =
+                Some(spec.sliding_window_pattern.unwrap_or(if gemma2 { 2 } else { 6 }));
+            let default_local = if gemma2 { spec.rope_theta } else { 10_000.0 };
             spec.rope_local_theta =
-                Some(opt_f64(md, &key("rope.freq_base_swa"))?.map_or(10_000.0, |v| v as f32));
+                Some(opt_f64(md, &key("rope.freq_base_swa"))?.map_or(default_local, |v| v as f32));
         }
         match md.get(&key("rope.scaling.type")) {
             None => {}
@@ -391,7 +432,7 @@ impl ModelSpec {
             Some(other) => {
                 return Err(Error::InvalidConfig {
                     key: key("rope.scaling.type"),
-                    reason: format!("{other:?} is not supported for gemma3 (supported: linear)"),
+                    reason: format!("{other:?} is not supported for {arch_name} (supported: linear)"),
                 });
             }
         }
@@ -404,12 +445,28 @@ impl ModelSpec {
             }
             spec.rope_linear_factor = (f != 1.0).then_some(f as f32);
         }
-        spec.query_scale = Some(if spec.n_layers == 62 {
+        let cap = |k: &str, default: Option<f64>| -> Result<Option<f32>> {
+            match opt_f64(md, &key(k))?.or(default) {
+                None => Ok(None),
+                Some(c) if c.is_finite() && c > 0.0 => Ok(Some(c as f32)),
+                Some(c) => {
+                    Err(Error::InvalidConfig { key: key(k), reason: format!("{c} is not a positive number") })
+                }
+            }
+        };
+        if gemma2 {
+            spec.attn_logit_softcap = cap("attn_logit_softcapping", Some(50.0))?;
+            spec.final_logit_softcap = cap("final_logit_softcapping", Some(30.0))?;
+        } else {
+            spec.final_logit_softcap = cap("final_logit_softcapping", None)?;
+        }
+        let big = if gemma2 { 46 } else { 62 };
+        spec.query_scale = Some(if spec.n_layers == big {
             1.0 / ((spec.hidden_size / spec.n_heads) as f32).sqrt()
         } else {
             1.0 / (spec.head_dim as f32).sqrt()
         });
-        if !spec.qk_norm {
+        if !gemma2 && !spec.qk_norm {
             return Err(Error::MissingWeight("blk.0.attn_q_norm.weight".into()));
         }
         Ok(spec)

@@ -20,6 +20,8 @@ use crate::error::{Error, Result};
 pub(crate) enum LayerWeight {
     AttnNorm,
     Q,
+    /// Phi-3: q, k and v as one matrix (rows of q, then k, then v).
+    Qkv,
     K,
     V,
     O,
@@ -61,6 +63,7 @@ impl WeightName {
                 let s = match w {
                     L::AttnNorm => "attn_norm.weight",
                     L::Q => "attn_q.weight",
+                    L::Qkv => "attn_qkv.weight",
                     L::K => "attn_k.weight",
                     L::V => "attn_v.weight",
                     L::O => "attn_output.weight",
@@ -92,6 +95,7 @@ impl WeightName {
                 let s = match w {
                     L::AttnNorm => "input_layernorm.weight",
                     L::Q => "self_attn.q_proj.weight",
+                    L::Qkv => "self_attn.qkv_proj.weight",
                     L::K => "self_attn.k_proj.weight",
                     L::V => "self_attn.v_proj.weight",
                     L::O => "self_attn.o_proj.weight",

@@ -262,20 +262,41 @@ struct TinyReference {
 /// spans, are llama.cpp's to the rounding of its f16 steps.
 #[test]
 fn tiny_random_gemma3_matches_llama_cpp() -> anyhow::Result<()> {
+    let model = Model::open(common::fixture("tiny_gguf/gemma3.gguf"))?;
+    let s = model.spec();
+    assert_eq!((s.head_dim, s.n_heads, s.n_kv_heads, s.sliding_window), (32, 4, 2, Some(8)));
+    assert_eq!((s.rope_linear_factor, s.attn_logit_softcap, s.final_logit_softcap), (Some(8.0), None, None));
+    assert_eq!((0..7).filter(|&i| !s.is_sliding(i)).collect::<Vec<_>>(), [5]);
+    check_tiny(&model, "gemma3")
+}
+
+/// The tiny Gemma 2 (same script, `--arch gemma2`): no q/k norms, every other layer on the
+/// window, attention scores soft-capped at 5 and logits at 10 (small caps that bite on random
+/// weights): llama.cpp's logits at every position, prefilled and decoded, and two spans.
+#[test]
+fn tiny_random_gemma2_matches_llama_cpp() -> anyhow::Result<()> {
+    let model = Model::open(common::fixture("tiny_gguf/gemma2.gguf"))?;
+    let s = model.spec();
+    assert_eq!(s.arch, Architecture::Gemma2);
+    assert_eq!((s.qk_norm, s.sliding_window, s.sliding_window_pattern), (false, Some(8), Some(2)));
+    assert_eq!(
+        (s.attn_logit_softcap, s.final_logit_softcap, s.rope_linear_factor),
+        (Some(5.0), Some(10.0), None)
+    );
+    assert_eq!((0..7).filter(|&i| !s.is_sliding(i)).collect::<Vec<_>>(), [1, 3, 5]);
+    check_tiny(&model, "gemma2")
+}
+
+fn check_tiny(model: &Model, name: &str) -> anyhow::Result<()> {
     // f16 rounding of q, K, V and the probabilities turns f32 summation-order differences
     // into f16 steps here and there: up to 6e-3 on logits of magnitude ~25 (our own prefill
     // and decode differ by as much). Without the rope scaling the error is 0.1 to 1.7.
     const TOL: f32 = 1e-2;
-    let dir = common::fixture("tiny_gguf");
-    let reference: TinyReference = serde_json::from_slice(&std::fs::read(dir.join("gemma3.json"))?)?;
-    let model = Model::open(dir.join("gemma3.gguf"))?;
-    let s = model.spec();
-    assert_eq!((s.head_dim, s.n_heads, s.n_kv_heads, s.sliding_window), (32, 4, 2, Some(8)));
-    assert_eq!(s.rope_linear_factor, Some(8.0));
-    assert_eq!((0..7).filter(|&i| !s.is_sliding(i)).collect::<Vec<_>>(), [5]);
-    let n = s.n_layers;
+    let path = common::fixture(&format!("tiny_gguf/{name}.json"));
+    let reference: TinyReference = serde_json::from_slice(&std::fs::read(path)?)?;
+    let n = model.spec().n_layers;
     let ids = &reference.token_ids;
-    let whole = Shard::load(&model, 0..n, &Device::Cpu, DType::F32)?;
+    let whole = Shard::load(model, 0..n, &Device::Cpu, DType::F32)?;
 
     let mut cache = whole.new_cache(128);
     let prefill = whole.logits(&mut cache, ids, LogitsMode::All)?.to_vec2::<f32>()?;
@@ -292,11 +313,11 @@ fn tiny_random_gemma3_matches_llama_cpp() -> anyhow::Result<()> {
             assert!(d < TOL, "{what}: position {pos}: max |Δlogit| {d} against llama.cpp");
         }
     }
-    println!("tiny gemma3: max |Δlogit| against llama.cpp {worst:.2e} over {} positions", ids.len());
+    println!("tiny {name}: max |Δlogit| against llama.cpp {worst:.2e} over {} positions", ids.len());
 
     let spans = [
-        Shard::load(&model, 0..3, &Device::Cpu, DType::F32)?,
-        Shard::load(&model, 3..n, &Device::Cpu, DType::F32)?,
+        Shard::load(model, 0..3, &Device::Cpu, DType::F32)?,
+        Shard::load(model, 3..n, &Device::Cpu, DType::F32)?,
     ];
     let mut caches: Vec<_> = spans.iter().map(|s| s.new_cache(128)).collect();
     let StageOutput::Hidden(h) =
