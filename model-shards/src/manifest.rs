@@ -109,9 +109,12 @@ impl Manifest {
     /// file once).
     pub fn of_gguf(path: &Path) -> Result<Self> {
         let io = |source| Error::Io { path: path.to_path_buf(), source };
-        let mut file = File::open(path).map_err(io)?;
+        let file = File::open(path).map_err(io)?;
         let file_size = file.metadata().map_err(io)?.len();
-        let content = gguf_file::Content::read(&mut file).map_err(|e| Error::UnknownFormat {
+        // Buffered: the metadata is read in many small pieces (a vocabulary of tens of
+        // thousands of strings).
+        let mut reader = std::io::BufReader::with_capacity(1 << 20, &file);
+        let content = gguf_file::Content::read(&mut reader).map_err(|e| Error::UnknownFormat {
             path: path.to_path_buf(),
             reason: format!("not a readable GGUF file: {}", e.to_string().lines().next().unwrap_or("")),
         })?;

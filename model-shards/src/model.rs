@@ -48,8 +48,11 @@ impl Model {
     }
 
     fn open_gguf(path: PathBuf) -> Result<Self> {
-        let mut file = File::open(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
-        let content = gguf_file::Content::read(&mut file).map_err(|e| Error::UnknownFormat {
+        let file = File::open(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+        // Buffered: the metadata comes in many small reads (tens of thousands of vocabulary
+        // strings).
+        let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+        let content = gguf_file::Content::read(&mut reader).map_err(|e| Error::UnknownFormat {
             path: path.clone(),
             reason: format!("not a readable GGUF file: {}", first_line(&e.to_string())),
         })?;
