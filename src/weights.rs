@@ -95,6 +95,8 @@ pub struct Weights {
     pub model_id: [u8; 32],
     manifest: Option<Manifest>,
     source: Source,
+    /// Pieces already served, per node: each piece is hashed into a node's store once.
+    seeded: std::sync::Mutex<std::collections::HashMap<PeerId, std::collections::BTreeSet<usize>>>,
 }
 
 impl Weights {
@@ -109,7 +111,13 @@ impl Weights {
             }
             ModelFormat::HuggingFace => (model.model_id().context("hashing the model")?, None),
         };
-        Ok(Self { model: Arc::new(model), model_id, manifest, source: Source::Local(path.to_path_buf()) })
+        Ok(Self {
+            model: Arc::new(model),
+            model_id,
+            manifest,
+            source: Source::Local(path.to_path_buf()),
+            seeded: Default::default(),
+        })
     }
 
     /// The swarm's model, learned from the nodes of `tickets` (or found on the LAN): its
@@ -151,7 +159,13 @@ impl Weights {
         let path = dir.file();
         let model = Model::open(&path).with_context(|| format!("opening {}", path.display()))?;
         let manifest = dir.manifest().clone();
-        Ok(Self { model: Arc::new(model), model_id, manifest: Some(manifest), source: Source::Swarm(dir) })
+        Ok(Self {
+            model: Arc::new(model),
+            model_id,
+            manifest: Some(manifest),
+            source: Source::Swarm(dir),
+            seeded: Default::default(),
+        })
     }
 
     /// A name for the model: a local file's stem, or the GGUF's `general.name`.
@@ -170,21 +184,34 @@ impl Weights {
     }
 
     /// Serves every piece this node holds to the swarm; returns what to announce.
+    /// Pieces already served are not hashed again.
     pub async fn seed(&self, node: &Node) -> Result<Holdings> {
         let Some(manifest) = &self.manifest else { return Ok(Holdings::default()) };
         let (path, held) = match &self.source {
             Source::Local(p) => (p.clone(), (0..manifest.pieces.len()).collect::<Vec<_>>()),
             Source::Swarm(d) => (d.file(), d.complete()),
         };
-        let served = seed(node, &path, manifest, &held).await?;
+        let done = self.lock_seeded().get(&node.id()).cloned().unwrap_or_default();
+        let new: Vec<usize> = held.iter().copied().filter(|i| !done.contains(i)).collect();
+        let served = seed(node, &path, manifest, &new).await?;
         if let Source::Swarm(d) = &self.source {
-            let bad: Vec<usize> = held.iter().copied().filter(|i| !served.contains(i)).collect();
+            let bad: Vec<usize> = new.iter().copied().filter(|i| !served.contains(i)).collect();
             if !bad.is_empty() {
                 // Damaged on disk: fetched again when next needed.
                 d.forget(&bad)?;
             }
         }
-        Ok(holdings(manifest, &served))
+        let mut seeded = self.lock_seeded();
+        let all = seeded.entry(node.id()).or_default();
+        all.extend(served);
+        let all: Vec<usize> = all.iter().copied().collect();
+        Ok(holdings(manifest, &all))
+    }
+
+    fn lock_seeded(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<PeerId, std::collections::BTreeSet<usize>>> {
+        self.seeded.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Fetches the pieces layers `span` need from the peers that announce them (`peers`, the

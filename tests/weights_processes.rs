@@ -3,8 +3,8 @@
 //! A worker with the model file serves layers 0..15; a second worker started with a ticket
 //! alone (no `--model`, an empty data dir) fetches only the pieces of layers 15..30 from it and
 //! serves them; an origin with no model file (`shoal generate --join`) fetches only the
-//! header. Greedy ids through the pair equal the one-process run, and those of an origin
-//! that has the file.
+//! header, from the second worker. Greedy ids through the pair equal the one-process run, and
+//! those of an origin that has the file.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -118,7 +118,9 @@ fn a_worker_joins_with_a_ticket_alone_and_fetches_only_its_span() {
     let (local, _) = generate(&["--model", m.to_str().expect("utf-8")]);
     assert!(local.token_ids.len() >= 8, "{local:?}");
     let bind = ["--bind", "127.0.0.1:0", "--announce-interval", "1"];
-    let mut no_file = vec!["--join", seeder.ticket.as_str(), "--data-dir", d2.to_str().expect("utf-8")];
+    // Through the joiner's ticket: the origin's header comes from the joiner, which serves the
+    // pieces it fetched.
+    let mut no_file = vec!["--join", joiner.ticket.as_str(), "--data-dir", d2.to_str().expect("utf-8")];
     no_file.extend(bind);
     let (swarm, origin_log) = generate(&no_file);
     assert_eq!(swarm.token_ids, local.token_ids, "{origin_log}");
