@@ -59,6 +59,9 @@ enum Command {
     /// run; not known for --url) and failed streams. A table on stdout (a progress bar on
     /// stderr), or one JSON line with `--json`.
     Bench(bench::BenchArgs),
+    /// Private swarms: `shoal swarm new-key FILE` writes a swarm key; give it to every node of
+    /// the swarm with `--swarm-key FILE` (nodes without it are refused).
+    Swarm(SwarmCommandArgs),
     /// The config file: `shoal config print [COMMAND [FLAGS...]]` shows the settings a command
     /// runs with and where each comes from (flag, env, file or default).
     Config(ConfigArgs),
@@ -84,6 +87,23 @@ enum ConfigAction {
     },
 }
 
+/// Arguments of `shoal swarm`.
+#[derive(Debug, clap::Args)]
+pub struct SwarmCommandArgs {
+    #[command(subcommand)]
+    action: SwarmAction,
+}
+
+#[derive(Debug, Subcommand)]
+enum SwarmAction {
+    /// Write a new random swarm key to FILE (mode 0600; an existing file is never
+    /// overwritten). Whoever holds the file can join the swarm: copy it only to its nodes.
+    NewKey {
+        /// Where to write the key.
+        file: std::path::PathBuf,
+    },
+}
+
 /// Installs the tracing subscriber (stderr).
 pub fn init_tracing(verbose: u8) {
     let default = match verbose {
@@ -105,6 +125,13 @@ pub fn run(cli: Cli, config: Option<&crate::config::ConfigFile>) -> Result<()> {
         Command::Api(args) => api::run(args),
         Command::Status(args) => status::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Swarm(SwarmCommandArgs { action: SwarmAction::NewKey { file } }) => {
+            shoal_worker::admission::SwarmKey::write_new(&file)
+                .map_err(|e| anyhow::anyhow!("writing a swarm key: {e}"))?;
+            println!("wrote a new swarm key to {}", file.display());
+            println!("start every node of the swarm with --swarm-key {}", file.display());
+            Ok(())
+        }
         Command::Config(ConfigArgs { action: ConfigAction::Print { command, flags } }) => {
             let text = crate::config::print(config, command.as_deref(), &flags)?;
             print!("{text}");

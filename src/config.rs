@@ -33,7 +33,7 @@ use crate::cli::Cli;
 pub const CONFIG_ENV: &str = "SHOAL_CONFIG";
 
 /// Subcommands that take no settings from the file.
-const NOT_SETTABLE: &[&str] = &["config", "help"];
+const NOT_SETTABLE: &[&str] = &["config", "swarm", "help"];
 
 /// Environment variables this process set from the file (so `config print` can tell "file"
 /// from "env").

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -16,6 +16,7 @@ use iroh::EndpointAddr;
 use shoal_coordinator_free_router::driver::{Driver, DriverConfig, ModelInfo};
 use shoal_coordinator_free_router::membership::{Membership, MembershipConfig, OwnSpan};
 use shoal_model_shards::{DType, Device, Model, Shard};
+use shoal_worker::admission::SwarmKey;
 use shoal_worker::net::{Node, NodeOptions, parse_ticket};
 use shoal_worker::protocol::WireDType;
 use shoal_worker::service::{StageConfig, StageService};
@@ -48,6 +49,11 @@ pub struct NetArgs {
     /// on loopback for benchmarks).
     #[arg(long, env = "SHOAL_SEND_DELAY_MS", default_value_t = 0.0, hide = true)]
     pub send_delay_ms: f64,
+    /// The key file of a private swarm (`shoal swarm new-key FILE` writes one): only nodes
+    /// holding the same key can connect to this node, gossip with it or fetch weights from
+    /// it, and it joins only such nodes. Without it the swarm is open.
+    #[arg(long, env = "SHOAL_SWARM_KEY", value_name = "FILE")]
+    pub swarm_key: Option<PathBuf>,
 }
 
 /// A way of finding peers.
@@ -65,17 +71,22 @@ impl NetArgs {
         self.discovery.contains(&Discovery::Local)
     }
 
-    /// Node options with an optional persistent key.
-    pub fn options(&self, secret_key: Option<SecretKey>) -> NodeOptions {
-        NodeOptions {
+    /// Node options with an optional persistent key (reads the swarm key file, if any).
+    pub fn options(&self, secret_key: Option<SecretKey>) -> Result<NodeOptions> {
+        let swarm_key = match &self.swarm_key {
+            Some(path) => Some(SwarmKey::read(path).context("--swarm-key")?),
+            None => None,
+        };
+        Ok(NodeOptions {
             secret_key,
             bind: self.bind,
             relay: self.relay,
             discovery: self.discovery.contains(&Discovery::Dns),
             local_discovery: self.local_discovery(),
             send_delay: Duration::from_secs_f64(self.send_delay_ms.max(0.0) / 1000.0),
+            swarm_key,
             ..NodeOptions::default()
-        }
+        })
     }
 }
 
@@ -161,7 +172,9 @@ pub fn parse_tickets(tickets: &[String]) -> Result<Vec<EndpointAddr>> {
 }
 
 /// Joins `model_id`'s swarm from `node` through `bootstrap`, announcing what `own` says
-/// (nothing for an origin that only routes).
+/// (nothing for an origin that only routes). Each bootstrap peer is asked first whether this
+/// node may join it (the admission of private swarms): when every one that answers refuses,
+/// joining fails with its reason ("this swarm is private: ...").
 pub async fn join_swarm(
     node: &Node,
     model_id: [u8; 32],
@@ -170,9 +183,27 @@ pub async fn join_swarm(
     own: impl Fn() -> Option<OwnSpan> + Send + Sync + 'static,
     swarm: &SwarmArgs,
 ) -> Result<Membership> {
+    check_admission(node, &bootstrap).await?;
     Membership::join(node, model_id, n_layers, bootstrap, own, swarm.config()?)
         .await
         .context("joining the swarm's gossip topic")
+}
+
+/// Fails when every bootstrap peer that answers the admission refuses this node; peers that
+/// cannot be reached now are left to the gossip's retries.
+pub async fn check_admission(node: &Node, bootstrap: &[EndpointAddr]) -> Result<()> {
+    let mut refusal = None;
+    for addr in bootstrap {
+        match node.check_admission(addr.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_refusal() => refusal = Some(e),
+            Err(e) => tracing::info!("{e}"),
+        }
+    }
+    match refusal {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
 }
 
 /// Waits until `driver` can plan a route through the swarm, at most `timeout`; the error
@@ -230,6 +261,10 @@ pub struct StageArgs {
     /// Most sessions one peer may hold open here.
     #[arg(long, env = "SHOAL_PER_PEER_SESSIONS", default_value_t = 16)]
     pub per_peer_sessions: usize,
+    /// Most sessions one upstream peer (the stage before this one in their routes) may open
+    /// here for origins other than itself.
+    #[arg(long, env = "SHOAL_PER_FORWARDER_SESSIONS", default_value_t = 64)]
+    pub per_forwarder_sessions: usize,
     /// Close a session after this many seconds without a message.
     #[arg(long, env = "SHOAL_IDLE_TIMEOUT", default_value_t = 120.0)]
     pub idle_timeout: f64,
@@ -266,6 +301,7 @@ pub fn load_stage(
         max_sessions: limits.max_sessions,
         kv_budget_bytes: limits.kv_budget_mib.saturating_mul(1 << 20),
         per_peer_sessions: limits.per_peer_sessions,
+        per_forwarder_sessions: limits.per_forwarder_sessions,
         idle_timeout: Duration::from_secs_f64(limits.idle_timeout.max(0.001)),
         max_seq_len: limits.max_seq_len,
         model_id,

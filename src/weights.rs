@@ -308,6 +308,8 @@ fn progress_bar(total: u64) -> Progress {
 /// whose node serves layers: its id and layer count. A worker that is moving serves nothing
 /// for a moment, and mDNS takes a moment too: asks again for up to ten seconds.
 pub async fn identify(node: &Node, tickets: &[EndpointAddr]) -> Result<([u8; 32], u32)> {
+    // Refused by a private swarm: say so rather than time out.
+    crate::node::check_admission(node, tickets).await?;
     for addr in tickets {
         node.add_peer_addr(addr.clone());
     }

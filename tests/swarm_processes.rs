@@ -5,7 +5,9 @@
 //! workers stop, one of them the only holder of some layers: the others notice the hole from
 //! the gossip, one moves to fill it, coverage heals and generation still gives the same ids.
 
-use std::io::{BufRead, BufReader};
+#[path = "support/worker_ready.rs"]
+mod worker_ready;
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -48,18 +50,7 @@ impl Worker {
             cmd.args(["--join", t]);
         }
         let mut child = cmd.spawn().expect("start a worker");
-        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let (mut ticket, mut id) = (None, None);
-        for line in lines.by_ref() {
-            let line = line.expect("worker stdout");
-            if let Some(t) = line.strip_prefix("ticket: ") {
-                ticket = Some(t.to_owned());
-            }
-            if let Some(rest) = line.strip_prefix("ready: node ") {
-                id = rest.split_whitespace().next().map(str::to_owned);
-                break;
-            }
-        }
+        let (ticket, id, lines) = worker_ready::read_ready(child.stdout.take().expect("stdout"));
         let out = Arc::new(Mutex::new(Vec::new()));
         let sink = out.clone();
         std::thread::spawn(move || {
@@ -67,12 +58,7 @@ impl Worker {
                 sink.lock().expect("lines").push(line);
             }
         });
-        Self {
-            child,
-            ticket: ticket.expect("a ticket before ready"),
-            id: id.expect("the worker prints ready"),
-            out,
-        }
+        Self { child, ticket, id, out }
     }
 
     fn stop(mut self) {

@@ -180,12 +180,13 @@ pub(crate) async fn messages(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let arrived = Instant::now();
-    let job = (|| {
+    let job = handlers::prepare(&state, body, |state, body| {
         let mut body: MessagesBody = parse(body)?;
         let common = body.common()?;
-        let prompt = body.prompt_ids(&state)?;
+        let prompt = body.prompt_ids(state)?;
         state.job(Kind::Messages, prompt, common, None, "messages")
-    })();
+    })
+    .await;
     match job {
         Ok(job) => handlers::serve(state, job, arrived).await,
         Err(e) => e.into_anthropic_response(),
@@ -198,7 +199,7 @@ pub(crate) async fn count_tokens(
     State(state): State<Arc<ApiState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let counted = (|| {
+    let counted = handlers::prepare(&state, body, |state, body| {
         let mut body: MessagesBody = parse(body)?;
         if let Some(m) = &body.model
             && m != &state.model.name
@@ -209,8 +210,9 @@ pub(crate) async fn count_tokens(
                 "model_not_found",
             ));
         }
-        body.prompt_ids(&state).map(|ids| ids.len())
-    })();
+        body.prompt_ids(state).map(|ids| ids.len())
+    })
+    .await;
     match counted {
         Ok(n) => Json(json!({"input_tokens": n})).into_response(),
         Err(e) => e.into_anthropic_response(),

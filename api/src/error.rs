@@ -1,5 +1,5 @@
 //! Errors in OpenAI's envelope, `{"error": {"message", "type", "param", "code"}}`, with the
-//! status a client expects (400, 401, 404, 413, 429, 503) and `Retry-After` where waiting
+//! status a client expects (400, 401, 404, 408, 413, 415, 429, 500, 503) and `Retry-After` where waiting
 //! helps.
 
 use axum::Json;
@@ -58,6 +58,54 @@ impl ApiError {
             kind: "invalid_request_error",
             param,
             code: Some(code),
+            retry_after: None,
+        }
+    }
+
+    /// A 408: the request's body did not arrive in time.
+    pub fn body_timeout(after: std::time::Duration) -> Self {
+        Self {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: format!("the request body did not arrive within {after:?}"),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("request_timeout"),
+            retry_after: None,
+        }
+    }
+
+    /// A 413: the body is larger than the server takes.
+    pub fn too_large(limit: usize) -> Self {
+        Self {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!("the request body exceeds the limit of {limit} bytes"),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("request_too_large"),
+            retry_after: None,
+        }
+    }
+
+    /// A 415: the body is not JSON.
+    pub fn unsupported_media_type(found: &str) -> Self {
+        Self {
+            status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            message: format!("the request body must be JSON (Content-Type: application/json), not {found:?}"),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("unsupported_media_type"),
+            retry_after: None,
+        }
+    }
+
+    /// A 500: something failed inside the server.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: message.into(),
+            kind: "server_error",
+            param: None,
+            code: Some("internal_error"),
             retry_after: None,
         }
     }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -50,7 +50,17 @@ pub(crate) async fn models(State(state): State<Arc<ApiState>>) -> Json<Value> {
     Json(json!({"object": "list", "data": [model_object(&state.model.name)]}))
 }
 
-pub(crate) async fn model(State(state): State<Arc<ApiState>>, Path(id): Path<String>) -> Response {
+pub(crate) async fn model(
+    State(state): State<Arc<ApiState>>,
+    id: Result<Path<String>, PathRejection>,
+) -> Response {
+    let id = match id {
+        Ok(Path(id)) => id,
+        Err(e) => {
+            return ApiError::invalid(format!("invalid path: {}", e.body_text()), Some("model"))
+                .into_response();
+        }
+    };
     if id == state.model.name {
         Json(model_object(&id)).into_response()
     } else {
@@ -84,7 +94,7 @@ pub(crate) async fn chat_completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let arrived = Instant::now();
-    let job = async {
+    let job = prepare(&state, body, |state, body| {
         let mut body: ChatBody = parse(body)?;
         let template =
             state.model.chat_template.as_ref().ok_or_else(|| {
@@ -101,7 +111,7 @@ pub(crate) async fn chat_completions(
             .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
         let logprobs = body.logprobs()?;
         state.job(Kind::Chat, prompt, body.common, logprobs, "messages")
-    }
+    })
     .await;
     match job {
         Ok(job) => serve(state, job, arrived).await,
@@ -114,16 +124,37 @@ pub(crate) async fn completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let arrived = Instant::now();
-    let job = (|| {
+    let job = prepare(&state, body, |state, body| {
         let mut body: CompletionBody = parse(body)?;
-        let prompt = body.prompt_ids(&state)?;
+        let prompt = body.prompt_ids(state)?;
         let logprobs = body.logprobs()?;
         state.job(Kind::Completion, prompt, body.common, logprobs, "prompt")
-    })();
+    })
+    .await;
     match job {
         Ok(job) => serve(state, job, arrived).await,
         Err(e) => e.into_response(),
     }
+}
+
+/// Bodies larger than this are parsed, templated and tokenized on the blocking pool.
+const OFF_RUNTIME_BYTES: usize = 16 * 1024;
+
+/// Turns a request body into what the handler needs (parsing, chat template, tokenizer):
+/// inline for small bodies, on the blocking pool for large ones, so a megabyte prompt does
+/// not hold one of the async runtime's few threads.
+pub(crate) async fn prepare<T: Send + 'static>(
+    state: &Arc<ApiState>,
+    body: Result<Bytes, BytesRejection>,
+    f: impl FnOnce(&ApiState, Result<Bytes, BytesRejection>) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    if !body.as_ref().is_ok_and(|b| b.len() > OFF_RUNTIME_BYTES) {
+        return f(state, body);
+    }
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || f(&state, body))
+        .await
+        .unwrap_or_else(|e| Err(ApiError::internal(format!("preparing the request failed: {e}"))))
 }
 
 /// One generated token's log-probabilities.

@@ -10,9 +10,11 @@
 //! answered for the configured origins only.
 //!
 //! What each request goes through:
-//! 1. With API keys configured, `/v1/*` needs `Authorization: Bearer KEY` or `x-api-key:
-//!    KEY` (401 otherwise).
-//! 2. The body is read under a size limit (413 beyond it) and parsed; unknown fields are
+//! 1. With API keys configured, `/v1/*` (and `/metrics`, unless `public_metrics`) needs
+//!    `Authorization: Bearer KEY` or `x-api-key: KEY` (401 otherwise).
+//! 2. The body must be JSON (415 otherwise) and is read under a size limit (413 beyond it)
+//!    and a timeout (408); large bodies are parsed and tokenized on the blocking pool; every
+//!    error, path decoding included, is in the error envelope. Unknown fields are
 //!    ignored; a malformed body or a value out of range is a 400 with OpenAI's envelope
 //!    `{"error": {"message", "type", "param", "code"}}`; a `model` other than the one served
 //!    is a 404 ([`schema`]).
@@ -41,6 +43,7 @@ mod handlers;
 pub mod metrics;
 mod openapi;
 pub mod schema;
+pub mod server;
 pub mod text;
 mod tokens;
 
@@ -129,6 +132,10 @@ pub struct ApiConfig {
     /// Origins whose browser pages may call the API (CORS); `*` allows any; empty: no CORS
     /// headers, browsers refuse cross-origin calls.
     pub cors_origins: Vec<String>,
+    /// Serve `/metrics` without an API key even when keys are configured.
+    pub public_metrics: bool,
+    /// Longest wait for a request's body once its headers arrived (408 beyond).
+    pub body_timeout: Duration,
 }
 
 impl Default for ApiConfig {
@@ -144,6 +151,8 @@ impl Default for ApiConfig {
             max_model_len: None,
             sampling: SamplingDefaults::default(),
             cors_origins: Vec::new(),
+            public_metrics: false,
+            body_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -210,20 +219,30 @@ impl ApiState {
 /// The axum router of the API.
 pub fn router(state: Arc<ApiState>) -> Router {
     let limit = state.config.max_body_bytes;
-    let v1 = Router::new()
+    let mut keyed = Router::new()
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/models", get(handlers::models))
         .route("/v1/models/{model}", get(handlers::model))
         .route("/v1/messages", post(anthropic::messages))
-        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens));
+    let mut open =
+        Router::new().route("/health", get(handlers::health)).route("/openapi.json", get(handlers::openapi));
+    // The metrics tell load and model names: behind the key unless the operator opens them.
+    if state.config.public_metrics {
+        open = open.route("/metrics", get(handlers::metrics));
+    } else {
+        keyed = keyed.route("/metrics", get(handlers::metrics));
+    }
+    // Layers run outside in: the key first, then the body is read (a body is read only for
+    // a caller with a key).
+    let keyed = keyed
+        .route_layer(middleware::from_fn_with_state(state.clone(), read_body))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     let cors = cors(&state.config.cors_origins);
     let app = Router::new()
-        .merge(v1)
-        .route("/health", get(handlers::health))
-        .route("/metrics", get(handlers::metrics))
-        .route("/openapi.json", get(handlers::openapi))
+        .merge(keyed)
+        .merge(open)
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(limit))
@@ -260,6 +279,51 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
 /// Compares in time independent of where the first difference is.
 fn same_key(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Whether a `Content-Type` value names JSON (`application/json`, `application/*+json`).
+fn is_json(content_type: &str) -> bool {
+    let mime = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+}
+
+/// Reads a request's body before its handler runs: a `Content-Type` other than JSON is a
+/// 415, a body beyond the size limit a 413, one that does not arrive within the body timeout
+/// a 408 (all in the error format of the endpoint's dialect). A request without a
+/// `Content-Type` is read as JSON.
+async fn read_body(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
+    if req.method() != Method::POST {
+        return next.run(req).await;
+    }
+    let anthropic = req.uri().path().starts_with("/v1/messages");
+    if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+        let text = String::from_utf8_lossy(ct.as_bytes()).into_owned();
+        if !is_json(&text) {
+            return ApiError::unsupported_media_type(&text).into_response_for(anthropic);
+        }
+    }
+    let limit = state.config.max_body_bytes;
+    let (parts, body) = req.into_parts();
+    let declared =
+        parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return ApiError::too_large(limit).into_response_for(anthropic);
+    }
+    let timeout = state.config.body_timeout;
+    let bytes = match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) => {
+            let e = e.into_inner();
+            let err = if e.is::<http_body_util::LengthLimitError>() {
+                ApiError::too_large(limit)
+            } else {
+                ApiError::invalid(format!("reading the request body: {e}"), None)
+            };
+            return err.into_response_for(anthropic);
+        }
+        Err(_) => return ApiError::body_timeout(timeout).into_response_for(anthropic),
+    };
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await
 }
 
 async fn require_key(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> Response {

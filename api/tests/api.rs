@@ -51,6 +51,7 @@ async fn fixture_full(with_stages: bool, config: ApiConfig, recommended: Samplin
                 max_sessions: 8,
                 kv_budget_bytes: 1 << 30,
                 per_peer_sessions: 8,
+                per_forwarder_sessions: 64,
                 idle_timeout: Duration::from_secs(60),
                 max_seq_len: 8192,
                 model_id: info.model_id,
@@ -383,7 +384,7 @@ async fn call_with_key(app: &axum::Router, path: &str, key: Option<&str>) -> (St
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn api_keys_guard_v1_only() {
+async fn api_keys_guard_v1_and_metrics() {
     let config = ApiConfig { api_keys: vec!["sekret".into(), "other".into()], ..ApiConfig::default() };
     let f = fixture_with(false, config).await;
     for key in [None, Some("wrong"), Some("sekre"), Some("sekret2")] {
@@ -395,9 +396,20 @@ async fn api_keys_guard_v1_only() {
         let (s, b) = call_with_key(&f.app, "/v1/models", Some(key)).await;
         assert_eq!(s, StatusCode::OK, "{b}");
     }
-    // Health, metrics and the OpenAPI document stay open.
-    let (s, _) = call_with_key(&f.app, "/metrics", None).await;
+    // Metrics need the key too (they tell load and model names)...
+    let (s, b) = call_with_key(&f.app, "/metrics", None).await;
+    error_of(s, &b, StatusCode::UNAUTHORIZED);
+    let (s, b) = call_with_key(&f.app, "/metrics", Some("sekret")).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert!(b.contains("shoal_"), "{b}");
+    // ...unless the operator makes them public.
+    let config = ApiConfig { api_keys: vec!["sekret".into()], public_metrics: true, ..ApiConfig::default() };
+    let public = fixture_with(false, config).await;
+    let (s, _) = call_with_key(&public.app, "/metrics", None).await;
     assert_eq!(s, StatusCode::OK);
+    // Health and the OpenAPI document stay open.
+    let (s, _) = call_with_key(&f.app, "/health", None).await;
+    assert_ne!(s, StatusCode::UNAUTHORIZED);
     let (s, b) = call_with_key(&f.app, "/openapi.json", None).await;
     assert_eq!(s, StatusCode::OK);
     let doc = json_of(&b);
@@ -827,4 +839,202 @@ async fn cors_answers_preflights_for_listed_origins_only() {
         .await;
         assert!(h.get("access-control-allow-origin").is_none(), "{origin}: {h:?}");
     }
+}
+
+/// Sends `req` with a body and the given content type.
+async fn post_raw(
+    app: &axum::Router,
+    path: &str,
+    content_type: Option<&str>,
+    body: Body,
+) -> (StatusCode, String) {
+    let mut req = HttpRequest::builder().method("POST").uri(path);
+    if let Some(ct) = content_type {
+        req = req.header("content-type", ct);
+    }
+    let resp = app.clone().oneshot(req.body(body).expect("request")).await.expect("response");
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8(bytes.to_vec()).expect("utf-8"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_json_is_415_and_every_error_is_an_envelope() {
+    let config = ApiConfig {
+        max_body_bytes: 64 * 1024,
+        body_timeout: Duration::from_millis(300),
+        ..ApiConfig::default()
+    };
+    let f = fixture_with(false, config).await;
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).to_string();
+    for ct in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"] {
+        let (s, b) = post_raw(&f.app, "/v1/chat/completions", Some(ct), Body::from(chat.clone())).await;
+        let v = error_of(s, &b, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert_eq!(v["error"]["code"], "unsupported_media_type", "{ct}");
+    }
+    let (s, b) = post_raw(&f.app, "/v1/messages", Some("text/plain"), Body::from(chat.clone())).await;
+    anthropic_error(s, &b, StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_request_error");
+    // JSON with parameters, a +json type, or no type at all go through to the parser.
+    for ct in [Some("application/json; charset=utf-8"), Some("application/vnd.api+json"), None] {
+        let (s, b) = post_raw(&f.app, "/v1/completions", ct, Body::from("{not json")).await;
+        let v = error_of(s, &b, StatusCode::BAD_REQUEST);
+        assert!(v["error"]["message"].as_str().expect("message").contains("invalid request body"), "{b}");
+    }
+    // A path that does not decode, an unknown path, a wrong method.
+    let (s, b) = call(&f.app, "GET", "/v1/models/%FF%FE", None).await;
+    let v = error_of(s, &b, StatusCode::BAD_REQUEST);
+    assert_eq!(v["error"]["param"], "model");
+    let (s, b) = call(&f.app, "GET", "/v2/nothing", None).await;
+    error_of(s, &b, StatusCode::NOT_FOUND);
+    let (s, b) = call(&f.app, "DELETE", "/v1/models", None).await;
+    error_of(s, &b, StatusCode::METHOD_NOT_ALLOWED);
+    // Too large, by its declared length and by what arrives without one.
+    let big = format!("{{\"prompt\": \"{}\"}}", "a".repeat(70 * 1024));
+    let (s, b) = post_raw(&f.app, "/v1/completions", Some("application/json"), Body::from(big.clone())).await;
+    let v = error_of(s, &b, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(v["error"]["code"], "request_too_large");
+    let chunks =
+        big.into_bytes().chunks(4096).map(|c| Ok::<_, std::io::Error>(c.to_vec())).collect::<Vec<_>>();
+    let streamed = Body::from_stream(tokio_stream::iter(chunks));
+    let (s, b) = post_raw(&f.app, "/v1/completions", Some("application/json"), streamed).await;
+    error_of(s, &b, StatusCode::PAYLOAD_TOO_LARGE);
+    // A body that stops arriving: 408 after the body timeout.
+    let stalled = tokio_stream::StreamExt::chain(
+        tokio_stream::iter([Ok::<_, std::io::Error>(b"{\"prompt\": ".to_vec())]),
+        tokio_stream::pending(),
+    );
+    let (s, b) =
+        post_raw(&f.app, "/v1/completions", Some("application/json"), Body::from_stream(stalled)).await;
+    let v = error_of(s, &b, StatusCode::REQUEST_TIMEOUT);
+    assert_eq!(v["error"]["code"], "request_timeout");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_prompts_are_tokenized_like_small_ones() {
+    let config = ApiConfig { max_body_bytes: 1 << 20, ..ApiConfig::default() };
+    let f = fixture_with(false, config).await;
+    // Counted on the blocking pool (over 16 KiB) and inline: the same tokenizer, so a prompt
+    // of k copies of a sentence ending in a newline counts k times the sentence's tokens
+    // plus the template's fixed part.
+    let count = |copies: usize| {
+        let app = f.app.clone();
+        async move {
+            let text = "The quick brown fox jumps over the lazy dog.\n".repeat(copies);
+            let body = json!({"messages": [{"role": "user", "content": text}], "max_tokens": 1});
+            let (s, _, b) = call_headers(&app, "POST", "/v1/messages/count_tokens", &[], Some(body)).await;
+            assert_eq!(s, StatusCode::OK, "{b}");
+            json_of(&b)["input_tokens"].as_u64().expect("count")
+        }
+    };
+    let (one, two, many) = (count(1).await, count(2).await, count(1000).await);
+    let per_copy = two - one;
+    assert!(per_copy > 5, "{one} {two}");
+    assert_eq!(many, one + 999 * per_copy, "a 45 KB prompt counts as the small ones predict");
+}
+
+/// Opens a raw TCP connection to the server.
+async fn connect(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    tokio::net::TcpStream::connect(addr).await.expect("connect")
+}
+
+/// One request on a fresh connection; the status line and the body.
+async fn raw_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = connect(addr).await;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
+}
+
+/// Whether the server closes `s` (EOF or reset) within `within`.
+async fn closed_by_server(s: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 256];
+    loop {
+        match tokio::time::timeout(within, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue, // a 408 the server wrote before closing
+            Err(_) => return false,
+        }
+    }
+}
+
+/// The API (no stages) served on a loopback socket under `limits`, until `stop` fires.
+async fn real_server(
+    limits: shoal_api::server::ServerLimits,
+) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<std::io::Result<()>>) {
+    let f = fixture_with(false, ApiConfig::default()).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(shoal_api::server::serve(listener, f.app.clone(), limits, async {
+        let _ = stopped.await;
+    }));
+    (addr, stop, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_do_not_block_requests_and_are_closed() {
+    use shoal_api::server::ServerLimits;
+    use tokio::io::AsyncWriteExt;
+    let limits = ServerLimits { max_connections: 256, header_timeout: Duration::from_secs(1) };
+    let (addr, stop, server) = real_server(limits).await;
+    // 200 idle connections: 150 that send nothing and 50 that send half a request line.
+    let mut idle = Vec::new();
+    for i in 0..200 {
+        let mut s = connect(addr).await;
+        if i % 4 == 0 {
+            s.write_all(b"GET /v1/models HTTP/1.1\r\nhost: te").await.expect("write");
+        }
+        idle.push(s);
+    }
+    for _ in 0..10 {
+        let r = raw_get(addr, "/v1/models").await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        assert!(r.contains("smollm2"), "{r}");
+    }
+    // The header timeout closes every one of them.
+    for s in &mut idle {
+        assert!(closed_by_server(s, Duration::from_secs(20)).await, "an idle connection stayed open");
+    }
+    let _ = stop.send(());
+    server.await.expect("server task").expect("server");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_cap_get_a_503_envelope() {
+    use shoal_api::server::ServerLimits;
+    use tokio::io::AsyncReadExt;
+    let limits = ServerLimits { max_connections: 4, header_timeout: Duration::from_secs(30) };
+    let (addr, stop, server) = real_server(limits).await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(connect(addr).await);
+    }
+    // Accepts are in order: the server takes the four before the fifth.
+    let mut extra = connect(addr).await;
+    let mut out = String::new();
+    extra.read_to_string(&mut out).await.expect("read");
+    assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+    let body = out.split("\r\n\r\n").nth(1).expect("a body");
+    error_of(StatusCode::SERVICE_UNAVAILABLE, body, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("too_many_connections"), "{body}");
+    // A slot frees when a connection closes.
+    drop(held.pop());
+    let mut served = false;
+    for _ in 0..100 {
+        let r = raw_get(addr, "/v1/models").await;
+        if r.starts_with("HTTP/1.1 200") {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served, "a freed slot serves again");
+    drop(held);
+    let _ = stop.send(());
+    server.await.expect("server task").expect("server");
 }

@@ -43,6 +43,7 @@ pub async fn start_stages(model: &Model, model_id: [u8; 32], stages: usize) -> V
             max_sessions: 8,
             kv_budget_bytes: 1 << 30,
             per_peer_sessions: 8,
+            per_forwarder_sessions: 64,
             idle_timeout: Duration::from_secs(60),
             max_seq_len: 4096,
             model_id,

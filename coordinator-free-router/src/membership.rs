@@ -4,7 +4,7 @@
 //! never against whoever forwarded the message.
 //!
 //! [`Membership`] runs the swarm over iroh-gossip: one topic per model identity
-//! ([`topic_of`]); every `interval` the node broadcasts its own signed announcement (when it
+//! (and swarm key, see [`topic_of`]); every `interval` the node broadcasts its own signed announcement (when it
 //! serves a span) and ticks its view; every message received is decoded, its signature checked
 //! against its author, and fed to this node's [`SwarmView`]; the addresses an announcement
 //! carries are remembered so its author can be dialled with relays and address lookup off.
@@ -22,6 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use iroh::{EndpointAddr, PublicKey, SecretKey, Signature, TransportAddr};
 use iroh_gossip::TopicId;
 use iroh_gossip::api::Event;
+use shoal_worker::admission::SwarmKey;
 use shoal_worker::net::{Node, endpoint_id};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -50,11 +51,16 @@ pub fn open_bytes(bytes: &[u8]) -> Result<Announcement, AnnounceError> {
     open(&Signed::decode(bytes)?, verify)
 }
 
-/// The gossip topic of a model: a hash of its identity, so different models (and different
-/// quantizations of one model) never share a topic.
-pub fn topic_of(model: &ModelId) -> TopicId {
+/// The gossip topic of a model's swarm: a hash of the model's identity, so different models
+/// (and different quantizations of one model) never share a topic; for a private swarm, a
+/// hash of its key's topic secret too, so its topic differs from the open swarm's and from
+/// every other key's (and names nothing an outsider could derive).
+pub fn topic_of(model: &ModelId, key: Option<&SwarmKey>) -> TopicId {
     let mut h = blake3::Hasher::new();
-    h.update(b"shoal/swarm/1");
+    match key {
+        None => h.update(b"shoal/swarm/1"),
+        Some(key) => h.update(b"shoal/swarm/private/1").update(&key.topic_secret()),
+    };
     h.update(model);
     TopicId::from_bytes(*h.finalize().as_bytes())
 }
@@ -141,7 +147,7 @@ impl Membership {
         }
         let topic = node
             .gossip()
-            .subscribe(topic_of(&model), ids)
+            .subscribe(topic_of(&model, node.swarm_key()), ids)
             .await
             .map_err(|e| MembershipError::Gossip(e.to_string()))?;
         let (sender, mut receiver) = topic.split();

@@ -39,6 +39,7 @@ fn stage_config(idle: Duration) -> StageConfig {
         max_sessions: 16,
         kv_budget_bytes: BUDGET,
         per_peer_sessions: 16,
+        per_forwarder_sessions: 64,
         idle_timeout: idle,
         max_seq_len: 128,
         model_id: model_id(),
@@ -314,13 +315,14 @@ async fn hostile_frames_get_typed_errors_while_other_sessions_run() {
         let me = peer_id(&ep.id());
         let mut send = conn.open_uni().await.expect("a stream");
         let hidden = model().spec().hidden_size as u32;
-        // Open a session on stage b (the last hop) as if this peer were stage a.
+        // Open a session on stage b (the last hop) as if this peer were stage a (a stage
+        // takes a later hop only from the route's previous hop).
         let open = OpenSession {
             session_id: 9,
             model_id: model_id(),
             origin: me,
             route: vec![
-                RouteHop { node_id: a.id(), start: 0, end: 2 },
+                RouteHop { node_id: me, start: 0, end: 2 },
                 RouteHop { node_id: b.id(), start: 2, end: 4 },
             ],
             hop_index: 1,

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use shoal_api::defaults::SamplingDefaults;
+use shoal_api::server::ServerLimits;
 use shoal_api::{ApiConfig, ApiState, ServedModel, router, watch_mesh};
 use shoal_coordinator_free_router::driver::Driver;
 use shoal_model_shards::Model;
@@ -77,6 +78,19 @@ pub struct ApiArgs {
     /// allows any. None by default: browsers refuse cross-origin calls.
     #[arg(long = "cors-origin", env = "SHOAL_CORS_ORIGIN", value_name = "ORIGIN", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
+    /// Serve `/metrics` without an API key (by default it needs one when keys are set).
+    #[arg(long, env = "SHOAL_PUBLIC_METRICS")]
+    pub public_metrics: bool,
+    /// Most HTTP connections open at once; one more is answered 503 and closed.
+    #[arg(long, env = "SHOAL_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Seconds a connection may take to send a request's headers (on opening, and between
+    /// requests on keep-alive) before it is closed.
+    #[arg(long, env = "SHOAL_HEADER_TIMEOUT", default_value_t = 10.0, value_name = "SECS")]
+    pub header_timeout: f64,
+    /// Seconds a request's body may take to arrive once its headers have (408 beyond).
+    #[arg(long, env = "SHOAL_BODY_TIMEOUT", default_value_t = 30.0, value_name = "SECS")]
+    pub body_timeout: f64,
 }
 
 impl ApiArgs {
@@ -134,6 +148,22 @@ impl ApiArgs {
             max_model_len: self.max_model_len,
             sampling,
             cors_origins: self.cors_origins.clone(),
+            public_metrics: self.public_metrics,
+            body_timeout: secs(self.body_timeout, "body-timeout")?,
+        })
+    }
+
+    /// The HTTP server's limits.
+    pub fn server_limits(&self) -> Result<ServerLimits> {
+        if self.max_connections == 0 {
+            bail!("--max-connections must be at least 1");
+        }
+        if !(self.header_timeout.is_finite() && self.header_timeout > 0.0) {
+            bail!("--header-timeout must be positive");
+        }
+        Ok(ServerLimits {
+            max_connections: self.max_connections,
+            header_timeout: Duration::from_secs_f64(self.header_timeout),
         })
     }
 }
@@ -175,7 +205,7 @@ pub fn run(args: ApiCommandArgs) -> Result<()> {
     }
     args.swarm.config()?;
     runtime()?.block_on(async move {
-        let origin = Node::bind(args.driver.net.options(None)).await?;
+        let origin = Node::bind(args.driver.net.options(None)?).await?;
         let result = async {
             let weights = match local {
                 Some(w) => w,
@@ -230,7 +260,7 @@ pub async fn serve(
     use std::io::Write;
     std::io::stdout().flush()?;
     let app = router(state).merge(crate::cli::dashboard::router(dashboard));
-    let served = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await;
+    let served = shoal_api::server::serve(listener, app, args.server_limits()?, shutdown_signal()).await;
     tasks.abort_all();
     served.context("serving the API")
 }

@@ -795,6 +795,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         let mut limits = args.limits.clone();
         limits.max_sessions = limits.max_sessions.max(most);
         limits.per_peer_sessions = limits.per_peer_sessions.max(most);
+        limits.per_forwarder_sessions = limits.per_forwarder_sessions.max(most);
         let mut services = Vec::new();
         for span in even_spans(n_layers, stages) {
             services.push(load_stage(&model, model_id, span, &limits)?);
@@ -807,12 +808,12 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
             let result = async {
                 let mut peers = Vec::new();
                 for service in services {
-                    let node = Node::bind(net.options(None)).await?;
+                    let node = Node::bind(net.options(None)?).await?;
                     node.serve(service);
                     peers.push(node.addr());
                     nodes.push(node);
                 }
-                let origin = Node::bind(net.options(None)).await?;
+                let origin = Node::bind(net.options(None)?).await?;
                 nodes.push(origin.clone());
                 let d = Arc::new(driver(&model, model_id, origin, args.driver.config()));
                 for addr in peers {
@@ -830,7 +831,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
     }
     args.swarm.config()?;
     runtime()?.block_on(async {
-        let origin = Node::bind(args.driver.net.options(None)).await?;
+        let origin = Node::bind(args.driver.net.options(None)?).await?;
         let result = async {
             let swarm = SwarmOrigin::join(
                 &model,

@@ -46,7 +46,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         let tickets = crate::node::parse_tickets(&args.join)?;
         let local = args.model.as_deref().map(|m| Weights::local(m, &args.data)).transpose()?;
         return crate::node::runtime()?.block_on(async {
-            let origin = Node::bind(args.net.net.options(None)).await?;
+            let origin = Node::bind(args.net.net.options(None)?).await?;
             let weights = match local {
                 Some(w) => Ok(w),
                 None => Weights::from_swarm(&origin, &tickets, &args.data).await,

@@ -60,7 +60,7 @@ pub fn run(args: StatusArgs) -> Result<()> {
         })
         .transpose()?;
     runtime()?.block_on(async move {
-        let node = Node::bind(args.net.options(None)).await?;
+        let node = Node::bind(args.net.options(None)?).await?;
         let result = async {
             let (model_id, n_layers) = match local {
                 Some(m) => m,

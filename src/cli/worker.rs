@@ -131,7 +131,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     };
     runtime()?.block_on(async move {
         let key = args.key_file.as_deref().map(load_or_create_key).transpose()?;
-        let node = Node::bind(args.net.options(key)).await?;
+        let node = Node::bind(args.net.options(key)?).await?;
         let weights = Arc::new(match local {
             Some(w) => w,
             None => Weights::from_swarm(&node, &bootstrap, &args.data).await?,
@@ -239,7 +239,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             Some(addr) => {
                 let mut net = args.net.clone();
                 net.bind = net.bind.map(|b| SocketAddr::new(b.ip(), 0));
-                let origin = Node::bind(net.options(None)).await?;
+                let origin = Node::bind(net.options(None)?).await?;
                 let d = Arc::new(driver(&model, model_id, origin.clone(), DriverConfig::default()));
                 membership.follow(d.clone());
                 let served = serve(&model, &weights.name(), d, addr, &args.api_options).await;

@@ -13,12 +13,15 @@
 //! - [`service`]: the stage as a pure state machine, `handle(from, message, now) -> actions`:
 //!   sessions and their KV caches under a memory budget, per-peer quotas, idle timeouts,
 //!   draining, and every check of a step against its session before any compute;
+//! - [`admission`]: closed swarms: the swarm key and the admission handshake that every
+//!   connection of a private swarm passes before any other protocol is accepted;
 //! - [`net`]: the iroh transport: a node's endpoint, the stage protocol's handler under its
 //!   ALPN, the stage's compute thread fed by a channel, per-peer ordered sending, and the
 //!   origin's side of a session ([`net::SessionChannel`]) that the pipeline driver of
 //!   `shoal-coordinator-free-router` uses.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod admission;
 pub mod net;
 pub mod protocol;
 pub mod service;

@@ -22,6 +22,13 @@
 //!   `Error` about a session this node originates go to that session's [`SessionChannel`];
 //!   `Ping` is answered on the spot with the stage's [`PeerInfo`] (never queued behind
 //!   compute, so ping times measure the network); `Pong` completes [`Node::ping`].
+//! - **Admission**: with a swarm key ([`NodeOptions::swarm_key`]) every connection in either
+//!   direction passes the admission of [`crate::admission`] first; nodes outside the private
+//!   swarm are refused at the handshake, whatever the ALPN.
+//! - **Limits**: every queue is bounded (per-peer send queues, the stage's inbox, each
+//!   session's replies; an idle writer task exits); a frame's body is read with a timeout
+//!   into a buffer that grows as bytes arrive; writes time out; a peer holds at most
+//!   `MAX_CONNS_PER_PEER` incoming stage connections and `MAX_STREAMS_PER_CONN` streams on each.
 //! - **Failures**: a frame that cannot be delivered to the next hop (no connection within the
 //!   connect timeout, stream reset) makes the stage close that session and report
 //!   `NextHopUnreachable` to its origin; a frame the origin cannot deliver to stage 1 becomes
@@ -39,6 +46,7 @@ use iroh::protocol::{AcceptError, ProtocolHandler, Router};
 use iroh::{Endpoint, EndpointAddr, EndpointId, RelayMode, SecretKey, TransportAddr};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::admission::{ADMIT_ALPN, AdmissionError, AdmissionHooks, AdmitProtocol, Gate, SwarmKey};
 use crate::protocol::{
     ALPN, ErrorCode, HEADER_LEN, MAX_NODE_ADDRS, Message, NodeAddrs, PeerInfo, ProtocolError, StageError,
     decode_body, frame_len, try_encode,
@@ -112,6 +120,10 @@ pub struct NodeOptions {
     pub send_delay: Duration,
     /// How often the stage closes idle sessions.
     pub sweep_interval: Duration,
+    /// The key of a private swarm (see [`crate::admission`]): with one, every connection in
+    /// either direction passes the admission first and nodes without this key are refused;
+    /// `None` is an open swarm.
+    pub swarm_key: Option<SwarmKey>,
 }
 
 impl Default for NodeOptions {
@@ -125,6 +137,7 @@ impl Default for NodeOptions {
             connect_timeout: Duration::from_secs(5),
             send_delay: Duration::ZERO,
             sweep_interval: Duration::from_secs(1),
+            swarm_key: None,
         }
     }
 }
@@ -161,7 +174,7 @@ pub struct Inbound {
 /// Dropping it stops the routing of the session's replies.
 pub struct SessionChannel {
     session_id: u64,
-    rx: mpsc::UnboundedReceiver<Inbound>,
+    rx: mpsc::Receiver<Inbound>,
     inner: Arc<Inner>,
 }
 
@@ -209,7 +222,7 @@ enum Command {
 
 /// The stage side of a node: the compute thread's inbox and a snapshot of its state.
 struct StageHandle {
-    tx: std::sync::mpsc::Sender<Command>,
+    tx: std::sync::mpsc::SyncSender<Command>,
     info: Arc<Mutex<(PeerInfo, StageStats)>>,
 }
 
@@ -222,9 +235,11 @@ struct Inner {
     runtime: tokio::runtime::Handle,
     options: NodeOptions,
     id: PeerId,
-    links: Mutex<HashMap<EndpointId, mpsc::UnboundedSender<Outgoing>>>,
+    links: Mutex<HashMap<EndpointId, mpsc::Sender<Outgoing>>>,
+    /// Live incoming stage-protocol connections per peer (capped at [`MAX_CONNS_PER_PEER`]).
+    incoming: Mutex<HashMap<EndpointId, usize>>,
     conns: Mutex<HashMap<EndpointId, Connection>>,
-    sessions: Mutex<HashMap<u64, mpsc::UnboundedSender<Inbound>>>,
+    sessions: Mutex<HashMap<u64, mpsc::Sender<Inbound>>>,
     pings: Mutex<HashMap<(PeerId, u64), PongWaiter>>,
     stage: Mutex<Option<StageHandle>>,
     closing: std::sync::atomic::AtomicBool,
@@ -285,6 +300,29 @@ pub const PREFILL_BUDGET: usize = 256;
 /// Most addresses a node keeps from other peers' session openings.
 const MAX_LEARNED: usize = 4096;
 
+/// Most frames queued for one peer; beyond, sending fails at once (a peer that reads this
+/// slowly has stalled).
+const LINK_QUEUE: usize = 1024;
+/// Most messages queued for the stage's compute thread; beyond, steps are refused
+/// (`CapacityExceeded`) instead of piling up in memory.
+const STAGE_QUEUE: usize = 4096;
+/// Most replies queued for one session this node originates (a peer flooding a session's
+/// channel loses its frames, not this node's memory).
+const SESSION_QUEUE: usize = 1024;
+/// Once a frame's header arrived, its body must arrive within this; a write must complete
+/// within it too.
+const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+/// A frame's body is read in pieces of at most this many bytes, so the buffer grows as
+/// bytes arrive instead of being allocated at the size the header declares.
+const READ_CHUNK: usize = 64 * 1024;
+/// Most stage-protocol connections one peer may hold to this node at once (one is the norm).
+const MAX_CONNS_PER_PEER: usize = 4;
+/// A peer's writer task ends after this long with nothing to send.
+const LINK_IDLE: Duration = Duration::from_secs(300);
+/// Most unidirectional streams a peer may have open at once on one connection (the protocol
+/// uses one long-lived stream per direction).
+const MAX_STREAMS_PER_CONN: u32 = 8;
+
 /// A shoal node on the network: an iroh endpoint speaking the stage protocol, optionally
 /// serving a span of layers, and the origin of any number of sessions. Cheap to clone.
 #[derive(Clone)]
@@ -293,6 +331,7 @@ pub struct Node {
     router: Arc<Router>,
     gossip: iroh_gossip::Gossip,
     blobs: iroh_blobs::store::mem::MemStore,
+    gate: Arc<Gate>,
 }
 
 impl std::fmt::Debug for Node {
@@ -334,8 +373,12 @@ impl Node {
                 .address_lookup(iroh::address_lookup::PkarrResolver::n0_dns())
                 .address_lookup(iroh::address_lookup::DnsAddressLookup::n0_dns());
         }
-        if let Some(key) = &options.secret_key {
-            builder = builder.secret_key(key.clone());
+        // The key is chosen here because the admission hooks need the node's id.
+        let secret_key = options.secret_key.clone().unwrap_or_else(SecretKey::generate);
+        let gate = Gate::new(options.swarm_key.clone(), secret_key.public(), options.connect_timeout);
+        builder = builder.secret_key(secret_key);
+        if options.swarm_key.is_some() {
+            builder = builder.hooks(AdmissionHooks { gate: gate.clone() });
         }
         if let Some(addr) = options.bind {
             builder = builder
@@ -344,6 +387,7 @@ impl Node {
                 .map_err(|e| NetError::BindAddr { addr, reason: e.to_string() })?;
         }
         let endpoint = builder.bind().await.map_err(|e| NetError::Bind(e.to_string()))?;
+        gate.set_endpoint(Some(endpoint.clone()));
         let id = peer_id(&endpoint.id());
         let local: Arc<Mutex<HashSet<EndpointId>>> = Arc::default();
         let local_task = if options.local_discovery {
@@ -358,6 +402,7 @@ impl Node {
             options,
             id,
             links: Mutex::new(HashMap::new()),
+            incoming: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             pings: Mutex::new(HashMap::new()),
@@ -377,8 +422,9 @@ impl Node {
             .accept(ALPN, StageProtocol { inner: inner.clone() })
             .accept(iroh_gossip::ALPN, gossip.clone())
             .accept(iroh_blobs::ALPN, iroh_blobs::BlobsProtocol::new(&blobs, None))
+            .accept(ADMIT_ALPN, AdmitProtocol { gate: gate.clone() })
             .spawn();
-        Ok(Self { inner, router: Arc::new(router), gossip, blobs })
+        Ok(Self { inner, router: Arc::new(router), gossip, blobs, gate })
     }
 
     /// Shoal nodes found on the local network by mDNS (empty unless
@@ -400,6 +446,18 @@ impl Node {
     /// The iroh endpoint.
     pub fn endpoint(&self) -> &Endpoint {
         &self.inner.endpoint
+    }
+
+    /// The key of the private swarm this node is in (`None`: an open swarm).
+    pub fn swarm_key(&self) -> Option<&SwarmKey> {
+        self.gate.key()
+    }
+
+    /// Runs the admission handshake with `addr` (see [`crate::admission`]): `Ok` when the
+    /// peer and this node are in the same swarm (both open, or both holding one key), else
+    /// why not ("this swarm is private: ...") or why the handshake failed.
+    pub async fn check_admission(&self, addr: EndpointAddr) -> Result<(), AdmissionError> {
+        self.gate.dial(addr).await
     }
 
     /// The gossip protocol of this node (the swarm's membership runs on it).
@@ -470,7 +528,7 @@ impl Node {
         if slot.is_some() {
             return false;
         }
-        let (tx, rx) = std::sync::mpsc::channel();
+        let (tx, rx) = std::sync::mpsc::sync_channel(STAGE_QUEUE);
         let info = Arc::new(Mutex::new((service.info(), service.stats())));
         let inner = self.inner.clone();
         let snapshot = info.clone();
@@ -522,7 +580,7 @@ impl Node {
     /// Routes replies for `session_id` (results and errors) to the returned channel until it
     /// is dropped.
     pub fn open_session_channel(&self, session_id: u64) -> SessionChannel {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(SESSION_QUEUE);
         lock(&self.inner.sessions).insert(session_id, tx);
         SessionChannel { session_id, rx, inner: self.inner.clone() }
     }
@@ -576,6 +634,8 @@ impl Node {
         if let Err(e) = self.router.shutdown().await {
             tracing::debug!("router shutdown: {e}");
         }
+        // The admission hooks live inside the endpoint: drop their handle on it.
+        self.gate.set_endpoint(None);
     }
 }
 
@@ -617,10 +677,20 @@ impl Inner {
         lock(&self.stage).as_ref().map(|h| lock(&h.info).0.clone())
     }
 
+    /// Queues a command for the stage; `false` when this node serves no stage. A control
+    /// command that finds the queue full waits for room on a blocking thread; messages from
+    /// peers go through [`Self::to_stage`], which refuses them instead.
     fn stage_command(&self, cmd: Command) -> bool {
-        match lock(&self.stage).as_ref() {
-            Some(h) => h.tx.send(cmd).is_ok(),
-            None => false,
+        let Some(tx) = lock(&self.stage).as_ref().map(|h| h.tx.clone()) else {
+            return false;
+        };
+        match tx.try_send(cmd) {
+            Ok(()) => true,
+            Err(std::sync::mpsc::TrySendError::Full(cmd)) => {
+                self.runtime.spawn_blocking(move || tx.send(cmd));
+                true
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => false,
         }
     }
 
@@ -635,12 +705,21 @@ impl Inner {
             return Err(NetError::Unreachable { peer: short(&to), reason: "not a valid node id".into() });
         };
         let mut links = lock(&self.links);
+        if links.get(&peer).is_some_and(mpsc::Sender::is_closed) {
+            links.remove(&peer);
+        }
         let link = links.entry(peer).or_insert_with(|| {
-            let (tx, rx) = mpsc::unbounded_channel();
+            let (tx, rx) = mpsc::channel(LINK_QUEUE);
             self.runtime.spawn(link_task(self.clone(), peer, rx));
             tx
         });
-        link.send(Outgoing { frame, on_fail }).map_err(|_| NetError::Closed)
+        link.try_send(Outgoing { frame, on_fail }).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => NetError::Unreachable {
+                peer: short(&to),
+                reason: format!("{LINK_QUEUE} frames are already queued for it"),
+            },
+            mpsc::error::TrySendError::Closed(_) => NetError::Closed,
+        })
     }
 
     /// Reports a frame that could not be delivered to `to`.
@@ -677,6 +756,7 @@ impl Inner {
             Ok(Err(e)) => return Err(e.to_string()),
             Err(_) => return Err(format!("no connection within {timeout:?}")),
         };
+        conn.set_max_concurrent_uni_streams(MAX_STREAMS_PER_CONN.into());
         lock(&self.conns).insert(peer, conn.clone());
         self.runtime.spawn(read_connection(self.clone(), conn.clone()));
         Ok(conn)
@@ -735,18 +815,34 @@ impl Inner {
         let sessions = lock(&self.sessions);
         match sessions.get(&session_id) {
             Some(tx) => {
-                let _ = tx.send(Inbound { from, msg });
+                if tx.try_send(Inbound { from, msg }).is_err() {
+                    tracing::debug!(session_id, from = %short(&from), "a session's reply queue is full: dropped");
+                }
             }
             None => tracing::debug!(session_id, "a reply for a session this node does not drive"),
         }
     }
 
     fn to_stage(self: &Arc<Self>, from: PeerId, msg: Message, session_id: Option<u64>) {
-        if !self.stage_command(Command::Deliver(from, msg)) {
-            let err = StageError::new(ErrorCode::Unsupported, session_id, None, "this node serves no layers");
-            if let Err(e) = self.send(from, &Message::Error(err), OnFail::Log) {
-                tracing::debug!("error reply: {e}");
+        let step_id = match &msg {
+            Message::Step(s) => Some(s.step_id),
+            _ => None,
+        };
+        let tx = lock(&self.stage).as_ref().map(|h| h.tx.clone());
+        let err = match tx.map(|tx| tx.try_send(Command::Deliver(from, msg))) {
+            Some(Ok(())) => return,
+            Some(Err(std::sync::mpsc::TrySendError::Full(_))) => StageError::new(
+                ErrorCode::CapacityExceeded,
+                session_id,
+                step_id,
+                &format!("this stage has {STAGE_QUEUE} messages queued; try another replica"),
+            ),
+            None | Some(Err(std::sync::mpsc::TrySendError::Disconnected(_))) => {
+                StageError::new(ErrorCode::Unsupported, session_id, None, "this node serves no layers")
             }
+        };
+        if let Err(e) = self.send(from, &Message::Error(err), OnFail::Log) {
+            tracing::debug!("error reply: {e}");
         }
     }
 
@@ -762,9 +858,23 @@ impl Inner {
 
 /// The writer of one peer's queue: one long-lived unidirectional stream on the shared
 /// connection; a failed frame is reported and the next one dials again.
-async fn link_task(inner: Arc<Inner>, peer: EndpointId, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
+async fn link_task(inner: Arc<Inner>, peer: EndpointId, mut rx: mpsc::Receiver<Outgoing>) {
     let mut stream: Option<SendStream> = None;
-    while let Some(out) = rx.recv().await {
+    loop {
+        let out = match tokio::time::timeout(LINK_IDLE, rx.recv()).await {
+            Ok(Some(out)) => out,
+            Ok(None) => break,
+            Err(_) => {
+                // Idle: the link goes (a new one starts with the next frame), so links to
+                // peers met once do not pile up.
+                let mut links = lock(&inner.links);
+                if rx.is_empty() {
+                    links.remove(&peer);
+                    break;
+                }
+                continue;
+            }
+        };
         if !inner.options.send_delay.is_zero() {
             tokio::time::sleep(inner.options.send_delay).await;
         }
@@ -784,12 +894,17 @@ async fn link_task(inner: Arc<Inner>, peer: EndpointId, mut rx: mpsc::UnboundedR
                 }
             }
         }
-        if let Some(s) = stream.as_mut()
-            && let Err(e) = s.write_all(&out.frame).await
-        {
-            stream = None;
-            lock(&inner.conns).remove(&peer);
-            inner.delivery_failed(peer, out.on_fail, &e.to_string());
+        if let Some(s) = stream.as_mut() {
+            let written = match tokio::time::timeout(FRAME_TIMEOUT, s.write_all(&out.frame)).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("the peer took no frame for {FRAME_TIMEOUT:?}")),
+            };
+            if let Err(e) = written {
+                stream = None;
+                lock(&inner.conns).remove(&peer);
+                inner.delivery_failed(peer, out.on_fail, &e);
+            }
         }
     }
     if let Some(mut s) = stream {
@@ -841,15 +956,35 @@ async fn read_stream(inner: Arc<Inner>, from: PeerId, mut recv: RecvStream) {
                 return;
             }
         };
-        let mut body = vec![0u8; len];
-        if recv.read_exact(&mut body).await.is_err() {
-            return;
-        }
+        let body = match tokio::time::timeout(FRAME_TIMEOUT, read_body(&mut recv, len)).await {
+            Ok(Some(body)) => body,
+            Ok(None) => return,
+            Err(_) => {
+                tracing::info!(peer = %short(&from), "a frame's body did not arrive within {FRAME_TIMEOUT:?}");
+                let _ = recv.stop(0u32.into());
+                return;
+            }
+        };
         match decode_body(&body) {
             Ok(msg) => inner.dispatch(from, msg),
             Err(e) => inner.reply_bad_frame(from, &e),
         }
     }
+}
+
+/// Reads `len` bytes, the buffer growing as they arrive; `None` when the stream ends first.
+async fn read_body(recv: &mut RecvStream, len: usize) -> Option<Vec<u8>> {
+    let mut body = Vec::with_capacity(len.min(READ_CHUNK));
+    while body.len() < len {
+        let have = body.len();
+        let want = (len - have).min(READ_CHUNK);
+        body.resize(have + want, 0);
+        match recv.read(&mut body[have..]).await {
+            Ok(Some(n)) => body.truncate(have + n),
+            _ => return None,
+        }
+    }
+    Some(body)
 }
 
 /// The iroh protocol handler of the stage ALPN.
@@ -868,6 +1003,18 @@ impl ProtocolHandler for StageProtocol {
     async fn accept(&self, connection: Connection) -> Result<(), AcceptError> {
         let peer = connection.remote_id();
         {
+            let mut incoming = lock(&self.inner.incoming);
+            let n = incoming.entry(peer).or_insert(0);
+            if *n >= MAX_CONNS_PER_PEER {
+                drop(incoming);
+                tracing::info!(peer = %peer.fmt_short(), "refused a connection over the per-peer limit");
+                connection.close(429u32.into(), b"too many connections from this peer");
+                return Ok(());
+            }
+            *n += 1;
+        }
+        connection.set_max_concurrent_uni_streams(MAX_STREAMS_PER_CONN.into());
+        {
             // Reuse the incoming connection for what we send back unless one is already live.
             let mut conns = lock(&self.inner.conns);
             let live = conns.get(&peer).is_some_and(|c| c.close_reason().is_none());
@@ -876,6 +1023,13 @@ impl ProtocolHandler for StageProtocol {
             }
         }
         read_connection(self.inner.clone(), connection).await;
+        let mut incoming = lock(&self.inner.incoming);
+        if let Some(n) = incoming.get_mut(&peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                incoming.remove(&peer);
+            }
+        }
         Ok(())
     }
 }

@@ -26,14 +26,17 @@
 //! # What is checked where
 //! The codec ([`crate::protocol`]) checks what a frame says about itself; `handle` re-runs
 //! [`Message::validate`] (cheap) so in-process callers get the same guarantees. Then:
-//! - **OpenSession**: not draining; `model_id`; `route[hop_index]` is exactly this shard's span
+//! - **OpenSession**: not draining; `model_id`; the sender is the origin on hop 0 and
+//!   `route[hop_index - 1]` on later hops (senders are QUIC-authenticated node ids);
+//!   `route[hop_index]` is exactly this shard's span
 //!   (so hop 0 is the first span) and this is the last hop iff the shard holds the last layer;
 //!   `max_len ≤ min(max_seq_len, model max)`; sampling (on the last stage) through
 //!   `SamplingParams::validate`; no open session with that id; then the limits: total sessions
 //!   ([`StageConfig::max_sessions`]), sessions of one origin
 //!   ([`StageConfig::per_peer_sessions`], charged to the `OpenSession`'s origin on every hop,
-//!   so a stage forwarding many origins' sessions is not throttled as one peer; a lying
-//!   upstream stage stays bounded by the session limit and the KV budget) and the KV budget:
+//!   so a stage forwarding many origins' sessions is not throttled as one peer), sessions one
+//!   upstream peer opened for other origins ([`StageConfig::per_forwarder_sessions`], charged
+//!   to its authenticated id, so naming made-up origins does not escape a quota) and the KV budget:
 //!   the stage's [`KvPool`] of [`StageConfig::kv_budget_bytes`] must have a block free. Nothing
 //!   is reserved for `max_len`: sessions take blocks of 16 positions as they grow (paged), so
 //!   many sessions of different lengths share the budget.
@@ -84,8 +87,12 @@ pub struct StageConfig {
     pub max_sessions: usize,
     /// Bytes of KV cache the stage may reserve across all sessions.
     pub kv_budget_bytes: usize,
-    /// Most sessions one origin (named by the `OpenSession`) may hold open at once.
+    /// Most sessions one origin may hold open at once.
     pub per_peer_sessions: usize,
+    /// Most sessions one upstream peer may open here on behalf of origins other than itself
+    /// (hop > 0: the stage before this one in their routes). Counted by the peer's
+    /// authenticated node id, so a peer naming made-up origins is held to it.
+    pub per_forwarder_sessions: usize,
     /// A session with no message for longer than this is closed by [`StageService::sweep_idle`].
     pub idle_timeout: Duration,
     /// Largest `max_len` a session may ask for (further capped by the model's maximum).
@@ -149,6 +156,9 @@ pub struct StageService {
     config: StageConfig,
     sessions: HashMap<u64, Session>,
     per_peer: HashMap<PeerId, usize>,
+    /// Sessions each upstream peer opened here for other origins (see
+    /// [`StageConfig::per_forwarder_sessions`]).
+    per_forwarder: HashMap<PeerId, usize>,
     /// The KV budget, in blocks shared by the sessions.
     pool: KvPool,
     draining: bool,
@@ -158,7 +168,15 @@ impl StageService {
     /// A service for `shard` with the limits of `config`.
     pub fn new(shard: Shard, config: StageConfig) -> Self {
         let pool = shard.kv_pool(Some(config.kv_budget_bytes));
-        Self { shard, config, sessions: HashMap::new(), per_peer: HashMap::new(), pool, draining: false }
+        Self {
+            shard,
+            config,
+            sessions: HashMap::new(),
+            per_peer: HashMap::new(),
+            per_forwarder: HashMap::new(),
+            pool,
+            draining: false,
+        }
     }
 
     /// The shard this stage serves.
@@ -331,7 +349,17 @@ impl StageService {
                     None => Vec::new(),
                 }
             }
-            Err(r) => vec![error_action(open.origin, Some(session_id), None, r)],
+            Err(r) => {
+                // The origin hears why its route failed, unless the sender is not who may
+                // open this hop: then the sender does (never a node it named).
+                let prev = (open.hop_index as usize).checked_sub(1).and_then(|p| open.route.get(p));
+                let authorized = match prev {
+                    None => open.origin == from,
+                    Some(prev) => prev.node_id == from,
+                };
+                let to = if authorized { open.origin } else { from };
+                vec![error_action(to, Some(session_id), None, r)]
+            }
         }
     }
 
@@ -348,6 +376,20 @@ impl StageService {
         let Some(this_hop) = open.route.get(hop) else {
             return Err(refuse(ErrorCode::Malformed, format!("hop_index {hop} is outside the route")));
         };
+        // Who opens is authenticated (`from`, the QUIC peer): an origin opens hop 0 itself,
+        // and hop k only from the previous hop of the route.
+        match hop.checked_sub(1).and_then(|prev| open.route.get(prev)) {
+            None if open.origin != from => {
+                return Err(refuse(ErrorCode::Malformed, "hop 0 of a session is opened by its origin only"));
+            }
+            Some(prev) if prev.node_id != from => {
+                return Err(refuse(
+                    ErrorCode::Malformed,
+                    format!("hop {hop} of a session is opened by the route's hop {} only", hop - 1),
+                ));
+            }
+            _ => {}
+        }
         if (this_hop.start as usize, this_hop.end as usize) != (span.start, span.end) {
             return Err(refuse(
                 ErrorCode::WrongSpan,
@@ -398,13 +440,25 @@ impl StageService {
                 format!("this stage serves its limit of {} sessions", self.config.max_sessions),
             ));
         }
-        // The quota is charged to the origin the session serves: a stage forwarding many
-        // origins' sessions is not one greedy peer.
+        // The quota is charged to the origin the session serves (authenticated on hop 0):
+        // a stage forwarding many origins' sessions is not one greedy peer; but what one
+        // upstream peer forwards for origins other than itself is bounded by its own quota,
+        // so it cannot take the stage by naming made-up origins.
         let held = self.per_peer.get(&open.origin).copied().unwrap_or(0);
         if held >= self.config.per_peer_sessions {
             return Err(refuse(
                 ErrorCode::QuotaExceeded,
                 format!("this peer holds its quota of {} sessions", self.config.per_peer_sessions),
+            ));
+        }
+        let forwarded = self.per_forwarder.get(&from).copied().unwrap_or(0);
+        if open.origin != from && forwarded >= self.config.per_forwarder_sessions {
+            return Err(refuse(
+                ErrorCode::QuotaExceeded,
+                format!(
+                    "the previous hop holds its quota of {} forwarded sessions",
+                    self.config.per_forwarder_sessions
+                ),
             ));
         }
         if self.pool.free_blocks() == 0 {
@@ -420,6 +474,9 @@ impl StageService {
         let cache = self.shard.new_cache_in(&self.pool, max_len).map_err(engine_refusal)?;
         let next = open.route.get(hop + 1).map(|h| h.node_id);
         *self.per_peer.entry(open.origin).or_insert(0) += 1;
+        if open.origin != from {
+            *self.per_forwarder.entry(from).or_insert(0) += 1;
+        }
         let session = Session {
             opener: from,
             origin: open.origin,
@@ -472,7 +529,6 @@ impl StageService {
             Some(s) if s.opener == from => s,
             _ => return Err(refuse(ErrorCode::UnknownSession, "no such session on this stage")),
         };
-        session.last_active = now;
         if let Some(last) = session.last_step
             && step.step_id <= last
         {
@@ -543,6 +599,8 @@ impl StageService {
         // The blocks the step needs, now: in a batch, only the session that does not fit is
         // refused.
         session.cache.reserve(t).map_err(engine_refusal)?;
+        // Only a step that passed every check keeps the session alive.
+        session.last_active = now;
         Ok((input, pos))
     }
 
@@ -681,11 +739,9 @@ impl StageService {
         let Some(session) = self.sessions.remove(&session_id) else {
             return Vec::new();
         };
-        if let Some(n) = self.per_peer.get_mut(&session.origin) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.per_peer.remove(&session.origin);
-            }
+        release(&mut self.per_peer, session.origin);
+        if session.opener != session.origin {
+            release(&mut self.per_forwarder, session.opener);
         }
         let mut actions = Vec::with_capacity(2);
         if let Some(to) = session.next {
@@ -694,6 +750,16 @@ impl StageService {
         }
         actions.push(Action::Closed { session_id });
         actions
+    }
+}
+
+/// Gives back one session of `peer`'s quota.
+fn release(quota: &mut HashMap<PeerId, usize>, peer: PeerId) {
+    if let Some(n) = quota.get_mut(&peer) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            quota.remove(&peer);
+        }
     }
 }
 

@@ -37,6 +37,7 @@ fn config() -> StageConfig {
         max_sessions: 16,
         kv_budget_bytes: 1 << 30,
         per_peer_sessions: 16,
+        per_forwarder_sessions: 64,
         idle_timeout: Duration::from_secs(60),
         max_seq_len: 64,
         model_id: MODEL_ID,
@@ -708,4 +709,107 @@ fn schedule_runs_decode_steps_first_and_prefill_chunks_up_to_a_budget() {
     assert_eq!((label(&run), label(&later)), (vec!["6.1".to_string()], vec!["7.1".to_string()]));
     let (run, later) = shoal_worker::service::schedule(vec![chunk(6, 1, 64), chunk(7, 1, 64)], 128);
     assert_eq!((run.len(), later.len()), (2, 0));
+}
+
+/// Delivers an `OpenSession` from `from` to `stage`; returns the replies and their addressees
+/// (none when the session opened).
+fn open_as(stage: &mut StageService, from: PeerId, msg: OpenSession) -> Vec<(PeerId, Message)> {
+    stage
+        .handle(from, Message::OpenSession(msg), Instant::now())
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::ToOrigin { to, msg } => Some((to, msg)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn made_up(i: u32) -> PeerId {
+    let mut id = [0xee; 32];
+    id[..4].copy_from_slice(&i.to_le_bytes());
+    id
+}
+
+#[test]
+fn one_peer_opening_1000_sessions_under_made_up_origins_is_held_to_its_quota() -> anyhow::Result<()> {
+    let mut cfg = config();
+    cfg.max_sessions = 5000;
+    cfg.per_peer_sessions = 4;
+    cfg.per_forwarder_sessions = 8;
+    let mut a = StageService::new(load(0..2)?, cfg.clone());
+    let mut b = StageService::new(load(2..4)?, cfg);
+    let mallory: PeerId = [9; 32];
+    let code = |replies: &[(PeerId, Message)]| match replies {
+        [] => None,
+        [(to, Message::Error(e))] => {
+            assert_eq!(*to, mallory, "a refusal goes to the sender, never to an origin it named");
+            Some(e.code)
+        }
+        other => panic!("{other:?}"),
+    };
+
+    // Hop 0 names made-up origins: every open is refused (an origin opens its own sessions).
+    for i in 0..1000u32 {
+        let mut m = open_msg(10_000 + u64::from(i), WireDType::F32, 0);
+        m.origin = made_up(i);
+        assert_eq!(code(&open_as(&mut a, mallory, m)), Some(ErrorCode::Malformed));
+    }
+    assert_eq!(a.stats().sessions, 0);
+    // Under its own id: the quota.
+    let mut opened = 0;
+    for i in 0..1000u64 {
+        let mut m = open_msg(20_000 + i, WireDType::F32, 0);
+        m.origin = mallory;
+        match code(&open_as(&mut a, mallory, m)) {
+            None => opened += 1,
+            Some(c) => assert_eq!(c, ErrorCode::QuotaExceeded),
+        }
+    }
+    assert_eq!((opened, a.stats().sessions), (4, 4));
+
+    // Hop 1, as if forwarding made-up origins' sessions: held to the forwarder quota.
+    let mut opened = 0;
+    for i in 0..1000u32 {
+        let mut m = open_msg(30_000 + u64::from(i), WireDType::F32, 0);
+        m.origin = made_up(i);
+        m.route[0].node_id = mallory;
+        m.hop_index = 1;
+        let replies = b.handle(mallory, Message::OpenSession(m), Instant::now());
+        match replies.as_slice() {
+            [] => opened += 1,
+            [Action::ToOrigin { to, msg: Message::Error(e) }] => {
+                assert_eq!(*to, made_up(i), "the route's origin hears why its route failed");
+                assert_eq!(e.code, ErrorCode::QuotaExceeded);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((opened, b.stats().sessions), (8, 8));
+    // Naming another peer as the previous hop: refused, answered to the sender.
+    let mut m = open_msg(40_000, WireDType::F32, 0);
+    m.hop_index = 1;
+    assert_eq!(code(&open_as(&mut b, mallory, m)), Some(ErrorCode::Malformed));
+
+    // An honest origin still gets in on both stages.
+    assert!(open_as(&mut a, ORIGIN, open_msg(50_000, WireDType::F32, 0)).is_empty());
+    let mut m = open_msg(50_000, WireDType::F32, 0);
+    m.hop_index = 1;
+    assert!(b.handle(STAGE_A, Message::OpenSession(m), Instant::now()).is_empty());
+    Ok(())
+}
+
+#[test]
+fn only_valid_steps_keep_a_session_alive() -> anyhow::Result<()> {
+    let mut ring = Ring::standard()?;
+    assert!(ring.open(91, WireDType::F32, 0).is_empty());
+    let idle = config().idle_timeout;
+    // Refused steps (a stale position) keep arriving, but the session still idles out.
+    for k in 1..=3u32 {
+        ring.now += idle / 2;
+        let replies = ring.send(Message::Step(tokens_step(91, u64::from(k), 5, 0, &[1])));
+        expect_error(&replies, ErrorCode::BadPosition);
+        let _ = ring.a.sweep_idle(ring.now);
+    }
+    assert_eq!(ring.a.stats().sessions, 0, "refused steps do not refresh the idle time");
+    Ok(())
 }
