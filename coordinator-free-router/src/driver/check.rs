@@ -185,8 +185,11 @@ impl Driver {
                         && **id != hop.node_id
                 })
                 .collect();
-            choices.sort_by_key(|(id, p)| (p.active, p.info.sessions, **id));
-            match choices.first() {
+            // A random replica: a worker cannot tell when it will be asked for a second opinion,
+            // and the checks spread over the replicas.
+            choices.sort_by_key(|(id, _)| **id);
+            let pick = (!choices.is_empty()).then(|| rand::random::<u64>() as usize % choices.len());
+            match pick.and_then(|i| choices.get(i)) {
                 Some((id, _)) => {
                     out.push(RouteHop { node_id: **id, start: hop.start, end: hop.end });
                     changed = true;
