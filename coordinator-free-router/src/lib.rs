@@ -17,5 +17,6 @@
 
 pub mod driver;
 pub mod membership;
+pub mod speculative;
 pub mod swarm;
 pub mod weights;
