@@ -1,8 +1,6 @@
 //! Batched decode: several sessions' next positions in one forward (`Shard::forward_batch`)
 //! give each session exactly the bits it gets alone (`Shard::forward`), on the real model,
-//! as one span and as two (hidden states between them), whoever the session is batched with;
-//! and a multi-position step through `Shard::forward_rows` (speculative decoding's verify
-//! step) gives each position exactly the bits of one-position steps.
+//! as one span and as two (hidden states between them), whoever the session is batched with.
 
 mod common;
 
@@ -80,50 +78,6 @@ fn batched_decode_equals_each_session_alone() -> anyhow::Result<()> {
                 next[i] = got.argmax(1)?.to_vec1::<u32>()?[0];
             }
         }
-    }
-    Ok(())
-}
-
-/// A step of several positions through `forward_rows` (the verify step of speculative
-/// decoding) gives every position's logits the bits of one-position steps, on one span and on
-/// two; `forward` (a prefill's products) does not promise that.
-#[test]
-fn forward_rows_gives_each_position_the_bits_of_one_position_steps() -> anyhow::Result<()> {
-    let model = Model::open(common::smollm2_path())?;
-    let n = model.spec().n_layers;
-    let prompt = vec![2u32, 9, 1345, 28, 253, 1155, 314, 4649];
-    let steps = vec![504u32, 3575, 282, 4649, 314, 2, 9];
-    let whole: Vec<std::ops::Range<usize>> = std::iter::once(0..n).collect();
-    for spans in [whole, vec![0..13, 13..n]] {
-        let shards: Vec<Shard> = spans
-            .iter()
-            .map(|s| Shard::load(&model, s.clone(), &Device::Cpu, DType::F32))
-            .collect::<Result<_, _>>()?;
-        let fresh = || -> Vec<KvCache> { shards.iter().map(|s| s.new_cache(64)).collect() };
-        let (mut one, mut rows) = (fresh(), fresh());
-        alone(&shards, &mut one, prompt.clone());
-        alone(&shards, &mut rows, prompt.clone());
-        let want: Vec<Vec<u32>> = steps.iter().map(|&t| bits(&alone(&shards, &mut one, vec![t]))).collect();
-        let mut input = StageInput::Tokens(steps.clone());
-        let mut logits = None;
-        for (shard, cache) in shards.iter().zip(rows.iter_mut()) {
-            match shard.forward_rows(cache, input, LogitsMode::All)? {
-                StageOutput::Hidden(h) => input = StageInput::Hidden(h),
-                StageOutput::Logits(l) => {
-                    logits = Some(l);
-                    break;
-                }
-            }
-        }
-        let logits = logits.expect("the last span returns logits");
-        assert_eq!(logits.dims2()?.0, steps.len());
-        for (i, w) in want.iter().enumerate() {
-            assert_eq!(&bits(&logits.narrow(0, i, 1)?), w, "{} spans: position {i}", spans.len());
-        }
-        assert_eq!(
-            rows.iter().map(KvCache::len).collect::<Vec<_>>(),
-            one.iter().map(KvCache::len).collect::<Vec<_>>()
-        );
     }
     Ok(())
 }

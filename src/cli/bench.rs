@@ -47,14 +47,6 @@
 //!   ([`Driver::refresh`]); half of each round trip to a peer of the routes the streams took is
 //!   a hop, and this is their p50 by nearest rank. `--url`: null (`-` in the table), the API
 //!   does not expose it.
-//! - `speculative`: the speculation mode of the run (`-` through `--url`);
-//!   `tokens_per_step`: tokens after the first / decode round trips, over completed streams
-//!   (1 without speculation; null through `--url`); `draft_accept_rate`: draft ids accepted /
-//!   draft ids sent (null when nothing was drafted).
-//! - `--workload copy` appends a request to repeat the text to the prompt (copy-heavy
-//!   output); `--compare-speculative` runs each level with speculation off and then with
-//!   `--speculative MODE`, and prints each level's ratios (aggregate and per-stream tok/s)
-//!   after the table.
 //! - `failures`: streams that ended in an error (the first error of a run is printed on
 //!   stderr); the others are still reported.
 //!
@@ -62,8 +54,7 @@
 //! stdout holds only the report: a header line (target, prompt and generated tokens) and a
 //! table with a row per run, printed as each run ends; with `--json`, one line
 //! `{"runs": [{"concurrency", "aggregate_tok_s", "per_stream_tok_s", "ttft_ms_p50",
-//! "ttft_ms_p99", "hop_ms_p50", "failures", "speculative", "tokens_per_step",
-//! "draft_accept_rate"}]}` at the end. While a run goes, a progress bar
+//! "ttft_ms_p99", "hop_ms_p50", "failures"}]}` at the end. While a run goes, a progress bar
 //! on stderr counts its generated tokens (drawn only when stderr is a terminal).
 
 use std::collections::HashSet;
@@ -79,7 +70,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::{Value, json};
 use shoal_coordinator_free_router::driver::{Driver, Request};
-use shoal_coordinator_free_router::speculative::Speculation;
 use shoal_model_shards::Model;
 use shoal_model_shards::generate::Flow;
 use shoal_model_shards::sampler::SamplingParams;
@@ -111,18 +101,6 @@ const PROMPT_TEXT: &str = "The harbour town woke slowly. Fishing boats came in w
     crates stacked along the wall. A ferry sounded its horn twice before leaving for the \
     islands, and the light over the water changed from grey to gold as the morning went on. ";
 
-/// What `--workload copy` appends to the prompt: the model then quotes the prompt.
-const COPY_INSTRUCTION: &str = "\n\nRepeat the text above exactly, word for word:\n\n";
-
-/// The kind of text the streams generate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum WorkloadKind {
-    /// Continue the fixed text (free-form generation).
-    Free,
-    /// Repeat the fixed text (copy-heavy: what speculative n-gram drafts are for).
-    Copy,
-}
-
 /// Arguments of `shoal bench`.
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("target").required(true).args(["stages", "join", "url"])))]
@@ -151,14 +129,6 @@ pub struct BenchArgs {
     /// (--stages and --join always do.)
     #[arg(long, env = "SHOAL_BENCH_IGNORE_EOS")]
     ignore_eos: bool,
-    /// What the streams generate: `free` continues the prompt text, `copy` asks the model
-    /// to repeat it (the prompt then ends with that request, a few tokens longer).
-    #[arg(long, env = "SHOAL_BENCH_WORKLOAD", value_enum, default_value_t = WorkloadKind::Free)]
-    workload: WorkloadKind,
-    /// Run every level twice, with speculation off and with --speculative MODE, and report
-    /// each level's speed ratio (--stages and --join).
-    #[arg(long, env = "SHOAL_BENCH_COMPARE_SPECULATIVE")]
-    compare_speculative: bool,
     /// Prompt length of every stream, in tokens (a fixed English text, repeated and cut).
     #[arg(long, env = "SHOAL_BENCH_PROMPT_TOKENS", default_value_t = 128, value_name = "N")]
     prompt_tokens: usize,
@@ -231,11 +201,6 @@ struct StreamResult {
     error: Option<String>,
     /// The peers of its route (in-process and --join).
     route: Vec<PeerId>,
-    /// Decode round trips (in-process and --join; 0 through --url).
-    round_trips: usize,
-    /// Draft ids sent and accepted (speculative decoding).
-    drafted: usize,
-    accepted: usize,
 }
 
 /// One run of the report (and of the `--json` line).
@@ -248,9 +213,6 @@ struct RunReport {
     ttft_ms_p99: Option<f64>,
     hop_ms_p50: Option<f64>,
     failures: usize,
-    speculative: String,
-    tokens_per_step: Option<f64>,
-    draft_accept_rate: Option<f64>,
 }
 
 /// The `--json` line (fields in the documented order).
@@ -276,12 +238,7 @@ fn percentile(values: &[f64], p: f64) -> Option<f64> {
 }
 
 /// The report of a run of `concurrency` streams (see the module docs for the definitions).
-fn summarize(
-    concurrency: usize,
-    streams: &[StreamResult],
-    hop_ms_p50: Option<f64>,
-    speculative: Option<Speculation>,
-) -> RunReport {
+fn summarize(concurrency: usize, streams: &[StreamResult], hop_ms_p50: Option<f64>) -> RunReport {
     let done: Vec<&StreamResult> = streams.iter().filter(|s| s.error.is_none()).collect();
     let wall = streams.iter().map(|s| s.end).max().unwrap_or_default();
     let total: usize = done.iter().map(|s| s.tokens).sum();
@@ -296,10 +253,6 @@ fn summarize(
         .collect();
     let ttft: Vec<f64> = done.iter().filter_map(|s| s.first_token).map(|t| t.as_secs_f64() * 1e3).collect();
     let aggregate = if total == 0 { 0.0 } else { total as f64 / wall.as_secs_f64().max(1e-9) };
-    let ratio = |num: usize, den: usize| (den > 0).then(|| round3(num as f64 / den as f64));
-    let decoded: usize = done.iter().filter(|s| s.round_trips > 0).map(|s| s.tokens - 1).sum();
-    let trips: usize = done.iter().map(|s| s.round_trips).sum();
-    let (drafted, accepted) = done.iter().fold((0, 0), |(d, a), s| (d + s.drafted, a + s.accepted));
     RunReport {
         concurrency,
         aggregate_tok_s: round3(aggregate),
@@ -309,23 +262,18 @@ fn summarize(
         ttft_ms_p99: percentile(&ttft, 99.0).map(round3),
         hop_ms_p50: hop_ms_p50.map(round3),
         failures: streams.len() - done.len(),
-        speculative: speculative.map_or_else(|| "-".to_owned(), |m| m.to_string()),
-        tokens_per_step: ratio(decoded, trips),
-        draft_accept_rate: ratio(accepted, drafted),
     }
 }
 
 /// Columns of the table: title and width.
-const COLUMNS: [&str; 9] = [
+const COLUMNS: [&str; 7] = [
     "concurrency",
-    "spec",
     "aggregate tok/s",
     "per-stream tok/s",
     "TTFT p50 ms",
     "TTFT p99 ms",
     "hop p50 ms",
     "failures",
-    "tok/step",
 ];
 
 fn table_header() -> String {
@@ -336,14 +284,12 @@ fn table_row(r: &RunReport) -> String {
     let num = |v: Option<f64>, digits: usize| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.digits$}"));
     let cells = [
         r.concurrency.to_string(),
-        r.speculative.clone(),
         num(Some(r.aggregate_tok_s), 1),
         num(r.per_stream_tok_s, 1),
         num(r.ttft_ms_p50, 1),
         num(r.ttft_ms_p99, 1),
         num(r.hop_ms_p50, 3),
         r.failures.to_string(),
-        num(r.tokens_per_step, 2),
     ];
     cells
         .iter()
@@ -392,13 +338,9 @@ impl Backend {
         max_tokens: usize,
         t0: Instant,
         bar: ProgressBar,
-        mode: Option<Speculation>,
     ) -> StreamResult {
         match self {
-            Self::Driver(d) => {
-                let mode = mode.unwrap_or(d.config().speculation);
-                driver_stream(&d, prompt, max_tokens, t0, &bar, mode).await
-            }
+            Self::Driver(d) => driver_stream(&d, prompt, max_tokens, t0, &bar).await,
             Self::Api(api) => api.stream(&prompt, max_tokens, t0, &bar).await,
         }
     }
@@ -428,7 +370,6 @@ async fn driver_stream(
     max_tokens: usize,
     t0: Instant,
     bar: &ProgressBar,
-    mode: Speculation,
 ) -> StreamResult {
     let request = Request {
         prompt: prompt.to_vec(),
@@ -439,7 +380,7 @@ async fn driver_stream(
     };
     let (mut first, mut last, mut tokens) = (None, None, 0usize);
     let result = d
-        .generate_with(&request, mode, |_| {
+        .generate(&request, |_| {
             let at = t0.elapsed();
             first.get_or_insert(at);
             last = Some(at);
@@ -459,9 +400,6 @@ async fn driver_stream(
         Ok(outcome) => {
             s.tokens = outcome.tokens.len();
             s.route = outcome.route;
-            s.round_trips = outcome.step_times.len();
-            s.drafted = outcome.speculation.draft_tokens;
-            s.accepted = outcome.speculation.accepted_tokens;
             if !outcome.failovers.is_empty() {
                 tracing::info!(failovers = outcome.failovers.len(), "a stream recovered from failures");
             }
@@ -709,8 +647,6 @@ struct Workload {
     warmup: usize,
     repeat: usize,
     json: bool,
-    /// The speculation of each run of a level, in order (`None`: the backend's own).
-    modes: Vec<Option<Speculation>>,
 }
 
 /// The median of `values` (the mean of the middle two for an even count; `None` when empty).
@@ -738,9 +674,6 @@ fn median_report(runs: &[RunReport]) -> Option<RunReport> {
         ttft_ms_p99: of(|r| r.ttft_ms_p99),
         hop_ms_p50: of(|r| r.hop_ms_p50),
         failures: runs.iter().map(|r| r.failures).sum(),
-        speculative: first.speculative.clone(),
-        tokens_per_step: of(|r| r.tokens_per_step),
-        draft_accept_rate: of(|r| r.draft_accept_rate),
     })
 }
 
@@ -753,13 +686,7 @@ async fn bench(backend: Backend, w: &Workload, header: &str) -> Result<()> {
     for _ in 0..w.warmup {
         let r = backend
             .clone()
-            .stream(
-                warm_prompt.clone(),
-                w.gen_tokens.min(WARMUP_GEN),
-                Instant::now(),
-                ProgressBar::hidden(),
-                None,
-            )
+            .stream(warm_prompt.clone(), w.gen_tokens.min(WARMUP_GEN), Instant::now(), ProgressBar::hidden())
             .await;
         if let Some(e) = r.error {
             bail!("the warm-up request failed: {e}");
@@ -769,15 +696,12 @@ async fn bench(backend: Backend, w: &Workload, header: &str) -> Result<()> {
         print_line(&table_header())?;
     }
     let mut reports = Vec::new();
-    let runs = std::iter::repeat_n(&w.levels, w.repeat)
-        .flatten()
-        .flat_map(|&c| w.modes.iter().map(move |&m| (c, m)));
-    for (c, mode) in runs {
+    for &c in std::iter::repeat_n(&w.levels, w.repeat).flatten() {
         let bar = progress_bar(c, (c * w.gen_tokens) as u64);
         let t0 = Instant::now();
         let mut set = JoinSet::new();
         for _ in 0..c {
-            set.spawn(backend.clone().stream(w.prompt.clone(), w.gen_tokens, t0, bar.clone(), mode));
+            set.spawn(backend.clone().stream(w.prompt.clone(), w.gen_tokens, t0, bar.clone()));
         }
         let mut streams = Vec::with_capacity(c);
         while let Some(joined) = set.join_next().await {
@@ -789,11 +713,7 @@ async fn bench(backend: Backend, w: &Workload, header: &str) -> Result<()> {
         }
         bar.finish_and_clear();
         let routes: HashSet<PeerId> = streams.iter().flat_map(|s| s.route.iter().copied()).collect();
-        let shown = match &backend {
-            Backend::Driver(d) => Some(mode.unwrap_or(d.config().speculation)),
-            Backend::Api(_) => None,
-        };
-        let report = summarize(c, &streams, backend.hop_ms_p50(&routes).await, shown);
+        let report = summarize(c, &streams, backend.hop_ms_p50(&routes).await);
         if let Some(e) = streams.iter().find_map(|s| s.error.as_deref()) {
             eprintln!("concurrency {c}: {} of {c} streams failed; first error: {e}", report.failures);
         }
@@ -810,8 +730,8 @@ async fn bench(backend: Backend, w: &Workload, header: &str) -> Result<()> {
         reports.push(report);
     }
     if w.repeat > 1 {
-        // One report per level and mode (in the order given): the median of its runs.
-        let runs = w.levels.len() * w.modes.len();
+        // One report per level (in the order given): the median of its runs.
+        let runs = w.levels.len();
         reports = (0..runs)
             .filter_map(|i| median_report(&reports.iter().skip(i).step_by(runs).cloned().collect::<Vec<_>>()))
             .collect();
@@ -821,25 +741,6 @@ async fn bench(backend: Backend, w: &Workload, header: &str) -> Result<()> {
             for r in &reports {
                 print_line(&table_row(r))?;
             }
-        }
-    }
-    if w.modes.len() == 2 && !w.json {
-        // Speculation against none, each level's pair of runs (or medians).
-        for pair in reports.chunks_exact(2) {
-            let (off, on) = (&pair[0], &pair[1]);
-            let times = |a: Option<f64>, b: Option<f64>| match (a, b) {
-                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
-                _ => "-".to_owned(),
-            };
-            print_line(&format!(
-                "concurrency {}: {} / off: aggregate {}, per-stream {}; {} tokens per round trip, {} of the draft ids accepted",
-                on.concurrency,
-                on.speculative,
-                times(Some(on.aggregate_tok_s), Some(off.aggregate_tok_s)),
-                times(on.per_stream_tok_s, off.per_stream_tok_s),
-                on.tokens_per_step.map_or_else(|| "-".to_owned(), |t| format!("{t:.2}")),
-                on.draft_accept_rate.map_or_else(|| "-".to_owned(), |r| format!("{:.0}%", r * 100.0)),
-            ))?;
         }
     }
     if w.json {
@@ -868,38 +769,15 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
             spec.max_position_embeddings
         );
     }
-    let mut prompt = prompt_ids(&model, args.prompt_tokens)?;
-    if args.workload == WorkloadKind::Copy {
-        let tokenizer = model.tokenizer().context("loading the tokenizer")?;
-        prompt.extend(tokenizer.encode(COPY_INSTRUCTION, false)?);
-    }
-    let spec_mode = args.driver.speculative.speculative;
-    let modes = if args.compare_speculative {
-        if args.url.is_some() {
-            bail!("--compare-speculative needs --stages or --join (an API speculates as it was started)");
-        }
-        if spec_mode == Speculation::Off {
-            bail!("--compare-speculative compares with --speculative MODE: give a mode other than off");
-        }
-        vec![Some(Speculation::Off), Some(spec_mode)]
-    } else {
-        vec![None]
-    };
     let workload = Workload {
-        prompt: Arc::new(prompt),
-        modes,
+        prompt: Arc::new(prompt_ids(&model, args.prompt_tokens)?),
         gen_tokens: args.gen_tokens,
         levels,
         warmup: args.warmup,
         repeat: args.repeat as usize,
         json: args.json,
     };
-    let tokens = format!(
-        "prompt {} tokens ({:?}), gen {} tokens per stream",
-        workload.prompt.len(),
-        args.workload,
-        args.gen_tokens
-    );
+    let tokens = format!("prompt {} tokens, gen {} tokens per stream", args.prompt_tokens, args.gen_tokens);
     if let Some(url) = &args.url {
         return runtime()?.block_on(async {
             let api = ApiClient::connect(url, args.api_key.clone(), args.ignore_eos).await?;
@@ -1021,7 +899,7 @@ mod tests {
             StreamResult { tokens: 3, end: ms(4000), error: Some("gone".into()), ..Default::default() };
         // 11 tokens in 1 s after the first (10 tok/s) and 6 in 0.5 s (10 tok/s).
         let streams = [ok(11, 100, 1100, 1200), ok(6, 300, 800, 2000), failed];
-        let r = summarize(3, &streams, Some(0.25), None);
+        let r = summarize(3, &streams, Some(0.25));
         assert_eq!(r.failures, 1);
         assert_eq!(r.concurrency, 3);
         assert!((r.aggregate_tok_s - 17.0 / 4.0).abs() < 1e-9, "{r:?}");
@@ -1029,19 +907,10 @@ mod tests {
         assert_eq!(r.ttft_ms_p50, Some(100.0));
         assert_eq!(r.ttft_ms_p99, Some(300.0));
         assert_eq!(r.hop_ms_p50, Some(0.25));
-        let none =
-            summarize(1, &[StreamResult { error: Some("x".into()), ..Default::default() }], None, None);
+        let none = summarize(1, &[StreamResult { error: Some("x".into()), ..Default::default() }], None);
         assert_eq!(
             (none.aggregate_tok_s, none.per_stream_tok_s, none.ttft_ms_p50, none.failures),
             (0.0, None, None, 1)
-        );
-        assert_eq!((r.tokens_per_step, r.draft_accept_rate, r.speculative.as_str()), (None, None, "-"));
-        // Speculation: 10 tokens after the first in 4 round trips, 6 of 10 draft ids kept.
-        let spec = StreamResult { round_trips: 4, drafted: 10, accepted: 6, ..ok(11, 100, 1100, 1200) };
-        let r = summarize(1, &[spec], None, Some(Speculation::Ngram));
-        assert_eq!(
-            (r.tokens_per_step, r.draft_accept_rate, r.speculative.as_str()),
-            (Some(2.5), Some(0.6), "ngram")
         );
     }
 
@@ -1055,9 +924,6 @@ mod tests {
             ttft_ms_p99: Some(20.0),
             hop_ms_p50: None,
             failures: 0,
-            speculative: "ngram".into(),
-            tokens_per_step: Some(2.5),
-            draft_accept_rate: None,
         };
         let (header, row) = (table_header(), table_row(&r));
         assert_eq!(header.len(), row.len(), "{header}\n{row}");
@@ -1111,9 +977,6 @@ mod tests {
             ttft_ms_p99: ttft,
             hop_ms_p50: None,
             failures,
-            speculative: "off".into(),
-            tokens_per_step: ttft,
-            draft_accept_rate: None,
         };
         let m = median_report(&[run(300.0, Some(9.0), 0), run(100.0, None, 1), run(200.0, Some(5.0), 2)])
             .unwrap();
