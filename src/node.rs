@@ -16,6 +16,7 @@ use iroh::EndpointAddr;
 use shoal_coordinator_free_router::driver::{Driver, DriverConfig, ModelInfo};
 use shoal_coordinator_free_router::membership::{Membership, MembershipConfig, OwnSpan};
 use shoal_coordinator_free_router::speculative::Speculation;
+use shoal_coordinator_free_router::verify::{DEFAULT_SHARE, SpotCheckConfig};
 use shoal_model_shards::{DType, Device, Model, Shard};
 use shoal_worker::net::{Node, NodeOptions, parse_ticket};
 use shoal_worker::protocol::WireDType;
@@ -114,6 +115,8 @@ pub struct DriverArgs {
     #[command(flatten)]
     pub speculative: SpeculativeArgs,
     #[command(flatten)]
+    pub spot_check: SpotCheckArgs,
+    #[command(flatten)]
     pub net: NetArgs,
 }
 
@@ -127,6 +130,35 @@ pub struct SpeculativeArgs {
     pub speculative: Speculation,
 }
 
+/// How much of the workers' arithmetic the origin checks.
+#[derive(Debug, Clone, Args)]
+pub struct SpotCheckArgs {
+    /// Share of decode steps the origin re-runs on another replica of each span (or on its own
+    /// copy of the weights) and compares, 0 to 1; the first steps through a new peer are
+    /// checked too unless it is 0. A peer caught returning wrong results is banned.
+    #[arg(long = "spot-check", env = "SHOAL_SPOT_CHECK", default_value_t = DEFAULT_SHARE,
+          value_name = "SHARE", value_parser = parse_share)]
+    pub share: f64,
+}
+
+fn parse_share(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a share between 0 and 1")),
+    }
+}
+
+impl SpotCheckArgs {
+    /// The driver's spot-check settings.
+    pub fn config(&self) -> SpotCheckConfig {
+        SpotCheckConfig {
+            share: self.share,
+            first_steps: if self.share > 0.0 { SpotCheckConfig::default().first_steps } else { 0 },
+            ..SpotCheckConfig::default()
+        }
+    }
+}
+
 impl DriverArgs {
     /// The driver's configuration.
     pub fn config(&self) -> DriverConfig {
@@ -134,6 +166,7 @@ impl DriverArgs {
             wire_dtype: self.wire_dtype.into(),
             step_timeout: Duration::from_secs_f64(self.step_timeout.max(0.001)),
             speculation: self.speculative.speculative,
+            spot_check: self.spot_check.config(),
             ..DriverConfig::default()
         }
     }

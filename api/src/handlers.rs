@@ -72,6 +72,7 @@ pub(crate) async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
     let m = &state.metrics;
     m.running.set(state.admission.running() as i64);
     m.waiting.set(state.admission.waiting() as i64);
+    m.spot_checked(state.driver.spot_check_counts());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], m.render()).into_response()
 }
 

@@ -18,6 +18,8 @@
 //! | `shoal_spec_decode_num_draft_tokens_total` | counter | draft ids sent |
 //! | `shoal_spec_decode_num_accepted_tokens_total` | counter | draft ids the last stage accepted; tokens per speculative round trip = 1 + accepted / drafts |
 //! | `shoal_live_peers` | gauge | peers that answered the last ping round |
+//! | `shoal_spot_checks_total` | counter | decode steps re-run on another replica (or this node's weights) and compared |
+//! | `shoal_spot_check_bans_total` | counter | peers banned because a spot-check caught them returning wrong results |
 //!
 //! Every series carries a `model_name` label, as vLLM's do.
 
@@ -45,6 +47,8 @@ pub struct Metrics {
     pub(crate) spec_draft_tokens: IntCounter,
     pub(crate) spec_accepted_tokens: IntCounter,
     pub(crate) live_peers: IntGauge,
+    spot_checks: IntCounter,
+    spot_check_bans: IntCounter,
 }
 
 const TTFT_BUCKETS: &[f64] = &[
@@ -125,6 +129,11 @@ impl Metrics {
                 "Draft ids the last stage accepted.",
             )?,
             live_peers: gauge("shoal_live_peers", "Peers that answered the last ping round.")?,
+            spot_checks: counter("shoal_spot_checks_total", "Decode steps checked on another replica.")?,
+            spot_check_bans: counter(
+                "shoal_spot_check_bans_total",
+                "Peers banned because a spot-check caught them returning wrong results.",
+            )?,
             registry,
         })
     }
@@ -132,6 +141,12 @@ impl Metrics {
     /// Counts a request that ended with `reason` (`stop`, `length` or `abort`).
     pub(crate) fn finished(&self, reason: &str) {
         self.finished.with_label_values(&[reason]).inc();
+    }
+
+    /// Brings the spot-check counters up to the driver's totals `(checks, bans)`.
+    pub(crate) fn spot_checked(&self, (checks, bans): (u64, u64)) {
+        self.spot_checks.inc_by(checks.saturating_sub(self.spot_checks.get()));
+        self.spot_check_bans.inc_by(bans.saturating_sub(self.spot_check_bans.get()));
     }
 
     /// The exposition text (Prometheus text format 0.0.4).

@@ -7,8 +7,10 @@
 //!    ones: the swarm's announcements ([`Driver::sync_view`], kept up to date by
 //!    [`crate::membership::Membership::follow`]) or peers added one by one
 //!    ([`Driver::add_peer`] pings a peer to learn its span). [`crate::swarm::plan::plan_route`]
-//!    picks the chain: compute cost from each peer's announced throughput and load, network
-//!    cost from measured round trips, penalties for full caches and recent failures.
+//!    picks the chain: compute cost from each peer's throughput (announced, until this driver
+//!    has measured it on checked steps: then the measurement, halved for a peer that claimed
+//!    more than twice it) and load, network cost from measured round trips, penalties for
+//!    full caches, recent failures and unexplained timeouts ([`crate::blame`]).
 //! 2. Send `OpenSession` to stage 1 (it travels down the chain, with an address book so each
 //!    stage can dial the next), then the prompt as prefill steps of at most
 //!    [`DriverConfig::prefill_chunk`] tokens and, after a failover, each token generated so far
@@ -42,9 +44,24 @@
 //! a batched prefill of generated tokens would round differently in quantized kernels and
 //! could flip a sampled token), so the tokens are those of an undisturbed run. At most [`DriverConfig::max_failovers`]
 //! failovers per generation.
+//!
+//! # Spot-checks
+//! On a share of decode steps ([`DriverConfig::spot_check`]; always on the first steps through
+//! a peer not checked yet) the driver taps the step (every stage also sends the origin the
+//! hidden states it forwards) and runs the same history through another route: other
+//! replicas of the same spans, or the origin's own weights ([`Driver::set_local_weights`]).
+//! The token of a checked step is reported only once the outputs agree. When they do not, a
+//! third opinion decides and the peers in the minority are banned for
+//! [`DriverConfig::ban_max`] ([`crate::verify`] holds the decisions); the generation fails over
+//! without the token, and every other session through a banned liar fails over at its next
+//! step, replaying its history on an honest route. Tokens of unchecked steps are reported at
+//! once: a lie on a step that is not checked goes unnoticed.
+
+mod check;
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use iroh::EndpointAddr;
@@ -52,18 +69,25 @@ use shoal_model_shards::generate::{FinishReason, Flow};
 use shoal_model_shards::sampler::SamplingParams;
 use shoal_worker::net::{Inbound, NetError, Node, SessionChannel, peer_id, short};
 use shoal_worker::protocol::{
-    CloseReason, CloseSession, ErrorCode, Message, OpenSession, Payload, PeerInfo, RouteHop, Sampling,
-    StageError, Step, WireDType,
+    CloseReason, CloseSession, ErrorCode, HiddenStates, Message, OpenSession, Payload, PeerInfo, RouteHop,
+    Sampling, StageError, Step, StepResult, Tap, WireDType,
 };
 use shoal_worker::service::PeerId;
 
 use crate::speculative::{Drafter, SpecStats, Speculation};
 use crate::swarm::announce::{Announcement, PeerState as SwarmState};
 use crate::swarm::plan::{Candidate, CostModel, plan_route};
+use crate::verify::{SpotCheckConfig, SpotCheckPolicy};
+
+pub use check::LocalWeights;
 
 /// Tokens per second through one layer assumed for a peer added by ticket, whose
 /// announcement this driver has not seen (such peers all look alike to the planner).
 pub const ASSUMED_LAYER_THROUGHPUT: f64 = 1000.0;
+
+/// Timeouts in a row, with every hop answering pings, after which a peer is banned (it may be
+/// taking steps and dropping them; see [`crate::blame`]).
+pub const TIMEOUT_STRIKES: u32 = 3;
 
 /// Timeouts, bans and wire settings of a driver.
 #[derive(Debug, Clone)]
@@ -90,6 +114,8 @@ pub struct DriverConfig {
     pub prefill_chunk: usize,
     /// Speculative decoding of [`Driver::generate`] (see [`crate::speculative`]).
     pub speculation: Speculation,
+    /// Which steps are checked on another replica, and how closely they must agree.
+    pub spot_check: SpotCheckConfig,
 }
 
 impl Default for DriverConfig {
@@ -104,6 +130,7 @@ impl Default for DriverConfig {
             ban_max: Duration::from_secs(600),
             prefill_chunk: shoal_worker::net::PREFILL_BUDGET,
             speculation: Speculation::Off,
+            spot_check: SpotCheckConfig::default(),
         }
     }
 }
@@ -175,6 +202,8 @@ pub struct Outcome {
     pub failovers: Vec<Failover>,
     /// The route of the last attempt.
     pub route: Vec<PeerId>,
+    /// Steps checked on another replica (or the origin's weights) that passed.
+    pub spot_checks: usize,
 }
 
 /// Why a generation failed.
@@ -231,6 +260,13 @@ pub struct PeerState {
     /// Whether it was learned from the swarm's view (and is forgotten when it leaves it) or
     /// added by hand.
     pub from_swarm: bool,
+    /// Tokens per second through one of its layers as this node measured it (a moving average
+    /// over the checked steps it served); routing believes it over `throughput`
+    /// ([`crate::swarm::plan::believed_throughput`]).
+    pub measured: Option<f64>,
+    /// Whether a spot-check caught it returning wrong results: while its ban lasts, sessions
+    /// through it fail over; once it ends the peer is checked on its first steps again.
+    pub liar: bool,
 }
 
 /// What the driver needs to know of the model it serves.
@@ -268,6 +304,11 @@ pub struct Driver {
     max_positions: usize,
     config: DriverConfig,
     peers: Mutex<HashMap<PeerId, PeerState>>,
+    policy: Mutex<SpotCheckPolicy>,
+    strikes: Mutex<crate::blame::Strikes>,
+    local: Mutex<Option<Arc<LocalWeights>>>,
+    checks: AtomicU64,
+    liars_banned: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -325,9 +366,29 @@ impl Driver {
             n_layers: model.n_layers,
             vocab_size: model.vocab_size,
             max_positions: model.max_positions,
+            policy: Mutex::new(SpotCheckPolicy::new(config.spot_check, rand::random())),
             config,
             peers: Mutex::new(HashMap::new()),
+            strikes: Mutex::new(crate::blame::Strikes::new(TIMEOUT_STRIKES)),
+            local: Mutex::new(None),
+            checks: AtomicU64::new(0),
+            liars_banned: AtomicU64::new(0),
         }
+    }
+
+    /// Lets spot-checks use this node's own copy of the model: to check a span no other peer
+    /// serves, and to break a tie between two replicas.
+    pub fn set_local_weights(&self, weights: LocalWeights) {
+        *lock(&self.local) = Some(Arc::new(weights));
+    }
+
+    /// Spot-checks run so far (second opinions asked for) and peers banned for wrong results.
+    pub fn spot_check_counts(&self) -> (u64, u64) {
+        (self.checks.load(Ordering::Relaxed), self.liars_banned.load(Ordering::Relaxed))
+    }
+
+    fn spot_config(&self) -> &SpotCheckConfig {
+        &self.config.spot_check
     }
 
     /// The node sessions are sent from.
@@ -368,6 +429,8 @@ impl Driver {
             active: 0,
             throughput: ASSUMED_LAYER_THROUGHPUT,
             from_swarm: false,
+            measured: None,
+            liar: false,
         });
         entry.info = info.clone();
         entry.rtt = rtt;
@@ -427,6 +490,8 @@ impl Driver {
                             active: 0,
                             throughput,
                             from_swarm: true,
+                            measured: None,
+                            liar: false,
                         },
                     );
                     fresh.push(a.node);
@@ -470,6 +535,7 @@ impl Driver {
     /// The route a new session would take now.
     pub fn plan_route(&self) -> Result<Vec<RouteHop>, DriverError> {
         let now = Instant::now();
+        let strikes = lock(&self.strikes).clone();
         let peers = lock(&self.peers);
         let usable = |p: &PeerState| !p.info.draining && p.banned_until.is_none_or(|t| t <= now);
         let candidates: Vec<Candidate> = peers
@@ -479,12 +545,14 @@ impl Driver {
                 id: *id,
                 start: p.info.start,
                 end: p.info.end,
-                throughput: p.throughput,
+                throughput: crate::swarm::plan::believed_throughput(p.throughput, p.measured),
                 // Sessions of this driver count at once, before the peer reports them.
                 load: u32::try_from(p.active).unwrap_or(u32::MAX).saturating_add(p.info.sessions),
                 rtt_ms: p.rtt.as_secs_f64() * 1000.0,
                 has_free_cache: p.info.free_kv_bytes > 0,
-                recent_failures: p.failures,
+                // Unexplained timeouts count too: the next routes avoid the struck peers where
+                // they can, which tells a dropper from its neighbours.
+                recent_failures: p.failures + strikes.of(id),
                 // A stage serves exactly its span.
                 partial: false,
             })
@@ -525,13 +593,15 @@ impl Driver {
                 p.failures += 1;
                 let factor = 1u32 << (p.failures - 1).min(16);
                 let ban = self.config.ban_base.saturating_mul(factor).min(self.config.ban_max);
-                p.banned_until = Some(now + ban);
+                // A longer ban already running (a liar's) stays.
+                p.banned_until = Some(p.banned_until.map_or(now + ban, |t| t.max(now + ban)));
                 tracing::warn!(peer = %short(id), ?ban, failures = p.failures, "banned a peer");
             }
         }
     }
 
     fn succeeded(&self, route: &[PeerId]) {
+        lock(&self.strikes).succeeded(route);
         let mut peers = lock(&self.peers);
         for id in route {
             if let Some(p) = peers.get_mut(id) {
@@ -593,6 +663,7 @@ impl Driver {
             finish: None,
             pending_failover: None,
             drafter: Drafter::new(speculation),
+            spot_checks: 0,
         };
         let mut failovers = Vec::new();
         loop {
@@ -634,6 +705,7 @@ impl Driver {
                         speculation: state.drafter.stats(),
                         failovers,
                         route: ids,
+                        spot_checks: state.spot_checks,
                     });
                 }
                 Err(f) => {
@@ -744,8 +816,26 @@ impl Driver {
         let mut deadline = step_started + prefill_budget;
         // The draft of the step in flight.
         let mut draft: Vec<u32> = Vec::new();
+        let mut checking = false;
+        let mut taps = TapSet::default();
         loop {
-            let result = self.await_result(&mut channel, &ids, step_id, step_started, deadline).await?;
+            let result =
+                self.await_result(&mut channel, &ids, step_id, step_started, deadline, &mut taps).await?;
+            taps.result_at = Some(Instant::now());
+            if checking {
+                self.check_step(
+                    request,
+                    route,
+                    state,
+                    &mut channel,
+                    step_id,
+                    &result,
+                    &mut taps,
+                    step_started,
+                    deadline,
+                )
+                .await?;
+            }
             let step_time = step_started.elapsed();
             let lie = |reason: String| AttemptFailure { culprits: vec![last], reason, step_started };
             if result.accepted.len() > draft.len()
@@ -821,6 +911,17 @@ impl Driver {
             step_id += 1;
             step_started = Instant::now();
             deadline = step_started + self.config.step_timeout;
+            self.fail_over_from_liars(&ids, step_started)?;
+            checking = draft.is_empty()
+                && self.spot_config().enabled()
+                && lock(&self.policy).should_check(&ids)
+                && self.can_check(route);
+            if checking {
+                taps.clear();
+                self.node
+                    .send_for_session(first, session_id, &Message::Tap(Tap { session_id, step_id }))
+                    .map_err(|e| AttemptFailure { culprits: vec![], reason: e.to_string(), step_started })?;
+            }
             let mut payload = Vec::with_capacity(1 + draft.len());
             payload.push(next);
             payload.extend_from_slice(&draft);
@@ -847,15 +948,19 @@ impl Driver {
         step_id: u64,
         step_started: Instant,
         deadline: Instant,
+        taps: &mut TapSet,
     ) -> Result<shoal_worker::protocol::StepResult, AttemptFailure> {
         let last = route[route.len() - 1];
         loop {
             let Some(Inbound { from, msg }) = channel.recv_until(deadline.into()).await else {
-                let culprits = self.silent_hops(route).await;
+                let silent = self.silent_hops(route).await;
+                // Every hop answering pings: one may be dropping steps (`crate::blame`).
+                let culprits = lock(&self.strikes).timed_out(route, &silent);
                 return Err(AttemptFailure {
                     reason: format!(
-                        "no result within {:?}; silent: [{}]",
+                        "no result within {:?}; silent: [{}]; banned: [{}]",
                         deadline.saturating_duration_since(step_started),
+                        silent.iter().map(short).collect::<Vec<_>>().join(", "),
                         culprits.iter().map(short).collect::<Vec<_>>().join(", ")
                     ),
                     culprits,
@@ -868,8 +973,112 @@ impl Driver {
                 Message::StepResult(r) => {
                     tracing::debug!(from = %short(&from), step = r.step_id, "ignoring an unexpected result");
                 }
+                Message::StageOutput(o) if o.step_id == step_id && route.contains(&from) => {
+                    taps.insert(from, o.hidden);
+                }
                 Message::Error(e) => return Err(self.blame(route, from, &e, step_started)),
                 other => tracing::debug!(kind = other.kind_name(), "ignoring a message for a session"),
+            }
+        }
+    }
+
+    /// Measures each hop of a tapped step: the time between the arrival of its output (or the
+    /// result, for the last) and of the previous hop's (or the step's start, for the first) is
+    /// its compute plus a hop; its span's layers over that time go into the peer's moving
+    /// average ([`PeerState::measured`]), which routing believes over the announcement.
+    fn measured(&self, route: &[RouteHop], taps: &TapSet, step_started: Instant) {
+        let mut prev = step_started;
+        let mut peers = lock(&self.peers);
+        for (i, hop) in route.iter().enumerate() {
+            let at = if i + 1 == route.len() { taps.result_at } else { taps.at.get(&hop.node_id).copied() };
+            let Some(at) = at else { return };
+            let secs = at.saturating_duration_since(prev).as_secs_f64().max(1e-6);
+            prev = at.max(prev);
+            let sample = f64::from(hop.end - hop.start) / secs;
+            if let Some(p) = peers.get_mut(&hop.node_id) {
+                p.measured =
+                    Some(p.measured.map_or(sample, |m| (1.0 - MEASURE_WEIGHT) * m + MEASURE_WEIGHT * sample));
+            }
+        }
+    }
+
+    /// Ends the attempt when a peer of its route was caught lying (by any session's check):
+    /// the session replays its history on an honest route.
+    fn fail_over_from_liars(&self, route: &[PeerId], step_started: Instant) -> Result<(), AttemptFailure> {
+        let liars: Vec<PeerId> = {
+            let peers = lock(&self.peers);
+            let now = Instant::now();
+            let caught = |p: &PeerState| p.liar && p.banned_until.is_some_and(|t| t > now);
+            route.iter().filter(|id| peers.get(*id).is_some_and(caught)).copied().collect()
+        };
+        if liars.is_empty() {
+            return Ok(());
+        }
+        Err(AttemptFailure {
+            reason: format!(
+                "{} was caught returning wrong results",
+                liars.iter().map(short).collect::<Vec<_>>().join(", ")
+            ),
+            culprits: liars,
+            step_started,
+        })
+    }
+
+    /// Checks a tapped step (see the module docs): waits for the outputs of every stage, then
+    /// asks for other opinions; a lie on this route ends the attempt before its token is used.
+    #[allow(clippy::too_many_arguments)]
+    async fn check_step(
+        &self,
+        request: &Request,
+        route: &[RouteHop],
+        state: &mut RunState,
+        channel: &mut SessionChannel,
+        step_id: u64,
+        result: &StepResult,
+        taps: &mut TapSet,
+        step_started: Instant,
+        deadline: Instant,
+    ) -> Result<(), AttemptFailure> {
+        let ids: Vec<PeerId> = route.iter().map(|h| h.node_id).collect();
+        let wanted = &ids[..ids.len() - 1];
+        while !wanted.iter().all(|p| taps.outputs.contains_key(p)) {
+            let Some(Inbound { from, msg }) = channel.recv_until(deadline.into()).await else {
+                let silent: Vec<PeerId> =
+                    wanted.iter().filter(|p| !taps.outputs.contains_key(*p)).copied().collect();
+                return Err(AttemptFailure {
+                    reason: format!(
+                        "no output of a checked step from [{}]",
+                        silent.iter().map(short).collect::<Vec<_>>().join(", ")
+                    ),
+                    culprits: silent,
+                    step_started,
+                });
+            };
+            match msg {
+                Message::StageOutput(o) if o.step_id == step_id && ids.contains(&from) => {
+                    taps.insert(from, o.hidden);
+                }
+                Message::Error(e) => return Err(self.blame(&ids, from, &e, step_started)),
+                _ => {}
+            }
+        }
+        self.measured(route, taps, step_started);
+        let primary = match check::observation(&ids, result, &taps.outputs) {
+            Ok(o) => o,
+            Err(reason) => return Err(AttemptFailure { culprits: vec![], reason, step_started }),
+        };
+        let replay = check::Replay::new(request, &state.tokens, self.config.prefill_chunk);
+        match self.spot_check(route, primary, replay).await {
+            check::CheckResult::Passed => {
+                state.spot_checks += 1;
+                Ok(())
+            }
+            check::CheckResult::Skipped(why) => {
+                tracing::debug!("spot-check skipped: {why}");
+                Ok(())
+            }
+            check::CheckResult::Failed { culprits, reason } => {
+                Err(AttemptFailure { culprits, reason, step_started })
             }
         }
     }
@@ -879,12 +1088,12 @@ impl Driver {
         let culprit = if from == self.node.id() {
             // This node could not reach stage 1.
             Some(route[0])
-        } else if e.code == ErrorCode::NextHopUnreachable {
-            route.iter().position(|id| *id == from).and_then(|i| route.get(i + 1)).copied()
-        } else if route.contains(&from) {
-            Some(from)
         } else {
-            None
+            // Bad input is charged to the hop that produced it (`crate::blame`).
+            route
+                .iter()
+                .position(|id| *id == from)
+                .and_then(|i| crate::blame::culprit_of_error(route, i, e.code))
         };
         if e.code == ErrorCode::CapacityExceeded
             && let Some(id) = culprit
@@ -941,6 +1150,28 @@ where
     out
 }
 
+/// The copies of a tapped step's outputs and when each arrived.
+#[derive(Default)]
+struct TapSet {
+    outputs: HashMap<PeerId, HiddenStates>,
+    at: HashMap<PeerId, Instant>,
+    result_at: Option<Instant>,
+}
+
+impl TapSet {
+    fn insert(&mut self, from: PeerId, hidden: HiddenStates) {
+        self.outputs.insert(from, hidden);
+        self.at.insert(from, Instant::now());
+    }
+
+    fn clear(&mut self) {
+        *self = Self::default();
+    }
+}
+
+/// Weight of a new measurement in a peer's moving average of throughput.
+const MEASURE_WEIGHT: f64 = 0.25;
+
 /// What a generation has produced so far, across attempts.
 struct RunState {
     tokens: Vec<u32>,
@@ -953,4 +1184,6 @@ struct RunState {
     pending_failover: Option<(Instant, usize, String, Vec<String>, Instant)>,
     /// Drafts of speculative steps (its draft length carries over a failover).
     drafter: Drafter,
+    /// Checks passed.
+    spot_checks: usize,
 }

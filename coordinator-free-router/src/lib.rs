@@ -11,12 +11,16 @@
 //! - [`membership`]: the swarm over iroh-gossip (one topic per model; signed announcements,
 //!   checked against their author, feed each node's [`swarm::view::SwarmView`]); a driver
 //!   follows a node's view to find its routes;
-//! - [`driver`]: the client side of the stage protocol with deadlines, bans with backoff and
-//!   failover by replaying the token history on a new route.
+//! - [`driver`]: the client side of the stage protocol with deadlines, bans with backoff,
+//!   failover by replaying the token history on a new route, and spot-checks of the workers'
+//!   results on other replicas;
+//! - [`verify`]: the spot-checks' decisions (which steps, what agrees, who lied) as pure code.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod blame;
 pub mod driver;
 pub mod membership;
 pub mod speculative;
 pub mod swarm;
+pub mod verify;
 pub mod weights;

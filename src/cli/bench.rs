@@ -69,7 +69,7 @@ use clap::{ArgGroup, Args};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::{Value, json};
-use shoal_coordinator_free_router::driver::{Driver, Request};
+use shoal_coordinator_free_router::driver::{Driver, LocalWeights, Request};
 use shoal_model_shards::Model;
 use shoal_model_shards::generate::Flow;
 use shoal_model_shards::sampler::SamplingParams;
@@ -815,6 +815,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
                 let origin = Node::bind(net.options(None)).await?;
                 nodes.push(origin.clone());
                 let d = Arc::new(driver(&model, model_id, origin, args.driver.config()));
+                d.set_local_weights(LocalWeights::new(Model::open(model.path())?));
                 for addr in peers {
                     d.add_peer(addr).await?;
                 }

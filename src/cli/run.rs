@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use clap::Args;
+use shoal_coordinator_free_router::driver::LocalWeights;
 use shoal_coordinator_free_router::membership::OwnSpan;
 use shoal_coordinator_free_router::swarm::announce::{Holdings, PeerState};
 use shoal_worker::net::Node;
@@ -112,6 +113,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
         let origin = Node::bind(net.options(None)).await?;
         let d = std::sync::Arc::new(driver(&model, model_id, origin.clone(), args.driver.config()));
+        // This process holds the whole model: spot-checks can use it.
+        d.set_local_weights(LocalWeights::new(model.clone()));
         for (_, node) in &nodes {
             d.add_peer(node.addr()).await?;
         }

@@ -87,6 +87,8 @@ pub struct WorkerArgs {
     #[command(flatten)]
     speculative: SpeculativeArgs,
     #[command(flatten)]
+    spot_check: crate::node::SpotCheckArgs,
+    #[command(flatten)]
     net: NetArgs,
     #[command(flatten)]
     swarm: SwarmArgs,
@@ -242,8 +244,11 @@ pub fn run(args: WorkerArgs) -> Result<()> {
                 let mut net = args.net.clone();
                 net.bind = net.bind.map(|b| SocketAddr::new(b.ip(), 0));
                 let origin = Node::bind(net.options(None)).await?;
-                let config =
-                    DriverConfig { speculation: args.speculative.speculative, ..DriverConfig::default() };
+                let config = DriverConfig {
+                    spot_check: args.spot_check.config(),
+                    speculation: args.speculative.speculative,
+                    ..DriverConfig::default()
+                };
                 let d = Arc::new(driver(&model, model_id, origin.clone(), config));
                 membership.follow(d.clone());
                 let served = serve(&model, &weights.name(), d, addr, &args.api_options).await;

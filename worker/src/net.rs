@@ -153,7 +153,7 @@ pub fn default_net_threads() -> usize {
 pub struct Inbound {
     /// The sender (authenticated by QUIC), or this node for errors it raised itself.
     pub from: PeerId,
-    /// A `StepResult` or an `Error`.
+    /// A `StepResult`, a `StageOutput` or an `Error`.
     pub msg: Message,
 }
 
@@ -466,6 +466,27 @@ impl Node {
     /// Starts serving `service` on a compute thread of its own. A node serves at most one
     /// stage; a second call replaces nothing and returns `false`.
     pub fn serve(&self, service: StageService) -> bool {
+        self.serve_with(service, |_| {})
+    }
+
+    /// Serves `service` as [`Node::serve`] does, but passes every batch of the stage's actions
+    /// through `tamper` before sending them: a stage that lies, for tests of the origin's
+    /// spot-checks. Only with the `fault-injection` feature, which the `shoal` binary never
+    /// enables.
+    #[cfg(feature = "fault-injection")]
+    pub fn serve_tampered(
+        &self,
+        service: StageService,
+        tamper: impl FnMut(&mut Vec<Action>) + Send + 'static,
+    ) -> bool {
+        self.serve_with(service, tamper)
+    }
+
+    fn serve_with(
+        &self,
+        service: StageService,
+        tamper: impl FnMut(&mut Vec<Action>) + Send + 'static,
+    ) -> bool {
         let mut slot = lock(&self.inner.stage);
         if slot.is_some() {
             return false;
@@ -476,7 +497,7 @@ impl Node {
         let snapshot = info.clone();
         let spawned = std::thread::Builder::new()
             .name("shoal-stage".into())
-            .spawn(move || stage_loop(service, rx, inner, snapshot));
+            .spawn(move || stage_loop(service, rx, inner, snapshot, tamper));
         if let Err(e) = spawned {
             tracing::error!("could not start the stage thread: {e}");
             return false;
@@ -697,6 +718,7 @@ impl Inner {
                 }
             }
             Message::StepResult(ref r) => self.to_session(r.session_id, from, msg),
+            Message::StageOutput(ref o) => self.to_session(o.session_id, from, msg),
             Message::Error(ref e) => match e.session_id {
                 Some(id) if lock(&self.sessions).contains_key(&id) => self.to_session(id, from, msg),
                 _ => {
@@ -725,7 +747,7 @@ impl Inner {
                 let session_id = s.session_id;
                 self.to_stage(from, msg, Some(session_id));
             }
-            Message::CloseSession(_) => {
+            Message::CloseSession(_) | Message::Tap(_) => {
                 self.stage_command(Command::Deliver(from, msg));
             }
         }
@@ -886,6 +908,7 @@ fn stage_loop(
     rx: std::sync::mpsc::Receiver<Command>,
     inner: Arc<Inner>,
     snapshot: Arc<Mutex<(PeerInfo, StageStats)>>,
+    mut tamper: impl FnMut(&mut Vec<Action>),
 ) {
     let sweep = inner.options.sweep_interval;
     let mut last_sweep = Instant::now();
@@ -983,6 +1006,7 @@ fn stage_loop(
             actions.extend(service.sweep_idle(now));
             last_sweep = now;
         }
+        tamper(&mut actions);
         for action in actions {
             let sent = match &action {
                 Action::ToNext { to, msg } => {

@@ -20,8 +20,8 @@
 //! - **No encryption or authentication**: QUIC (TLS 1.3) gives both; a node id is the peer's
 //!   ed25519 key, so the transport already knows who sent each frame.
 //! - **No in-band versioning or negotiation**: the version lives in the ALPN string
-//!   ([`ALPN`]). An incompatible change gets a new ALPN (`shoal/stage/3`; version 2 added
-//!   speculative steps), and a node may
+//!   ([`ALPN`]). An incompatible change gets a new ALPN (`shoal/stage/4`; version 2 added
+//!   spot-checks' `Tap` and `StageOutput`, version 3 speculative steps), and a node may
 //!   serve both during a migration. Unknown values are therefore errors, not extensions.
 //! - **No session semantics**: the codec checks what a frame can say about itself (sizes,
 //!   codes, finite sampling parameters, route shape). Whether a session exists, whether a
@@ -56,6 +56,8 @@
 //! | 5    | [`StageError`]     | any stage → origin (or previous hop)   |
 //! | 6    | `Ping`             | either way                             |
 //! | 7    | `Pong`             | reply to `Ping`                        |
+//! | 8    | [`Tap`]            | origin → stage 1 → … → stage N        |
+//! | 9    | [`StageOutput`]    | any stage → origin                     |
 //!
 //! ## 1: `OpenSession` (one per hop; only `hop_index` differs between hops)
 //! | offset     | size  | field                          | rule                                   |
@@ -197,6 +199,27 @@
 //! | 55     | 4    | `sessions: u32`               |                                     |
 //! | 59     | 8    | `free_kv_bytes: u64`          |                                     |
 //!
+//! ## 8: `Tap` (ask every stage for a copy of its output of one step)
+//! | offset | size | field             |
+//! |--------|------|-------------------|
+//! | 0      | 1    | kind = 8          |
+//! | 1      | 8    | `session_id: u64` |
+//! | 9      | 8    | `step_id: u64`    |
+//!
+//! Travels down the chain like `CloseSession` (only from the session's opener) and must
+//! arrive before the step it names. Every stage that forwards hidden states for that step
+//! also sends them to the origin as a [`StageOutput`]; the last stage's answer is its
+//! [`StepResult`] as always. The origin compares these outputs with another replica's to
+//! spot-check the stages (the router's `verify` module). A new tap replaces the previous one.
+//!
+//! ## 9: `StageOutput` (stage → origin: the hidden states a stage forwarded for a tapped step)
+//! | offset | size | field                                              |
+//! |--------|------|----------------------------------------------------|
+//! | 0      | 1    | kind = 9                                           |
+//! | 1      | 8    | `session_id: u64`                                  |
+//! | 9      | 8    | `step_id: u64`                                     |
+//! | 17     | …    | hidden states: `t`, `hidden`, `dtype`, `b`, values, as in a `Step`'s hidden payload (without the tag) |
+//!
 //! # Bytes per token
 //! A decode step (one token, one id in `history_tail`, no draft) with f16 or bf16 hidden
 //! states is `hidden × 2` bytes of values plus 59 bytes of header (4 frame length + 55 body)
@@ -212,7 +235,7 @@
 use std::fmt;
 
 /// ALPN of the stage protocol; the protocol's version lives here and nowhere else.
-pub const ALPN: &[u8] = b"shoal/stage/2";
+pub const ALPN: &[u8] = b"shoal/stage/3";
 
 /// Size of the frame header: the body length as a little-endian `u32`.
 pub const HEADER_LEN: usize = 4;
@@ -841,6 +864,30 @@ pub enum Message {
         /// The responder's span and load, when it serves layers.
         info: Option<PeerInfo>,
     },
+    /// Kind 8.
+    Tap(Tap),
+    /// Kind 9.
+    StageOutput(StageOutput),
+}
+
+/// Asks every stage of a session's chain for a copy of its output of one step (kind 8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tap {
+    /// The session.
+    pub session_id: u64,
+    /// The step whose outputs the origin wants.
+    pub step_id: u64,
+}
+
+/// The hidden states a stage forwarded for a tapped step, sent to the origin (kind 9).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageOutput {
+    /// The session.
+    pub session_id: u64,
+    /// The step.
+    pub step_id: u64,
+    /// Exactly the payload the stage forwarded to the next hop.
+    pub hidden: HiddenStates,
 }
 
 const KIND_OPEN: u8 = 1;
@@ -850,6 +897,8 @@ const KIND_CLOSE: u8 = 4;
 const KIND_ERROR: u8 = 5;
 const KIND_PING: u8 = 6;
 const KIND_PONG: u8 = 7;
+const KIND_TAP: u8 = 8;
+const KIND_OUTPUT: u8 = 9;
 const TAG_TOKENS: u8 = 1;
 const TAG_HIDDEN: u8 = 2;
 
@@ -864,6 +913,8 @@ impl Message {
             Self::Error(_) => KIND_ERROR,
             Self::Ping { .. } => KIND_PING,
             Self::Pong { .. } => KIND_PONG,
+            Self::Tap(_) => KIND_TAP,
+            Self::StageOutput(_) => KIND_OUTPUT,
         }
     }
 
@@ -919,6 +970,8 @@ impl Message {
             }
             Self::Ping { .. } => 8,
             Self::Pong { info, .. } => 8 + 1 + if info.is_some() { 32 + 4 + 4 + 4 + 1 + 4 + 8 } else { 0 },
+            Self::Tap(_) => 8 + 8,
+            Self::StageOutput(m) => 8 + 8 + 4 + 4 + 1 + 4 + m.hidden.bytes.len(),
         }
     }
 
@@ -929,7 +982,8 @@ impl Message {
             Self::OpenSession(m) => validate_open(m),
             Self::Step(m) => validate_step(m),
             Self::StepResult(m) => validate_result(m),
-            Self::CloseSession(_) | Self::Ping { .. } => Ok(()),
+            Self::CloseSession(_) | Self::Ping { .. } | Self::Tap(_) => Ok(()),
+            Self::StageOutput(m) => validate_hidden(&m.hidden),
             Self::Pong { info, .. } => match info {
                 Some(i) if i.start >= i.end || i.end > i.n_layers => Err(ProtocolError::BadRoute {
                     index: 0,
@@ -953,6 +1007,8 @@ fn kind_name(kind: u8) -> &'static str {
         KIND_ERROR => "Error",
         KIND_PING => "Ping",
         KIND_PONG => "Pong",
+        KIND_TAP => "Tap",
+        KIND_OUTPUT => "StageOutput",
         _ => "unknown",
     }
 }
@@ -1041,6 +1097,19 @@ fn check_hidden_size(h: &HiddenStates, actual: u64) -> Result<(), ProtocolError>
     Ok(())
 }
 
+/// Hidden states of a step or a stage output: a non-zero width and exactly `t × hidden`
+/// values (the row count is checked by the caller: it may not be zero in a step).
+fn validate_hidden(h: &HiddenStates) -> Result<(), ProtocolError> {
+    check_count("hidden.t", h.t as usize, MAX_STEP_TOKENS)?;
+    if h.t == 0 {
+        return Err(ProtocolError::Empty { field: "hidden.t" });
+    }
+    if h.hidden == 0 {
+        return Err(ProtocolError::Empty { field: "hidden.hidden" });
+    }
+    check_hidden_size(h, h.bytes.len() as u64)
+}
+
 fn validate_step(m: &Step) -> Result<(), ProtocolError> {
     check_count("history_tail", m.history_tail.len(), MAX_HISTORY_TAIL)?;
     let (field, len) = match &m.payload {
@@ -1052,10 +1121,7 @@ fn validate_step(m: &Step) -> Result<(), ProtocolError> {
         return Err(ProtocolError::Empty { field });
     }
     if let Payload::Hidden(h) = &m.payload {
-        if h.hidden == 0 {
-            return Err(ProtocolError::Empty { field: "hidden.hidden" });
-        }
-        check_hidden_size(h, h.bytes.len() as u64)?;
+        validate_hidden(h)?;
     }
     // `len ≤ MAX_STEP_TOKENS` fits a u32.
     let len = len as u32;
@@ -1166,11 +1232,7 @@ pub fn encode_into(msg: &Message, out: &mut Vec<u8>) {
                 }
                 Payload::Hidden(h) => {
                     out.push(TAG_HIDDEN);
-                    put_u32(out, h.t);
-                    put_u32(out, h.hidden);
-                    out.push(h.dtype.code());
-                    put_len(out, h.bytes.len());
-                    out.extend_from_slice(&h.bytes);
+                    put_hidden(out, h);
                 }
             }
         }
@@ -1215,7 +1277,24 @@ pub fn encode_into(msg: &Message, out: &mut Vec<u8>) {
                 }
             }
         }
+        Message::Tap(m) => {
+            put_u64(out, m.session_id);
+            put_u64(out, m.step_id);
+        }
+        Message::StageOutput(m) => {
+            put_u64(out, m.session_id);
+            put_u64(out, m.step_id);
+            put_hidden(out, &m.hidden);
+        }
     }
+}
+
+fn put_hidden(out: &mut Vec<u8>, h: &HiddenStates) {
+    put_u32(out, h.t);
+    put_u32(out, h.hidden);
+    out.push(h.dtype.code());
+    put_len(out, h.bytes.len());
+    out.extend_from_slice(&h.bytes);
 }
 
 fn addr_len(addr: &SocketAddr) -> usize {
@@ -1333,6 +1412,12 @@ pub fn decode_body(body: &[u8]) -> Result<Message, ProtocolError> {
         KIND_ERROR => Message::Error(read_error(&mut r)?),
         KIND_PING => Message::Ping { nonce: r.u64("nonce")? },
         KIND_PONG => read_pong(&mut r)?,
+        KIND_TAP => Message::Tap(Tap { session_id: r.u64("session_id")?, step_id: r.u64("step_id")? }),
+        KIND_OUTPUT => Message::StageOutput(StageOutput {
+            session_id: r.u64("session_id")?,
+            step_id: r.u64("step_id")?,
+            hidden: read_hidden(&mut r)?,
+        }),
         other => return Err(ProtocolError::UnknownKind(other)),
     };
     if !r.buf.is_empty() {
@@ -1431,23 +1516,26 @@ fn read_step(r: &mut Reader<'_>) -> Result<Step, ProtocolError> {
     let draft = r.u32s("draft", MAX_DRAFT)?;
     let payload = match r.u8("payload tag")? {
         TAG_TOKENS => Payload::Tokens(r.u32s("tokens", MAX_STEP_TOKENS)?),
-        TAG_HIDDEN => {
-            let t = r.u32("hidden.t")?;
-            check_count("hidden.t", t as usize, MAX_STEP_TOKENS)?;
-            let hidden = r.u32("hidden.hidden")?;
-            let code = r.u8("hidden.dtype")?;
-            let dtype = WireDType::from_code(code)
-                .map_err(|_| ProtocolError::UnknownDtype { field: "hidden.dtype", code })?;
-            let declared = r.u32("hidden.bytes")?;
-            let shape = HiddenStates { t, hidden, dtype, bytes: Vec::new() };
-            // Shape first, so a mismatch is reported as such rather than as truncation.
-            check_hidden_size(&shape, u64::from(declared))?;
-            let bytes = r.take(declared as usize, "hidden.bytes")?.to_vec();
-            Payload::Hidden(HiddenStates { bytes, ..shape })
-        }
+        TAG_HIDDEN => Payload::Hidden(read_hidden(r)?),
         tag => return Err(ProtocolError::UnknownPayload(tag)),
     };
     Ok(Step { session_id, step_id, start_pos, sample_step, history_tail, draft, payload })
+}
+
+/// Hidden states as a step's payload carries them (after the tag).
+fn read_hidden(r: &mut Reader<'_>) -> Result<HiddenStates, ProtocolError> {
+    let t = r.u32("hidden.t")?;
+    check_count("hidden.t", t as usize, MAX_STEP_TOKENS)?;
+    let hidden = r.u32("hidden.hidden")?;
+    let code = r.u8("hidden.dtype")?;
+    let dtype = WireDType::from_code(code)
+        .map_err(|_| ProtocolError::UnknownDtype { field: "hidden.dtype", code })?;
+    let declared = r.u32("hidden.bytes")?;
+    let shape = HiddenStates { t, hidden, dtype, bytes: Vec::new() };
+    // Shape first, so a mismatch is reported as such rather than as truncation.
+    check_hidden_size(&shape, u64::from(declared))?;
+    let bytes = r.take(declared as usize, "hidden.bytes")?.to_vec();
+    Ok(HiddenStates { bytes, ..shape })
 }
 
 fn read_result(r: &mut Reader<'_>) -> Result<StepResult, ProtocolError> {

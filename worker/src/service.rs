@@ -70,7 +70,7 @@ use shoal_model_shards::{
 
 use crate::protocol::{
     Chosen, CloseReason, CloseSession, ErrorCode, HiddenStates, Message, OpenSession, Payload, PeerInfo,
-    StageError, Step, StepResult,
+    StageError, StageOutput as Copied, Step, StepResult, Tap,
 };
 use session::{SamplerState, Session};
 
@@ -244,6 +244,12 @@ impl StageService {
     /// Handles one message from peer `from` received at `now`; returns what to send.
     #[must_use = "the actions must be sent"]
     pub fn handle(&mut self, from: PeerId, msg: Message, now: Instant) -> Vec<Action> {
+        let mut actions = self.handle_one(from, msg, now);
+        self.copy_tapped(&mut actions);
+        actions
+    }
+
+    fn handle_one(&mut self, from: PeerId, msg: Message, now: Instant) -> Vec<Action> {
         if let Err(e) = msg.validate() {
             let (session_id, step_id) = match &msg {
                 Message::OpenSession(m) => (Some(m.session_id), None),
@@ -256,12 +262,16 @@ impl StageService {
             Message::OpenSession(open) => self.open(from, open, now),
             Message::Step(step) => self.step(from, step, now),
             Message::CloseSession(close) => self.close(from, close),
+            Message::Tap(tap) => self.tap(from, tap),
             Message::Ping { nonce } => {
                 vec![Action::ToOrigin { to: from, msg: Message::Pong { nonce, info: Some(self.info()) } }]
             }
             // Replies are for origins, not stages: ignore them rather than answer with an
             // error, which could make two stages bounce errors forever.
-            other @ (Message::StepResult(_) | Message::Error(_) | Message::Pong { .. }) => {
+            other @ (Message::StepResult(_)
+            | Message::Error(_)
+            | Message::Pong { .. }
+            | Message::StageOutput(_)) => {
                 tracing::debug!(kind = other.kind_name(), "ignoring a reply sent to a stage");
                 Vec::new()
             }
@@ -431,6 +441,7 @@ impl StageService {
             rewind_floor: None,
             last_active: now,
             sampling,
+            tap: None,
         };
         self.sessions.insert(open.session_id, session);
         Ok(())
@@ -563,6 +574,48 @@ impl StageService {
     /// so every session sees its messages in order.
     #[must_use = "the actions must be sent"]
     pub fn handle_many(&mut self, msgs: Vec<(PeerId, Message)>, now: Instant) -> Vec<Action> {
+        let mut actions = self.handle_many_untapped(msgs, now);
+        self.copy_tapped(&mut actions);
+        actions
+    }
+
+    /// After each hidden-state step forwarded for a tapped step, a copy to the origin (a
+    /// [`StageOutput`]): exactly the bytes the next hop gets.
+    fn copy_tapped(&self, actions: &mut Vec<Action>) {
+        let tapped = |a: &Action| match a {
+            Action::ToNext { msg: Message::Step(s), .. } => {
+                self.sessions.get(&s.session_id).is_some_and(|x| x.tap == Some(s.step_id))
+            }
+            _ => false,
+        };
+        if !actions.iter().any(tapped) {
+            return;
+        }
+        let mut out = Vec::with_capacity(actions.len() + 1);
+        for a in actions.drain(..) {
+            let copy = match &a {
+                Action::ToNext { msg: Message::Step(s), .. } if tapped(&a) => {
+                    match (&s.payload, self.origin(s.session_id)) {
+                        (Payload::Hidden(h), Some(to)) => Some(Action::ToOrigin {
+                            to,
+                            msg: Message::StageOutput(Copied {
+                                session_id: s.session_id,
+                                step_id: s.step_id,
+                                hidden: h.clone(),
+                            }),
+                        }),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            };
+            out.push(a);
+            out.extend(copy);
+        }
+        *actions = out;
+    }
+
+    fn handle_many_untapped(&mut self, msgs: Vec<(PeerId, Message)>, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
         let mut batch: Vec<Pending> = Vec::new();
         for (from, msg) in msgs {
@@ -668,6 +721,24 @@ impl StageService {
         }
     }
 
+    /// A `Tap` from the session's opener: remember the step and pass the tap on.
+    fn tap(&mut self, from: PeerId, tap: Tap) -> Vec<Action> {
+        match self.sessions.get_mut(&tap.session_id) {
+            Some(s) if s.opener == from => {
+                s.tap = Some(tap.step_id);
+                s.next.map(|to| vec![Action::ToNext { to, msg: Message::Tap(tap) }]).unwrap_or_default()
+            }
+            Some(_) => {
+                tracing::info!(
+                    session_id = tap.session_id,
+                    "ignoring a tap from a peer that did not open the session"
+                );
+                Vec::new()
+            }
+            None => Vec::new(),
+        }
+    }
+
     fn close(&mut self, from: PeerId, close: CloseSession) -> Vec<Action> {
         let session_id = close.session_id;
         match self.sessions.get(&session_id) {
@@ -752,6 +823,7 @@ pub fn schedule(msgs: Vec<Received>, prefill_budget: usize) -> (Vec<Received>, V
             Message::Step(s) => Some(s.session_id),
             Message::OpenSession(o) => Some(o.session_id),
             Message::CloseSession(c) => Some(c.session_id),
+            Message::Tap(t) => Some(t.session_id),
             _ => None,
         };
         let first = session.is_none_or(|id| seen.insert(id));

@@ -14,7 +14,7 @@ use shoal_model_shards::sampler::{Sampler, SamplingParams};
 use shoal_model_shards::{DType, Device, LogitsMode, Model, Shard, StageInput, StageOutput};
 use shoal_worker::protocol::{
     CloseReason, CloseSession, ErrorCode, HiddenStates, Message, OpenSession, Payload, RouteHop, Sampling,
-    StageError, Step, StepResult,
+    StageError, Step, StepResult, Tap,
 };
 use shoal_worker::service::{Action, PeerId, StageConfig, StageService, StageStats};
 
@@ -810,5 +810,47 @@ fn speculative_steps_verify_drafts_and_roll_back_rejected_positions() -> anyhow:
     let mut bad = spec_step(1, 10, 14, 9, &[want[8]], want[8], &[1, 2]);
     bad.draft.pop();
     expect_error(&ring.send(Message::Step(bad)), ErrorCode::BadShape);
+#[test]
+fn a_tapped_step_copies_what_each_stage_forwards_to_the_origin() -> anyhow::Result<()> {
+    let mut ring = Ring::standard()?;
+    assert!(ring.open(9, WireDType::F32, 0).is_empty());
+    let mut c = Client::new(9);
+    c.prefill(&mut ring);
+    // An untapped step: the result alone.
+    c.decode(&mut ring);
+    // A tap from someone other than the opener is ignored.
+    assert!(ring.deliver(STAGE_B, STAGE_A, Message::Tap(Tap { session_id: 9, step_id: 4 })).is_empty());
+    let last = *c.tokens.last().expect("a token");
+    let step = tokens_step(9, 4, c.pos, c.tokens.len() as u64, &[last]);
+    assert!(ring.send(Message::Step(step.clone())).iter().all(|m| matches!(m, Message::StepResult(_))));
+    // The tap travels down the chain; the tapped step gives stage A's output (this ring
+    // delivers A's forward first, so the result comes before it) and the result.
+    assert!(ring.send(Message::Tap(Tap { session_id: 9, step_id: 5 })).is_empty());
+    let next = tokens_step(9, 5, c.pos + 1, c.tokens.len() as u64 + 1, &[last]);
+    // What stage A forwards, computed by hand from a fresh shard.
+    let replies = ring.send(Message::Step(next));
+    let [Message::StepResult(r), Message::StageOutput(out)] = replies.as_slice() else {
+        panic!("expected a StepResult and a StageOutput, got {replies:?}");
+    };
+    assert_eq!((out.session_id, out.step_id, r.step_id), (9, 5, 5));
+    assert_eq!((out.hidden.t, out.hidden.dtype), (1, WireDType::F32));
+    let shard = load(0..2)?;
+    let mut cache = shard.new_cache(64);
+    let mut history: Vec<u32> = PROMPT.to_vec();
+    // The prompt, the two ids fed so far (the second is `last`), and `last` twice more.
+    history.extend(&c.tokens);
+    history.push(last);
+    let StageOutput::Hidden(h) = shard.forward(&mut cache, StageInput::Tokens(history), LogitsMode::Last)?
+    else {
+        panic!("the first span returns hidden states");
+    };
+    let want: Vec<f32> = h.get(h.dim(0)? - 1)?.to_vec1()?;
+    let got: Vec<f32> =
+        out.hidden.bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    let worst = want.iter().zip(&got).map(|(a, b)| (a - b).abs() / a.abs().max(1.0)).fold(0.0f32, f32::max);
+    assert!(worst < 1e-4, "the copy is the stage's output (within prefill-vs-decode rounding): {worst}");
+    // The next step is not tapped.
+    let again = tokens_step(9, 6, c.pos + 2, c.tokens.len() as u64 + 2, &[r.token]);
+    assert!(ring.send(Message::Step(again)).iter().all(|m| matches!(m, Message::StepResult(_))));
     Ok(())
 }

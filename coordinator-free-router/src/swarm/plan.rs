@@ -115,6 +115,27 @@ impl CostModel {
     }
 }
 
+/// The per-layer throughput to plan with. An announcement is only a prior: once this node has
+/// measured the peer (a moving average of the steps it served, see the driver), the
+/// measurement decides, and a peer that claimed more than [`OVERCLAIM`] times its measurement
+/// is planned at half its measurement, so inflating a claim costs routes instead of winning
+/// them.
+pub fn believed_throughput(announced: f64, measured: Option<f64>) -> f64 {
+    match measured {
+        Some(m) if m.is_finite() && m > 0.0 => {
+            if announced > OVERCLAIM * m {
+                m / 2.0
+            } else {
+                m
+            }
+        }
+        _ => announced,
+    }
+}
+
+/// How far an announcement may exceed a measurement before the peer is charged for it.
+pub const OVERCLAIM: f64 = 2.0;
+
 fn usable(c: &Candidate) -> bool {
     c.start < c.end
         && c.throughput.is_finite()

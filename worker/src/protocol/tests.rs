@@ -210,7 +210,19 @@ fn message() -> impl Strategy<Value = Message> {
         stage_error().prop_map(Message::Error),
         any::<u64>().prop_map(|nonce| Message::Ping { nonce }),
         (any::<u64>(), peer_info()).prop_map(|(nonce, info)| Message::Pong { nonce, info }),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(session_id, step_id)| Message::Tap(Tap { session_id, step_id })),
+        stage_output().prop_map(Message::StageOutput),
     ]
+}
+
+fn stage_output() -> impl Strategy<Value = StageOutput> {
+    (any::<u64>(), any::<u64>(), payload()).prop_filter_map("hidden payloads", |(session_id, step_id, p)| {
+        match p {
+            Payload::Hidden(hidden) => Some(StageOutput { session_id, step_id, hidden }),
+            Payload::Tokens(_) => None,
+        }
+    })
 }
 
 fn round_trip(m: &Message) -> Result<(), TestCaseError> {
@@ -241,6 +253,14 @@ proptest! {
 
     #[test]
     fn error_round_trips(m in stage_error()) { round_trip(&Message::Error(m))?; }
+
+    #[test]
+    fn tap_round_trips(session_id in any::<u64>(), step_id in any::<u64>()) {
+        round_trip(&Message::Tap(Tap { session_id, step_id }))?;
+    }
+
+    #[test]
+    fn stage_output_round_trips(m in stage_output()) { round_trip(&Message::StageOutput(m))?; }
 
     #[test]
     fn ping_pong_round_trip(nonce in any::<u64>(), info in peer_info()) {
@@ -421,6 +441,20 @@ fn examples() -> Vec<(Message, &'static str)> {
             },
             PONG_INFO_HEX,
         ),
+        (Message::Tap(Tap { session_id: 7, step_id: 2 }), TAP_HEX),
+        (
+            Message::StageOutput(StageOutput {
+                session_id: 7,
+                step_id: 2,
+                hidden: HiddenStates {
+                    t: 1,
+                    hidden: 2,
+                    dtype: WireDType::F16,
+                    bytes: vec![0x00, 0x3c, 0x00, 0xc0],
+                },
+            }),
+            OUTPUT_HEX,
+        ),
     ]
 }
 
@@ -461,6 +495,10 @@ const PONG_HEX: &str = "0a00000007887766554433221100";
 const PONG_INFO_HEX: &str = "\
     4300000007010000000000000001aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa \
     aaaaaaaaaaaaaa0f0000001e0000001e00000001020000000001000000000000";
+
+const TAP_HEX: &str = "110000000807000000000000000200000000000000";
+const OUTPUT_HEX: &str = "\
+    22000000090700000000000000020000000000000001000000020000000104000000003c00c0";
 
 #[test]
 fn byte_snapshots() {
@@ -585,7 +623,7 @@ fn huge_counts_fail_before_allocating() {
 
 #[test]
 fn unknown_kinds_are_rejected() {
-    for kind in [0u8, 8, 0x7f, 0xff] {
+    for kind in [0u8, 10, 0x7f, 0xff] {
         let mut b = body(&Message::Ping { nonce: 3 });
         b[0] = kind;
         assert_eq!(decode_body(&b), Err(ProtocolError::UnknownKind(kind)));
@@ -806,5 +844,5 @@ fn codes_round_trip_and_zero_is_never_valid() {
     assert_eq!(ErrorCode::from_code(19), None);
     assert_eq!(CloseReason::from_code(0), None);
     assert!(WireDType::from_code(0).is_err());
-    assert_eq!(ALPN, b"shoal/stage/2");
+    assert_eq!(ALPN, b"shoal/stage/3");
 }

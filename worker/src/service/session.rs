@@ -45,4 +45,6 @@ pub(super) struct Session {
     pub(super) last_active: Instant,
     /// Sampling state, on the last stage only.
     pub(super) sampling: Option<SamplerState>,
+    /// The step whose forwarded hidden states are also sent to the origin (a `Tap`).
+    pub(super) tap: Option<u64>,
 }

@@ -163,3 +163,27 @@ fn cost_formula() {
     assert_eq!(cost.hop_cost(&c, 0, 8), Some(4000.0 + 10.0 + 5.0 + 100.0 + 14.0));
     assert_eq!(cost.hop_cost(&c, 0, 4), None, "exact peers serve their whole span only");
 }
+
+#[test]
+fn a_peer_claiming_1e9_tokens_per_second_but_measured_slow_stops_attracting_routes() {
+    let cost = CostModel::default();
+    // Two replicas of 0..8: one claims 1e9 tokens/s per layer, the other 1,000.
+    let (liar_claim, honest_claim) = (1e9, 1000.0);
+    let plan = |liar_measured: Option<f64>, honest_measured: Option<f64>| {
+        let cands = [
+            cand(1, 0, 8, believed_throughput(liar_claim, liar_measured)),
+            cand(2, 0, 8, believed_throughput(honest_claim, honest_measured)),
+        ];
+        plan_route(8, &cands, &cost).map(|r| r.hops[0].id)
+    };
+    // Before any measurement the claim wins: it is only a prior.
+    assert_eq!(plan(None, None), Some([1; 32]));
+    // Measured at 100 tokens/s (the honest one at 900): the liar loses every route.
+    assert_eq!(plan(Some(100.0), Some(900.0)), Some([2; 32]));
+    // Even measured faster than the honest peer, an overclaim of 2x or more halves it.
+    assert_eq!(believed_throughput(1e9, Some(1000.0)), 500.0);
+    assert_eq!(plan(Some(1000.0), Some(900.0)), Some([2; 32]));
+    // An honest claim is replaced by its measurement.
+    assert_eq!(believed_throughput(1000.0, Some(900.0)), 900.0);
+    assert_eq!(believed_throughput(1000.0, Some(f64::NAN)), 1000.0);
+}

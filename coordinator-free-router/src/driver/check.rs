@@ -1,0 +1,443 @@
+//! The driver's side of spot-checks (the decisions are [`crate::verify`]'s): choosing the
+//! routes that give a second and third opinion, running the same history through them, and
+//! the origin's own computation when it holds the weights.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Instant;
+
+use shoal_model_shards::activation::{self, WireDType};
+use shoal_model_shards::sampler::{Sampler, SamplingParams};
+use shoal_model_shards::{DType, Device, LogitsMode, Model, Shard, StageInput, StageOutput};
+use shoal_worker::net::{Inbound, SessionChannel, short};
+use shoal_worker::protocol::{
+    CloseReason, HiddenStates, Message, OpenSession, Payload, RouteHop, Sampling, StageOutput as Tapped,
+    Step, StepResult, Tap,
+};
+use shoal_worker::service::PeerId;
+
+use super::{Driver, Request, SessionGuard, lock};
+use crate::verify::{Computer, Observation, Verdict, judge};
+
+/// The origin's own copy of the model, to check stages when no other replica exists and to
+/// break ties between two (see [`Driver::set_local_weights`]).
+pub struct LocalWeights {
+    model: Arc<Model>,
+    shards: std::sync::Mutex<HashMap<(u32, u32), Arc<Shard>>>,
+}
+
+impl LocalWeights {
+    /// Checks with the weights of `model`, which must be whole (not a span fetched from the
+    /// swarm); spans are loaded when first needed.
+    pub fn new(model: impl Into<Arc<Model>>) -> Self {
+        Self { model: model.into(), shards: std::sync::Mutex::new(HashMap::new()) }
+    }
+
+    fn shard(&self, span: Range<u32>) -> Result<Arc<Shard>, String> {
+        let key = (span.start, span.end);
+        if let Some(s) = lock(&self.shards).get(&key) {
+            return Ok(s.clone());
+        }
+        let shard =
+            Shard::load(&self.model, span.start as usize..span.end as usize, &Device::Cpu, DType::F32)
+                .map_err(|e| e.to_string())?;
+        let shard = Arc::new(shard);
+        lock(&self.shards).insert(key, shard.clone());
+        Ok(shard)
+    }
+
+    /// Runs `replay` (the steps a route gets, the checked one last) through spans `route`,
+    /// rounding hidden states between spans to `wire` as the stages do.
+    fn observe(&self, route: &[RouteHop], replay: &Replay, wire: WireDType) -> Result<Observation, String> {
+        let mut input: Vec<StageInput> = replay.steps.iter().map(|s| StageInput::Tokens(s.clone())).collect();
+        let mut outputs = Vec::new();
+        for (i, hop) in route.iter().enumerate() {
+            let shard = self.shard(hop.start..hop.end)?;
+            let mut cache = shard.new_cache(replay.max_len);
+            let mut next = Vec::with_capacity(input.len());
+            let last_hop = i + 1 == route.len();
+            for step in input {
+                match shard.forward(&mut cache, step, LogitsMode::Last).map_err(|e| e.to_string())? {
+                    StageOutput::Hidden(h) => next.push(StageInput::Hidden(on_the_wire(&h, wire)?)),
+                    StageOutput::Logits(l) if last_hop => next.push(StageInput::Hidden(l)),
+                    StageOutput::Logits(_) => return Err("logits before the last hop".into()),
+                }
+            }
+            let Some(StageInput::Hidden(last)) = next.last() else {
+                return Err("no output".into());
+            };
+            let row = last_row(last)?;
+            if last_hop {
+                let sampler = Sampler::new(replay.params.clone()).map_err(|e| e.to_string())?;
+                let s = sampler
+                    .sample(&row, &replay.history, replay.prompt_len, replay.sample_step, 0)
+                    .map_err(|e| e.to_string())?;
+                return Ok(Observation {
+                    hops: vec![Computer::Origin; route.len()],
+                    outputs,
+                    token: s.token,
+                    logprob: s.logprob,
+                });
+            }
+            outputs.push(row);
+            input = next;
+        }
+        Err("an empty route".into())
+    }
+}
+
+/// Hidden states as the next stage receives them: rounded to the wire's dtype.
+fn on_the_wire(
+    h: &shoal_model_shards::Tensor,
+    wire: WireDType,
+) -> Result<shoal_model_shards::Tensor, String> {
+    let (t, width) = h.dims2().map_err(|e| e.to_string())?;
+    let bytes = activation::encode(h, wire).map_err(|e| e.to_string())?;
+    activation::decode(&bytes, wire, t, width, &Device::Cpu).map_err(|e| e.to_string())
+}
+
+/// The last row of a `(t, width)` tensor as f32.
+fn last_row(t: &shoal_model_shards::Tensor) -> Result<Vec<f32>, String> {
+    let rows = t.dim(0).map_err(|e| e.to_string())?;
+    t.get(rows.saturating_sub(1))
+        .and_then(|r| r.to_dtype(DType::F32))
+        .and_then(|r| r.flatten_all())
+        .and_then(|r| r.to_vec1::<f32>())
+        .map_err(|e| e.to_string())
+}
+
+/// The last row of tapped hidden states as f32.
+pub(super) fn tapped_row(h: &HiddenStates) -> Option<Vec<f32>> {
+    let t = activation::decode(&h.bytes, h.dtype, h.t as usize, h.hidden as usize, &Device::Cpu).ok()?;
+    last_row(&t).ok()
+}
+
+/// What a route is sent to reproduce one checked step: the history before it as prefill
+/// chunks (cheaper than the one-token steps of the first run; the kernels give each row the
+/// bits it has alone, measured bit-identical in `tests/check_tolerance.rs`), then the checked
+/// step's one token.
+pub(super) struct Replay {
+    /// Token ids of each step.
+    pub(super) steps: Vec<Vec<u32>>,
+    /// The history the last stage holds at the checked step (prompt, then the generated ids
+    /// up to the checked step's input).
+    pub(super) history: Vec<u32>,
+    pub(super) prompt_len: usize,
+    /// The sample step of the checked (last) step.
+    pub(super) sample_step: u64,
+    pub(super) max_len: usize,
+    pub(super) params: SamplingParams,
+}
+
+impl Replay {
+    /// The replay of the decode step that feeds the last of `tokens` (the ids generated so
+    /// far; not empty) after `request.prompt`.
+    pub(super) fn new(request: &Request, tokens: &[u32], chunk: usize) -> Self {
+        let history: Vec<u32> = request.prompt.iter().chain(tokens).copied().collect();
+        let (before, last) = history.split_at(history.len().saturating_sub(1));
+        let mut steps: Vec<Vec<u32>> = before.chunks(chunk.max(1)).map(<[u32]>::to_vec).collect();
+        steps.push(last.to_vec());
+        Self {
+            steps,
+            history,
+            prompt_len: request.prompt.len(),
+            sample_step: tokens.len() as u64,
+            max_len: request.prompt.len() + request.max_tokens,
+            params: request.params.clone(),
+        }
+    }
+}
+
+/// What a check found, for the generation that ran it.
+pub(super) enum CheckResult {
+    /// The step's result stands.
+    Passed,
+    /// No second opinion could be had (or it failed): the step's result stands, unchecked.
+    Skipped(String),
+    /// These peers of the checked route lied (or could not be cleared): fail over.
+    Failed { culprits: Vec<PeerId>, reason: String },
+}
+
+impl Driver {
+    /// Whether a step through `route` can be checked: another replica of one of its spans, or
+    /// the origin's own weights.
+    pub(super) fn can_check(&self, route: &[RouteHop]) -> bool {
+        lock(&self.local).is_some() || self.other_route(route, &[]).is_some()
+    }
+
+    /// A route with `route`'s boundaries through other peers where they exist, avoiding
+    /// `avoid` at each hop (`None` when it would be `route` itself).
+    fn other_route(&self, route: &[RouteHop], avoid: &[Vec<PeerId>]) -> Option<Vec<RouteHop>> {
+        let now = Instant::now();
+        let peers = lock(&self.peers);
+        let mut out = Vec::with_capacity(route.len());
+        let mut changed = false;
+        for (i, hop) in route.iter().enumerate() {
+            let mut choices: Vec<(&PeerId, &super::PeerState)> = peers
+                .iter()
+                .filter(|(id, p)| {
+                    p.info.start == hop.start
+                        && p.info.end == hop.end
+                        && !p.info.draining
+                        && p.banned_until.is_none_or(|t| t <= now)
+                        && !avoid.get(i).is_some_and(|a| a.contains(id))
+                        && **id != hop.node_id
+                })
+                .collect();
+            // A random replica: a worker cannot tell when it will be asked for a second opinion,
+            // and the checks spread over the replicas.
+            choices.sort_by_key(|(id, _)| **id);
+            let pick = (!choices.is_empty()).then(|| rand::random::<u64>() as usize % choices.len());
+            match pick.and_then(|i| choices.get(i)) {
+                Some((id, _)) => {
+                    out.push(RouteHop { node_id: **id, start: hop.start, end: hop.end });
+                    changed = true;
+                }
+                None => out.push(hop.clone()),
+            }
+        }
+        changed.then_some(out)
+    }
+
+    /// Runs `replay` through `route` as a session of its own, tapping the checked step.
+    async fn observe_remote(&self, route: &[RouteHop], replay: &Replay) -> Result<Observation, String> {
+        let ids: Vec<PeerId> = route.iter().map(|h| h.node_id).collect();
+        let first = ids[0];
+        let session_id: u64 = rand::random();
+        let mut channel = self.node.open_session_channel(session_id);
+        let mut address_book = vec![self.node.node_addrs()];
+        address_book.extend(ids.iter().map(|id| self.node.known_addrs(id)));
+        let open = OpenSession {
+            session_id,
+            model_id: self.model_id,
+            origin: self.node.id(),
+            route: route.to_vec(),
+            hop_index: 0,
+            wire_dtype: self.config.wire_dtype,
+            max_len: u32::try_from(replay.max_len).unwrap_or(u32::MAX),
+            sampling: Sampling::from(&replay.params),
+            top_logprobs: 0,
+            prompt_len: u32::try_from(replay.prompt_len).unwrap_or(u32::MAX),
+            address_book,
+        };
+        let _guard =
+            SessionGuard { node: &self.node, first_hop: first, session_id, reason: CloseReason::Completed };
+        let send =
+            |msg: &Message| self.node.send_for_session(first, session_id, msg).map_err(|e| e.to_string());
+        send(&Message::OpenSession(open))?;
+        let mut pos = 0u32;
+        let n = replay.steps.len() as u64;
+        for (i, ids) in replay.steps.iter().enumerate() {
+            let step_id = i as u64 + 1;
+            if step_id == n {
+                send(&Message::Tap(Tap { session_id, step_id }))?;
+            }
+            let len = ids.len() as u32;
+            // The chunks' samples are not used.
+            let sample_step = if step_id == n { replay.sample_step } else { 0 };
+            send(&Message::Step(Step {
+                session_id,
+                step_id,
+                start_pos: pos,
+                sample_step,
+                history_tail: ids.clone(),
+                payload: Payload::Tokens(ids.clone()),
+            }))?;
+            pos += len;
+        }
+        let deadline = Instant::now()
+            + self.config.step_timeout
+            + self.config.prefill_timeout_per_token.saturating_mul(pos);
+        let (result, taps) = collect_step(&mut channel, &ids, n, deadline).await?;
+        observation(&ids, &result, &taps)
+    }
+
+    /// Another opinion of the checked step through `route`: remote, or the origin's own
+    /// computation when `local` is set.
+    async fn observe(
+        &self,
+        route: &[RouteHop],
+        replay: &Arc<Replay>,
+        local: bool,
+    ) -> Result<Observation, String> {
+        if local {
+            let Some(weights) = lock(&self.local).clone() else {
+                return Err("the origin holds no weights".into());
+            };
+            let (route, replay, wire) = (route.to_vec(), replay.clone(), self.config.wire_dtype);
+            return tokio::task::spawn_blocking(move || weights.observe(&route, &replay, wire))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        self.observe_remote(route, replay).await
+    }
+
+    /// Checks a step whose route and outputs are `primary`: a second opinion, a third one when
+    /// they disagree, then bans (see [`crate::verify`]).
+    pub(super) async fn spot_check(
+        &self,
+        route: &[RouteHop],
+        primary: Observation,
+        replay: Replay,
+    ) -> CheckResult {
+        let replay = Arc::new(replay);
+        let has_local = lock(&self.local).is_some();
+        let ids: Vec<PeerId> = route.iter().map(|h| h.node_id).collect();
+        // A second opinion: other replicas where there are some (the swarm's cores rather than
+        // the origin's), else the origin's weights.
+        let (second_route, second_local) = match self.other_route(route, &[]) {
+            Some(r) => (r, false),
+            None if has_local => (route.to_vec(), true),
+            None => return CheckResult::Skipped("no other replica and no local weights".into()),
+        };
+        self.checks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let second = match self.observe(&second_route, &replay, second_local).await {
+            Ok(o) => o,
+            Err(e) => return CheckResult::Skipped(format!("the second opinion failed: {e}")),
+        };
+        let config = *self.spot_config();
+        let mut observations = vec![primary, second];
+        let mut verdict = judge(&observations, &config);
+        if let Verdict::Unresolved { hop, .. } = &verdict {
+            // A third opinion at the divergent hop.
+            let hop = *hop;
+            let mut avoid = vec![Vec::new(); route.len()];
+            avoid[hop] = vec![route[hop].node_id, second_route[hop].node_id];
+            let third = match self.other_route(&second_route, &avoid) {
+                Some(r)
+                    if r[hop].node_id != route[hop].node_id
+                        && r[hop].node_id != second_route[hop].node_id =>
+                {
+                    Some((r, false))
+                }
+                _ if has_local && !second_local => Some((route.to_vec(), true)),
+                _ => None,
+            };
+            if let Some((r, local)) = third {
+                match self.observe(&r, &replay, local).await {
+                    Ok(o) => {
+                        observations.push(o);
+                        verdict = judge(&observations, &config);
+                    }
+                    Err(e) => tracing::warn!("the third opinion failed: {e}"),
+                }
+            }
+        }
+        match verdict {
+            Verdict::Agree => {
+                let mut checked: Vec<PeerId> = ids.clone();
+                checked.extend(second_route.iter().map(|h| h.node_id));
+                lock(&self.policy).passed(&checked);
+                CheckResult::Passed
+            }
+            Verdict::Wrong { hop, wrong, liars } => {
+                self.caught(&liars, hop);
+                if !wrong.contains(&0) {
+                    // The checked route was right: its result stands.
+                    lock(&self.policy).passed(&ids);
+                    return CheckResult::Passed;
+                }
+                let culprits: Vec<PeerId> = liars.iter().filter(|p| ids.contains(p)).copied().collect();
+                CheckResult::Failed {
+                    reason: if culprits.is_empty() {
+                        // Hop `hop` is served by the same peer on both sides: an earlier step
+                        // fed this session's route something wrong. Replay it.
+                        format!(
+                            "spot-check: this route's result is wrong from hop {hop} on (an earlier step)"
+                        )
+                    } else {
+                        format!(
+                            "spot-check: {} returned a wrong result at hop {hop}",
+                            culprits.iter().map(short).collect::<Vec<_>>().join(", ")
+                        )
+                    },
+                    culprits,
+                }
+            }
+            Verdict::Unresolved { hop, suspects } => {
+                let names = suspects.iter().map(short).collect::<Vec<_>>().join(", ");
+                // Two replicas that disagree with nothing to tell which is right: both are set
+                // aside for a ban period (one peer on both sides is not to blame, see `judge`).
+                let banned = if suspects.len() >= 2 { suspects.clone() } else { Vec::new() };
+                tracing::warn!(hop, suspects = %names, "spot-check: replicas disagree and no third opinion exists");
+                self.ban(&banned);
+                CheckResult::Failed {
+                    reason: format!(
+                        "spot-check: [{names}] disagree at hop {hop} and no third opinion exists"
+                    ),
+                    culprits: banned.into_iter().filter(|p| ids.contains(p)).collect(),
+                }
+            }
+        }
+    }
+
+    /// Bans peers a check caught lying: the longest ban, counted and logged; sessions through
+    /// them fail over at their next step.
+    fn caught(&self, liars: &[PeerId], hop: usize) {
+        let now = Instant::now();
+        let mut peers = lock(&self.peers);
+        for id in liars {
+            tracing::warn!(peer = %short(id), hop, ban = ?self.config.ban_max, "spot-check: banned a peer that returned wrong results");
+            self.liars_banned.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            lock(&self.policy).forget(id);
+            if let Some(p) = peers.get_mut(id) {
+                p.failures = p.failures.saturating_add(1);
+                p.banned_until = Some(now + self.config.ban_max);
+                p.liar = true;
+            }
+        }
+    }
+}
+
+/// Waits for step `step_id`'s result from the last hop of `route` and the tapped outputs of
+/// the others.
+pub(super) async fn collect_step(
+    channel: &mut SessionChannel,
+    route: &[PeerId],
+    step_id: u64,
+    deadline: Instant,
+) -> Result<(StepResult, HashMap<PeerId, HiddenStates>), String> {
+    let last = route[route.len() - 1];
+    let mut result = None;
+    let mut taps = HashMap::new();
+    loop {
+        if result.is_some() && route[..route.len() - 1].iter().all(|p| taps.contains_key(p)) {
+            break;
+        }
+        let Some(Inbound { from, msg }) = channel.recv_until(deadline.into()).await else {
+            return Err("no result within the deadline".into());
+        };
+        match msg {
+            Message::StepResult(r) if from == last && r.step_id == step_id => result = Some(r),
+            Message::StageOutput(Tapped { step_id: s, hidden, .. })
+                if s == step_id && route.contains(&from) =>
+            {
+                taps.insert(from, hidden);
+            }
+            Message::Error(e) => return Err(format!("{} from {}: {}", e.code, short(&from), e.message)),
+            _ => {}
+        }
+    }
+    result.map(|r| (r, taps)).ok_or_else(|| "no result".into())
+}
+
+/// An observation from a route's result and taps.
+pub(super) fn observation(
+    route: &[PeerId],
+    result: &StepResult,
+    taps: &HashMap<PeerId, HiddenStates>,
+) -> Result<Observation, String> {
+    let mut outputs = Vec::with_capacity(route.len().saturating_sub(1));
+    for p in &route[..route.len() - 1] {
+        let h = taps.get(p).ok_or_else(|| format!("{} sent no output", short(p)))?;
+        // Non-finite or misshapen: an output that cannot match any honest one.
+        outputs.push(tapped_row(h).unwrap_or_default());
+    }
+    Ok(Observation {
+        hops: route.iter().map(|p| Computer::Peer(*p)).collect(),
+        outputs,
+        token: result.token,
+        logprob: result.logprob,
+    })
+}

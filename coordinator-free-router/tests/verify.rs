@@ -1,0 +1,246 @@
+//! Spot-checks over real iroh endpoints on loopback: stages of the tiny llama fixture (4
+//! layers, split 0..2 and 2..4), one of them a liar: the library's stage service behind
+//! `Node::serve_tampered` (the `fault-injection` feature, which the binary never enables),
+//! perturbing the hidden states it forwards on a few percent of its one-position steps by a
+//! relative 1e-3.
+//!
+//! Proves: the origin detects the liar, bans it and the completion equals local generation,
+//! with two replicas and the origin's weights as the tie-breaker, and with three replicas by
+//! majority; a single replica is checked against the origin's own weights; honest replicas
+//! pass every check.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use shoal_coordinator_free_router::driver::{
+    Driver, DriverConfig, DriverError, LocalWeights, ModelInfo, Request,
+};
+use shoal_coordinator_free_router::verify::SpotCheckConfig;
+use shoal_model_shards::generate::{self, Flow};
+use shoal_model_shards::sampler::SamplingParams;
+use shoal_model_shards::{DType, Device, Model, Shard};
+use shoal_worker::net::{Node, NodeOptions, peer_id};
+use shoal_worker::protocol::{Message, Payload};
+use shoal_worker::service::{Action, StageConfig, StageService};
+
+const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny/llama");
+const PROMPT: [u32; 7] = [1, 17, 42, 99, 5, 200, 31];
+const TOKENS: usize = 24;
+
+fn model() -> Model {
+    Model::open(FIXTURE).expect("the tiny llama fixture opens")
+}
+
+fn stage_config() -> StageConfig {
+    StageConfig {
+        max_sessions: 64,
+        kv_budget_bytes: 64 << 20,
+        per_peer_sessions: 64,
+        idle_timeout: Duration::from_secs(30),
+        max_seq_len: 128,
+        model_id: model().model_id().expect("the fixture hashes"),
+    }
+}
+
+fn service(span: Range<usize>) -> StageService {
+    let shard = Shard::load(&model(), span, &Device::Cpu, DType::F32).expect("span loads");
+    StageService::new(shard, stage_config())
+}
+
+async fn bind() -> Node {
+    Node::bind(NodeOptions { sweep_interval: Duration::from_millis(100), ..NodeOptions::loopback() })
+        .await
+        .expect("endpoint binds")
+}
+
+async fn honest(span: Range<usize>) -> Node {
+    let node = bind().await;
+    assert!(node.serve(service(span)));
+    node
+}
+
+/// Multiplies every f32 of `bytes` by `1 ± 1e-3` (alternating): a relative L2 error of 1e-3.
+fn perturb(bytes: &mut [u8]) {
+    for (i, c) in bytes.chunks_exact_mut(4).enumerate() {
+        let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        let v = v * if i % 2 == 0 { 1.001 } else { 0.999 };
+        c.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// A stage that lies on one in `every` of the one-position steps it forwards (the first lie
+/// on the `first + 1`-th), consistently: the copy a tapped step sends the origin carries the
+/// same lie. Counts its lies in `lies`.
+async fn liar(span: Range<usize>, every: usize, first: usize, lies: Arc<AtomicUsize>) -> Node {
+    let node = bind().await;
+    let mut forwarded = 0usize;
+    let tamper = move |actions: &mut Vec<Action>| {
+        let mut lied = Vec::new();
+        for a in actions.iter_mut() {
+            if let Action::ToNext { msg: Message::Step(s), .. } = a
+                && let Payload::Hidden(h) = &mut s.payload
+                && h.t == 1
+            {
+                if forwarded % every == first {
+                    perturb(&mut h.bytes);
+                    lied.push((s.session_id, s.step_id));
+                    lies.fetch_add(1, Ordering::SeqCst);
+                }
+                forwarded += 1;
+            }
+        }
+        for a in actions.iter_mut() {
+            if let Action::ToOrigin { msg: Message::StageOutput(o), .. } = a
+                && lied.contains(&(o.session_id, o.step_id))
+            {
+                perturb(&mut o.hidden.bytes);
+            }
+        }
+    };
+    assert!(node.serve_tampered(service(span), tamper));
+    node
+}
+
+fn config(share: f64) -> DriverConfig {
+    DriverConfig {
+        step_timeout: Duration::from_secs(10),
+        ping_timeout: Duration::from_millis(500),
+        spot_check: SpotCheckConfig { share, ..SpotCheckConfig::default() },
+        ..DriverConfig::default()
+    }
+}
+
+async fn driver(stages: &[&Node], config: DriverConfig, local_weights: bool) -> Driver {
+    let d = Driver::new(bind().await, ModelInfo::of(&model()).expect("model info"), config);
+    if local_weights {
+        d.set_local_weights(LocalWeights::new(model()));
+    }
+    for s in stages {
+        d.add_peer(s.addr()).await.expect("peer answers");
+    }
+    d
+}
+
+fn local(params: &SamplingParams) -> Vec<u32> {
+    let shard = Shard::load(&model(), 0..4, &Device::Cpu, DType::F32).expect("model loads");
+    generate::generate(std::slice::from_ref(&shard), &PROMPT, params, TOKENS, &[], |_| Flow::Continue)
+        .expect("local generation")
+        .token_ids
+}
+
+fn request(params: &SamplingParams) -> Request {
+    Request {
+        prompt: PROMPT.to_vec(),
+        params: params.clone(),
+        max_tokens: TOKENS,
+        stop_ids: vec![],
+        top_logprobs: 0,
+    }
+}
+
+fn sampled() -> SamplingParams {
+    SamplingParams {
+        temperature: 0.9,
+        top_p: 0.95,
+        top_k: Some(50),
+        repetition_penalty: 1.1,
+        seed: 99,
+        ..SamplingParams::default()
+    }
+}
+
+/// Whether the driver holds `node` banned now.
+fn banned(d: &Driver, node: &Node) -> bool {
+    let id = peer_id(&node.endpoint_id());
+    d.peers().iter().any(|(p, s)| *p == id && s.liar && s.banned_until.is_some_and(|t| t > Instant::now()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lying_worker_of_two_replicas_is_banned_and_the_completion_is_unchanged() {
+    for params in [SamplingParams::greedy(), sampled()] {
+        let lies = Arc::new(AtomicUsize::new(0));
+        let a1 = honest(0..2).await;
+        let a2 = liar(0..2, 25, 3, lies.clone()).await;
+        let b = honest(2..4).await;
+        // Two replicas of 0..2: the origin's own weights break the tie.
+        let d = driver(&[&a1, &a2, &b], config(1.0), true).await;
+        let outcome = d.generate(&request(&params), |_| Flow::Continue).await.expect("generation");
+        assert_eq!(outcome.tokens, local(&params), "the completion of an undisturbed run");
+        assert!(lies.load(Ordering::SeqCst) >= 1, "the liar lied");
+        assert!(banned(&d, &a2), "the liar is banned");
+        assert!(!banned(&d, &a1) && !banned(&d, &b), "honest peers are not");
+        assert_eq!(d.spot_check_counts().1, 1, "one ban counted");
+        assert!(outcome.spot_checks > 0);
+        for n in [a1, a2, b] {
+            n.shutdown().await;
+        }
+        d.node().shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lying_worker_of_three_replicas_is_outvoted() {
+    let lies = Arc::new(AtomicUsize::new(0));
+    // It lies on its first one-position step, and then on one in 25: the second opinions go
+    // to a random replica, so it is asked within a few steps.
+    let a1 = liar(0..2, 25, 0, lies.clone()).await;
+    let a2 = honest(0..2).await;
+    let a3 = honest(0..2).await;
+    let b = honest(2..4).await;
+    // No weights at the origin: the third replica decides.
+    let d = driver(&[&a1, &a2, &a3, &b], config(1.0), false).await;
+    let params = SamplingParams::greedy();
+    let outcome = d.generate(&request(&params), |_| Flow::Continue).await.expect("generation");
+    assert_eq!(outcome.tokens, local(&params));
+    assert!(lies.load(Ordering::SeqCst) >= 1);
+    assert!(banned(&d, &a1), "the liar is banned");
+    assert!(!banned(&d, &a2) && !banned(&d, &a3) && !banned(&d, &b));
+    assert_eq!(d.spot_check_counts().1, 1);
+    // A later generation avoids it and still agrees.
+    let again = d.generate(&request(&params), |_| Flow::Continue).await.expect("generation");
+    assert_eq!(again.tokens, outcome.tokens);
+    assert!(!again.route.contains(&peer_id(&a1.endpoint_id())));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_replica_is_checked_against_the_origins_weights() {
+    // Honest: every check passes and nothing changes.
+    let a = honest(0..2).await;
+    let b = honest(2..4).await;
+    let d = driver(&[&a, &b], config(0.5), true).await;
+    let params = sampled();
+    let outcome = d.generate(&request(&params), |_| Flow::Continue).await.expect("generation");
+    assert_eq!(outcome.tokens, local(&params));
+    assert!(outcome.spot_checks >= 2, "{} checks", outcome.spot_checks);
+    assert_eq!(d.spot_check_counts().1, 0);
+    assert!(outcome.failovers.is_empty());
+
+    // A lying single replica is caught by the origin's own computation; with no honest
+    // replica left, the generation ends with an error that says why.
+    let lies = Arc::new(AtomicUsize::new(0));
+    let liar_a = liar(0..2, 25, 0, lies.clone()).await;
+    let d = driver(&[&liar_a, &b], config(1.0), true).await;
+    let err = d.generate(&request(&params), |_| Flow::Continue).await.expect_err("no honest route");
+    assert!(matches!(err, DriverError::NoRoute { .. }), "{err}");
+    assert!(err.to_string().contains("wrong result"), "{err}");
+    assert!(banned(&d, &liar_a));
+    assert_eq!(d.spot_check_counts().1, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn honest_replicas_pass_every_check() {
+    let a1 = honest(0..2).await;
+    let a2 = honest(0..2).await;
+    let b1 = honest(2..4).await;
+    let b2 = honest(2..4).await;
+    let d = driver(&[&a1, &a2, &b1, &b2], config(1.0), false).await;
+    let params = sampled();
+    let outcome = d.generate(&request(&params), |_| Flow::Continue).await.expect("generation");
+    assert_eq!(outcome.tokens, local(&params));
+    // Every decode step was checked on the other replicas and passed.
+    assert_eq!(outcome.spot_checks, TOKENS - 1);
+    assert!(outcome.failovers.is_empty());
+    assert_eq!(d.spot_check_counts(), (TOKENS as u64 - 1, 0));
+}
