@@ -810,6 +810,9 @@ fn speculative_steps_verify_drafts_and_roll_back_rejected_positions() -> anyhow:
     let mut bad = spec_step(1, 10, 14, 9, &[want[8]], want[8], &[1, 2]);
     bad.draft.pop();
     expect_error(&ring.send(Message::Step(bad)), ErrorCode::BadShape);
+    Ok(())
+}
+
 #[test]
 fn a_tapped_step_copies_what_each_stage_forwards_to_the_origin() -> anyhow::Result<()> {
     let mut ring = Ring::standard()?;
