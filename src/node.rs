@@ -15,6 +15,7 @@ use std::time::Instant;
 use iroh::EndpointAddr;
 use shoal_coordinator_free_router::driver::{Driver, DriverConfig, ModelInfo};
 use shoal_coordinator_free_router::membership::{Membership, MembershipConfig, OwnSpan};
+use shoal_coordinator_free_router::speculative::Speculation;
 use shoal_coordinator_free_router::verify::{DEFAULT_SHARE, SpotCheckConfig};
 use shoal_model_shards::{DType, Device, Model, Shard};
 use shoal_worker::admission::SwarmKey;
@@ -123,9 +124,21 @@ pub struct DriverArgs {
     #[arg(long, env = "SHOAL_STEP_TIMEOUT", default_value_t = 10.0)]
     pub step_timeout: f64,
     #[command(flatten)]
+    pub speculative: SpeculativeArgs,
+    #[command(flatten)]
     pub spot_check: SpotCheckArgs,
     #[command(flatten)]
     pub net: NetArgs,
+}
+
+/// Speculative decoding of an origin (`shoal generate`, `run`, `api`, `worker --api`, `bench`).
+#[derive(Debug, Clone, Args)]
+pub struct SpeculativeArgs {
+    /// Speculative decoding: `off`, or `ngram` (draft the next tokens from n-gram matches in
+    /// the prompt and the text so far, and verify them in one round trip through the
+    /// pipeline; the tokens are the same, text that repeats its context comes faster).
+    #[arg(long, env = "SHOAL_SPECULATIVE", default_value_t = Speculation::Off, value_name = "MODE")]
+    pub speculative: Speculation,
 }
 
 /// How much of the workers' arithmetic the origin checks.
@@ -163,6 +176,7 @@ impl DriverArgs {
         DriverConfig {
             wire_dtype: self.wire_dtype.into(),
             step_timeout: Duration::from_secs_f64(self.step_timeout.max(0.001)),
+            speculation: self.speculative.speculative,
             spot_check: self.spot_check.config(),
             ..DriverConfig::default()
         }

@@ -371,6 +371,10 @@ async fn run_choice(
     };
     m.generation_tokens.inc_by(outcome.tokens.len() as u64);
     m.failovers.inc_by(outcome.failovers.len() as u64);
+    m.decode_steps.inc_by(outcome.step_times.len() as u64);
+    m.spec_drafts.inc_by(outcome.speculation.drafts as u64);
+    m.spec_draft_tokens.inc_by(outcome.speculation.draft_tokens as u64);
+    m.spec_accepted_tokens.inc_by(outcome.speculation.accepted_tokens as u64);
     if gone {
         m.finished("abort");
         return Err(client_gone());

@@ -13,6 +13,10 @@
 //! | `shoal_request_success_total{finished_reason}` | counter | requests ended, by reason: `stop`, `length`, `abort` (client gone, deadline or pipeline failure) |
 //! | `shoal_hop_latency_seconds` | histogram | one-way latency from this node to each peer (half a ping's round trip), sampled every few seconds |
 //! | `shoal_failovers_total` | counter | sessions moved to another route after a peer failed |
+//! | `shoal_decode_steps_total` | counter | decode round trips through the pipeline (each brings one token, or several with speculation) |
+//! | `shoal_spec_decode_num_drafts_total` | counter | speculative steps (steps that carried a draft) |
+//! | `shoal_spec_decode_num_draft_tokens_total` | counter | draft ids sent |
+//! | `shoal_spec_decode_num_accepted_tokens_total` | counter | draft ids the last stage accepted; tokens per speculative round trip = 1 + accepted / drafts |
 //! | `shoal_live_peers` | gauge | peers that answered the last ping round |
 //! | `shoal_spot_checks_total` | counter | decode steps re-run on another replica (or this node's weights) and compared |
 //! | `shoal_spot_check_bans_total` | counter | peers banned because a spot-check caught them returning wrong results |
@@ -38,6 +42,10 @@ pub struct Metrics {
     pub(crate) finished: IntCounterVec,
     pub(crate) hop_latency: Histogram,
     pub(crate) failovers: IntCounter,
+    pub(crate) decode_steps: IntCounter,
+    pub(crate) spec_drafts: IntCounter,
+    pub(crate) spec_draft_tokens: IntCounter,
+    pub(crate) spec_accepted_tokens: IntCounter,
     pub(crate) live_peers: IntGauge,
     spot_checks: IntCounter,
     spot_check_bans: IntCounter,
@@ -113,6 +121,13 @@ impl Metrics {
                 HOP_BUCKETS,
             )?,
             failovers: counter("shoal_failovers_total", "Sessions moved to another route after a failure.")?,
+            decode_steps: counter("shoal_decode_steps_total", "Decode round trips through the pipeline.")?,
+            spec_drafts: counter("shoal_spec_decode_num_drafts_total", "Speculative steps (with a draft).")?,
+            spec_draft_tokens: counter("shoal_spec_decode_num_draft_tokens_total", "Draft ids sent.")?,
+            spec_accepted_tokens: counter(
+                "shoal_spec_decode_num_accepted_tokens_total",
+                "Draft ids the last stage accepted.",
+            )?,
             live_peers: gauge("shoal_live_peers", "Peers that answered the last ping round.")?,
             spot_checks: counter("shoal_spot_checks_total", "Decode steps checked on another replica.")?,
             spot_check_bans: counter(

@@ -21,6 +21,16 @@
 //! 4. Close the session along the chain (`CloseSession` to stage 1, which forwards it), also
 //!    when the future is dropped (a client that goes away frees every KV cache).
 //!
+//! # Speculative decoding
+//! With [`Speculation::Ngram`] ([`DriverConfig::speculation`], or per call with
+//! [`Driver::generate_with`]) each decode step may carry a draft ([`crate::speculative`]): the
+//! last token and up to 8 guessed ids, which the last stage verifies. The result lists the
+//! accepted ids and then the stage's next choice; the driver reports them one by one exactly
+//! as it reports single tokens (stop ids, `max_tokens` and [`Flow::Stop`] cut at the same
+//! token) and starts the next step where the accepted ids end, which makes every stage drop
+//! the rejected positions. The tokens and logprobs are those of ordinary decoding. A draft
+//! never runs past `max_tokens`; the replay after a failover sends ordinary one-token steps.
+//!
 //! # Failures
 //! Every step has a deadline ([`DriverConfig::step_timeout`], plus
 //! [`DriverConfig::prefill_timeout_per_token`] for each prefilled token). A typed error from
@@ -64,6 +74,7 @@ use shoal_worker::protocol::{
 };
 use shoal_worker::service::PeerId;
 
+use crate::speculative::{Drafter, SpecStats, Speculation};
 use crate::swarm::announce::{Announcement, PeerState as SwarmState};
 use crate::swarm::plan::{Candidate, CostModel, plan_route};
 use crate::verify::{SpotCheckConfig, SpotCheckPolicy};
@@ -101,6 +112,8 @@ pub struct DriverConfig {
     /// (`shoal_worker::net::PREFILL_BUDGET`), so a long prompt delays other sessions by one
     /// chunk at a time.
     pub prefill_chunk: usize,
+    /// Speculative decoding of [`Driver::generate`] (see [`crate::speculative`]).
+    pub speculation: Speculation,
     /// Which steps are checked on another replica, and how closely they must agree.
     pub spot_check: SpotCheckConfig,
 }
@@ -116,6 +129,7 @@ impl Default for DriverConfig {
             ban_base: Duration::from_secs(15),
             ban_max: Duration::from_secs(600),
             prefill_chunk: shoal_worker::net::PREFILL_BUDGET,
+            speculation: Speculation::Off,
             spot_check: SpotCheckConfig::default(),
         }
     }
@@ -179,8 +193,11 @@ pub struct Outcome {
     pub prefill_time: Duration,
     /// After the first token.
     pub decode_time: Duration,
-    /// Round-trip time of each decode step (token in, token out), in order.
+    /// Round-trip time of each decode step (token in, token out), in order. With speculation
+    /// a step may bring several tokens.
     pub step_times: Vec<Duration>,
+    /// What speculative decoding drafted and kept.
+    pub speculation: SpecStats,
     /// Failures recovered from.
     pub failovers: Vec<Failover>,
     /// The route of the last attempt.
@@ -595,10 +612,21 @@ impl Driver {
 
     /// Generates for `request`, calling `on_token` for each token (return [`Flow::Stop`] to
     /// cancel; the session is then closed along its chain). Dropping the future also closes
-    /// the session.
+    /// the session. Speculates as [`DriverConfig::speculation`] says.
     pub async fn generate(
         &self,
         request: &Request,
+        on_token: impl FnMut(TokenEvent<'_>) -> Flow,
+    ) -> Result<Outcome, DriverError> {
+        self.generate_with(request, self.config.speculation, on_token).await
+    }
+
+    /// [`Driver::generate`] with the speculation mode `speculation`. The tokens are the same
+    /// in every mode.
+    pub async fn generate_with(
+        &self,
+        request: &Request,
+        speculation: Speculation,
         mut on_token: impl FnMut(TokenEvent<'_>) -> Flow,
     ) -> Result<Outcome, DriverError> {
         if request.prompt.is_empty() {
@@ -634,6 +662,7 @@ impl Driver {
             first_token_at: None,
             finish: None,
             pending_failover: None,
+            drafter: Drafter::new(speculation),
             spot_checks: 0,
         };
         let mut failovers = Vec::new();
@@ -673,6 +702,7 @@ impl Driver {
                         prefill_time: first.saturating_duration_since(started),
                         decode_time: first.elapsed(),
                         step_times: state.step_times,
+                        speculation: state.drafter.stats(),
                         failovers,
                         route: ids,
                         spot_checks: state.spot_checks,
@@ -768,6 +798,7 @@ impl Driver {
                 start_pos: pos,
                 sample_step,
                 history_tail: ids.clone(),
+                draft: Vec::new(),
                 payload: Payload::Tokens(ids),
             };
             self.node
@@ -783,6 +814,8 @@ impl Driver {
         let mut step_started = sent_at;
         let mut decoding = false;
         let mut deadline = step_started + prefill_budget;
+        // The draft of the step in flight.
+        let mut draft: Vec<u32> = Vec::new();
         let mut checking = false;
         let mut taps = TapSet::default();
         loop {
@@ -804,13 +837,23 @@ impl Driver {
                 .await?;
             }
             let step_time = step_started.elapsed();
-            if result.token >= self.vocab_size {
-                return Err(AttemptFailure {
-                    culprits: vec![last],
-                    reason: format!("the last stage returned id {} outside the vocabulary", result.token),
-                    step_started,
-                });
+            let lie = |reason: String| AttemptFailure { culprits: vec![last], reason, step_started };
+            if result.accepted.len() > draft.len()
+                || result.accepted.iter().zip(&draft).any(|(c, &d)| c.token != d)
+            {
+                return Err(lie(format!(
+                    "the last stage accepted {} ids that are not a prefix of the draft of {}",
+                    result.accepted.len(),
+                    draft.len()
+                )));
             }
+            if result.token >= self.vocab_size {
+                return Err(lie(format!(
+                    "the last stage returned id {} outside the vocabulary",
+                    result.token
+                )));
+            }
+            state.drafter.record(draft.len(), result.accepted.len());
             if decoding {
                 state.step_times.push(step_time);
             }
@@ -827,36 +870,50 @@ impl Driver {
             if state.first_token_at.is_none() {
                 state.first_token_at = Some(Instant::now());
             }
-            if request.stop_ids.contains(&result.token) {
-                state.finish = Some(FinishReason::Stop);
-                guard.reason = CloseReason::Completed;
-                return Ok(());
+            // The accepted draft ids, then the sampler's next choice: each as if it came alone.
+            let chosen = result
+                .accepted
+                .iter()
+                .map(|c| (c.token, c.logprob, c.top_logprobs.as_slice()))
+                .chain(std::iter::once((result.token, result.logprob, result.top_logprobs.as_slice())));
+            let before = state.tokens.len();
+            for (token, logprob, top_logprobs) in chosen {
+                if request.stop_ids.contains(&token) {
+                    state.finish = Some(FinishReason::Stop);
+                    guard.reason = CloseReason::Completed;
+                    return Ok(());
+                }
+                let index = state.tokens.len();
+                state.tokens.push(token);
+                state.logprobs.push(logprob);
+                let flow = on_token(TokenEvent { index, token, logprob, top_logprobs, route: &ids });
+                if flow == Flow::Stop {
+                    state.finish = Some(FinishReason::Stop);
+                    guard.reason = CloseReason::ClientDisconnected;
+                    return Ok(());
+                }
+                if state.tokens.len() >= request.max_tokens {
+                    state.finish = Some(FinishReason::Length);
+                    guard.reason = CloseReason::Completed;
+                    return Ok(());
+                }
             }
-            let index = state.tokens.len();
-            state.tokens.push(result.token);
-            state.logprobs.push(result.logprob);
-            let flow = on_token(TokenEvent {
-                index,
-                token: result.token,
-                logprob: result.logprob,
-                top_logprobs: &result.top_logprobs,
-                route: &ids,
-            });
-            if flow == Flow::Stop {
-                state.finish = Some(FinishReason::Stop);
-                guard.reason = CloseReason::ClientDisconnected;
-                return Ok(());
-            }
-            if state.tokens.len() >= request.max_tokens {
-                state.finish = Some(FinishReason::Length);
-                guard.reason = CloseReason::Completed;
-                return Ok(());
-            }
+            let emitted = state.tokens[before..].to_vec();
+            let Some(&next) = emitted.last() else {
+                return Err(lie("the last stage returned no token".into()));
+            };
+            // The cache holds the prompt and every token but the last; a speculative step
+            // needs its draft plus one position, and the draft is useful only while it can
+            // be kept whole within max_tokens.
+            let start = request.prompt.len() + state.tokens.len() - 1;
+            let context: Vec<u32> = request.prompt.iter().chain(&state.tokens).copied().collect();
+            draft = state.drafter.propose(&context, request.max_tokens - state.tokens.len() - 1);
             step_id += 1;
             step_started = Instant::now();
             deadline = step_started + self.config.step_timeout;
             self.fail_over_from_liars(&ids, step_started)?;
-            checking = self.spot_config().enabled()
+            checking = draft.is_empty()
+                && self.spot_config().enabled()
                 && lock(&self.policy).should_check(&ids)
                 && self.can_check(route);
             if checking {
@@ -865,15 +922,18 @@ impl Driver {
                     .send_for_session(first, session_id, &Message::Tap(Tap { session_id, step_id }))
                     .map_err(|e| AttemptFailure { culprits: vec![], reason: e.to_string(), step_started })?;
             }
+            let mut payload = Vec::with_capacity(1 + draft.len());
+            payload.push(next);
+            payload.extend_from_slice(&draft);
             let step = Step {
                 session_id,
                 step_id,
-                start_pos: pos,
+                start_pos: u32::try_from(start).unwrap_or(u32::MAX),
                 sample_step: state.tokens.len() as u64,
-                history_tail: vec![result.token],
-                payload: Payload::Tokens(vec![result.token]),
+                history_tail: emitted,
+                draft: draft.clone(),
+                payload: Payload::Tokens(payload),
             };
-            pos += 1;
             self.node
                 .send_for_session(first, session_id, &Message::Step(step))
                 .map_err(|e| AttemptFailure { culprits: vec![], reason: e.to_string(), step_started })?;
@@ -1122,6 +1182,8 @@ struct RunState {
     /// A failure not yet recovered: (failed step's start, tokens before it, reason, banned,
     /// detected at).
     pending_failover: Option<(Instant, usize, String, Vec<String>, Instant)>,
+    /// Drafts of speculative steps (its draft length carries over a failover).
+    drafter: Drafter,
     /// Checks passed.
     spot_checks: usize,
 }

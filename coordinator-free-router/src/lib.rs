@@ -20,6 +20,7 @@
 pub mod blame;
 pub mod driver;
 pub mod membership;
+pub mod speculative;
 pub mod swarm;
 pub mod verify;
 pub mod weights;

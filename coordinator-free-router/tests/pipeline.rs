@@ -250,6 +250,7 @@ async fn sessions_of_a_vanished_origin_idle_out_and_free_their_memory() {
         start_pos: 0,
         sample_step: 0,
         history_tail: PROMPT.to_vec(),
+        draft: Vec::new(),
         payload: Payload::Tokens(PROMPT.to_vec()),
     };
     origin.send(a.id(), &Message::Step(step)).expect("step sent");
@@ -342,6 +343,7 @@ async fn hostile_frames_get_typed_errors_while_other_sessions_run() {
                 start_pos: 0,
                 sample_step: 0,
                 history_tail: vec![1],
+                draft: Vec::new(),
                 payload: Payload::Hidden(HiddenStates { t: 1, hidden: width, dtype: WireDType::F32, bytes }),
             })
         };

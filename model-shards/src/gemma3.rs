@@ -68,11 +68,19 @@ impl Block {
         })
     }
 
-    /// `x`: `(t, hidden)`; `layer` is the index inside the span's cache.
-    pub(crate) fn forward(&self, x: &Tensor, layer: usize, cache: &mut KvCache) -> Result<Tensor> {
-        let h = self.attn.forward(&self.attn_norm.forward(x)?, layer, cache, &self.rope)?;
+    /// `x`: `(t, hidden)`; `layer` is the index inside the span's cache. With `rows`, each
+    /// row gets exactly the bits it gets alone.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        cache: &mut KvCache,
+        rows: bool,
+    ) -> Result<Tensor> {
+        let h = self.attn.forward(&self.attn_norm.forward(x)?, layer, cache, &self.rope, rows)?;
         let x = (x + self.post_attn_norm.forward(&h)?)?;
-        let h = self.mlp.forward(&self.ffn_norm.forward(&x)?)?;
+        let h = self.ffn_norm.forward(&x)?;
+        let h = if rows { self.mlp.forward_rows(&h)? } else { self.mlp.forward(&h)? };
         Ok((x + self.post_ffn_norm.forward(&h)?)?)
     }
 

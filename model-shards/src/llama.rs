@@ -137,23 +137,25 @@ impl Attention {
         }
     }
 
-    /// `x`: `(t, hidden)` at the positions `cache.len()..cache.len() + t`.
+    /// `x`: `(t, hidden)` at the positions `cache.len()..cache.len() + t`. With `rows`, each
+    /// row gets exactly the bits it gets alone (as a one-position step).
     pub(crate) fn forward(
         &self,
         x: &Tensor,
         layer: usize,
         cache: &mut KvCache,
         rope: &Rope,
+        rows: bool,
     ) -> Result<Tensor> {
         let t = x.dim(0)?;
-        let (mut q, k, v) = self.qkv(x, |l, x| l.forward(x))?;
+        let (mut q, k, v) = self.qkv(x, |l, x| if rows { l.forward_rows(x) } else { l.forward(x) })?;
         let start = cache.len();
         self.rope_and_store(&mut q, &k, &v, layer, cache, rope, t);
         let job = attention::Job { q: &q, cache, start, t };
         let out = attention::attend_many(&self.heads(), &[job], layer).remove(0);
-        self.o.forward(
-            &Tensor::from_vec(out, (t, self.n_heads * self.head_dim), x.device())?.to_dtype(x.dtype())?,
-        )
+        let out =
+            Tensor::from_vec(out, (t, self.n_heads * self.head_dim), x.device())?.to_dtype(x.dtype())?;
+        if rows { self.o.forward_rows(&out) } else { self.o.forward(&out) }
     }
 
     /// One new position for each of several sessions: row `i` of `x` (`(b, hidden)`) is the
@@ -374,17 +376,20 @@ impl Block {
         })
     }
 
-    /// `x`: `(t, hidden)`; `layer` is the index inside the span's cache.
+    /// `x`: `(t, hidden)`; `layer` is the index inside the span's cache. With `rows`, each
+    /// row gets exactly the bits it gets alone.
     pub(crate) fn forward(
         &self,
         x: &Tensor,
         layer: usize,
         cache: &mut KvCache,
         rope: &Rope,
+        rows: bool,
     ) -> Result<Tensor> {
-        let h = self.attn.forward(&self.attn_norm.forward(x)?, layer, cache, rope)?;
+        let h = self.attn.forward(&self.attn_norm.forward(x)?, layer, cache, rope, rows)?;
         let x = (x + h)?;
-        let h = self.mlp.forward(&self.ffn_norm.forward(&x)?)?;
+        let h = self.ffn_norm.forward(&x)?;
+        let h = if rows { self.mlp.forward_rows(&h)? } else { self.mlp.forward(&h)? };
         Ok((x + h)?)
     }
 

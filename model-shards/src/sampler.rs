@@ -220,6 +220,14 @@ pub enum SamplerError {
         /// Vocabulary size (length of the logits row).
         vocab: usize,
     },
+    /// [`Sampler::verify`] got a number of logits rows other than the draft's length plus one.
+    #[error("{rows} logits rows for a draft of {draft} ids (expected draft + 1)")]
+    DraftMismatch {
+        /// Rows given.
+        rows: usize,
+        /// Draft ids given.
+        draft: usize,
+    },
     /// `prompt_len` is longer than the history.
     #[error("prompt_len {prompt_len} exceeds the history length {history_len}")]
     PromptLenOutOfRange {
@@ -319,6 +327,48 @@ impl Sampler {
 
         let logprob = logprob_of(row.x[token as usize]);
         Ok(Sampled { token, logprob, top_logprobs })
+    }
+
+    /// Speculative decoding: verifies `draft`, the ids guessed to follow `history`, against
+    /// `rows`, the logits of `draft.len() + 1` consecutive positions (row `i` predicts token
+    /// `step + i`, after `history` and the draft's first `i` ids). Samples row `i` exactly as
+    /// [`Sampler::sample`] would with those ids appended to the history, and stops after the
+    /// first choice that differs from `draft[i]` or after the last row. Returns the choices:
+    /// the accepted draft ids, then one more (the correction, or the token after a fully
+    /// accepted draft).
+    ///
+    /// Every token is the one [`Sampler::sample`] gives for the same logits, history and step,
+    /// so the output is that of ordinary decoding, greedy or sampled, and its distribution is
+    /// unchanged. For a draft that proposes a single id (a point mass `q`), this is the
+    /// speculative-sampling rejection scheme (Leviathan et al. 2023; Chen et al. 2023) with
+    /// the draws coupled: the draft id `x` is accepted iff the seeded draw picks it, which has
+    /// probability `p(x)` (= `min(1, p(x)/q(x))`), and on rejection the draw is the choice among
+    /// the other ids with probability `p(y) / (1 − p(x))`, i.e. from `norm(max(0, p − q))`. The
+    /// draw for token `t` still comes from `(seed, t)` alone, so a replay gives the same tokens.
+    pub fn verify(
+        &self,
+        rows: &[&[f32]],
+        history: &[u32],
+        prompt_len: usize,
+        step: u64,
+        draft: &[u32],
+        top_logprobs: usize,
+    ) -> Result<Vec<Sampled>, SamplerError> {
+        if rows.len() != draft.len() + 1 {
+            return Err(SamplerError::DraftMismatch { rows: rows.len(), draft: draft.len() });
+        }
+        let mut history = Cow::Borrowed(history);
+        let mut out = Vec::with_capacity(rows.len());
+        for (i, row) in rows.iter().enumerate() {
+            let s = self.sample(row, &history, prompt_len, step + i as u64, top_logprobs)?;
+            let accepted = draft.get(i) == Some(&s.token);
+            out.push(s);
+            if !accepted {
+                break;
+            }
+            history.to_mut().push(draft[i]);
+        }
+        Ok(out)
     }
 
     /// Random draw among the candidates kept by top-k, top-p and min-p.

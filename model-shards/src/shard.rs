@@ -82,10 +82,17 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, layer: usize, cache: &mut KvCache, rope: &Rope) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        cache: &mut KvCache,
+        rope: &Rope,
+        rows: bool,
+    ) -> Result<Tensor> {
         match self {
-            Self::Llama(b) => b.forward(x, layer, cache, rope),
-            Self::Gemma3(b) => b.forward(x, layer, cache),
+            Self::Llama(b) => b.forward(x, layer, cache, rope, rows),
+            Self::Gemma3(b) => b.forward(x, layer, cache, rows),
         }
     }
 
@@ -244,6 +251,29 @@ impl Shard {
     /// Runs one step of a session: the positions `cache.len()..cache.len() + t`. Returns
     /// hidden states, or logits on the last span. On error the cache is left unchanged.
     pub fn forward(&self, cache: &mut KvCache, input: StageInput, logits: LogitsMode) -> Result<StageOutput> {
+        self.forward_impl(cache, input, logits, false)
+    }
+
+    /// [`Shard::forward`] where every row (position) gets exactly the bits a one-position
+    /// step gives it: the products use the row-invariant kernels, as a batch of sessions does
+    /// (slower than a prefill's for many rows). Speculative decoding verifies its drafts this
+    /// way, so the tokens it keeps are those of one-position decoding.
+    pub fn forward_rows(
+        &self,
+        cache: &mut KvCache,
+        input: StageInput,
+        logits: LogitsMode,
+    ) -> Result<StageOutput> {
+        self.forward_impl(cache, input, logits, true)
+    }
+
+    fn forward_impl(
+        &self,
+        cache: &mut KvCache,
+        input: StageInput,
+        logits: LogitsMode,
+        rows: bool,
+    ) -> Result<StageOutput> {
         let t = input.len()?;
         if t == 0 {
             return Err(Error::InvalidInput("empty step".into()));
@@ -252,7 +282,7 @@ impl Shard {
         self.release_outside_window(cache);
         cache.reserve(t)?;
         for (i, block) in self.blocks.iter().enumerate() {
-            x = block.forward(&x, i, cache, &self.rope)?;
+            x = block.forward(&x, i, cache, &self.rope, rows)?;
         }
         cache.advance(t);
         match &self.head {
@@ -262,7 +292,9 @@ impl Shard {
                     LogitsMode::Last => x.narrow(0, t - 1, 1)?,
                     LogitsMode::All => x,
                 };
-                Ok(StageOutput::Logits(self.softcap(lm_head.forward(&norm.forward(&x)?)?)?))
+                let x = norm.forward(&x)?;
+                let y = if rows { lm_head.forward_rows(&x)? } else { lm_head.forward(&x)? };
+                Ok(StageOutput::Logits(self.softcap(y)?))
             }
         }
     }

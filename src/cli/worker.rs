@@ -32,8 +32,8 @@ use shoal_worker::service::StageService;
 use crate::cli::api::{ApiArgs, serve};
 use crate::cli::common::DEFAULT_MODEL;
 use crate::node::{
-    NetArgs, StageArgs, SwarmArgs, driver, join_swarm, load_or_create_key, load_stage, parse_layers,
-    parse_tickets, runtime, shutdown_signal,
+    NetArgs, SpeculativeArgs, StageArgs, SwarmArgs, driver, join_swarm, load_or_create_key, load_stage,
+    parse_layers, parse_tickets, runtime, shutdown_signal,
 };
 use crate::weights::{DataArgs, Weights};
 
@@ -84,6 +84,8 @@ pub struct WorkerArgs {
     api: Option<SocketAddr>,
     #[command(flatten)]
     api_options: ApiArgs,
+    #[command(flatten)]
+    speculative: SpeculativeArgs,
     #[command(flatten)]
     spot_check: crate::node::SpotCheckArgs,
     #[command(flatten)]
@@ -242,7 +244,11 @@ pub fn run(args: WorkerArgs) -> Result<()> {
                 let mut net = args.net.clone();
                 net.bind = net.bind.map(|b| SocketAddr::new(b.ip(), 0));
                 let origin = Node::bind(net.options(None)?).await?;
-                let config = DriverConfig { spot_check: args.spot_check.config(), ..DriverConfig::default() };
+                let config = DriverConfig {
+                    spot_check: args.spot_check.config(),
+                    speculation: args.speculative.speculative,
+                    ..DriverConfig::default()
+                };
                 let d = Arc::new(driver(&model, model_id, origin.clone(), config));
                 membership.follow(d.clone());
                 let served = serve(&model, &weights.name(), d, addr, &args.api_options).await;

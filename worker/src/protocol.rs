@@ -13,14 +13,15 @@
 //!   that remain before anything is allocated; unknown kinds, dtypes, codes and flags are
 //!   rejected; trailing bytes are rejected; decoding never panics.
 //! - Cheap on the hot path: a decode step with f16 hidden states costs `hidden × 2` bytes plus
-//!   a 55-byte header (see [Bytes per token](#bytes-per-token)).
+//!   a 59-byte header (see [Bytes per token](#bytes-per-token)).
 //!
 //! # Non-goals
 //! - **No compression**: activations are close to incompressible noise in f16/bf16.
 //! - **No encryption or authentication**: QUIC (TLS 1.3) gives both; a node id is the peer's
 //!   ed25519 key, so the transport already knows who sent each frame.
 //! - **No in-band versioning or negotiation**: the version lives in the ALPN string
-//!   ([`ALPN`]). An incompatible change gets a new ALPN (`shoal/stage/2`), and a node may
+//!   ([`ALPN`]). An incompatible change gets a new ALPN (`shoal/stage/4`; version 2 added
+//!   spot-checks' `Tap` and `StageOutput`, version 3 speculative steps), and a node may
 //!   serve both during a migration. Unknown values are therefore errors, not extensions.
 //! - **No session semantics**: the codec checks what a frame can say about itself (sizes,
 //!   codes, finite sampling parameters, route shape). Whether a session exists, whether a
@@ -103,29 +104,45 @@
 //! | 21      | 8    | `sample_step: u64`             | index of the token being generated          |
 //! | 29      | 4    | history count `k: u32`         | `≤` [`MAX_HISTORY_TAIL`]                    |
 //! | 33      | 4·k  | `history_tail: [u32]`          | ids appended to the history since last step |
-//! | 33+4k   | 1    | payload tag                    | 1 tokens, 2 hidden                          |
+//! | 33+4k   | 4    | draft count `d: u32`           | `≤` [`MAX_DRAFT`]; `d > 0` ⇒ payload is `d + 1` positions |
+//! | 37+4k   | 4·d  | `draft: [u32]`                 | speculative decoding (below); empty otherwise |
+//! | 37+4k+4d | 1   | payload tag                    | 1 tokens, 2 hidden                          |
+//!
+//! Let `o = 38 + 4k + 4d` be the offset after the tag.
 //!
 //! Tokens payload (tag 1), stage 1's input:
 //! | offset  | size | field                | rule                                 |
 //! |---------|------|----------------------|--------------------------------------|
-//! | 34+4k   | 4    | count `m: u32`       | `1..=`[`MAX_STEP_TOKENS`]            |
-//! | 38+4k   | 4·m  | token ids `[u32]`    |                                      |
+//! | o       | 4    | count `m: u32`       | `1..=`[`MAX_STEP_TOKENS`]            |
+//! | o+4     | 4·m  | token ids `[u32]`    |                                      |
 //!
 //! Hidden payload (tag 2), every other stage's input:
 //! | offset  | size | field               | rule                                                     |
 //! |---------|------|---------------------|----------------------------------------------------------|
-//! | 34+4k   | 4    | `t: u32`            | `1..=`[`MAX_STEP_TOKENS`]                                |
-//! | 38+4k   | 4    | `hidden: u32`       | `≥ 1`                                                    |
-//! | 42+4k   | 1    | `dtype: u8`         | 1 f16, 2 bf16, 3 f32                                     |
-//! | 43+4k   | 4    | byte count `b: u32` | `b == t × hidden × size(dtype)` (overflow-checked)       |
-//! | 47+4k   | b    | values              | `t × hidden`, row-major, little-endian                   |
+//! | o       | 4    | `t: u32`            | `1..=`[`MAX_STEP_TOKENS`]                                |
+//! | o+4     | 4    | `hidden: u32`       | `≥ 1`                                                    |
+//! | o+8     | 1    | `dtype: u8`         | 1 f16, 2 bf16, 3 f32                                     |
+//! | o+9     | 4    | byte count `b: u32` | `b == t × hidden × size(dtype)` (overflow-checked)       |
+//! | o+13    | b    | values              | `t × hidden`, row-major, little-endian                   |
 //!
 //! `history_tail` and `sample_step` are for the last stage's sampler (repetition, presence
 //! and frequency penalties need the token history; the deterministic draw for token `t` comes
 //! from `(seed, t)`); forward stages pass them through unchanged. On prefill steps the tail is
 //! the ids of that prompt chunk (so the whole prompt arrives over the prefill steps; the
-//! first `prompt_len` ids of the history are the prompt), on decode steps it is the token
-//! sampled by the previous step.
+//! first `prompt_len` ids of the history are the prompt), on decode steps it is the ids
+//! generated since the previous step (the token it sampled, after the draft ids it accepted).
+//!
+//! ### Speculative decoding
+//! A step with a `draft` of `d` ids carries `d + 1` positions: the last sampled id, then the
+//! draft. Every stage computes each row with exactly the bits a one-position step gives it
+//! (so the tokens are those of ordinary decoding), and the last stage samples position `i`
+//! (token `sample_step + i`, with the draft's first `i` ids in the history) until its choice
+//! differs from draft id `i` or the draft ends; the [`StepResult`] lists the accepted draft
+//! ids and then the last choice. The positions of rejected draft ids stay in the caches
+//! until the next step, which starts where the accepted ones end: a stage drops its cached
+//! positions from `start_pos` on when `start_pos` is below its cache length and not below
+//! the previous (speculative) step's `start_pos + 1`. Any other `start_pos` that differs
+//! from the cache length is refused (`BadPosition`).
 //!
 //! ## 3: `StepResult` (stage N → origin)
 //! | offset | size | field                                  | rule                          |
@@ -137,6 +154,11 @@
 //! | 21     | 4    | `logprob: f32`                         | not NaN, not +∞               |
 //! | 25     | 4    | count `m: u32`                         | `≤` [`MAX_TOP_LOGPROBS`]      |
 //! | 29     | 8·m  | `(token: u32, logprob: f32)` pairs     | logprobs not NaN, not +∞      |
+//! | 29+8m  | 4    | accepted count `a: u32`                | `≤` [`MAX_DRAFT`]             |
+//! | 33+8m  | …    | `a` entries: `token: u32`, `logprob: f32`, count `c: u32` (`≤` [`MAX_TOP_LOGPROBS`]), `c` pairs | |
+//!
+//! The accepted entries are the draft ids of a speculative step the sampler chose too, in
+//! order; `token` follows them.
 //!
 //! ## 4: `CloseSession`
 //! | offset | size | field             | rule                                  |
@@ -199,10 +221,11 @@
 //! | 17     | …    | hidden states: `t`, `hidden`, `dtype`, `b`, values, as in a `Step`'s hidden payload (without the tag) |
 //!
 //! # Bytes per token
-//! A decode step (one token, one id in `history_tail`) with f16 or bf16 hidden states is
-//! `hidden × 2` bytes of values plus 55 bytes of header (4 frame length + 51 body) per hop:
-//! for SmolLM2-135M (`hidden = 576`) that is 1,152 + 55 = 1,207 bytes. A prefill chunk of
-//! `t` tokens costs `t × hidden × 2 + 51 + 4·t` bytes. A frame must stay within
+//! A decode step (one token, one id in `history_tail`, no draft) with f16 or bf16 hidden
+//! states is `hidden × 2` bytes of values plus 59 bytes of header (4 frame length + 55 body)
+//! per hop: for SmolLM2-135M (`hidden = 576`) that is 1,152 + 59 = 1,211 bytes. A prefill
+//! chunk of `t` tokens costs `t × hidden × 2 + 55 + 4·t` bytes; a speculative step with `d`
+//! draft ids `(d + 1) × hidden × 2 + 55 + 4·d` plus its history tail. A frame must stay within
 //! [`MAX_FRAME`] (64 MiB), so large prefills are sent in chunks (e.g. ≤ 16,384 tokens of a
 //! 2,048-wide model in f16). The token-id step into stage 1 and the [`StepResult`] back are
 //! tens of bytes.
@@ -212,7 +235,7 @@
 use std::fmt;
 
 /// ALPN of the stage protocol; the protocol's version lives here and nowhere else.
-pub const ALPN: &[u8] = b"shoal/stage/2";
+pub const ALPN: &[u8] = b"shoal/stage/3";
 
 /// Size of the frame header: the body length as a little-endian `u32`.
 pub const HEADER_LEN: usize = 4;
@@ -228,6 +251,9 @@ pub const MAX_STEP_TOKENS: usize = 65_536;
 
 /// Most ids a step's `history_tail` may carry.
 pub const MAX_HISTORY_TAIL: usize = 65_536;
+
+/// Most draft ids a speculative [`Step`] may carry (and drafts a [`StepResult`] may accept).
+pub const MAX_DRAFT: usize = 64;
 
 /// Most alternatives a [`StepResult`] may report (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: usize = 20;
@@ -383,6 +409,14 @@ pub enum ProtocolError {
         /// Session length limit.
         max_len: u32,
     },
+    /// A speculative step's payload does not cover its draft plus one position.
+    #[error("a step with {draft} draft ids must cover {} positions, not {positions}", draft + 1)]
+    DraftMismatch {
+        /// Draft ids.
+        draft: usize,
+        /// Positions of the payload.
+        positions: usize,
+    },
     /// A string is not UTF-8.
     #[error("`{field}` is not valid UTF-8")]
     InvalidUtf8 {
@@ -397,7 +431,9 @@ impl ProtocolError {
         match self {
             Self::FrameTooLarge { .. } | Self::TooMany { .. } => ErrorCode::TooLarge,
             Self::NonFinite { .. } => ErrorCode::NonFinite,
-            Self::HiddenSizeMismatch { .. } | Self::Empty { .. } => ErrorCode::BadShape,
+            Self::HiddenSizeMismatch { .. } | Self::Empty { .. } | Self::DraftMismatch { .. } => {
+                ErrorCode::BadShape
+            }
             Self::PositionOverflow { .. } => ErrorCode::BadPosition,
             _ => ErrorCode::Malformed,
         }
@@ -585,8 +621,26 @@ pub struct Step {
     pub sample_step: u64,
     /// Ids appended to the history since the previous step, passed through to the last stage.
     pub history_tail: Vec<u32>,
+    /// Speculative decoding: the ids the origin guesses follow the payload's first id (at most
+    /// [`MAX_DRAFT`]). Empty for an ordinary step. When not empty, the payload covers exactly
+    /// `1 + draft.len()` positions (the last sampled id, then the draft), every stage computes
+    /// each row with the bits a one-position step would give it, and the last stage answers
+    /// with the sampler's choice at each position up to the first that differs from the draft
+    /// (see [`StepResult::accepted`]). Passed through unchanged.
+    pub draft: Vec<u32>,
     /// The stage's input.
     pub payload: Payload,
+}
+
+/// One sampled id of a [`StepResult`] with its log-probabilities.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chosen {
+    /// The id.
+    pub token: u32,
+    /// Its log-probability.
+    pub logprob: f32,
+    /// The most likely alternatives, `(id, logprob)`, when the session asked for them.
+    pub top_logprobs: Vec<(u32, f32)>,
 }
 
 /// The last stage's answer to a step (kind 3).
@@ -602,6 +656,11 @@ pub struct StepResult {
     pub logprob: f32,
     /// The most likely alternatives, `(id, logprob)`, when the session asked for them.
     pub top_logprobs: Vec<(u32, f32)>,
+    /// On a speculative step: the draft ids the sampler chose too, in order, each with its
+    /// log-probabilities (at most [`MAX_DRAFT`]). `token` then comes after them: the choice at
+    /// the first position where the draft was wrong, or after the whole draft. Empty for an
+    /// ordinary step.
+    pub accepted: Vec<Chosen>,
 }
 
 /// Why a session closes.
@@ -889,9 +948,17 @@ impl Message {
                     Payload::Tokens(ids) => 4 + 4 * ids.len(),
                     Payload::Hidden(h) => 4 + 4 + 1 + 4 + h.bytes.len(),
                 };
-                8 + 8 + 4 + 8 + 4 + 4 * m.history_tail.len() + 1 + payload
+                8 + 8 + 4 + 8 + 4 + 4 * m.history_tail.len() + 4 + 4 * m.draft.len() + 1 + payload
             }
-            Self::StepResult(m) => 8 + 8 + 4 + 4 + 4 + 8 * m.top_logprobs.len(),
+            Self::StepResult(m) => {
+                8 + 8
+                    + 4
+                    + 4
+                    + 4
+                    + 8 * m.top_logprobs.len()
+                    + 4
+                    + m.accepted.iter().map(|c| 4 + 4 + 4 + 8 * c.top_logprobs.len()).sum::<usize>()
+            }
             Self::CloseSession(_) => 8 + 1,
             Self::Error(m) => {
                 1 + 8 * usize::from(m.session_id.is_some())
@@ -1061,6 +1128,10 @@ fn validate_step(m: &Step) -> Result<(), ProtocolError> {
     if m.start_pos.checked_add(len).is_none() {
         return Err(ProtocolError::PositionOverflow { start_pos: m.start_pos, len });
     }
+    check_count("draft", m.draft.len(), MAX_DRAFT)?;
+    if !m.draft.is_empty() && len as usize != m.draft.len() + 1 {
+        return Err(ProtocolError::DraftMismatch { draft: m.draft.len(), positions: len as usize });
+    }
     Ok(())
 }
 
@@ -1069,6 +1140,14 @@ fn validate_result(m: &StepResult) -> Result<(), ProtocolError> {
     check_count("top_logprobs", m.top_logprobs.len(), MAX_TOP_LOGPROBS)?;
     for &(_, lp) in &m.top_logprobs {
         check_logprob("top_logprobs.logprob", lp)?;
+    }
+    check_count("accepted", m.accepted.len(), MAX_DRAFT)?;
+    for c in &m.accepted {
+        check_logprob("accepted.logprob", c.logprob)?;
+        check_count("accepted.top_logprobs", c.top_logprobs.len(), MAX_TOP_LOGPROBS)?;
+        for &(_, lp) in &c.top_logprobs {
+            check_logprob("accepted.top_logprobs.logprob", lp)?;
+        }
     }
     Ok(())
 }
@@ -1145,6 +1224,7 @@ pub fn encode_into(msg: &Message, out: &mut Vec<u8>) {
             put_u32(out, m.start_pos);
             put_u64(out, m.sample_step);
             put_u32s(out, &m.history_tail);
+            put_u32s(out, &m.draft);
             match &m.payload {
                 Payload::Tokens(ids) => {
                     out.push(TAG_TOKENS);
@@ -1161,10 +1241,12 @@ pub fn encode_into(msg: &Message, out: &mut Vec<u8>) {
             put_u64(out, m.step_id);
             put_u32(out, m.token);
             put_f32(out, m.logprob);
-            put_len(out, m.top_logprobs.len());
-            for &(id, lp) in &m.top_logprobs {
-                put_u32(out, id);
-                put_f32(out, lp);
+            put_pairs(out, &m.top_logprobs);
+            put_len(out, m.accepted.len());
+            for c in &m.accepted {
+                put_u32(out, c.token);
+                put_f32(out, c.logprob);
+                put_pairs(out, &c.top_logprobs);
             }
         }
         Message::CloseSession(m) => {
@@ -1256,6 +1338,14 @@ fn put_u32s(out: &mut Vec<u8>, vs: &[u32]) {
     put_len(out, vs.len());
     for &v in vs {
         put_u32(out, v);
+    }
+}
+
+fn put_pairs(out: &mut Vec<u8>, pairs: &[(u32, f32)]) {
+    put_len(out, pairs.len());
+    for &(id, lp) in pairs {
+        put_u32(out, id);
+        put_f32(out, lp);
     }
 }
 
@@ -1423,12 +1513,13 @@ fn read_step(r: &mut Reader<'_>) -> Result<Step, ProtocolError> {
     let start_pos = r.u32("start_pos")?;
     let sample_step = r.u64("sample_step")?;
     let history_tail = r.u32s("history_tail", MAX_HISTORY_TAIL)?;
+    let draft = r.u32s("draft", MAX_DRAFT)?;
     let payload = match r.u8("payload tag")? {
         TAG_TOKENS => Payload::Tokens(r.u32s("tokens", MAX_STEP_TOKENS)?),
         TAG_HIDDEN => Payload::Hidden(read_hidden(r)?),
         tag => return Err(ProtocolError::UnknownPayload(tag)),
     };
-    Ok(Step { session_id, step_id, start_pos, sample_step, history_tail, payload })
+    Ok(Step { session_id, step_id, start_pos, sample_step, history_tail, draft, payload })
 }
 
 /// Hidden states as a step's payload carries them (after the tag).
@@ -1452,12 +1543,28 @@ fn read_result(r: &mut Reader<'_>) -> Result<StepResult, ProtocolError> {
     let step_id = r.u64("step_id")?;
     let token = r.u32("token")?;
     let logprob = r.f32("logprob")?;
-    let n = r.count("top_logprobs", MAX_TOP_LOGPROBS, 8)?;
-    let mut top_logprobs = Vec::with_capacity(n);
+    let top_logprobs = read_pairs(r, "top_logprobs")?;
+    // Smallest entry: id, logprob and an empty list.
+    let n = r.count("accepted", MAX_DRAFT, 12)?;
+    let mut accepted = Vec::with_capacity(n);
     for _ in 0..n {
-        top_logprobs.push((r.u32("top_logprobs.token")?, r.f32("top_logprobs.logprob")?));
+        accepted.push(Chosen {
+            token: r.u32("accepted.token")?,
+            logprob: r.f32("accepted.logprob")?,
+            top_logprobs: read_pairs(r, "accepted.top_logprobs")?,
+        });
     }
-    Ok(StepResult { session_id, step_id, token, logprob, top_logprobs })
+    Ok(StepResult { session_id, step_id, token, logprob, top_logprobs, accepted })
+}
+
+/// A list of `(id, logprob)` pairs of at most [`MAX_TOP_LOGPROBS`].
+fn read_pairs(r: &mut Reader<'_>, field: &'static str) -> Result<Vec<(u32, f32)>, ProtocolError> {
+    let n = r.count(field, MAX_TOP_LOGPROBS, 8)?;
+    let mut pairs = Vec::with_capacity(n);
+    for _ in 0..n {
+        pairs.push((r.u32(field)?, r.f32(field)?));
+    }
+    Ok(pairs)
 }
 
 fn read_error(r: &mut Reader<'_>) -> Result<StageError, ProtocolError> {

@@ -72,8 +72,8 @@ use shoal_model_shards::{
 };
 
 use crate::protocol::{
-    CloseReason, CloseSession, ErrorCode, HiddenStates, Message, OpenSession, Payload, PeerInfo, StageError,
-    StageOutput as Copied, Step, StepResult, Tap,
+    Chosen, CloseReason, CloseSession, ErrorCode, HiddenStates, Message, OpenSession, Payload, PeerInfo,
+    StageError, StageOutput as Copied, Step, StepResult, Tap,
 };
 use session::{SamplerState, Session};
 
@@ -495,6 +495,7 @@ impl StageService {
             max_len,
             cache,
             last_step: None,
+            rewind_floor: None,
             last_active: now,
             sampling,
             tap: None,
@@ -522,7 +523,7 @@ impl StageService {
         let Some(session) = self.sessions.get_mut(&step.session_id) else {
             return Err(refuse(ErrorCode::UnknownSession, "no such session on this stage"));
         };
-        let out = shard.forward(&mut session.cache, input, LogitsMode::Last).map_err(engine_refusal)?;
+        let out = forward_one(shard, session, input, &step)?;
         finish_step(session, out, step, pos)
     }
 
@@ -548,11 +549,15 @@ impl StageService {
                 format!("step id {} does not follow step id {last}", step.step_id),
             ));
         }
-        let pos = session.cache.len();
-        if step.start_pos as usize != pos {
+        let held = session.cache.len();
+        let pos = step.start_pos as usize;
+        // After a speculative step the cache may hold rejected draft positions: a step that
+        // starts inside them drops them first (see the protocol's "Speculative decoding").
+        let rewind = session.rewind_floor.is_some_and(|floor| floor <= pos && pos < held);
+        if pos != held && !rewind {
             return Err(refuse(
                 ErrorCode::BadPosition,
-                format!("step starts at position {}, the session's cache holds {pos}", step.start_pos),
+                format!("step starts at position {pos}, the session's cache holds {held}"),
             ));
         }
         let t = step.payload.len();
@@ -606,6 +611,11 @@ impl StageService {
                 ErrorCode::TooLarge,
                 format!("the history would exceed the session's max_len {}", session.max_len),
             ));
+        }
+        if rewind {
+            // The origin says these positions are stale: they go whatever the step's fate.
+            session.cache.truncate(pos);
+            session.rewind_floor = None;
         }
         // The blocks the step needs, now: in a batch, only the session that does not fit is
         // refused.
@@ -704,10 +714,7 @@ impl StageService {
             for p in batch {
                 let (session_id, step_id) = (p.step.session_id, p.step.step_id);
                 let result = match self.sessions.get_mut(&session_id) {
-                    Some(session) => self
-                        .shard
-                        .forward(&mut session.cache, p.input, LogitsMode::Last)
-                        .map_err(engine_refusal)
+                    Some(session) => forward_one(&self.shard, session, p.input, &p.step)
                         .and_then(|out| finish_step(session, out, p.step, p.pos)),
                     None => Err(refuse(ErrorCode::UnknownSession, "no such session on this stage")),
                 };
@@ -922,6 +929,7 @@ fn msg_is_valid(step: &Step) -> bool {
 /// it was.
 fn finish_step(session: &mut Session, out: StageOutput, step: Step, pos: usize) -> Result<Action, Refusal> {
     let step_id = step.step_id;
+    let speculative = !step.draft.is_empty();
     let result = match (out, session.next) {
         (StageOutput::Hidden(h), Some(to)) => {
             forward_hidden(&h, session.wire_dtype, step).map(|msg| Action::ToNext { to, msg })
@@ -934,10 +942,28 @@ fn finish_step(session: &mut Session, out: StageOutput, step: Step, pos: usize) 
     };
     if result.is_ok() {
         session.last_step = Some(step_id);
+        session.rewind_floor = speculative.then_some(pos + 1);
     } else {
         session.cache.truncate(pos);
     }
     result
+}
+
+/// The forward pass of one session's step: a speculative step (one with a draft) computes
+/// each row with the bits of a one-position step, and the last stage keeps the logits of
+/// every row for the verification.
+fn forward_one(
+    shard: &Shard,
+    session: &mut Session,
+    input: StageInput,
+    step: &Step,
+) -> Result<StageOutput, Refusal> {
+    let out = if step.draft.is_empty() {
+        shard.forward(&mut session.cache, input, LogitsMode::Last)
+    } else {
+        shard.forward_rows(&mut session.cache, input, LogitsMode::All)
+    };
+    out.map_err(engine_refusal)
 }
 
 fn forward_hidden(h: &Tensor, dtype: WireDType, step: Step) -> Result<Message, Refusal> {
@@ -950,33 +976,57 @@ fn forward_hidden(h: &Tensor, dtype: WireDType, step: Step) -> Result<Message, R
     Ok(Message::Step(Step { payload: Payload::Hidden(HiddenStates { t, hidden, dtype, bytes }), ..step }))
 }
 
-/// Appends the step's history tail and samples the next token; on failure the history is
-/// left as it was.
+/// Appends the step's history tail and samples the next token (on a speculative step, the
+/// choices at each position up to the first that differs from the draft); on failure the
+/// history is left as it was.
 fn sample(session: &mut Session, logits: &Tensor, step: &Step) -> Result<StepResult, Refusal> {
     let Some(state) = session.sampling.as_mut() else {
         return Err(refuse(ErrorCode::Internal, "the last stage has no sampler for this session"));
     };
-    let row = logits
-        .flatten_all()
-        .and_then(|l| l.to_dtype(DType::F32))
-        .and_then(|l| l.to_vec1::<f32>())
-        .map_err(|e| refuse(ErrorCode::Internal, e.to_string()))?;
+    fn internal(e: impl std::fmt::Display) -> Refusal {
+        refuse(ErrorCode::Internal, e.to_string())
+    }
+    let (rows, vocab) = logits.dims2().map_err(internal)?;
+    let values = logits.flatten_all().and_then(|l| l.to_dtype(DType::F32)).and_then(|l| l.to_vec1::<f32>());
+    let values = values.map_err(internal)?;
+    let rows: Vec<&[f32]> = values.chunks_exact(vocab.max(1)).take(rows).collect();
+    if rows.len() != step.draft.len() + 1 {
+        return Err(refuse(ErrorCode::Internal, "the logits do not cover the step's positions"));
+    }
     let base = state.history.len();
     state.history.extend_from_slice(&step.history_tail);
     // During a chunked prefill the history is still shorter than the prompt.
     let prompt_len = state.prompt_len.min(state.history.len());
-    match state.sampler.sample(&row, &state.history, prompt_len, step.sample_step, state.top_logprobs) {
-        Ok(s) => Ok(StepResult {
-            session_id: step.session_id,
-            step_id: step.step_id,
-            token: s.token,
-            logprob: s.logprob,
-            top_logprobs: s.top_logprobs,
-        }),
+    let (sampler, history, top) = (&state.sampler, &state.history, state.top_logprobs);
+    let chosen = if step.draft.is_empty() {
+        sampler.sample(rows[0], history, prompt_len, step.sample_step, top).map(|s| vec![s])
+    } else {
+        sampler.verify(&rows, history, prompt_len, step.sample_step, &step.draft, top)
+    };
+    match chosen {
+        Ok(mut chosen) => {
+            let Some(last) = chosen.pop() else {
+                return Err(refuse(ErrorCode::Internal, "the sampler chose nothing"));
+            };
+            let accepted = chosen
+                .into_iter()
+                .map(|s| Chosen { token: s.token, logprob: s.logprob, top_logprobs: s.top_logprobs })
+                .collect();
+            Ok(StepResult {
+                session_id: step.session_id,
+                step_id: step.step_id,
+                token: last.token,
+                logprob: last.logprob,
+                top_logprobs: last.top_logprobs,
+                accepted,
+            })
+        }
         Err(e) => {
             state.history.truncate(base);
             let code = match e {
-                SamplerError::TokenOutOfVocab { .. } => ErrorCode::BadShape,
+                SamplerError::TokenOutOfVocab { .. } | SamplerError::DraftMismatch { .. } => {
+                    ErrorCode::BadShape
+                }
                 _ => ErrorCode::Internal,
             };
             Err(refuse(code, e.to_string()))

@@ -75,6 +75,7 @@ fn tokens_step(session_id: u64, step_id: u64, start_pos: u32, sample_step: u64, 
         start_pos,
         sample_step,
         history_tail: ids.to_vec(),
+        draft: Vec::new(),
         payload: Payload::Tokens(ids.to_vec()),
     }
 }
@@ -86,6 +87,7 @@ fn hidden_step(session_id: u64, step_id: u64, start_pos: u32, h: HiddenStates) -
         start_pos,
         sample_step: 0,
         history_tail: Vec::new(),
+        draft: Vec::new(),
         payload: Payload::Hidden(h),
     }
 }
@@ -811,6 +813,108 @@ fn only_valid_steps_keep_a_session_alive() -> anyhow::Result<()> {
         let _ = ring.a.sweep_idle(ring.now);
     }
     assert_eq!(ring.a.stats().sessions, 0, "refused steps do not refresh the idle time");
+
+
+/// A speculative step of `session_id`: `last` then `draft` at `start_pos`.
+fn spec_step(
+    session_id: u64,
+    step_id: u64,
+    start_pos: u32,
+    sample_step: u64,
+    history_tail: &[u32],
+    last: u32,
+    draft: &[u32],
+) -> Step {
+    let mut ids = vec![last];
+    ids.extend_from_slice(draft);
+    Step {
+        session_id,
+        step_id,
+        start_pos,
+        sample_step,
+        history_tail: history_tail.to_vec(),
+        draft: draft.to_vec(),
+        payload: Payload::Tokens(ids),
+    }
+}
+
+/// Speculative steps through the ring: each position gets the bits of a one-position step
+/// (the tokens, logprobs and alternatives of ordinary decoding), the last stage keeps the
+/// draft up to its first wrong id, and the next step rolls the rejected positions back out of
+/// both stages' caches (their KV blocks freed); rewinding is refused outside the last
+/// speculative step's draft.
+#[test]
+fn speculative_steps_verify_drafts_and_roll_back_rejected_positions() -> anyhow::Result<()> {
+    let want = reference_tokens(9)?;
+    // One-position decoding with two alternatives per token, for the logprobs.
+    let mut reference = Ring::standard()?;
+    assert!(reference.open(2, WireDType::F32, 2).is_empty());
+    let mut plain = Client::new(2);
+    let mut results = vec![plain.prefill(&mut reference)];
+    for _ in 0..8 {
+        results.push(plain.decode(&mut reference));
+    }
+    assert_eq!(plain.tokens, want);
+    let same = |got: (u32, f32, &[(u32, f32)]), i: usize| {
+        let r = &results[i];
+        assert_eq!(got.0, want[i], "token {i}");
+        assert_eq!(got.1.to_bits(), r.logprob.to_bits(), "logprob of token {i}");
+        assert_eq!(got.2, r.top_logprobs.as_slice(), "alternatives of token {i}");
+    };
+    let wrong = |id: u32| if id == 5 { 6 } else { 5 };
+
+    let mut ring = Ring::standard()?;
+    assert!(ring.open(1, WireDType::F32, 2).is_empty());
+    let mut c = Client::new(1);
+    c.prefill(&mut ring);
+    let one_block = (ring.a.stats().kv_bytes_used, ring.b.stats().kv_bytes_used);
+    assert!(one_block.0 > 0 && one_block.1 > 0);
+
+    // Positions 6..10: w0 then the draft w1 w2 X. Kept: w1 w2, then w3.
+    let r = ring.step(spec_step(1, 3, 6, 1, &[want[0]], want[0], &[want[1], want[2], wrong(want[3])]));
+    assert_eq!(r.accepted.iter().map(|c| c.token).collect::<Vec<_>>(), &want[1..3]);
+    for (i, a) in r.accepted.iter().enumerate() {
+        same((a.token, a.logprob, &a.top_logprobs), i + 1);
+    }
+    same((r.token, r.logprob, &r.top_logprobs), 3);
+
+    // Position 9 held the rejected X: the next speculative step starts there.
+    let r = ring.step(spec_step(1, 4, 9, 4, &want[1..4], want[3], &[want[4], wrong(want[5])]));
+    assert_eq!(r.accepted.len(), 1);
+    same((r.accepted[0].token, r.accepted[0].logprob, &r.accepted[0].top_logprobs), 4);
+    same((r.token, r.logprob, &r.top_logprobs), 5);
+
+    // An ordinary step may rewind too (over the rejected position 11), once.
+    let r = ring.step(Step { history_tail: want[4..6].to_vec(), ..tokens_step(1, 5, 11, 6, &[want[5]]) });
+    assert!(r.accepted.is_empty());
+    same((r.token, r.logprob, &r.top_logprobs), 6);
+    let replies = ring.send(Message::Step(tokens_step(1, 6, 11, 7, &[want[6]])));
+    expect_error(&replies, ErrorCode::BadPosition);
+
+    // A rejected draft across a block boundary: positions 12..18 take a second block ...
+    let draft: Vec<u32> = (0..5).map(|i| wrong(want[7]) + i).collect();
+    let r = ring.step(spec_step(1, 7, 12, 7, &[want[6]], want[6], &draft));
+    assert!(r.accepted.is_empty(), "the first draft id is wrong");
+    same((r.token, r.logprob, &r.top_logprobs), 7);
+    let two_blocks = (ring.a.stats().kv_bytes_used, ring.b.stats().kv_bytes_used);
+    assert_eq!(two_blocks, (2 * one_block.0, 2 * one_block.1));
+    // ... rewinding below the draft, or skipping ahead, is refused and changes nothing ...
+    for bad_start in [12, 19] {
+        let replies = ring.send(Message::Step(tokens_step(1, 8, bad_start, 8, &[want[7]])));
+        expect_error(&replies, ErrorCode::BadPosition);
+        assert_eq!((ring.a.stats().kv_bytes_used, ring.b.stats().kv_bytes_used), two_blocks);
+    }
+    // ... and the next step drops it: back to one block on each stage.
+    let r = ring.step(tokens_step(1, 9, 13, 8, &[want[7]]));
+    same((r.token, r.logprob, &r.top_logprobs), 8);
+    assert_eq!((ring.a.stats().kv_bytes_used, ring.b.stats().kv_bytes_used), one_block);
+
+    // A draft that does not cover the payload is malformed.
+    let mut bad = spec_step(1, 10, 14, 9, &[want[8]], want[8], &[1, 2]);
+    bad.draft.pop();
+    expect_error(&ring.send(Message::Step(bad)), ErrorCode::BadShape);
+    Ok(())
+}
 
 #[test]
 fn a_tapped_step_copies_what_each_stage_forwards_to_the_origin() -> anyhow::Result<()> {

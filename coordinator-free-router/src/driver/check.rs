@@ -242,6 +242,7 @@ impl Driver {
                 start_pos: pos,
                 sample_step,
                 history_tail: ids.clone(),
+                draft: Vec::new(),
                 payload: Payload::Tokens(ids.clone()),
             }))?;
             pos += len;

@@ -146,15 +146,24 @@ fn step() -> impl Strategy<Value = Step> {
         any::<u64>(),
         prop::collection::vec(any::<u32>(), 0..100),
         payload(),
+        any::<bool>(),
+        any::<u32>(),
     )
-        .prop_map(|(session_id, step_id, start_pos, sample_step, history_tail, payload)| Step {
-            session_id,
-            step_id,
-            start_pos,
-            sample_step,
-            history_tail,
-            payload,
+        .prop_map(|(session_id, step_id, start_pos, sample_step, history_tail, payload, spec, id)| {
+            // A draft covers every position of the payload but the first.
+            let n = payload.len() - 1;
+            let draft = if spec && n <= MAX_DRAFT {
+                (0..n as u32).map(|i| id.wrapping_add(i)).collect()
+            } else {
+                vec![]
+            };
+            Step { session_id, step_id, start_pos, sample_step, history_tail, draft, payload }
         })
+}
+
+fn chosen() -> impl Strategy<Value = Chosen> {
+    (any::<u32>(), logprob(), prop::collection::vec((any::<u32>(), logprob()), 0..=20))
+        .prop_map(|(token, logprob, top_logprobs)| Chosen { token, logprob, top_logprobs })
 }
 
 fn step_result() -> impl Strategy<Value = StepResult> {
@@ -164,13 +173,15 @@ fn step_result() -> impl Strategy<Value = StepResult> {
         any::<u32>(),
         logprob(),
         prop::collection::vec((any::<u32>(), logprob()), 0..=20),
+        prop::collection::vec(chosen(), 0..4),
     )
-        .prop_map(|(session_id, step_id, token, logprob, top_logprobs)| StepResult {
+        .prop_map(|(session_id, step_id, token, logprob, top_logprobs, accepted)| StepResult {
             session_id,
             step_id,
             token,
             logprob,
             top_logprobs,
+            accepted,
         })
 }
 
@@ -342,7 +353,20 @@ fn example_tokens_step() -> Message {
         start_pos: 0,
         sample_step: 0,
         history_tail: vec![1, 2, 3],
+        draft: vec![],
         payload: Payload::Tokens(vec![1, 2, 3]),
+    })
+}
+
+fn example_speculative_step() -> Message {
+    Message::Step(Step {
+        session_id: 7,
+        step_id: 5,
+        start_pos: 9,
+        sample_step: 4,
+        history_tail: vec![8, 6],
+        draft: vec![4, 5],
+        payload: Payload::Tokens(vec![6, 4, 5]),
     })
 }
 
@@ -355,6 +379,7 @@ fn example_hidden_step() -> Message {
         start_pos: 3,
         sample_step: 1,
         history_tail: vec![9],
+        draft: vec![],
         payload: Payload::Hidden(HiddenStates { t: 1, hidden: 4, dtype: WireDType::F16, bytes }),
     })
 }
@@ -366,6 +391,18 @@ fn example_result() -> Message {
         token: 9,
         logprob: -0.25,
         top_logprobs: vec![(9, -0.25), (4, -1.5)],
+        accepted: vec![],
+    })
+}
+
+fn example_speculative_result() -> Message {
+    Message::StepResult(StepResult {
+        session_id: 7,
+        step_id: 5,
+        token: 3,
+        logprob: -2.0,
+        top_logprobs: vec![],
+        accepted: vec![Chosen { token: 4, logprob: -0.5, top_logprobs: vec![(4, -0.5)] }],
     })
 }
 
@@ -383,6 +420,8 @@ fn examples() -> Vec<(Message, &'static str)> {
         (example_tokens_step(), TOKENS_STEP_HEX),
         (example_hidden_step(), HIDDEN_STEP_HEX),
         (example_result(), RESULT_HEX),
+        (example_speculative_step(), SPECULATIVE_STEP_HEX),
+        (example_speculative_result(), SPECULATIVE_RESULT_HEX),
         (example_close(), CLOSE_HEX),
         (example_error(), ERROR_HEX),
         (Message::Ping { nonce: 0x1122_3344_5566_7788 }, PING_HEX),
@@ -444,15 +483,11 @@ const OPEN_HEX: &str = "\
     000000000000050c0000000200000022222222222222222222222222222222222222222222222222 \
     2222222222222201047f0000015111cccccccccccccccccccccccccccccccccccccccccccccccccc \
     cccccccccccccc0106000000000000000000000000000000010201";
-const TOKENS_STEP_HEX: &str = "\
-    3e000000020700000000000000010000000000000000000000000000000000000003000000010000 \
-    0002000000030000000103000000010000000200000003000000";
-const HIDDEN_STEP_HEX: &str = "\
-    3b000000020700000000000000020000000000000003000000010000000000000001000000090000 \
-    000201000000040000000108000000003c00c000380000";
-const RESULT_HEX: &str = "\
-    2d000000030700000000000000020000000000000009000000000080be0200000009000000000080 \
-    be040000000000c0bf";
+const TOKENS_STEP_HEX: &str = "42000000020700000000000000010000000000000000000000000000000000000003000000010000000200000003000000000000000103000000010000000200000003000000";
+const HIDDEN_STEP_HEX: &str = "3f00000002070000000000000002000000000000000300000001000000000000000100000009000000000000000201000000040000000108000000003c00c000380000";
+const RESULT_HEX: &str = "31000000030700000000000000020000000000000009000000000080be0200000009000000000080be040000000000c0bf00000000";
+const SPECULATIVE_STEP_HEX: &str = "4600000002070000000000000005000000000000000900000004000000000000000200000008000000060000000200000004000000050000000103000000060000000400000005000000";
+const SPECULATIVE_RESULT_HEX: &str = "35000000030700000000000000050000000000000003000000000000c0000000000100000004000000000000bf0100000004000000000000bf";
 const CLOSE_HEX: &str = "0a00000004070000000000000001";
 const ERROR_HEX: &str = "1a00000005010700000000000000000700090000006b7620627564676574";
 const PING_HEX: &str = "09000000068877665544332211";
@@ -548,7 +583,8 @@ fn huge_counts_fail_before_allocating() {
 
     // Tokens: the limit, then the remaining bytes.
     let mut b = body(&example_tokens_step());
-    let tokens_at = 1 + 28 + 4 + 12 + 1;
+    // kind, ids and positions, 3 history ids, an empty draft, the tag.
+    let tokens_at = 1 + 28 + 4 + 12 + 4 + 1;
     put(&mut b, tokens_at, &u32::MAX.to_le_bytes());
     assert!(matches!(decode_body(&b), Err(ProtocolError::TooMany { field: "tokens", .. })));
     put(&mut b, tokens_at, &(MAX_STEP_TOKENS as u32).to_le_bytes());
@@ -558,6 +594,11 @@ fn huge_counts_fail_before_allocating() {
     let mut b = body(&example_tokens_step());
     put(&mut b, 29, &u32::MAX.to_le_bytes());
     assert!(matches!(decode_body(&b), Err(ProtocolError::TooMany { field: "history_tail", .. })));
+
+    // Draft: over its limit of 64 ids.
+    let mut b = body(&example_tokens_step());
+    put(&mut b, 1 + 28 + 4 + 12, &(MAX_DRAFT as u32 + 1).to_le_bytes());
+    assert!(matches!(decode_body(&b), Err(ProtocolError::TooMany { field: "draft", .. })));
 
     // Top logprobs: 21 is over the limit, 3 is more than the bytes left.
     let mut b = body(&example_result());
@@ -573,7 +614,7 @@ fn huge_counts_fail_before_allocating() {
 
     // Hidden bytes: a shape that asks for more bytes than the frame holds.
     let mut b = body(&example_hidden_step());
-    let t_at = 1 + 28 + 4 + 4 + 1;
+    let t_at = 1 + 28 + 4 + 4 + 4 + 1;
     put(&mut b, t_at, &(MAX_STEP_TOKENS as u32).to_le_bytes());
     put(&mut b, t_at + 4, &8192u32.to_le_bytes());
     put(&mut b, t_at + 9, &(MAX_STEP_TOKENS as u32 * 8192 * 2).to_le_bytes());
@@ -597,7 +638,7 @@ fn unknown_dtypes_are_rejected() {
         b[dtype_at] = code;
         assert_eq!(decode_body(&b), Err(ProtocolError::UnknownDtype { field: "wire_dtype", code }));
         let mut b = body(&example_hidden_step());
-        b[1 + 28 + 8 + 1 + 8] = code;
+        b[1 + 28 + 8 + 4 + 1 + 8] = code;
         assert_eq!(decode_body(&b), Err(ProtocolError::UnknownDtype { field: "hidden.dtype", code }));
     }
 }
@@ -605,7 +646,7 @@ fn unknown_dtypes_are_rejected() {
 #[test]
 fn other_unknown_codes_are_rejected() {
     let mut b = body(&example_tokens_step());
-    b[1 + 28 + 16] = 3;
+    b[1 + 28 + 16 + 4] = 3;
     assert_eq!(decode_body(&b), Err(ProtocolError::UnknownPayload(3)));
 
     let mut b = body(&example_close());
@@ -627,7 +668,7 @@ fn other_unknown_codes_are_rejected() {
 #[test]
 fn hidden_byte_count_must_match_the_shape() {
     let mut b = body(&example_hidden_step());
-    let count_at = 1 + 28 + 8 + 1 + 9;
+    let count_at = 1 + 28 + 8 + 4 + 1 + 9;
     put(&mut b, count_at, &7u32.to_le_bytes());
     let err = decode_body(&b).unwrap_err();
     assert_eq!(
@@ -638,7 +679,7 @@ fn hidden_byte_count_must_match_the_shape() {
 
     // t × hidden × 4 exceeds any u32 byte count, so no count can match it.
     let mut b = body(&example_hidden_step());
-    let t_at = 1 + 28 + 8 + 1;
+    let t_at = 1 + 28 + 8 + 4 + 1;
     put(&mut b, t_at, &(MAX_STEP_TOKENS as u32).to_le_bytes());
     put(&mut b, t_at + 4, &u32::MAX.to_le_bytes());
     b[t_at + 8] = WireDType::F32.code();
@@ -757,18 +798,27 @@ fn steps_are_checked() {
     assert_eq!(err.code(), ErrorCode::BadPosition);
     let max = Message::Step(Step { payload: Payload::Tokens(vec![5; MAX_STEP_TOKENS]), ..s.clone() });
     assert_eq!(decode(&encode(&max)).unwrap(), max);
-    let over = Message::Step(Step { payload: Payload::Tokens(vec![5; MAX_STEP_TOKENS + 1]), ..s });
+    let over = Message::Step(Step { payload: Payload::Tokens(vec![5; MAX_STEP_TOKENS + 1]), ..s.clone() });
     assert!(matches!(decode(&encode(&over)), Err(ProtocolError::TooMany { field: "tokens", .. })));
+    // A draft must cover every position of the payload but the first, and stay short.
+    let short = Message::Step(Step { draft: vec![4], ..s.clone() });
+    let err = decode(&encode(&short)).unwrap_err();
+    assert_eq!(err, ProtocolError::DraftMismatch { draft: 1, positions: 3 });
+    assert_eq!(err.code(), ErrorCode::BadShape);
+    let n = MAX_DRAFT + 1;
+    let long = Message::Step(Step { draft: vec![4; n], payload: Payload::Tokens(vec![4; n + 1]), ..s });
+    assert!(matches!(decode(&encode(&long)), Err(ProtocolError::TooMany { field: "draft", .. })));
 }
 
 #[test]
-fn smollm2_decode_step_costs_1207_bytes() {
+fn smollm2_decode_step_costs_1211_bytes() {
     let step = Message::Step(Step {
         session_id: 1,
         step_id: 100,
         start_pos: 99,
         sample_step: 90,
         history_tail: vec![42],
+        draft: vec![],
         payload: Payload::Hidden(HiddenStates {
             t: 1,
             hidden: 576,
@@ -776,7 +826,7 @@ fn smollm2_decode_step_costs_1207_bytes() {
             bytes: vec![0; 1152],
         }),
     });
-    assert_eq!(encode(&step).len(), 1152 + 55);
+    assert_eq!(encode(&step).len(), 1152 + 59);
 }
 
 #[test]
@@ -794,5 +844,5 @@ fn codes_round_trip_and_zero_is_never_valid() {
     assert_eq!(ErrorCode::from_code(19), None);
     assert_eq!(CloseReason::from_code(0), None);
     assert!(WireDType::from_code(0).is_err());
-    assert_eq!(ALPN, b"shoal/stage/2");
+    assert_eq!(ALPN, b"shoal/stage/3");
 }

@@ -38,6 +38,9 @@ pub(super) struct Session {
     pub(super) cache: KvCache,
     /// Highest step id served so far.
     pub(super) last_step: Option<u64>,
+    /// After a speculative step: the lowest position the next step may rewind the cache to
+    /// (its `start_pos + 1`; the positions from there on held draft ids). `None` otherwise.
+    pub(super) rewind_floor: Option<usize>,
     /// Last time a message for this session arrived.
     pub(super) last_active: Instant,
     /// Sampling state, on the last stage only.

@@ -1,6 +1,8 @@
 //! The throughput cost of spot-checks: single-stream decode through 3 stages on loopback, each
 //! span served by two replicas, with 0%, 2% and 10% of decode steps checked on the other
-//! replicas, in one run: `cargo bench --bench spot_check`.
+//! replicas, in one run: `cargo bench -p shoal-coordinator-free-router --bench spot_check`
+//! (the router's own bench: it builds without the API and the CLI; `SHOAL_MODEL` names the
+//! model, default `models/SmolLM2-135M-Instruct.Q4_1.gguf` of the workspace).
 //!
 //! A check taps every stage's output of the step and replays the session's history through
 //! the other replicas (a prefill, then the checked step), so its cost grows with the
@@ -21,7 +23,7 @@ use shoal_model_shards::sampler::SamplingParams;
 use shoal_worker::net::{Node, NodeOptions};
 use support::{env_usize, setup, start_stages};
 
-#[path = "support/swarm.rs"]
+#[path = "../../benches/support/swarm.rs"]
 mod support;
 
 const SHARES: [f64; 3] = [0.0, 0.02, 0.10];
