@@ -16,7 +16,9 @@ use shoal_model_shards::generate::{Flow, generate};
 use shoal_model_shards::sampler::SamplingParams;
 use shoal_model_shards::{DType, Device, LogitsMode, Model, Shard};
 
-const NEAR_TIE: f32 = 0.1;
+// 0.25, not 0.1: on an AVX2 CPU (sums in another order than AVX-512's) plain_capital's step
+// 14, gap 0.19, flips.
+const NEAR_TIE: f32 = 0.25;
 const LOGIT_TOL: f32 = 1.5;
 const MEAN_TOL: f32 = 0.25;
 
