@@ -39,6 +39,7 @@ async fn stage(model: &Model, span: Range<usize>) -> Node {
         max_sessions: 16,
         kv_budget_bytes: 256 << 20,
         per_peer_sessions: 16,
+        per_forwarder_sessions: 64,
         idle_timeout: Duration::from_secs(60),
         max_seq_len: 1024,
         model_id: model.model_id().expect("model id"),

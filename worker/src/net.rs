@@ -213,7 +213,7 @@ struct Outgoing {
 }
 
 enum Command {
-    Deliver(PeerId, Message),
+    Deliver(PeerId, Box<Message>),
     NextHopFailed(u64, String),
     PeerGone(PeerId),
     Drain,
@@ -828,7 +828,7 @@ impl Inner {
                 self.to_stage(from, msg, Some(session_id));
             }
             Message::CloseSession(_) | Message::Tap(_) => {
-                self.stage_command(Command::Deliver(from, msg));
+                self.stage_command(Command::Deliver(from, Box::new(msg)));
             }
         }
     }
@@ -851,7 +851,7 @@ impl Inner {
             _ => None,
         };
         let tx = lock(&self.stage).as_ref().map(|h| h.tx.clone());
-        let err = match tx.map(|tx| tx.try_send(Command::Deliver(from, msg))) {
+        let err = match tx.map(|tx| tx.try_send(Command::Deliver(from, Box::new(msg)))) {
             Some(Ok(())) => return,
             Some(Err(std::sync::mpsc::TrySendError::Full(_))) => StageError::new(
                 ErrorCode::CapacityExceeded,
@@ -1091,7 +1091,7 @@ fn stage_loop(
         let mut actions = Vec::new();
         let mut done = None;
         let arrived = match cmd {
-            Some(Command::Deliver(from, msg)) => Some((from, msg)),
+            Some(Command::Deliver(from, msg)) => Some((from, *msg)),
             other => {
                 held = other;
                 None
@@ -1126,7 +1126,7 @@ fn stage_loop(
                     Err(_) => Err(()),
                 };
                 match next {
-                    Ok(Command::Deliver(from, msg)) => msgs.push((from, msg)),
+                    Ok(Command::Deliver(from, msg)) => msgs.push((from, *msg)),
                     Ok(other) => held = Some(other),
                     Err(()) => break,
                 }
@@ -1153,7 +1153,7 @@ fn stage_loop(
                 done = Some(reply);
             }
             // Never held (steps are gathered above); if one were, it runs next round.
-            Some(Command::Deliver(from, msg)) => deferred.push((from, msg)),
+            Some(Command::Deliver(from, msg)) => deferred.push((from, *msg)),
             None => {}
         }
         if now.duration_since(last_sweep) >= sweep {

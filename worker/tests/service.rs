@@ -813,7 +813,8 @@ fn only_valid_steps_keep_a_session_alive() -> anyhow::Result<()> {
         let _ = ring.a.sweep_idle(ring.now);
     }
     assert_eq!(ring.a.stats().sessions, 0, "refused steps do not refresh the idle time");
-
+    Ok(())
+}
 
 /// A speculative step of `session_id`: `last` then `draft` at `start_pos`.
 fn spec_step(
