@@ -23,6 +23,22 @@ use shoal_worker::net::{Node, NodeOptions, parse_ticket};
 use shoal_worker::protocol::WireDType;
 use shoal_worker::service::{StageConfig, StageService};
 
+/// Binds this process's node: an iroh endpoint with `options`, and the router that accepts
+/// the node's protocols. Every shoal node speaks four: the stage protocol (sessions, steps,
+/// pings), admission (the private-swarm handshake; open nodes answer it too), iroh-gossip
+/// (the swarm's announcements) and iroh-blobs (pieces of model weights).
+pub async fn bind(options: NodeOptions) -> Result<Node> {
+    let node = Node::open(options).await?;
+    let router = iroh::protocol::Router::builder(node.endpoint().clone())
+        .accept(shoal_worker::protocol::ALPN, node.stage_protocol())
+        .accept(shoal_worker::admission::ADMIT_ALPN, node.admit_protocol())
+        .accept(iroh_gossip::ALPN, node.gossip().clone())
+        .accept(iroh_blobs::ALPN, node.blobs_protocol())
+        .spawn();
+    node.set_router(router);
+    Ok(node)
+}
+
 /// The runtime of the network commands (compute runs on the stages' own threads).
 pub fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()

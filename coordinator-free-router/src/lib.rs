@@ -11,6 +11,8 @@
 //! - [`membership`]: the swarm over iroh-gossip (one topic per model; signed announcements,
 //!   checked against their author, feed each node's [`swarm::view::SwarmView`]); a driver
 //!   follows a node's view to find its routes;
+//! - [`rebalance`]: a worker's moves between spans on a live node (drain, re-check, fetch,
+//!   load, serve), carrying out the placement rules of [`swarm::placement`];
 //! - [`driver`]: the client side of the stage protocol with deadlines, bans with backoff,
 //!   failover by replaying the token history on a new route, and spot-checks of the workers'
 //!   results on other replicas;
@@ -20,6 +22,7 @@
 pub mod blame;
 pub mod driver;
 pub mod membership;
+pub mod rebalance;
 pub mod speculative;
 pub mod swarm;
 pub mod verify;

@@ -13,7 +13,6 @@ use shoal_api::server::ServerLimits;
 use shoal_api::{ApiConfig, ApiState, ServedModel, router, watch_mesh};
 use shoal_coordinator_free_router::driver::Driver;
 use shoal_model_shards::Model;
-use shoal_worker::net::Node;
 
 use crate::cli::dashboard::Dashboard;
 use crate::node::{DriverArgs, SwarmArgs, SwarmOrigin, parse_tickets, runtime, shutdown_signal};
@@ -205,7 +204,7 @@ pub fn run(args: ApiCommandArgs) -> Result<()> {
     }
     args.swarm.config()?;
     runtime()?.block_on(async move {
-        let origin = Node::bind(args.driver.net.options(None)?).await?;
+        let origin = crate::node::bind(args.driver.net.options(None)?).await?;
         let result = async {
             let weights = match local {
                 Some(w) => w,

@@ -808,12 +808,12 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
             let result = async {
                 let mut peers = Vec::new();
                 for service in services {
-                    let node = Node::bind(net.options(None)?).await?;
+                    let node = crate::node::bind(net.options(None)?).await?;
                     node.serve(service);
                     peers.push(node.addr());
                     nodes.push(node);
                 }
-                let origin = Node::bind(net.options(None)?).await?;
+                let origin = crate::node::bind(net.options(None)?).await?;
                 nodes.push(origin.clone());
                 let d = Arc::new(driver(&model, model_id, origin, args.driver.config()));
                 d.set_local_weights(LocalWeights::new(Model::open(model.path())?));
@@ -832,7 +832,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
     }
     args.swarm.config()?;
     runtime()?.block_on(async {
-        let origin = Node::bind(args.driver.net.options(None)?).await?;
+        let origin = crate::node::bind(args.driver.net.options(None)?).await?;
         let result = async {
             let swarm = SwarmOrigin::join(
                 &model,

@@ -6,7 +6,6 @@ use anyhow::Result;
 use clap::Args;
 use shoal_model_shards::generate::generate;
 use shoal_model_shards::{DType, Device, Shard};
-use shoal_worker::net::Node;
 
 use crate::cli::common::{DEFAULT_MODEL, GenOptions, Printer, generate_remote, prepare};
 use crate::cli::fetch::open_model;
@@ -46,7 +45,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         let tickets = crate::node::parse_tickets(&args.join)?;
         let local = args.model.as_deref().map(|m| Weights::local(m, &args.data)).transpose()?;
         return crate::node::runtime()?.block_on(async {
-            let origin = Node::bind(args.net.net.options(None)?).await?;
+            let origin = crate::node::bind(args.net.net.options(None)?).await?;
             let weights = match local {
                 Some(w) => Ok(w),
                 None => Weights::from_swarm(&origin, &tickets, &args.data).await,

@@ -94,7 +94,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         let mut nodes = Vec::new();
         let mut memberships = Vec::new();
         for (span, service) in services {
-            let node = Node::bind(net.options(None)?).await?;
+            let node = crate::node::bind(net.options(None)?).await?;
             if prepared.is_none() {
                 // A serving swarm announces its stages, so `shoal status` and `shoal worker
                 // --join` (a replica, more layers) work against any stage's ticket.
@@ -111,7 +111,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             tracing::info!(node = %node.endpoint_id(), "stage {}..{} ready", span.start, span.end);
             nodes.push((span, node));
         }
-        let origin = Node::bind(net.options(None)?).await?;
+        let origin = crate::node::bind(net.options(None)?).await?;
         let d = std::sync::Arc::new(driver(&model, model_id, origin.clone(), args.driver.config()));
         // This process holds the whole model: spot-checks can use it.
         d.set_local_weights(LocalWeights::new(model.clone()));

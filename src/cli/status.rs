@@ -8,7 +8,7 @@ use anyhow::{Result, bail};
 use clap::Args;
 use shoal_coordinator_free_router::swarm::announce::{Announcement, PeerState};
 use shoal_coordinator_free_router::swarm::view::bottleneck;
-use shoal_worker::net::{Node, endpoint_id, short};
+use shoal_worker::net::{endpoint_id, short};
 
 use crate::node::{NetArgs, SwarmArgs, join_swarm, parse_tickets, runtime};
 
@@ -60,7 +60,7 @@ pub fn run(args: StatusArgs) -> Result<()> {
         })
         .transpose()?;
     runtime()?.block_on(async move {
-        let node = Node::bind(args.net.options(None)?).await?;
+        let node = crate::node::bind(args.net.options(None)?).await?;
         let result = async {
             let (model_id, n_layers) = match local {
                 Some(m) => m,

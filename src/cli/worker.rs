@@ -4,26 +4,24 @@
 //! announces its span, state, speed (measured at start-up), load and free KV cache. With
 //! `--layers auto` it sizes its span from `--num-layers` or a memory budget, places it where
 //! the swarm's serving throughput is weakest, and at jittered intervals moves when the swarm
-//! clearly gains: announce `Draining`, wait for gossip to settle, re-check, hand running
-//! sessions back, load the new span (`Joining`), serve it (`Serving`).
+//! clearly gains (the moves are `shoal_coordinator_free_router::rebalance`'s; this file says
+//! where the weights come from and prints `moved: ...`).
 
 use std::io::Write;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use rand::SeedableRng;
-use rand::rngs::StdRng;
 use shoal_coordinator_free_router::driver::DriverConfig;
-use shoal_coordinator_free_router::membership::{Membership, OwnSpan};
+use shoal_coordinator_free_router::membership::Membership;
+use shoal_coordinator_free_router::rebalance::{HostError, Own, Rebalancer, SpanHost, announcer, drain};
 use shoal_coordinator_free_router::swarm::announce::{Announcement, Holdings, PeerState};
 use shoal_coordinator_free_router::swarm::placement::{
-    RebalanceConfig, choose_span, move_target, next_check_ms, planned_coverage, should_move,
-    span_len_for_memory,
+    RebalanceConfig, choose_span, planned_coverage, span_len_for_memory,
 };
 use shoal_model_shards::{DType, Device, Model, Shard};
 use shoal_worker::net::{Node, parse_ticket, peer_id, short};
@@ -98,15 +96,6 @@ pub struct WorkerArgs {
     data: DataArgs,
 }
 
-/// What this worker says about itself in its announcements.
-#[derive(Debug, Clone)]
-struct Own {
-    span: Option<Range<usize>>,
-    state: PeerState,
-    throughput: f64,
-    holds: Holdings,
-}
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -135,7 +124,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     };
     runtime()?.block_on(async move {
         let key = args.key_file.as_deref().map(load_or_create_key).transpose()?;
-        let node = Node::bind(args.net.options(key)?).await?;
+        let node = crate::node::bind(args.net.options(key)?).await?;
         let weights = Arc::new(match local {
             Some(w) => w,
             None => Weights::from_swarm(&node, &bootstrap, &args.data).await?,
@@ -152,7 +141,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
                 model_id,
                 n_layers as u32,
                 bootstrap.clone(),
-                own_fn(own.clone(), node.clone()),
+                announcer(own.clone(), node.clone()),
                 &args.swarm,
             )
             .await?,
@@ -225,17 +214,29 @@ pub fn run(args: WorkerArgs) -> Result<()> {
 
         let drain_timeout = Duration::from_secs_f64(args.drain_timeout.max(0.0));
         let mover = (fixed.is_none() && args.rebalance_interval > 0.0).then(|| {
-            let mover = Mover {
-                weights: weights.clone(),
-                limits: args.limits.clone(),
+            let rebalancer = Rebalancer {
+                host: Host {
+                    weights: weights.clone(),
+                    node: node.clone(),
+                    membership: membership.clone(),
+                    limits: args.limits.clone(),
+                },
                 node: node.clone(),
                 membership: membership.clone(),
                 own: own.clone(),
                 config: RebalanceConfig::default(),
                 drain_timeout,
-                base_ms: (args.rebalance_interval * 1000.0) as u64,
+                mean_interval: Duration::from_secs_f64(args.rebalance_interval),
             };
-            tokio::spawn(mover.run())
+            let id = node.endpoint_id();
+            tokio::spawn(rebalancer.run(move |from, to| {
+                // Scripts and tests wait for this line.
+                println!(
+                    "moved: node {id} serves layers {}..{} (was {}..{})",
+                    to.start, to.end, from.start, from.end
+                );
+                let _ = std::io::stdout().flush();
+            }))
         });
 
         // The API's end (Ctrl-C, SIGTERM, or a failure to serve) starts the drain all the same.
@@ -243,7 +244,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             Some(addr) => {
                 let mut net = args.net.clone();
                 net.bind = net.bind.map(|b| SocketAddr::new(b.ip(), 0));
-                let origin = Node::bind(net.options(None)?).await?;
+                let origin = crate::node::bind(net.options(None)?).await?;
                 let config = DriverConfig {
                     spot_check: args.spot_check.config(),
                     speculation: args.speculative.speculative,
@@ -332,148 +333,26 @@ fn load_measured(
     })
 }
 
-/// Refuses new sessions and waits at most `timeout` for the running ones to end.
-async fn drain(node: &Node, timeout: Duration) {
-    node.drain();
-    let until = Instant::now() + timeout;
-    while node.stage_stats().is_some_and(|s| s.sessions > 0) && Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let left = node.stage_stats().map_or(0, |s| s.sessions);
-    if left > 0 {
-        eprintln!("handing {left} sessions back to their origins");
-    }
-}
-
-/// The announcement source: this worker's span and state, the stage's load and free cache.
-fn own_fn(own: Arc<Mutex<Own>>, node: Node) -> impl Fn() -> Option<OwnSpan> + Send + Sync + 'static {
-    move || {
-        let o = lock(&own).clone();
-        let span = o.span?;
-        let info = node.stage_info();
-        Some(OwnSpan {
-            start: span.start as u32,
-            end: span.end as u32,
-            state: o.state,
-            throughput: o.throughput as f32,
-            load: info.as_ref().map_or(0, |i| i.sessions),
-            free_kv_bytes: info.map_or(0, |i| i.free_kv_bytes),
-            holds: o.holds,
-        })
-    }
-}
-
-/// Rebalancing: at jittered intervals, asks the placement rules whether to move, and moves
-/// with the drain → re-check → join protocol.
-struct Mover {
+/// Where a worker's spans come from: its weights (a local file, or pieces fetched from the
+/// swarm) and its stage limits.
+struct Host {
     weights: Arc<Weights>,
-    limits: StageArgs,
     node: Node,
     membership: Arc<Membership>,
-    own: Arc<Mutex<Own>>,
-    config: RebalanceConfig,
-    drain_timeout: Duration,
-    base_ms: u64,
+    limits: StageArgs,
 }
 
-impl Mover {
-    /// Fetches the pieces `span` needs that this node lacks (nothing for a local model file),
-    /// then serves and announces them.
-    async fn prefetch(&self, span: Range<usize>) -> Result<()> {
-        if self.weights.fetch_span(&self.node, span, peers_fn(&self.membership), Vec::new()).await?.is_some()
+impl SpanHost for Host {
+    async fn prefetch(&self, span: Range<usize>) -> Result<Option<Holdings>, HostError> {
+        if self.weights.fetch_span(&self.node, span, peers_fn(&self.membership), Vec::new()).await?.is_none()
         {
-            lock(&self.own).holds = self.weights.seed(&self.node).await?;
+            return Ok(None);
         }
-        Ok(())
+        Ok(Some(self.weights.seed(&self.node).await?))
     }
 
-    async fn run(self) {
-        let mut rng = StdRng::from_os_rng();
-        loop {
-            tokio::time::sleep(Duration::from_millis(next_check_ms(&mut rng, self.base_ms))).await;
-            if let Err(e) = self.check().await {
-                eprintln!("rebalancing failed: {e:#}");
-            }
-        }
-    }
-
-    fn set(&self, span: Range<usize>, state: PeerState) {
-        {
-            let mut o = lock(&self.own);
-            o.span = Some(span);
-            o.state = state;
-        }
-        self.membership.announce_now();
-    }
-
-    async fn check(&self) -> Result<()> {
-        let me = self.node.id();
-        if self.membership.with_view(|v| should_move(v, me, &self.config)).is_none() {
-            return Ok(());
-        }
-        let (old, throughput) = {
-            let o = lock(&self.own);
-            (o.span.clone().context("no span")?, o.throughput)
-        };
-        let len = old.len();
-        // Fetch first: a worker moving to layers whose pieces it lacks fetches them while it
-        // still serves its span, so coverage never drops for the download.
-        if let Some(dest) = self
-            .membership
-            .with_view(|v| move_target(v, me, old.start as u32, old.end as u32, throughput, &self.config))
-        {
-            let dest = dest as usize;
-            self.prefetch(dest..dest + len).await?;
-        }
-        eprintln!("rebalancing: layers {}..{} may move; draining to re-check", old.start, old.end);
-        // Origins stop routing new sessions here as soon as they see this.
-        self.set(old.clone(), PeerState::Draining);
-        tokio::time::sleep(self.membership.interval() * 2).await;
-        let again = self
-            .membership
-            .with_view(|v| move_target(v, me, old.start as u32, old.end as u32, throughput, &self.config));
-        let Some(dest) = again.map(|d| d as usize) else {
-            eprintln!("rebalancing: staying on layers {}..{} (the swarm changed)", old.start, old.end);
-            self.set(old, PeerState::Serving);
-            return Ok(());
-        };
-        let new = dest..dest + len;
-        // Normally fetched already; the re-check may have chosen another destination.
-        if let Err(e) = self.prefetch(new.clone()).await {
-            eprintln!("rebalancing: staying on layers {}..{} ({e:#})", old.start, old.end);
-            self.set(old, PeerState::Serving);
-            return Ok(());
-        }
-        drain(&self.node, self.drain_timeout).await;
-        self.node.stop_serving().await;
-        self.set(new.clone(), PeerState::Joining);
-        let (stage, throughput, span) =
-            match load_measured(&self.weights.model, self.weights.model_id, new.clone(), &self.limits) {
-                Ok((stage, t)) => (stage, t, new),
-                Err(e) => {
-                    eprintln!(
-                        "rebalancing: loading layers {}..{} failed ({e:#}); back to {}..{}",
-                        new.start, new.end, old.start, old.end
-                    );
-                    self.set(old.clone(), PeerState::Joining);
-                    let (stage, t) =
-                        load_measured(&self.weights.model, self.weights.model_id, old.clone(), &self.limits)?;
-                    (stage, t, old.clone())
-                }
-            };
-        self.node.serve(stage);
-        lock(&self.own).throughput = throughput;
-        self.set(span.clone(), PeerState::Serving);
-        println!(
-            "moved: node {} serves layers {}..{} (was {}..{})",
-            self.node.endpoint_id(),
-            span.start,
-            span.end,
-            old.start,
-            old.end
-        );
-        std::io::stdout().flush()?;
-        Ok(())
+    fn load(&self, span: Range<usize>) -> Result<(StageService, f64), HostError> {
+        Ok(load_measured(&self.weights.model, self.weights.model_id, span, &self.limits)?)
     }
 }
 

@@ -452,9 +452,10 @@ impl EndpointHooks for AdmissionHooks {
     }
 }
 
-/// The protocol handler of [`ADMIT_ALPN`] (open and private nodes alike).
+/// The protocol handler of [`ADMIT_ALPN`] (open and private nodes alike); see
+/// [`crate::net::Node::admit_protocol`].
 #[derive(Debug, Clone)]
-pub(crate) struct AdmitProtocol {
+pub struct AdmitProtocol {
     pub(crate) gate: Arc<Gate>,
 }
 

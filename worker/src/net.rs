@@ -2,12 +2,16 @@
 //! unidirectional streams, one connection per pair of peers shared by every session.
 //!
 //! # Shape
-//! - A [`Node`] owns one iroh [`Endpoint`] and a [`Router`] that accepts the stage ALPN
-//!   ([`crate::protocol::ALPN`]), iroh-gossip's and iroh-blobs' (the pieces of model weights
-//!   in [`Node::blobs`]). Relays and public address lookup are off unless
-//!   [`NodeOptions`] turns them on; peers are dialed by node id through an in-memory address
-//!   book ([`MemoryLookup`]) filled from tickets and from the address book of each
-//!   `OpenSession`.
+//! - A [`Node`] owns one iroh [`Endpoint`] and exports the protocol handlers its [`Router`]
+//!   accepts, as iroh's own protocols do: [`Node::stage_protocol`] for the stage ALPN
+//!   ([`crate::protocol::ALPN`]), [`Node::admit_protocol`] for [`ADMIT_ALPN`],
+//!   [`Node::gossip`] for iroh-gossip's and [`Node::blobs_protocol`] for iroh-blobs' (the
+//!   pieces of model weights in [`Node::blobs`]). An application assembles the router
+//!   ([`Node::open`], then [`Node::set_router`]; the `shoal` binary does so in its
+//!   `src/node.rs`); [`Node::bind`] does both with exactly these four. Relays and public
+//!   address lookup are off unless [`NodeOptions`] turns them on; peers are dialed by node id
+//!   through an in-memory address book ([`MemoryLookup`]) filled from tickets and from the
+//!   address book of each `OpenSession`.
 //! - **Sending**: each peer has one outgoing queue and one writer task that keeps one
 //!   long-lived unidirectional stream open on the shared connection, so frames to a peer
 //!   arrive in order and a slow peer never blocks the others. The connection is reused for
@@ -44,9 +48,11 @@ use iroh::address_lookup::MemoryLookup;
 use iroh::endpoint::{Connection, RecvStream, SendStream, presets};
 use iroh::protocol::{AcceptError, ProtocolHandler, Router};
 use iroh::{Endpoint, EndpointAddr, EndpointId, RelayMode, SecretKey, TransportAddr};
+pub use iroh_blobs::BlobsProtocol;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::admission::{ADMIT_ALPN, AdmissionError, AdmissionHooks, AdmitProtocol, Gate, SwarmKey};
+pub use crate::admission::{ADMIT_ALPN, AdmitProtocol};
+use crate::admission::{AdmissionError, AdmissionHooks, Gate, SwarmKey};
 use crate::protocol::{
     ALPN, ErrorCode, HEADER_LEN, MAX_NODE_ADDRS, Message, NodeAddrs, PeerInfo, ProtocolError, StageError,
     decode_body, frame_len, try_encode,
@@ -328,7 +334,9 @@ const MAX_STREAMS_PER_CONN: u32 = 8;
 #[derive(Clone)]
 pub struct Node {
     inner: Arc<Inner>,
-    router: Arc<Router>,
+    /// The router accepting this node's protocols, kept to shut it down (see
+    /// [`Node::set_router`]).
+    router: Arc<Mutex<Option<Router>>>,
     gossip: iroh_gossip::Gossip,
     blobs: iroh_blobs::store::mem::MemStore,
     gate: Arc<Gate>,
@@ -360,9 +368,27 @@ pub fn short(id: &PeerId) -> String {
 }
 
 impl Node {
-    /// Binds an endpoint with `options` and starts accepting the stage protocol. Must run
-    /// inside a multi-threaded tokio runtime.
+    /// Binds an endpoint with `options` and starts accepting this node's four protocols
+    /// (stage, admission, gossip, blobs) on a router of its own. Must run inside a
+    /// multi-threaded tokio runtime.
     pub async fn bind(options: NodeOptions) -> Result<Self, NetError> {
+        let node = Self::open(options).await?;
+        let router = Router::builder(node.endpoint().clone())
+            .accept(ALPN, node.stage_protocol())
+            .accept(ADMIT_ALPN, node.admit_protocol())
+            .accept(iroh_gossip::ALPN, node.gossip().clone())
+            .accept(iroh_blobs::ALPN, node.blobs_protocol())
+            .spawn();
+        node.set_router(router);
+        Ok(node)
+    }
+
+    /// Binds an endpoint with `options`, with no router yet: nothing is accepted until the
+    /// caller spawns a [`Router`] on [`Self::endpoint`] with this node's protocol handlers
+    /// (and any of its own) and hands it to [`Self::set_router`]. A node without the stage
+    /// and admission protocols cannot take part in a swarm. Must run inside a
+    /// multi-threaded tokio runtime.
+    pub async fn open(options: NodeOptions) -> Result<Self, NetError> {
         let lookup = MemoryLookup::new();
         let mut builder = Endpoint::builder(presets::Minimal)
             .relay_mode(if options.relay { RelayMode::Default } else { RelayMode::Disabled })
@@ -418,13 +444,29 @@ impl Node {
         // `shoal_coordinator_free_router::weights`). In memory: pieces are zero-copy views of
         // memory-mapped model files.
         let blobs = iroh_blobs::store::mem::MemStore::new();
-        let router = Router::builder(endpoint)
-            .accept(ALPN, StageProtocol { inner: inner.clone() })
-            .accept(iroh_gossip::ALPN, gossip.clone())
-            .accept(iroh_blobs::ALPN, iroh_blobs::BlobsProtocol::new(&blobs, None))
-            .accept(ADMIT_ALPN, AdmitProtocol { gate: gate.clone() })
-            .spawn();
-        Ok(Self { inner, router: Arc::new(router), gossip, blobs, gate })
+        Ok(Self { inner, router: Arc::default(), gossip, blobs, gate })
+    }
+
+    /// The handler of the stage protocol ([`ALPN`]): sessions, steps and pings.
+    pub fn stage_protocol(&self) -> StageProtocol {
+        StageProtocol { inner: self.inner.clone() }
+    }
+
+    /// The handler of the admission protocol ([`ADMIT_ALPN`]); open nodes accept it too, to
+    /// tell a private node that they hold no key.
+    pub fn admit_protocol(&self) -> AdmitProtocol {
+        AdmitProtocol { gate: self.gate.clone() }
+    }
+
+    /// The handler of iroh-blobs' protocol, serving [`Self::blobs`].
+    pub fn blobs_protocol(&self) -> BlobsProtocol {
+        BlobsProtocol::new(&self.blobs, None)
+    }
+
+    /// Keeps the router that accepts this node's protocols, so that [`Self::shutdown`] shuts
+    /// it down (replacing one set before).
+    pub fn set_router(&self, router: Router) {
+        *lock(&self.router) = Some(router);
     }
 
     /// Shoal nodes found on the local network by mDNS (empty unless
@@ -652,8 +694,14 @@ impl Node {
         self.inner.closing.store(true, std::sync::atomic::Ordering::Relaxed);
         lock(&self.inner.stage).take();
         lock(&self.inner.links).clear();
-        if let Err(e) = self.router.shutdown().await {
-            tracing::debug!("router shutdown: {e}");
+        let router = lock(&self.router).take();
+        match router {
+            Some(router) => {
+                if let Err(e) = router.shutdown().await {
+                    tracing::debug!("router shutdown: {e}");
+                }
+            }
+            None => self.inner.endpoint.close().await,
         }
         // The admission hooks live inside the endpoint: drop their handle on it.
         self.gate.set_endpoint(None);
@@ -1009,9 +1057,9 @@ async fn read_body(recv: &mut RecvStream, len: usize) -> Option<Vec<u8>> {
     Some(body)
 }
 
-/// The iroh protocol handler of the stage ALPN.
+/// The iroh protocol handler of the stage ALPN ([`Node::stage_protocol`]).
 #[derive(Clone)]
-struct StageProtocol {
+pub struct StageProtocol {
     inner: Arc<Inner>,
 }
 
