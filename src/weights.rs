@@ -2,10 +2,11 @@
 //! swarm's, fetched piece by piece into the data dir (see
 //! `shoal_coordinator_free_router::weights`).
 
+use std::collections::BTreeSet;
 use std::io::IsTerminal;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -14,7 +15,8 @@ use iroh::EndpointAddr;
 use shoal_coordinator_free_router::swarm::PeerId;
 use shoal_coordinator_free_router::swarm::announce::{Announcement, Holdings};
 use shoal_coordinator_free_router::weights::{
-    FetchConfig, FetchReport, PieceDir, Progress, announces, fetch_manifest, fetch_pieces, holdings, seed,
+    FetchConfig, FetchReport, PieceDir, Progress, announces, fetch_manifest, fetch_pieces, holdings,
+    make_room, seed,
 };
 use shoal_model_shards::manifest::Manifest;
 use shoal_model_shards::{Model, ModelFormat};
@@ -27,6 +29,15 @@ pub struct DataArgs {
     /// (default: `$XDG_DATA_HOME/shoal`, else `~/.local/share/shoal`).
     #[arg(long, env = "SHOAL_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Most bytes of fetched model pieces the data dir keeps (`20GiB`, `500MB`...): before a
+    /// fetch, the least recently used pieces are evicted, never one this node uses. Default:
+    /// no limit.
+    #[arg(long, env = "SHOAL_CACHE_BUDGET", value_name = "SIZE", value_parser = cache_budget)]
+    pub cache_budget: Option<u64>,
+}
+
+fn cache_budget(s: &str) -> std::result::Result<u64, String> {
+    crate::cli::common::parse_size(s).map_err(|e| format!("{e:#}"))
 }
 
 impl DataArgs {
@@ -97,6 +108,14 @@ pub struct Weights {
     source: Source,
     /// Pieces already served, per node: each piece is hashed into a node's store once.
     seeded: std::sync::Mutex<std::collections::HashMap<PeerId, std::collections::BTreeSet<usize>>>,
+    /// The data dir and its cache budget (`--cache-budget`).
+    cache: Option<(PathBuf, u64)>,
+    /// Spans this node serves or is fetching: their pieces are never evicted.
+    in_use: Mutex<Vec<Range<usize>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Weights {
@@ -117,6 +136,8 @@ impl Weights {
             manifest,
             source: Source::Local(path.to_path_buf()),
             seeded: Default::default(),
+            cache: None,
+            in_use: Mutex::default(),
         })
     }
 
@@ -165,6 +186,8 @@ impl Weights {
             manifest: Some(manifest),
             source: Source::Swarm(dir),
             seeded: Default::default(),
+            cache: data.cache_budget.map(|b| (data_dir, b)),
+            in_use: Mutex::default(),
         })
     }
 
@@ -226,10 +249,30 @@ impl Weights {
         let Source::Swarm(dir) = &self.source else { return Ok(None) };
         let want = dir.manifest().pieces_for_span(span.clone());
         let missing = dir.missing(&want);
+        lock(&self.in_use).push(span.clone());
         if missing.is_empty() {
+            dir.touch(&want)?;
             return Ok(None);
         }
         let total = dir.manifest().bytes_of(&missing);
+        if let Some((data_dir, budget)) = &self.cache {
+            let keep: BTreeSet<usize> =
+                lock(&self.in_use).iter().flat_map(|s| dir.manifest().pieces_for_span(s.clone())).collect();
+            let evicted = make_room(data_dir, *budget, dir, &keep, total)?;
+            if !evicted.pieces.is_empty() {
+                eprintln!(
+                    "cache budget: evicted {} pieces ({:.1} MiB), least recently used first",
+                    evicted.pieces.len(),
+                    mib(evicted.bytes)
+                );
+                // This model's evicted pieces are no longer served.
+                let gone: BTreeSet<usize> =
+                    evicted.pieces.iter().filter(|(id, _)| *id == self.model_id).map(|&(_, i)| i).collect();
+                for served in self.lock_seeded().values_mut() {
+                    served.retain(|i| !gone.contains(i));
+                }
+            }
+        }
         eprintln!(
             "fetching layers {}..{} from the swarm: {} pieces, {:.1} MiB (the whole file is {:.1} MiB)",
             span.start,
@@ -268,7 +311,18 @@ impl Weights {
                 )
             }
         );
+        dir.touch(&want)?;
         Ok(Some(report))
+    }
+
+    /// Records that this node now serves `span` (alone): the pieces of spans it served before
+    /// may be evicted by the cache budget.
+    pub fn serving(&self, span: Range<usize>) -> Result<()> {
+        *lock(&self.in_use) = vec![span.clone()];
+        if let Source::Swarm(dir) = &self.source {
+            dir.touch(&dir.manifest().pieces_for_span(span))?;
+        }
+        Ok(())
     }
 }
 

@@ -5,6 +5,10 @@
 //! serves them; an origin with no model file (`shoal generate --join`) fetches only the
 //! header, from the second worker. Greedy ids through the pair equal the one-process run, and
 //! those of an origin that has the file.
+//!
+//! The cache budget: a worker that served 0..15 restarts on 15..30 with a budget that cannot
+//! hold both; it evicts the old layers (never the pieces it needs), serves, and its data dir
+//! stays within the budget; a budget below what the span needs is a clear error.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -173,4 +177,44 @@ fn a_joiner_whose_ticket_is_not_a_worker_gets_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--join not-a-ticket") || err.contains("invalid ticket"), "{err}");
     let _ = std::fs::remove_dir_all(d);
+}
+
+#[test]
+fn the_cache_budget_evicts_old_layers_and_refuses_a_span_it_cannot_hold() {
+    let m = model();
+    let manifest = Manifest::of_gguf(&m).expect("manifest");
+    let (d0, d1) = (temp_dir("budget-seeder"), temp_dir("budget-joiner"));
+    let seeder = Worker::start(&["--model", m.to_str().expect("utf-8"), "--layers", "0..30"], &d0);
+    let mut first = Worker::start(&["--join", &seeder.ticket, "--layers", "0..15"], &d1);
+    let first_log = first.log();
+    assert!(!first_log.contains("cache budget"), "{first_log}");
+    let on_disk = || -> u64 {
+        let file = d1.join("models").join(hex(&manifest.id())).join("model.gguf");
+        std::fs::metadata(&file).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).expect("the copy")
+    };
+    let second_half = manifest.bytes_of(&manifest.pieces_for_span(15..30));
+    let both = manifest.bytes_of(&manifest.pieces_for_span(0..30));
+    assert!(on_disk() + second_half > both, "the first run kept layers 0..15");
+    let budget = second_half + (1 << 20);
+    let budget_arg = budget.to_string();
+    let mut second =
+        Worker::start(&["--join", &seeder.ticket, "--layers", "15..30", "--cache-budget", &budget_arg], &d1);
+    let log = second.log();
+    assert!(log.contains("cache budget: evicted"), "{log}");
+    assert!(on_disk() <= budget + (1 << 20), "{} bytes on disk, budget {budget}", on_disk());
+
+    // A budget that cannot hold the span: refused with the flag named.
+    let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["worker", "--layers", "0..15", "--bind", "127.0.0.1:0", "--cache-budget", "4MiB"])
+        .args(["--join", &seeder.ticket, "--data-dir"])
+        .arg(&d1)
+        .output()
+        .expect("run shoal worker");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cache budget of 4.0 MiB") && err.contains("raise --cache-budget"), "{err}");
+    drop(seeder);
+    for d in [d0, d1] {
+        let _ = std::fs::remove_dir_all(d);
+    }
 }

@@ -17,6 +17,11 @@
 //!   from the whole file) and the list of complete pieces. A piece is recorded only after its
 //!   bytes are written and synced, so a crash loses at most the pieces in flight, and a restart
 //!   fetches only what is missing.
+//! - **Cache budget** ([`make_room`]): a data dir may be given a budget; before a fetch, the
+//!   least recently used complete pieces (of any model in the dir) are evicted until the fetch
+//!   fits, never a piece the node uses. An evicted piece is forgotten first, then its bytes are
+//!   freed (a hole punched in the sparse file, on Linux), so a crash in between never leaves a
+//!   piece recorded complete without its bytes.
 
 use std::collections::{BTreeSet, HashSet};
 use std::fs::File;
@@ -41,6 +46,17 @@ use crate::swarm::announce::{Announcement, Holdings, MAX_HELD_RANGES};
 /// Errors of seeding and fetching weights.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
+    /// The cache budget cannot hold the pieces in use and the ones to fetch.
+    #[error(
+        "the cache budget of {budget_mib:.1} MiB cannot hold the pieces this node uses and the ones it \
+         must fetch ({need_mib:.1} MiB in all): raise --cache-budget"
+    )]
+    Budget {
+        /// The budget.
+        budget_mib: f64,
+        /// What the pieces in use and the fetch take.
+        need_mib: f64,
+    },
     /// A local file or directory could not be used.
     #[error("{what} {path}: {source}")]
     Io {
@@ -191,13 +207,47 @@ pub fn announces(a: &Announcement, piece: &Piece) -> bool {
 }
 
 /// A model's pieces in a node's data dir: `DIR/models/<id>/` with `manifest.json`,
-/// `model.gguf` (sparse: only fetched pieces are written) and `pieces.json` (the complete
-/// pieces' indices).
+/// `model.gguf` (sparse: only fetched pieces are written), `pieces.json` (the complete
+/// pieces' indices) and `used.json` (when each piece was last used, for the cache budget).
 #[derive(Debug)]
 pub struct PieceDir {
     dir: PathBuf,
     manifest: Manifest,
     complete: Mutex<BTreeSet<usize>>,
+    /// Piece index → last use (milliseconds since the Unix epoch).
+    used: Mutex<std::collections::BTreeMap<usize, u64>>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Frees the disk blocks of `len` bytes at `off` in `file` (they read as zeros after).
+#[cfg(target_os = "linux")]
+fn punch_hole(file: &File, off: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (Ok(off), Ok(len)) = (i64::try_from(off), i64::try_from(len)) else {
+        return Err(std::io::Error::other("range beyond the file"));
+    };
+    // SAFETY: a plain system call on a file descriptor this function borrows for its duration.
+    let r = unsafe {
+        libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, len)
+    };
+    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+/// Elsewhere the bytes are overwritten with zeros (the disk space stays allocated).
+#[cfg(not(target_os = "linux"))]
+fn punch_hole(file: &File, off: u64, len: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let zeros = vec![0u8; 1 << 16];
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(zeros.len() as u64);
+        file.write_all_at(&zeros[..n as usize], off + at)?;
+        at += n;
+    }
+    Ok(())
 }
 
 impl PieceDir {
@@ -232,7 +282,14 @@ impl PieceDir {
         let file = dir.join("model.gguf");
         let size = std::fs::metadata(&file).map(|m| m.len()).ok();
         let complete = if size == Some(manifest.file_size) { complete } else { BTreeSet::new() };
-        let this = Self { dir, manifest, complete: Mutex::new(complete) };
+        let used = std::fs::read(dir.join("used.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Vec<(usize, u64)>>(&b).ok())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(i, _)| complete.contains(i))
+            .collect();
+        let this = Self { dir, manifest, complete: Mutex::new(complete), used: Mutex::new(used) };
         this.ensure_file()?;
         Ok(Some(this))
     }
@@ -246,7 +303,7 @@ impl PieceDir {
         let dir = Self::path_for(data_dir, &id);
         std::fs::create_dir_all(&dir).map_err(io("creating the data dir", &dir))?;
         write_atomically(&dir.join("manifest.json"), &manifest.to_bytes())?;
-        let this = Self { dir, manifest, complete: Mutex::new(BTreeSet::new()) };
+        let this = Self { dir, manifest, complete: Mutex::new(BTreeSet::new()), used: Mutex::default() };
         this.ensure_file()?;
         Ok(this)
     }
@@ -296,6 +353,62 @@ impl PieceDir {
         self.save(&done)
     }
 
+    /// Bytes of the complete pieces.
+    pub fn held_bytes(&self) -> u64 {
+        self.manifest.bytes_of(&self.complete())
+    }
+
+    /// Records that `pieces` were used now (fetched, loaded, served): the cache budget evicts
+    /// the least recently used first.
+    pub fn touch(&self, pieces: &[usize]) -> Result<()> {
+        let now = now_ms();
+        let done = lock(&self.complete);
+        let mut used = lock(&self.used);
+        for &i in pieces.iter().filter(|i| done.contains(i)) {
+            used.insert(i, now);
+        }
+        let list: Vec<(usize, u64)> = used.iter().map(|(&i, &t)| (i, t)).collect();
+        drop(used);
+        write_atomically(&self.dir.join("used.json"), &serde_json::to_vec(&list).unwrap_or_default())
+    }
+
+    /// The complete pieces not in `keep`, least recently used first, with their sizes.
+    fn eviction_order(&self, keep: &BTreeSet<usize>) -> Vec<(u64, usize, u64)> {
+        let used = lock(&self.used);
+        let mut order: Vec<(u64, usize, u64)> = lock(&self.complete)
+            .iter()
+            .filter(|i| !keep.contains(i))
+            .filter_map(|&i| {
+                let len = self.manifest.pieces.get(i)?.len();
+                Some((used.get(&i).copied().unwrap_or(0), i, len))
+            })
+            .collect();
+        order.sort_unstable();
+        order
+    }
+
+    /// Evicts `pieces`: forgets them, then frees their bytes in the sparse file. Returns the
+    /// bytes freed.
+    pub fn evict(&self, pieces: &[usize]) -> Result<u64> {
+        self.forget(pieces)?;
+        {
+            let mut used = lock(&self.used);
+            for i in pieces {
+                used.remove(i);
+            }
+        }
+        let path = self.file();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).map_err(io("opening", &path))?;
+        let mut freed = 0;
+        for piece in pieces.iter().filter_map(|&i| self.manifest.pieces.get(i)) {
+            for &[off, len] in &piece.ranges {
+                punch_hole(&f, off, len).map_err(io("freeing a piece of", &path))?;
+            }
+            freed += piece.len();
+        }
+        Ok(freed)
+    }
+
     /// Writes a verified piece at its offsets, syncs, then records it as complete.
     fn write_piece(&self, index: usize, bytes: &[u8]) -> Result<()> {
         use std::os::unix::fs::FileExt;
@@ -320,13 +433,98 @@ impl PieceDir {
         f.sync_data().map_err(io("syncing", &path))?;
         let mut done = lock(&self.complete);
         done.insert(index);
-        self.save(&done)
+        self.save(&done)?;
+        drop(done);
+        self.touch(&[index])
     }
 
     fn save(&self, done: &BTreeSet<usize>) -> Result<()> {
         let list: Vec<usize> = done.iter().copied().collect();
         write_atomically(&self.dir.join("pieces.json"), &serde_json::to_vec(&list).unwrap_or_default())
     }
+}
+
+/// What [`make_room`] evicted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Evicted {
+    /// Pieces evicted, as (model id, piece index).
+    pub pieces: Vec<([u8; 32], usize)>,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
+/// Makes room in `data_dir` for `need` more bytes under `budget`: evicts the least recently
+/// used complete pieces of the dir's models, never one of `current`'s pieces in `keep` (the
+/// pieces the node uses and the ones it is about to fetch). `current` is the node's own open
+/// copy of its model (the dir's other models are opened here). Fails, evicting nothing, when
+/// the pieces in `keep` and `need` alone exceed the budget.
+pub fn make_room(
+    data_dir: &Path,
+    budget: u64,
+    current: &PieceDir,
+    keep: &BTreeSet<usize>,
+    need: u64,
+) -> Result<Evicted> {
+    let current_id = current.manifest.id();
+    let mut others = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(data_dir.join("models")) {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(id) = parse_model_dir(&name.to_string_lossy()) else { continue };
+            if id == current_id {
+                continue;
+            }
+            if let Ok(Some(dir)) = PieceDir::open(data_dir, &id) {
+                others.push(dir);
+            }
+        }
+    }
+    let kept = current
+        .manifest
+        .bytes_of(&current.complete().into_iter().filter(|i| keep.contains(i)).collect::<Vec<_>>());
+    let held: u64 = current.held_bytes() + others.iter().map(PieceDir::held_bytes).sum::<u64>();
+    let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+    if kept + need > budget {
+        return Err(WeightsError::Budget { budget_mib: mib(budget), need_mib: mib(kept + need) });
+    }
+    let none = BTreeSet::new();
+    // (last use, dir index, piece, bytes); dir 0 is the current model.
+    let mut order: Vec<(u64, usize, usize, u64)> = Vec::new();
+    for (d, dir) in std::iter::once(current).chain(others.iter()).enumerate() {
+        let keep = if d == 0 { keep } else { &none };
+        order.extend(dir.eviction_order(keep).into_iter().map(|(t, i, len)| (t, d, i, len)));
+    }
+    order.sort_unstable();
+    let mut over = (held + need).saturating_sub(budget);
+    let mut chosen: Vec<Vec<usize>> = vec![Vec::new(); others.len() + 1];
+    for (_, d, i, len) in order {
+        if over == 0 {
+            break;
+        }
+        chosen[d].push(i);
+        over = over.saturating_sub(len);
+    }
+    let mut evicted = Evicted::default();
+    for (d, dir) in std::iter::once(current).chain(others.iter()).enumerate() {
+        if chosen[d].is_empty() {
+            continue;
+        }
+        evicted.bytes += dir.evict(&chosen[d])?;
+        let id = dir.manifest.id();
+        evicted.pieces.extend(chosen[d].iter().map(|&i| (id, i)));
+    }
+    Ok(evicted)
+}
+
+fn parse_model_dir(name: &str) -> Option<[u8; 32]> {
+    if name.len() != 64 {
+        return None;
+    }
+    let mut id = [0u8; 32];
+    for (k, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(name.get(2 * k..2 * k + 2)?, 16).ok()?;
+    }
+    Some(id)
 }
 
 /// Writes `path` through a temporary file of this process, so two processes sharing a data

@@ -229,3 +229,47 @@ pub async fn generate_with(driver: &Driver, p: Prepared, options: &GenOptions) -
         outcome.decode_time,
     )
 }
+
+/// Parses a size: a number with an optional unit, `B`, `K`/`KiB`, `M`/`MiB`, `G`/`GiB`,
+/// `T`/`TiB` (powers of 1024), or `KB`, `MB`, `GB`, `TB` (powers of 1000); case-insensitive.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num.parse().with_context(|| format!("{s:?} is not a size like 512MiB"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kib" => 1024.0,
+        "m" | "mib" => 1024.0 * 1024.0,
+        "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "t" | "tib" => 1024f64.powi(4),
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        other => bail!("{s:?}: unknown unit {other:?}"),
+    };
+    let bytes = value * mult;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+        bail!("{s:?} is not a usable size");
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("2g").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1.5GiB").unwrap(), 3 << 29);
+        assert_eq!(parse_size(" 3 GB ").unwrap(), 3_000_000_000);
+        assert_eq!(parse_size("64k").unwrap(), 65536);
+        for bad in ["", "MiB", "12 parsecs", "0", "-1G", "1e400", "0.1"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+}

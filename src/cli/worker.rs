@@ -28,7 +28,7 @@ use shoal_worker::net::{Node, parse_ticket, peer_id, short};
 use shoal_worker::service::StageService;
 
 use crate::cli::api::{ApiArgs, serve};
-use crate::cli::common::DEFAULT_MODEL;
+use crate::cli::common::{DEFAULT_MODEL, parse_size};
 use crate::node::{
     NetArgs, SpeculativeArgs, StageArgs, SwarmArgs, driver, join_swarm, load_or_create_key, load_stage,
     parse_layers, parse_tickets, runtime, shutdown_signal,
@@ -106,7 +106,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     if fixed.is_some() && (args.num_layers.is_some() || args.memory_budget.is_some()) {
         bail!("--num-layers and --memory-budget go with --layers auto");
     }
-    let budget = args.memory_budget.as_deref().map(parse_size).transpose()?;
+    let budget = args.memory_budget.as_deref().map(parse_size).transpose().context("--memory-budget")?;
     if !(args.rebalance_interval.is_finite() && args.rebalance_interval >= 0.0) {
         bail!("--rebalance-interval must be a number of seconds, 0 or more");
     }
@@ -192,6 +192,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             lock(&own).holds = weights.seed(&node).await?;
         }
         let (stage, throughput) = load_measured(&model, model_id, span.clone(), &args.limits)?;
+        weights.serving(span.clone())?;
         node.serve(stage);
         {
             let mut o = lock(&own);
@@ -352,7 +353,9 @@ impl SpanHost for Host {
     }
 
     fn load(&self, span: Range<usize>) -> Result<(StageService, f64), HostError> {
-        Ok(load_measured(&self.weights.model, self.weights.model_id, span, &self.limits)?)
+        let loaded = load_measured(&self.weights.model, self.weights.model_id, span.clone(), &self.limits)?;
+        self.weights.serving(span)?;
+        Ok(loaded)
     }
 }
 
@@ -366,33 +369,6 @@ fn available_memory() -> Result<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map(|kib| kib * 1024)
         .context("no MemAvailable in /proc/meminfo; give --memory-budget or --num-layers")
-}
-
-/// Parses a size: a number with an optional unit, `B`, `K`/`KiB`, `M`/`MiB`, `G`/`GiB`,
-/// `T`/`TiB` (powers of 1024), or `KB`, `MB`, `GB`, `TB` (powers of 1000); case-insensitive.
-fn parse_size(s: &str) -> Result<u64> {
-    let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let value: f64 =
-        num.parse().with_context(|| format!("--memory-budget {s:?}: expected a size like 512MiB"))?;
-    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kib" => 1024.0,
-        "m" | "mib" => 1024.0 * 1024.0,
-        "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
-        "t" | "tib" => 1024f64.powi(4),
-        "kb" => 1e3,
-        "mb" => 1e6,
-        "gb" => 1e9,
-        "tb" => 1e12,
-        other => bail!("--memory-budget {s:?}: unknown unit {other:?}"),
-    };
-    let bytes = value * mult;
-    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
-        bail!("--memory-budget {s:?} is not a usable size");
-    }
-    Ok(bytes as u64)
 }
 
 /// Pings a peer from a ticket and reports what it serves; a peer that serves another model
@@ -432,22 +408,4 @@ fn write_atomically(path: &Path, text: &str) -> Result<()> {
     std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes_parse_with_units() {
-        assert_eq!(parse_size("512").unwrap(), 512);
-        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
-        assert_eq!(parse_size("2g").unwrap(), 2 << 30);
-        assert_eq!(parse_size("1.5GiB").unwrap(), 3 << 29);
-        assert_eq!(parse_size(" 3 GB ").unwrap(), 3_000_000_000);
-        assert_eq!(parse_size("64k").unwrap(), 65536);
-        for bad in ["", "MiB", "12 parsecs", "0", "-1G", "1e400", "0.1"] {
-            assert!(parse_size(bad).is_err(), "{bad}");
-        }
-    }
 }
