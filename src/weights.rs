@@ -15,8 +15,8 @@ use iroh::EndpointAddr;
 use shoal_coordinator_free_router::swarm::PeerId;
 use shoal_coordinator_free_router::swarm::announce::{Announcement, Holdings};
 use shoal_coordinator_free_router::weights::{
-    FetchConfig, FetchReport, PieceDir, Progress, announces, fetch_manifest, fetch_pieces, holdings,
-    make_room, seed,
+    FetchConfig, FetchReport, Mirror, PieceDir, Progress, RangeRead, announces, fetch_manifest, fetch_pieces,
+    holdings, make_room, seed,
 };
 use shoal_model_shards::manifest::Manifest;
 use shoal_model_shards::{Model, ModelFormat};
@@ -34,6 +34,66 @@ pub struct DataArgs {
     /// no limit.
     #[arg(long, env = "SHOAL_CACHE_BUDGET", value_name = "SIZE", value_parser = cache_budget)]
     pub cache_budget: Option<u64>,
+    /// An HTTP(S) copy of the swarm's model file, e.g. a GGUF on the Hugging Face Hub
+    /// (`https://huggingface.co/ORG/REPO/resolve/main/FILE.gguf`): the pieces no peer can
+    /// provide are read from it with range requests (only those bytes) and verified against
+    /// the swarm's manifest.
+    #[arg(long, env = "SHOAL_WEIGHTS_URL", value_name = "URL")]
+    pub weights_url: Option<String>,
+}
+
+impl DataArgs {
+    /// The mirror of `--weights-url`, if given.
+    pub fn mirror(&self) -> Result<Option<Mirror>> {
+        self.weights_url.as_deref().map(http_mirror).transpose()
+    }
+}
+
+/// An HTTP(S) copy of the model file, read with range requests. A server that does not
+/// answer a range request with 206 Partial Content is refused (it would send the whole file),
+/// and a body longer than the range is cut off as an error.
+pub fn http_mirror(url: &str) -> Result<Mirror> {
+    let parsed = reqwest::Url::parse(url).with_context(|| format!("--weights-url {url:?} is not a URL"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        bail!("--weights-url {url:?}: only http and https URLs");
+    }
+    // reqwest's rustls has no bundled crypto provider here: use iroh's (ring). An error means
+    // one is installed already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(300))
+        .build()
+        .context("building the HTTP client for --weights-url")?;
+    let read = move |off: u64, len: u64| -> RangeRead {
+        let (client, url) = (client.clone(), parsed.clone());
+        Box::pin(async move {
+            if len == 0 {
+                return Ok(bytes::Bytes::new());
+            }
+            let mut resp = client
+                .get(url)
+                .header(reqwest::header::RANGE, format!("bytes={off}-{}", off + len - 1))
+                .send()
+                .await
+                .map_err(|e| format!("{e}"))?;
+            if resp.status() != reqwest::StatusCode::PARTIAL_CONTENT {
+                return Err(format!(
+                    "answered {} to a range request (a mirror must serve byte ranges)",
+                    resp.status()
+                ));
+            }
+            let mut out = Vec::with_capacity(usize::try_from(len).map_err(|e| e.to_string())?);
+            while let Some(chunk) = resp.chunk().await.map_err(|e| format!("{e}"))? {
+                if (out.len() + chunk.len()) as u64 > len {
+                    return Err(format!("sent more than the {len} bytes asked for"));
+                }
+                out.extend_from_slice(&chunk);
+            }
+            Ok(out.into())
+        })
+    };
+    Ok(Mirror { name: url.to_owned(), read: Arc::new(read) })
 }
 
 fn cache_budget(s: &str) -> std::result::Result<u64, String> {
@@ -112,6 +172,8 @@ pub struct Weights {
     cache: Option<(PathBuf, u64)>,
     /// Spans this node serves or is fetching: their pieces are never evicted.
     in_use: Mutex<Vec<Range<usize>>>,
+    /// Asked for the pieces no peer provides (`--weights-url`).
+    mirror: Option<Mirror>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -138,6 +200,7 @@ impl Weights {
             seeded: Default::default(),
             cache: None,
             in_use: Mutex::default(),
+            mirror: None,
         })
     }
 
@@ -145,6 +208,7 @@ impl Weights {
     /// manifest, header and global tensors are fetched into the data dir (what an origin
     /// needs: tokenizer, chat template, shapes); [`Weights::fetch_span`] fetches a span's.
     pub async fn from_swarm(node: &Node, tickets: &[EndpointAddr], data: &DataArgs) -> Result<Self> {
+        let mirror = data.mirror()?;
         let data_dir = data.dir()?;
         let (model_id, _) = identify(node, tickets).await?;
         let providers: Vec<PeerId> =
@@ -165,7 +229,7 @@ impl Weights {
             dir.clone(),
             &want,
             Arc::new(move |_| fixed.clone()),
-            FetchConfig::default(),
+            FetchConfig { mirror: mirror.clone(), ..FetchConfig::default() },
             Arc::new(|_, _| {}),
         )
         .await
@@ -188,6 +252,7 @@ impl Weights {
             seeded: Default::default(),
             cache: data.cache_budget.map(|b| (data_dir, b)),
             in_use: Mutex::default(),
+            mirror,
         })
     }
 
@@ -290,18 +355,21 @@ impl Weights {
             }
             ids
         });
-        let report =
-            fetch_pieces(node, dir.clone(), &missing, providers, FetchConfig::default(), bar.clone())
-                .await
-                .with_context(|| format!("fetching layers {}..{} from the swarm", span.start, span.end))?;
+        let report = fetch_pieces(node, dir.clone(), &missing, providers, self.fetch_config(), bar.clone())
+            .await
+            .with_context(|| format!("fetching layers {}..{} from the swarm", span.start, span.end))?;
         let secs = report.elapsed.as_secs_f64().max(1e-6);
         eprintln!(
-            "fetched: {} bytes in {} pieces in {:.2?} ({:.1} MB/s); the file is {} bytes{}",
+            "fetched: {} bytes in {} pieces in {:.2?} ({:.1} MB/s); the file is {} bytes{}{}",
             report.bytes,
             report.pieces,
             report.elapsed,
             report.bytes as f64 / secs / 1e6,
             dir.manifest().file_size,
+            match (report.mirror_pieces, &self.mirror) {
+                (n, Some(m)) if n > 0 => format!("; {n} pieces from {}", m.name),
+                _ => String::new(),
+            },
             if report.corrupt_peers.is_empty() {
                 String::new()
             } else {
@@ -313,6 +381,10 @@ impl Weights {
         );
         dir.touch(&want)?;
         Ok(Some(report))
+    }
+
+    fn fetch_config(&self) -> FetchConfig {
+        FetchConfig { mirror: self.mirror.clone(), ..FetchConfig::default() }
     }
 
     /// Records that this node now serves `span` (alone): the pieces of spans it served before

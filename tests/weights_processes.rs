@@ -9,10 +9,17 @@
 //! The cache budget: a worker that served 0..15 restarts on 15..30 with a budget that cannot
 //! hold both; it evicts the old layers (never the pieces it needs), serves, and its data dir
 //! stays within the budget; a budget below what the span needs is a clear error.
+//!
+//! A mirror (`--weights-url`): when the only holder of layers 15..30 has left, a joiner reads
+//! them from an HTTP server of the file with byte ranges (as the Hugging Face Hub serves a
+//! GGUF): only those pieces' bytes, verified; the pieces a peer still holds come from the peer.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Deserialize;
 use shoal_model_shards::manifest::Manifest;
@@ -215,6 +222,101 @@ fn the_cache_budget_evicts_old_layers_and_refuses_a_span_it_cannot_hold() {
     assert!(err.contains("cache budget of 4.0 MiB") && err.contains("raise --cache-budget"), "{err}");
     drop(seeder);
     for d in [d0, d1] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+/// A minimal HTTP/1.1 server of one file that answers range requests with 206 (keep-alive),
+/// counting the body bytes it sends.
+fn range_server(bytes: Arc<Vec<u8>>) -> (SocketAddr, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind the HTTP server");
+    let addr = listener.local_addr().expect("address");
+    let sent = Arc::new(AtomicU64::new(0));
+    let counter = sent.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let (bytes, sent) = (bytes.clone(), counter.clone());
+            std::thread::spawn(move || serve_ranges(stream, &bytes, &sent));
+        }
+    });
+    (addr, sent)
+}
+
+fn serve_ranges(stream: TcpStream, bytes: &[u8], sent: &AtomicU64) {
+    let mut out = stream.try_clone().expect("clone the stream");
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut range = None;
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some(v) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                let (a, b) = v.split_once('-').expect("a-b");
+                range = Some((a.parse::<usize>().expect("start"), b.parse::<usize>().expect("end")));
+            }
+        }
+        let reply = match range {
+            Some((a, b)) if a <= b && b < bytes.len() => {
+                sent.fetch_add((b + 1 - a) as u64, Ordering::Relaxed);
+                let head = format!(
+                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {a}-{b}/{}\r\n\r\n",
+                    b + 1 - a,
+                    bytes.len()
+                );
+                out.write_all(head.as_bytes()).and_then(|()| out.write_all(&bytes[a..=b]))
+            }
+            _ => out.write_all(b"HTTP/1.1 416 Range Not Satisfiable\r\nContent-Length: 0\r\n\r\n"),
+        };
+        if reply.is_err() {
+            return;
+        }
+    }
+}
+
+#[test]
+fn a_joiner_reads_the_pieces_no_peer_holds_from_an_http_mirror_by_byte_ranges() {
+    let m = model();
+    let manifest = Manifest::of_gguf(&m).expect("manifest");
+    let (addr, sent) = range_server(Arc::new(std::fs::read(&m).expect("read the model")));
+    let url = format!("http://{addr}/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let (d0, d1, d2, d3) =
+        (temp_dir("m-seeder"), temp_dir("m-first"), temp_dir("m-second"), temp_dir("m-origin"));
+    // The file's only holder seeds a first joiner (layers 0..15's pieces), then leaves.
+    let mut seeder = Worker::start(&["--model", m.to_str().expect("utf-8"), "--layers", "0..15"], &d0);
+    let first = Worker::start(&["--join", &seeder.ticket, "--layers", "0..15"], &d1);
+    seeder.log();
+    let mut second =
+        Worker::start(&["--join", &first.ticket, "--layers", "15..30", "--weights-url", &url], &d2);
+
+    // The mirror sent exactly the pieces of 15..30 that the first joiner does not hold.
+    let held_by_first: Vec<usize> = manifest.pieces_for_span(0..15);
+    let from_mirror: Vec<usize> =
+        manifest.pieces_for_span(15..30).into_iter().filter(|i| !held_by_first.contains(i)).collect();
+    let want = manifest.bytes_of(&from_mirror);
+    assert_eq!(sent.load(Ordering::Relaxed), want);
+    assert!(want < manifest.file_size / 2, "{want} of {}", manifest.file_size);
+
+    let (local, _) = generate(&["--model", m.to_str().expect("utf-8")]);
+    let mut args = vec!["--join", first.ticket.as_str(), "--data-dir", d3.to_str().expect("utf-8")];
+    args.extend(["--bind", "127.0.0.1:0", "--announce-interval", "1"]);
+    let (swarm, origin_log) = generate(&args);
+    assert_eq!(swarm.token_ids, local.token_ids, "{origin_log}");
+    let log = second.log();
+    let line = log.lines().find(|l| l.starts_with("fetched: ")).unwrap_or_else(|| panic!("{log}"));
+    eprintln!("second joiner: {line}");
+    assert!(line.contains(&format!("{} pieces from {url}", from_mirror.len())), "{line}");
+    drop(first);
+    for d in [d0, d1, d2, d3] {
         let _ = std::fs::remove_dir_all(d);
     }
 }

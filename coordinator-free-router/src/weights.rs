@@ -12,6 +12,9 @@
 //!   verified streaming), so a corrupted or lying peer is caught at the first bad chunk. A
 //!   peer that fails verification is avoided for the rest of the fetch and logged; a peer that
 //!   disconnects or stalls is skipped, and the next one is asked only for the missing ranges.
+//! - **A mirror** ([`Mirror`], optional): an HTTP copy of the model file (the Hugging Face
+//!   Hub's, say) asked, by byte ranges, for the pieces no peer could provide; what it sends
+//!   must hash to the manifest's BLAKE3 hash of the piece, or it is refused.
 //! - **Storage** ([`PieceDir`]): a node's data dir holds, per model id, the manifest, a sparse
 //!   copy of the file with every fetched piece at its own offset (so the model loads from it as
 //!   from the whole file) and the list of complete pieces. A piece is recorded only after its
@@ -539,6 +542,47 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(io("writing", path))
 }
 
+/// The future of one byte-range read from a [`Mirror`].
+pub type RangeRead =
+    std::pin::Pin<Box<dyn std::future::Future<Output = std::result::Result<Bytes, String>> + Send>>;
+
+/// A copy of the model file outside the swarm (e.g. a GGUF on the Hugging Face Hub), read by
+/// byte ranges: `read(offset, len)` returns exactly those bytes of the file, or why not.
+#[derive(Clone)]
+pub struct Mirror {
+    /// Where it is, for messages.
+    pub name: String,
+    /// Reads `len` bytes at `offset` of the file.
+    pub read: Arc<dyn Fn(u64, u64) -> RangeRead + Send + Sync>,
+}
+
+impl std::fmt::Debug for Mirror {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mirror").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl Mirror {
+    /// Reads `piece` (its byte ranges, concatenated) and checks its hash.
+    async fn piece(&self, piece: &Piece) -> std::result::Result<Bytes, String> {
+        let mut out = Vec::with_capacity(usize::try_from(piece.len()).map_err(|e| e.to_string())?);
+        for &[off, len] in &piece.ranges {
+            let got = (self.read)(off, len).await?;
+            if got.len() as u64 != len {
+                return Err(format!("asked for {len} bytes at {off}, got {}", got.len()));
+            }
+            out.extend_from_slice(&got);
+        }
+        let want = piece.hash_bytes().map_err(|e| e.to_string())?;
+        if blake3::hash(&out).as_bytes() != &want {
+            return Err(
+                "its bytes fail verification against the manifest (another file, or corrupted)".into()
+            );
+        }
+        Ok(out.into())
+    }
+}
+
 /// How fetching behaves.
 #[derive(Debug, Clone)]
 pub struct FetchConfig {
@@ -551,6 +595,8 @@ pub struct FetchConfig {
     /// Try a piece's providers in random order (spreads the load over seeders); `false`
     /// keeps the order given (tests).
     pub shuffle: bool,
+    /// Asked for the pieces no peer could provide.
+    pub mirror: Option<Mirror>,
 }
 
 impl Default for FetchConfig {
@@ -560,6 +606,7 @@ impl Default for FetchConfig {
             connect_timeout: Duration::from_secs(5),
             stall_timeout: Duration::from_secs(10),
             shuffle: true,
+            mirror: None,
         }
     }
 }
@@ -578,6 +625,8 @@ pub struct FetchReport {
     pub corrupt_peers: Vec<PeerId>,
     /// Provider failures that were recovered from (disconnects, stalls, corrupt data).
     pub failovers: usize,
+    /// Pieces that came from the mirror ([`FetchConfig::mirror`]).
+    pub mirror_pieces: usize,
 }
 
 /// Progress of a fetch: verified bytes so far and the total to fetch.
@@ -743,10 +792,27 @@ pub async fn fetch_pieces(
                         }
                     }
                 }
-                if !got {
+                let bytes = if got {
+                    store.get_bytes(hash).await.map_err(|e| WeightsError::Store(e.to_string()))?
+                } else if let Some(mirror) = &config.mirror {
+                    match mirror.piece(&piece).await {
+                        Ok(bytes) => {
+                            let d = done.fetch_add(piece.len(), std::sync::atomic::Ordering::Relaxed);
+                            progress(d + piece.len(), total);
+                            lock(&report).mirror_pieces += 1;
+                            bytes
+                        }
+                        Err(e) => {
+                            why.push(format!("the mirror {}: {e}", mirror.name));
+                            return Err(WeightsError::Unavailable {
+                                what: piece_name(&piece),
+                                why: why.join("; "),
+                            });
+                        }
+                    }
+                } else {
                     return Err(WeightsError::Unavailable { what: piece_name(&piece), why: join_why(why) });
-                }
-                let bytes = store.get_bytes(hash).await.map_err(|e| WeightsError::Store(e.to_string()))?;
+                };
                 let d = dir.clone();
                 tokio::task::spawn_blocking(move || d.write_piece(index, &bytes))
                     .await

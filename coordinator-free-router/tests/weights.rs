@@ -4,7 +4,9 @@
 //! Proves: a node fetches exactly a span's pieces from a seeder into a sparse copy, and that
 //! copy computes the span's logits bit for bit; a seeder that goes away mid-fetch costs a
 //! failover, not the fetch; a seeder that serves corrupted bytes under the right hash is caught
-//! by verification, avoided, and the piece comes from an honest seeder.
+//! by verification, avoided, and the piece comes from an honest seeder; pieces no peer
+//! provides come from a mirror (an HTTP copy of the file, read by byte ranges), only the
+//! span's ranges, and a mirror whose bytes fail verification is refused.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,7 +17,9 @@ use iroh::endpoint::{Connection, presets};
 use iroh::protocol::{AcceptError, ProtocolHandler, Router};
 use iroh::{Endpoint, RelayMode};
 use shoal_coordinator_free_router::swarm::PeerId;
-use shoal_coordinator_free_router::weights::{FetchConfig, FetchReport, PieceDir, fetch_pieces, seed};
+use shoal_coordinator_free_router::weights::{
+    FetchConfig, FetchReport, Mirror, PieceDir, fetch_pieces, seed,
+};
 use shoal_model_shards::manifest::{Manifest, PieceKind};
 use shoal_model_shards::{DType, Device, LogitsMode, Model, Shard, StageInput, StageOutput};
 use shoal_worker::net::{Node, NodeOptions, peer_id};
@@ -255,4 +259,70 @@ fn a_seeder_serving_corrupted_bytes_is_caught_and_avoided() {
         }
     });
     std::fs::remove_dir_all(&data).expect("clean up");
+}
+
+/// A mirror reading `bytes` (with one byte flipped at `flip`), counting the bytes it sends.
+fn mirror_of(bytes: Arc<Vec<u8>>, flip: Option<usize>, sent: Arc<std::sync::atomic::AtomicU64>) -> Mirror {
+    Mirror {
+        name: "test mirror".into(),
+        read: Arc::new(move |off, len| {
+            let (bytes, sent) = (bytes.clone(), sent.clone());
+            Box::pin(async move {
+                let r = off as usize..(off + len) as usize;
+                let mut out = bytes.get(r.clone()).ok_or("past the end")?.to_vec();
+                if let Some(at) = flip.filter(|at| r.contains(at)) {
+                    out[at - r.start] ^= 1;
+                }
+                sent.fetch_add(len, Ordering::Relaxed);
+                Ok(out.into())
+            })
+        }),
+    }
+}
+
+#[test]
+fn pieces_no_peer_provides_come_from_the_mirror_verified() {
+    let path = model_path();
+    let manifest = Manifest::of_gguf(&path).expect("manifest");
+    let original = Arc::new(std::fs::read(&path).expect("read the model"));
+    runtime().block_on(async {
+        let node = Node::bind(NodeOptions::loopback()).await.expect("bind");
+        let want = manifest.pieces_for_span(20..30);
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+
+        // A mirror that flips one byte of layer 25: refused, and that piece is not recorded.
+        let data = temp_dir("mirror-bad");
+        let dir = Arc::new(PieceDir::create(&data, manifest.clone()).expect("piece dir"));
+        let layer25 = manifest.index_of(PieceKind::Layer(25)).expect("layer 25");
+        let flip = manifest.pieces[layer25].ranges[0][0] as usize + 1000;
+        let config = FetchConfig {
+            mirror: Some(mirror_of(original.clone(), Some(flip), sent.clone())),
+            concurrency: 1,
+            ..no_shuffle()
+        };
+        let err =
+            fetch_pieces(&node, dir.clone(), &want, Arc::new(|_| Vec::new()), config, Arc::new(|_, _| {}))
+                .await
+                .expect_err("a lying mirror fails the fetch")
+                .to_string();
+        assert!(err.contains("layer 25") && err.contains("fail verification"), "{err}");
+        assert_eq!(dir.missing(&[layer25]), vec![layer25], "the bad piece is not recorded");
+        let _ = std::fs::remove_dir_all(&data);
+
+        // An honest mirror: every piece of the span, bit for bit, and nothing else asked for.
+        sent.store(0, Ordering::Relaxed);
+        let data = temp_dir("mirror");
+        let dir = Arc::new(PieceDir::create(&data, manifest.clone()).expect("piece dir"));
+        let config =
+            FetchConfig { mirror: Some(mirror_of(original.clone(), None, sent.clone())), ..no_shuffle() };
+        let report = fetch(&node, &dir, &want, Vec::new(), config, |_, _| {}).await;
+        assert_eq!(report.mirror_pieces, want.len());
+        assert!(dir.missing(&want).is_empty());
+        assert_pieces_equal(&original, &dir.file(), &manifest, &want);
+        let span_bytes = manifest.bytes_of(&want);
+        assert_eq!(sent.load(Ordering::Relaxed), span_bytes, "only the span's byte ranges are read");
+        eprintln!("mirror: {span_bytes} of {} bytes read", manifest.file_size);
+        node.shutdown().await;
+        let _ = std::fs::remove_dir_all(&data);
+    });
 }
