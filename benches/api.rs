@@ -77,6 +77,7 @@ fn main() {
             max_tokens: tokens,
             stop_ids: vec![],
             top_logprobs: 0,
+            constraint: None,
         };
         let body = |stream: bool| {
             json!({"prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": stream}).to_string()

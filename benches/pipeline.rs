@@ -81,6 +81,7 @@ async fn run(model: &Model, model_id: [u8; 32], stages: usize, tokens: usize, re
         max_tokens: tokens,
         stop_ids: vec![],
         top_logprobs: 0,
+        constraint: None,
     };
     driver.generate(&request, |_| Flow::Continue).await.expect("warm-up");
 

@@ -145,7 +145,8 @@ fn killed_and_drained_workers_cost_latency_not_tokens() {
             tokenizer.encode("Once upon a time, in a small village by the sea,", true).expect("encode");
         let params = SamplingParams { temperature: 0.7, top_p: 0.9, seed: 42, ..SamplingParams::default() };
         sampler::Sampler::new(params.clone()).expect("valid params");
-        let request = Request { prompt, params, max_tokens: 100, stop_ids: vec![], top_logprobs: 0 };
+        let request =
+            Request { prompt, params, max_tokens: 100, stop_ids: vec![], top_logprobs: 0, constraint: None };
 
         let undisturbed = d.generate(&request, |_| Flow::Continue).await.expect("undisturbed run");
         assert_eq!(undisturbed.tokens.len(), 100);

@@ -43,6 +43,7 @@ fn main() {
         max_tokens: tokens,
         stop_ids: vec![],
         top_logprobs: 0,
+        constraint: None,
     };
     let (rates, checks) = rt.block_on(async {
         let mut nodes = start_stages(&model, model_id, 3).await;

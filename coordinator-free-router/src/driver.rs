@@ -67,6 +67,9 @@ use std::time::{Duration, Instant};
 use iroh::EndpointAddr;
 use shoal_model_shards::generate::{FinishReason, Flow};
 use shoal_model_shards::sampler::SamplingParams;
+use shoal_model_shards::token_mask::TokenMask;
+
+use crate::constraint::Constraint;
 use shoal_worker::net::{Inbound, NetError, Node, SessionChannel, peer_id, short};
 use shoal_worker::protocol::{
     CloseReason, CloseSession, ErrorCode, HiddenStates, Message, OpenSession, Payload, PeerInfo, RouteHop,
@@ -148,6 +151,9 @@ pub struct Request {
     pub stop_ids: Vec<u32>,
     /// Alternatives reported per token (0..=20).
     pub top_logprobs: u8,
+    /// A grammar the generated tokens follow (structured outputs, tool calls); turns
+    /// speculation off for the request.
+    pub constraint: Option<Constraint>,
 }
 
 /// One generated token, as the callback sees it.
@@ -380,6 +386,11 @@ impl Driver {
     /// serves, and to break a tie between two replicas.
     pub fn set_local_weights(&self, weights: LocalWeights) {
         *lock(&self.local) = Some(Arc::new(weights));
+    }
+
+    /// Ids the model's logits cover.
+    pub fn vocab_size(&self) -> u32 {
+        self.vocab_size
     }
 
     /// Spot-checks run so far (second opinions asked for) and peers banned for wrong results.
@@ -662,7 +673,7 @@ impl Driver {
             first_token_at: None,
             finish: None,
             pending_failover: None,
-            drafter: Drafter::new(speculation),
+            drafter: Drafter::new(if request.constraint.is_some() { Speculation::Off } else { speculation }),
             spot_checks: 0,
         };
         let mut failovers = Vec::new();
@@ -789,7 +800,18 @@ impl Driver {
         let mut steps: Vec<(u64, Vec<u32>)> =
             request.prompt.chunks(self.config.prefill_chunk.max(1)).map(|c| (0, c.to_vec())).collect();
         steps.extend(state.tokens.iter().enumerate().map(|(i, &t)| (i as u64 + 1, vec![t])));
-        for (sample_step, ids) in steps {
+        // The mask of the token the last of these steps samples.
+        let mut mask = match Self::next_mask(request) {
+            Ok(m) => m,
+            Err(None) => {
+                state.finish = Some(FinishReason::Stop);
+                guard.reason = CloseReason::Completed;
+                return Ok(());
+            }
+            Err(Some(e)) => return Err(fail_now(e, vec![])),
+        };
+        let n_steps = steps.len();
+        for (i, (sample_step, ids)) in steps.into_iter().enumerate() {
             step_id += 1;
             let len = ids.len() as u32;
             let step = Step {
@@ -799,6 +821,7 @@ impl Driver {
                 sample_step,
                 history_tail: ids.clone(),
                 draft: Vec::new(),
+                mask: if i + 1 == n_steps { mask.clone() } else { None },
                 payload: Payload::Tokens(ids),
             };
             self.node
@@ -833,6 +856,7 @@ impl Driver {
                     &mut taps,
                     step_started,
                     deadline,
+                    mask.as_ref(),
                 )
                 .await?;
             }
@@ -850,6 +874,14 @@ impl Driver {
             if result.token >= self.vocab_size {
                 return Err(lie(format!(
                     "the last stage returned id {} outside the vocabulary",
+                    result.token
+                )));
+            }
+            if let Some(m) = &mask
+                && !m.allows(result.token)
+            {
+                return Err(lie(format!(
+                    "the last stage returned id {} that the step's mask forbids",
                     result.token
                 )));
             }
@@ -883,6 +915,14 @@ impl Driver {
                     guard.reason = CloseReason::Completed;
                     return Ok(());
                 }
+                if let Some(c) = &request.constraint
+                    && let Err(e) = c.advance(token)
+                {
+                    tracing::warn!("the constraint refused id {token} it allowed: {e}");
+                    state.finish = Some(FinishReason::Stop);
+                    guard.reason = CloseReason::Completed;
+                    return Ok(());
+                }
                 let index = state.tokens.len();
                 state.tokens.push(token);
                 state.logprobs.push(logprob);
@@ -908,6 +948,15 @@ impl Driver {
             let start = request.prompt.len() + state.tokens.len() - 1;
             let context: Vec<u32> = request.prompt.iter().chain(&state.tokens).copied().collect();
             draft = state.drafter.propose(&context, request.max_tokens - state.tokens.len() - 1);
+            mask = match Self::next_mask(request) {
+                Ok(m) => m,
+                Err(None) => {
+                    state.finish = Some(FinishReason::Stop);
+                    guard.reason = CloseReason::Completed;
+                    return Ok(());
+                }
+                Err(Some(e)) => return Err(AttemptFailure { culprits: vec![], reason: e, step_started }),
+            };
             step_id += 1;
             step_started = Instant::now();
             deadline = step_started + self.config.step_timeout;
@@ -932,6 +981,7 @@ impl Driver {
                 sample_step: state.tokens.len() as u64,
                 history_tail: emitted,
                 draft: draft.clone(),
+                mask: mask.clone(),
                 payload: Payload::Tokens(payload),
             };
             self.node
@@ -1038,6 +1088,7 @@ impl Driver {
         taps: &mut TapSet,
         step_started: Instant,
         deadline: Instant,
+        mask: Option<&TokenMask>,
     ) -> Result<(), AttemptFailure> {
         let ids: Vec<PeerId> = route.iter().map(|h| h.node_id).collect();
         let wanted = &ids[..ids.len() - 1];
@@ -1067,7 +1118,7 @@ impl Driver {
             Ok(o) => o,
             Err(reason) => return Err(AttemptFailure { culprits: vec![], reason, step_started }),
         };
-        let replay = check::Replay::new(request, &state.tokens, self.config.prefill_chunk);
+        let replay = check::Replay::new(request, &state.tokens, self.config.prefill_chunk, mask.cloned());
         match self.spot_check(route, primary, replay).await {
             check::CheckResult::Passed => {
                 state.spot_checks += 1;
@@ -1080,6 +1131,19 @@ impl Driver {
             check::CheckResult::Failed { culprits, reason } => {
                 Err(AttemptFailure { culprits, reason, step_started })
             }
+        }
+    }
+
+    /// The mask of the next token: `Ok(None)` for an unconstrained request, `Err(None)` when
+    /// the request's grammar is complete, `Err(Some(reason))` when it failed.
+    fn next_mask(request: &Request) -> Result<Option<TokenMask>, Option<String>> {
+        match &request.constraint {
+            None => Ok(None),
+            Some(c) => match c.next_mask() {
+                Ok(Some(m)) => Ok(Some(m)),
+                Ok(None) => Err(None),
+                Err(e) => Err(Some(e)),
+            },
         }
     }
 

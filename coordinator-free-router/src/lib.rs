@@ -20,6 +20,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod blame;
+pub mod constraint;
 pub mod driver;
 pub mod membership;
 pub mod rebalance;

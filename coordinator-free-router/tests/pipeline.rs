@@ -3,7 +3,7 @@
 //!
 //! Proves: any split into 1-4 stages gives the tokens of local generation (greedy and
 //! seeded sampling); a stage that goes away mid-generation is replaced and the tokens do not
-//! change; hostile frames get typed errors while another session keeps running; sessions
+//! change, constrained (a token mask per step) or not; hostile frames get typed errors while another session keeps running; sessions
 //! are freed on completion, on cancellation and when their origin vanishes.
 
 use std::ops::Range;
@@ -11,10 +11,12 @@ use std::time::{Duration, Instant};
 
 use iroh::endpoint::{Connection, RecvStream, presets};
 use iroh::{Endpoint, RelayMode};
+use shoal_coordinator_free_router::constraint::{Constraint, TokenConstraint};
 use shoal_coordinator_free_router::driver::{Driver, DriverConfig, DriverError, ModelInfo, Request};
-use shoal_model_shards::generate::{self, Flow};
-use shoal_model_shards::sampler::SamplingParams;
-use shoal_model_shards::{DType, Device, Model, Shard};
+use shoal_model_shards::generate::{self, FinishReason, Flow, LocalPipeline};
+use shoal_model_shards::sampler::{Sampler, SamplingParams};
+use shoal_model_shards::token_mask::TokenMask;
+use shoal_model_shards::{DType, Device, LogitsMode, Model, Shard};
 use shoal_worker::net::{Node, NodeOptions, peer_id};
 use shoal_worker::protocol::{
     self, ALPN, ErrorCode, HiddenStates, MAX_FRAME, Message, OpenSession, Payload, RouteHop, Sampling, Step,
@@ -84,7 +86,14 @@ fn local(params: &SamplingParams, max_tokens: usize) -> Vec<u32> {
 }
 
 fn request(params: &SamplingParams, max_tokens: usize) -> Request {
-    Request { prompt: PROMPT.to_vec(), params: params.clone(), max_tokens, stop_ids: vec![], top_logprobs: 0 }
+    Request {
+        prompt: PROMPT.to_vec(),
+        params: params.clone(),
+        max_tokens,
+        stop_ids: vec![],
+        top_logprobs: 0,
+        constraint: None,
+    }
 }
 
 fn sampled() -> SamplingParams {
@@ -183,6 +192,93 @@ async fn a_stage_that_shuts_down_mid_generation_is_replaced_without_changing_tok
     wait_all_freed(&survivors).await;
 }
 
+/// A toy grammar: token `i` of the output is an id `≡ i (mod 3)`, and the output is complete
+/// after `len` tokens.
+struct Residues {
+    vocab: u32,
+    at: u32,
+    len: u32,
+}
+
+impl TokenConstraint for Residues {
+    fn next_mask(&mut self) -> Result<Option<TokenMask>, String> {
+        if self.at == self.len {
+            return Ok(None);
+        }
+        Ok(Some(TokenMask::Allow((0..self.vocab).filter(|id| id % 3 == self.at % 3).collect())))
+    }
+
+    fn advance(&mut self, token: u32) -> Result<(), String> {
+        if token % 3 != self.at % 3 {
+            return Err(format!("{token} at {}", self.at));
+        }
+        self.at += 1;
+        Ok(())
+    }
+}
+
+/// Local generation with the [`Residues`] mask applied before the sampler, as the last stage
+/// applies it.
+fn local_residues(params: &SamplingParams, len: u32) -> Vec<u32> {
+    let model = model();
+    let shard = Shard::load(&model, 0..4, &Device::Cpu, DType::F32).expect("model loads");
+    let shards = [shard];
+    let mut pipe = LocalPipeline::new(&shards, PROMPT.len() + len as usize).expect("pipeline");
+    let sampler = Sampler::new(params.clone()).expect("sampler");
+    let mut logits = pipe.step(&PROMPT, LogitsMode::Last).expect("prefill");
+    let mut history = PROMPT.to_vec();
+    let mut grammar = Residues { vocab: model.spec().vocab_size as u32, at: 0, len };
+    let mut out = Vec::new();
+    while let Some(mask) = grammar.next_mask().expect("mask") {
+        let mut row = logits.flatten_all().and_then(|l| l.to_vec1::<f32>()).expect("logits");
+        mask.apply(&mut row).expect("the mask fits");
+        let token = sampler.sample(&row, &history, PROMPT.len(), out.len() as u64, 0).expect("sample").token;
+        grammar.advance(token).expect("the sampler keeps to the mask");
+        out.push(token);
+        history.push(token);
+        logits = pipe.step(&[token], LogitsMode::Last).expect("decode");
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_constrained_generation_keeps_to_its_masks_through_a_failover() {
+    let params = sampled();
+    let want = local_residues(&params, 20);
+    assert_eq!(want.len(), 20);
+    assert!(want.iter().enumerate().all(|(i, t)| t % 3 == i as u32 % 3));
+    assert_ne!(want, local(&params, 20), "the mask changes the output");
+    let a = stage(0..2, Duration::from_secs(60)).await;
+    let b1 = stage(2..4, Duration::from_secs(60)).await;
+    let b2 = stage(2..4, Duration::from_secs(60)).await;
+    let d = driver_for(&[&a, &b1, &b2], driver_config()).await;
+    let vocab = model().spec().vocab_size as u32;
+    let constrained = || Request {
+        constraint: Some(Constraint::new(Residues { vocab, at: 0, len: 20 })),
+        ..request(&params, 30)
+    };
+    let out = d.generate(&constrained(), |_| Flow::Continue).await.expect("constrained run");
+    assert_eq!(out.tokens, want);
+    assert_eq!(out.finish_reason, FinishReason::Stop, "a complete grammar ends the generation");
+
+    // The same, with the replica of 2..4 in use shut down at token 8.
+    let b1_id = b1.id();
+    let (mut b1, mut b2) = (Some(b1), Some(b2));
+    let out = d
+        .generate(&constrained(), |ev| {
+            if ev.index == 8 {
+                let victim = if ev.route.contains(&b1_id) { b1.take() } else { b2.take() };
+                let victim = victim.expect("the route uses a replica");
+                tokio::spawn(async move { victim.shutdown().await });
+            }
+            Flow::Continue
+        })
+        .await
+        .expect("the constrained generation survives");
+    assert_eq!(out.tokens, want, "the replay sends the same masks");
+    assert_eq!(out.failovers.len(), 1, "{:?}", out.failovers);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_and_completing_free_every_stage() {
     let a = stage(0..1, Duration::from_secs(60)).await;
@@ -251,6 +347,7 @@ async fn sessions_of_a_vanished_origin_idle_out_and_free_their_memory() {
         sample_step: 0,
         history_tail: PROMPT.to_vec(),
         draft: Vec::new(),
+        mask: None,
         payload: Payload::Tokens(PROMPT.to_vec()),
     };
     origin.send(a.id(), &Message::Step(step)).expect("step sent");
@@ -344,6 +441,7 @@ async fn hostile_frames_get_typed_errors_while_other_sessions_run() {
                 sample_step: 0,
                 history_tail: vec![1],
                 draft: Vec::new(),
+                mask: None,
                 payload: Payload::Hidden(HiddenStates { t: 1, hidden: width, dtype: WireDType::F32, bytes }),
             })
         };

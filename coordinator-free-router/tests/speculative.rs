@@ -78,7 +78,14 @@ fn sampled() -> SamplingParams {
 }
 
 fn request(prompt: &[u32], params: SamplingParams, max_tokens: usize) -> Request {
-    Request { prompt: prompt.to_vec(), params, max_tokens, stop_ids: vec![], top_logprobs: 2 }
+    Request {
+        prompt: prompt.to_vec(),
+        params,
+        max_tokens,
+        stop_ids: vec![],
+        top_logprobs: 2,
+        constraint: None,
+    }
 }
 
 async fn run(d: &Driver, r: &Request, mode: Speculation) -> Outcome {

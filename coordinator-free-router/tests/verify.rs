@@ -138,6 +138,7 @@ fn request(params: &SamplingParams) -> Request {
         max_tokens: TOKENS,
         stop_ids: vec![],
         top_logprobs: 0,
+        constraint: None,
     }
 }
 

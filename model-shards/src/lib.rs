@@ -36,6 +36,7 @@ pub mod sampler;
 mod shard;
 pub mod spec;
 pub mod threads;
+pub mod token_mask;
 pub mod tokenizer;
 mod weights;
 

@@ -377,6 +377,7 @@ async fn driver_stream(
         max_tokens,
         stop_ids: Vec::new(),
         top_logprobs: 0,
+        constraint: None,
     };
     let (mut first, mut last, mut tokens) = (None, None, 0usize);
     let result = d

@@ -93,7 +93,7 @@ pub fn prepare(model: &Model, prompt: &str, o: &GenOptions) -> Result<Prepared> 
     let tokenizer = model.tokenizer().context("loading the tokenizer")?;
     let text = if o.chat {
         let template = model.chat_template()?.context("the model has no chat template; drop --chat")?;
-        template.render(&[ChatMessage { role: "user".into(), content: prompt.to_owned() }], true)?
+        template.render(&[ChatMessage::new("user", prompt)], true)?
     } else {
         prompt.to_owned()
     };
@@ -207,6 +207,7 @@ pub async fn generate_with(driver: &Driver, p: Prepared, options: &GenOptions) -
         max_tokens: options.max_tokens,
         stop_ids: p.stop_ids.clone(),
         top_logprobs: 0,
+        constraint: None,
     };
     let mut printer = Printer::new(&p.tokenizer, options.json);
     let outcome = driver.generate(&request, |ev| printer.token(ev.token)).await?;

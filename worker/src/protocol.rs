@@ -13,15 +13,15 @@
 //!   that remain before anything is allocated; unknown kinds, dtypes, codes and flags are
 //!   rejected; trailing bytes are rejected; decoding never panics.
 //! - Cheap on the hot path: a decode step with f16 hidden states costs `hidden × 2` bytes plus
-//!   a 59-byte header (see [Bytes per token](#bytes-per-token)).
+//!   a 60-byte header (see [Bytes per token](#bytes-per-token)).
 //!
 //! # Non-goals
 //! - **No compression**: activations are close to incompressible noise in f16/bf16.
 //! - **No encryption or authentication**: QUIC (TLS 1.3) gives both; a node id is the peer's
 //!   ed25519 key, so the transport already knows who sent each frame.
 //! - **No in-band versioning or negotiation**: the version lives in the ALPN string
-//!   ([`ALPN`]). An incompatible change gets a new ALPN (`shoal/stage/4`; version 2 added
-//!   spot-checks' `Tap` and `StageOutput`, version 3 speculative steps), and a node may
+//!   ([`ALPN`]). An incompatible change gets a new ALPN (`shoal/stage/5`; version 2 added
+//!   spot-checks' `Tap` and `StageOutput`, version 3 speculative steps, version 4 token masks), and a node may
 //!   serve both during a migration. Unknown values are therefore errors, not extensions.
 //! - **No session semantics**: the codec checks what a frame can say about itself (sizes,
 //!   codes, finite sampling parameters, route shape). Whether a session exists, whether a
@@ -106,9 +106,11 @@
 //! | 33      | 4·k  | `history_tail: [u32]`          | ids appended to the history since last step |
 //! | 33+4k   | 4    | draft count `d: u32`           | `≤` [`MAX_DRAFT`]; `d > 0` ⇒ payload is `d + 1` positions |
 //! | 37+4k   | 4·d  | `draft: [u32]`                 | speculative decoding (below); empty otherwise |
-//! | 37+4k+4d | 1   | payload tag                    | 1 tokens, 2 hidden                          |
+//! | 37+4k+4d | 1   | mask tag                       | 0 none, 1 allowed ids, 2 bits (below)       |
+//! | …       | 4+4·n | mask: count `n: u32`, `[u32]` | tags 1 and 2 only; `n ≤` [`MAX_MASK_WORDS`] |
+//! | …       | 1    | payload tag                    | 1 tokens, 2 hidden                          |
 //!
-//! Let `o = 38 + 4k + 4d` be the offset after the tag.
+//! Let `o` be the offset after the payload tag.
 //!
 //! Tokens payload (tag 1), stage 1's input:
 //! | offset  | size | field                | rule                                 |
@@ -131,6 +133,14 @@
 //! the ids of that prompt chunk (so the whole prompt arrives over the prefill steps; the
 //! first `prompt_len` ids of the history are the prompt), on decode steps it is the ids
 //! generated since the previous step (the token it sampled, after the draft ids it accepted).
+//!
+//! ### Token masks
+//! A constrained step (structured outputs, tool calls) carries the set of ids its sampled
+//! token may take ([`TokenMask`]): the increasing allowed ids (tag 1), or a bit per id of the
+//! vocabulary (tag 2, `⌈vocab / 32⌉` words, bit `i % 32` of word `i / 32`), whichever is
+//! smaller. The origin runs the grammar; the last stage sets every other logit to `-inf`
+//! before its sampler, and refuses a mask that does not fit the vocabulary or allows nothing
+//! (`BadShape`). A step with a draft carries no mask. Forward stages pass it through.
 //!
 //! ### Speculative decoding
 //! A step with a `draft` of `d` ids carries `d + 1` positions: the last sampled id, then the
@@ -222,10 +232,12 @@
 //!
 //! # Bytes per token
 //! A decode step (one token, one id in `history_tail`, no draft) with f16 or bf16 hidden
-//! states is `hidden × 2` bytes of values plus 59 bytes of header (4 frame length + 55 body)
-//! per hop: for SmolLM2-135M (`hidden = 576`) that is 1,152 + 59 = 1,211 bytes. A prefill
-//! chunk of `t` tokens costs `t × hidden × 2 + 55 + 4·t` bytes; a speculative step with `d`
-//! draft ids `(d + 1) × hidden × 2 + 55 + 4·d` plus its history tail. A frame must stay within
+//! states is `hidden × 2` bytes of values plus 60 bytes of header (4 frame length + 56 body)
+//! per hop: for SmolLM2-135M (`hidden = 576`) that is 1,152 + 60 = 1,212 bytes. A prefill
+//! chunk of `t` tokens costs `t × hidden × 2 + 56 + 4·t` bytes; a speculative step with `d`
+//! draft ids `(d + 1) × hidden × 2 + 56 + 4·d` plus its history tail; a constrained step adds
+//! `4 + 4·n` bytes of token mask (`n` allowed ids, or `⌈vocab / 32⌉` words: 6 KiB for
+//! SmolLM2's 49,152 ids at most). A frame must stay within
 //! [`MAX_FRAME`] (64 MiB), so large prefills are sent in chunks (e.g. ≤ 16,384 tokens of a
 //! 2,048-wide model in f16). The token-id step into stage 1 and the [`StepResult`] back are
 //! tens of bytes.
@@ -234,8 +246,10 @@
 
 use std::fmt;
 
+pub use shoal_model_shards::token_mask::TokenMask;
+
 /// ALPN of the stage protocol; the protocol's version lives here and nowhere else.
-pub const ALPN: &[u8] = b"shoal/stage/3";
+pub const ALPN: &[u8] = b"shoal/stage/4";
 
 /// Size of the frame header: the body length as a little-endian `u32`.
 pub const HEADER_LEN: usize = 4;
@@ -254,6 +268,9 @@ pub const MAX_HISTORY_TAIL: usize = 65_536;
 
 /// Most draft ids a speculative [`Step`] may carry (and drafts a [`StepResult`] may accept).
 pub const MAX_DRAFT: usize = 64;
+
+/// Most `u32` words of a [`TokenMask`] (a bit mask for 524,288 ids, or as many allowed ids).
+pub const MAX_MASK_WORDS: usize = 16_384;
 
 /// Most alternatives a [`StepResult`] may report (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: usize = 20;
@@ -315,6 +332,12 @@ pub enum ProtocolError {
         /// The code read.
         code: u8,
     },
+    /// A step mask tag is not 0 (none), 1 (ids) or 2 (bits).
+    #[error("unknown step mask tag {0}")]
+    UnknownMask(u8),
+    /// A speculative step carries a token mask.
+    #[error("a step with a draft carries no token mask")]
+    MaskedDraft,
     /// A step payload tag is not 1 (tokens) or 2 (hidden).
     #[error("unknown step payload tag {0}")]
     UnknownPayload(u8),
@@ -431,9 +454,10 @@ impl ProtocolError {
         match self {
             Self::FrameTooLarge { .. } | Self::TooMany { .. } => ErrorCode::TooLarge,
             Self::NonFinite { .. } => ErrorCode::NonFinite,
-            Self::HiddenSizeMismatch { .. } | Self::Empty { .. } | Self::DraftMismatch { .. } => {
-                ErrorCode::BadShape
-            }
+            Self::HiddenSizeMismatch { .. }
+            | Self::Empty { .. }
+            | Self::DraftMismatch { .. }
+            | Self::MaskedDraft => ErrorCode::BadShape,
             Self::PositionOverflow { .. } => ErrorCode::BadPosition,
             _ => ErrorCode::Malformed,
         }
@@ -628,6 +652,9 @@ pub struct Step {
     /// with the sampler's choice at each position up to the first that differs from the draft
     /// (see [`StepResult::accepted`]). Passed through unchanged.
     pub draft: Vec<u32>,
+    /// The ids the sampled token may take (a constrained step); `None` allows all. Passed
+    /// through to the last stage.
+    pub mask: Option<TokenMask>,
     /// The stage's input.
     pub payload: Payload,
 }
@@ -901,6 +928,9 @@ const KIND_TAP: u8 = 8;
 const KIND_OUTPUT: u8 = 9;
 const TAG_TOKENS: u8 = 1;
 const TAG_HIDDEN: u8 = 2;
+const TAG_NO_MASK: u8 = 0;
+const TAG_MASK_ALLOW: u8 = 1;
+const TAG_MASK_BITS: u8 = 2;
 
 impl Message {
     /// The kind byte.
@@ -948,7 +978,11 @@ impl Message {
                     Payload::Tokens(ids) => 4 + 4 * ids.len(),
                     Payload::Hidden(h) => 4 + 4 + 1 + 4 + h.bytes.len(),
                 };
-                8 + 8 + 4 + 8 + 4 + 4 * m.history_tail.len() + 4 + 4 * m.draft.len() + 1 + payload
+                let mask = match &m.mask {
+                    None => 1,
+                    Some(TokenMask::Allow(w) | TokenMask::Bits(w)) => 1 + 4 + 4 * w.len(),
+                };
+                8 + 8 + 4 + 8 + 4 + 4 * m.history_tail.len() + 4 + 4 * m.draft.len() + mask + 1 + payload
             }
             Self::StepResult(m) => {
                 8 + 8
@@ -1132,6 +1166,16 @@ fn validate_step(m: &Step) -> Result<(), ProtocolError> {
     if !m.draft.is_empty() && len as usize != m.draft.len() + 1 {
         return Err(ProtocolError::DraftMismatch { draft: m.draft.len(), positions: len as usize });
     }
+    if let Some(mask) = &m.mask {
+        let (TokenMask::Allow(words) | TokenMask::Bits(words)) = mask;
+        check_count("mask", words.len(), MAX_MASK_WORDS)?;
+        if words.is_empty() {
+            return Err(ProtocolError::Empty { field: "mask" });
+        }
+        if !m.draft.is_empty() {
+            return Err(ProtocolError::MaskedDraft);
+        }
+    }
     Ok(())
 }
 
@@ -1225,6 +1269,17 @@ pub fn encode_into(msg: &Message, out: &mut Vec<u8>) {
             put_u64(out, m.sample_step);
             put_u32s(out, &m.history_tail);
             put_u32s(out, &m.draft);
+            match &m.mask {
+                None => out.push(TAG_NO_MASK),
+                Some(TokenMask::Allow(ids)) => {
+                    out.push(TAG_MASK_ALLOW);
+                    put_u32s(out, ids);
+                }
+                Some(TokenMask::Bits(bits)) => {
+                    out.push(TAG_MASK_BITS);
+                    put_u32s(out, bits);
+                }
+            }
             match &m.payload {
                 Payload::Tokens(ids) => {
                     out.push(TAG_TOKENS);
@@ -1514,12 +1569,18 @@ fn read_step(r: &mut Reader<'_>) -> Result<Step, ProtocolError> {
     let sample_step = r.u64("sample_step")?;
     let history_tail = r.u32s("history_tail", MAX_HISTORY_TAIL)?;
     let draft = r.u32s("draft", MAX_DRAFT)?;
+    let mask = match r.u8("mask tag")? {
+        TAG_NO_MASK => None,
+        TAG_MASK_ALLOW => Some(TokenMask::Allow(r.u32s("mask", MAX_MASK_WORDS)?)),
+        TAG_MASK_BITS => Some(TokenMask::Bits(r.u32s("mask", MAX_MASK_WORDS)?)),
+        tag => return Err(ProtocolError::UnknownMask(tag)),
+    };
     let payload = match r.u8("payload tag")? {
         TAG_TOKENS => Payload::Tokens(r.u32s("tokens", MAX_STEP_TOKENS)?),
         TAG_HIDDEN => Payload::Hidden(read_hidden(r)?),
         tag => return Err(ProtocolError::UnknownPayload(tag)),
     };
-    Ok(Step { session_id, step_id, start_pos, sample_step, history_tail, draft, payload })
+    Ok(Step { session_id, step_id, start_pos, sample_step, history_tail, draft, mask, payload })
 }
 
 /// Hidden states as a step's payload carries them (after the tag).

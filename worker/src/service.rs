@@ -998,7 +998,14 @@ fn sample(session: &mut Session, logits: &Tensor, step: &Step) -> Result<StepRes
     // During a chunked prefill the history is still shorter than the prompt.
     let prompt_len = state.prompt_len.min(state.history.len());
     let (sampler, history, top) = (&state.sampler, &state.history, state.top_logprobs);
-    let chosen = if step.draft.is_empty() {
+    let chosen = if let Some(mask) = &step.mask {
+        let mut row = rows[0].to_vec();
+        if let Err(e) = mask.apply(&mut row) {
+            state.history.truncate(base);
+            return Err(refuse(ErrorCode::BadShape, e.to_string()));
+        }
+        sampler.sample(&row, history, prompt_len, step.sample_step, top).map(|s| vec![s])
+    } else if step.draft.is_empty() {
         sampler.sample(rows[0], history, prompt_len, step.sample_step, top).map(|s| vec![s])
     } else {
         sampler.verify(&rows, history, prompt_len, step.sample_step, &step.draft, top)

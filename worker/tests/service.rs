@@ -76,6 +76,7 @@ fn tokens_step(session_id: u64, step_id: u64, start_pos: u32, sample_step: u64, 
         sample_step,
         history_tail: ids.to_vec(),
         draft: Vec::new(),
+        mask: None,
         payload: Payload::Tokens(ids.to_vec()),
     }
 }
@@ -88,6 +89,7 @@ fn hidden_step(session_id: u64, step_id: u64, start_pos: u32, h: HiddenStates) -
         sample_step: 0,
         history_tail: Vec::new(),
         draft: Vec::new(),
+        mask: None,
         payload: Payload::Hidden(h),
     }
 }
@@ -835,6 +837,7 @@ fn spec_step(
         sample_step,
         history_tail: history_tail.to_vec(),
         draft: draft.to_vec(),
+        mask: None,
         payload: Payload::Tokens(ids),
     }
 }

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use shoal_model_shards::activation::{self, WireDType};
 use shoal_model_shards::sampler::{Sampler, SamplingParams};
+use shoal_model_shards::token_mask::TokenMask;
 use shoal_model_shards::{DType, Device, LogitsMode, Model, Shard, StageInput, StageOutput};
 use shoal_worker::net::{Inbound, SessionChannel, short};
 use shoal_worker::protocol::{
@@ -69,6 +70,10 @@ impl LocalWeights {
             };
             let row = last_row(last)?;
             if last_hop {
+                let mut row = row;
+                if let Some(mask) = &replay.mask {
+                    mask.apply(&mut row).map_err(|e| e.to_string())?;
+                }
                 let sampler = Sampler::new(replay.params.clone()).map_err(|e| e.to_string())?;
                 let s = sampler
                     .sample(&row, &replay.history, replay.prompt_len, replay.sample_step, 0)
@@ -128,12 +133,14 @@ pub(super) struct Replay {
     pub(super) sample_step: u64,
     pub(super) max_len: usize,
     pub(super) params: SamplingParams,
+    /// The checked step's token mask.
+    pub(super) mask: Option<TokenMask>,
 }
 
 impl Replay {
     /// The replay of the decode step that feeds the last of `tokens` (the ids generated so
     /// far; not empty) after `request.prompt`.
-    pub(super) fn new(request: &Request, tokens: &[u32], chunk: usize) -> Self {
+    pub(super) fn new(request: &Request, tokens: &[u32], chunk: usize, mask: Option<TokenMask>) -> Self {
         let history: Vec<u32> = request.prompt.iter().chain(tokens).copied().collect();
         let (before, last) = history.split_at(history.len().saturating_sub(1));
         let mut steps: Vec<Vec<u32>> = before.chunks(chunk.max(1)).map(<[u32]>::to_vec).collect();
@@ -145,6 +152,7 @@ impl Replay {
             sample_step: tokens.len() as u64,
             max_len: request.prompt.len() + request.max_tokens,
             params: request.params.clone(),
+            mask,
         }
     }
 }
@@ -243,6 +251,7 @@ impl Driver {
                 sample_step,
                 history_tail: ids.clone(),
                 draft: Vec::new(),
+                mask: if step_id == n { replay.mask.clone() } else { None },
                 payload: Payload::Tokens(ids.clone()),
             }))?;
             pos += len;

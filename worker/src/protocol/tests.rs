@@ -148,17 +148,26 @@ fn step() -> impl Strategy<Value = Step> {
         payload(),
         any::<bool>(),
         any::<u32>(),
+        (0u8..3, prop::collection::vec(any::<u32>(), 1..64)),
     )
-        .prop_map(|(session_id, step_id, start_pos, sample_step, history_tail, payload, spec, id)| {
-            // A draft covers every position of the payload but the first.
-            let n = payload.len() - 1;
-            let draft = if spec && n <= MAX_DRAFT {
-                (0..n as u32).map(|i| id.wrapping_add(i)).collect()
-            } else {
-                vec![]
-            };
-            Step { session_id, step_id, start_pos, sample_step, history_tail, draft, payload }
-        })
+        .prop_map(
+            |(session_id, step_id, start_pos, sample_step, history_tail, payload, spec, id, mask)| {
+                // A draft covers every position of the payload but the first.
+                let n = payload.len() - 1;
+                let draft: Vec<u32> = if spec && n <= MAX_DRAFT {
+                    (0..n as u32).map(|i| id.wrapping_add(i)).collect()
+                } else {
+                    vec![]
+                };
+                // A masked step has no draft.
+                let mask = match mask {
+                    (1, ids) if draft.is_empty() => Some(TokenMask::Allow(ids)),
+                    (2, bits) if draft.is_empty() => Some(TokenMask::Bits(bits)),
+                    _ => None,
+                };
+                Step { session_id, step_id, start_pos, sample_step, history_tail, draft, mask, payload }
+            },
+        )
 }
 
 fn chosen() -> impl Strategy<Value = Chosen> {
@@ -354,6 +363,7 @@ fn example_tokens_step() -> Message {
         sample_step: 0,
         history_tail: vec![1, 2, 3],
         draft: vec![],
+        mask: None,
         payload: Payload::Tokens(vec![1, 2, 3]),
     })
 }
@@ -366,6 +376,7 @@ fn example_speculative_step() -> Message {
         sample_step: 4,
         history_tail: vec![8, 6],
         draft: vec![4, 5],
+        mask: None,
         payload: Payload::Tokens(vec![6, 4, 5]),
     })
 }
@@ -380,6 +391,7 @@ fn example_hidden_step() -> Message {
         sample_step: 1,
         history_tail: vec![9],
         draft: vec![],
+        mask: None,
         payload: Payload::Hidden(HiddenStates { t: 1, hidden: 4, dtype: WireDType::F16, bytes }),
     })
 }
@@ -483,10 +495,10 @@ const OPEN_HEX: &str = "\
     000000000000050c0000000200000022222222222222222222222222222222222222222222222222 \
     2222222222222201047f0000015111cccccccccccccccccccccccccccccccccccccccccccccccccc \
     cccccccccccccc0106000000000000000000000000000000010201";
-const TOKENS_STEP_HEX: &str = "42000000020700000000000000010000000000000000000000000000000000000003000000010000000200000003000000000000000103000000010000000200000003000000";
-const HIDDEN_STEP_HEX: &str = "3f00000002070000000000000002000000000000000300000001000000000000000100000009000000000000000201000000040000000108000000003c00c000380000";
+const TOKENS_STEP_HEX: &str = "4300000002070000000000000001000000000000000000000000000000000000000300000001000000020000000300000000000000000103000000010000000200000003000000";
+const HIDDEN_STEP_HEX: &str = "400000000207000000000000000200000000000000030000000100000000000000010000000900000000000000000201000000040000000108000000003c00c000380000";
 const RESULT_HEX: &str = "31000000030700000000000000020000000000000009000000000080be0200000009000000000080be040000000000c0bf00000000";
-const SPECULATIVE_STEP_HEX: &str = "4600000002070000000000000005000000000000000900000004000000000000000200000008000000060000000200000004000000050000000103000000060000000400000005000000";
+const SPECULATIVE_STEP_HEX: &str = "470000000207000000000000000500000000000000090000000400000000000000020000000800000006000000020000000400000005000000000103000000060000000400000005000000";
 const SPECULATIVE_RESULT_HEX: &str = "35000000030700000000000000050000000000000003000000000000c0000000000100000004000000000000bf0100000004000000000000bf";
 const CLOSE_HEX: &str = "0a00000004070000000000000001";
 const ERROR_HEX: &str = "1a00000005010700000000000000000700090000006b7620627564676574";
@@ -583,8 +595,8 @@ fn huge_counts_fail_before_allocating() {
 
     // Tokens: the limit, then the remaining bytes.
     let mut b = body(&example_tokens_step());
-    // kind, ids and positions, 3 history ids, an empty draft, the tag.
-    let tokens_at = 1 + 28 + 4 + 12 + 4 + 1;
+    // kind, ids and positions, 3 history ids, an empty draft, no mask, the tag.
+    let tokens_at = 1 + 28 + 4 + 12 + 4 + 1 + 1;
     put(&mut b, tokens_at, &u32::MAX.to_le_bytes());
     assert!(matches!(decode_body(&b), Err(ProtocolError::TooMany { field: "tokens", .. })));
     put(&mut b, tokens_at, &(MAX_STEP_TOKENS as u32).to_le_bytes());
@@ -614,7 +626,7 @@ fn huge_counts_fail_before_allocating() {
 
     // Hidden bytes: a shape that asks for more bytes than the frame holds.
     let mut b = body(&example_hidden_step());
-    let t_at = 1 + 28 + 4 + 4 + 4 + 1;
+    let t_at = 1 + 28 + 4 + 4 + 4 + 1 + 1;
     put(&mut b, t_at, &(MAX_STEP_TOKENS as u32).to_le_bytes());
     put(&mut b, t_at + 4, &8192u32.to_le_bytes());
     put(&mut b, t_at + 9, &(MAX_STEP_TOKENS as u32 * 8192 * 2).to_le_bytes());
@@ -638,7 +650,7 @@ fn unknown_dtypes_are_rejected() {
         b[dtype_at] = code;
         assert_eq!(decode_body(&b), Err(ProtocolError::UnknownDtype { field: "wire_dtype", code }));
         let mut b = body(&example_hidden_step());
-        b[1 + 28 + 8 + 4 + 1 + 8] = code;
+        b[1 + 28 + 8 + 4 + 1 + 1 + 8] = code;
         assert_eq!(decode_body(&b), Err(ProtocolError::UnknownDtype { field: "hidden.dtype", code }));
     }
 }
@@ -646,8 +658,10 @@ fn unknown_dtypes_are_rejected() {
 #[test]
 fn other_unknown_codes_are_rejected() {
     let mut b = body(&example_tokens_step());
-    b[1 + 28 + 16 + 4] = 3;
+    b[1 + 28 + 16 + 4 + 1] = 3;
     assert_eq!(decode_body(&b), Err(ProtocolError::UnknownPayload(3)));
+    b[1 + 28 + 16 + 4] = 3;
+    assert_eq!(decode_body(&b), Err(ProtocolError::UnknownMask(3)));
 
     let mut b = body(&example_close());
     b[9] = 0;
@@ -668,7 +682,7 @@ fn other_unknown_codes_are_rejected() {
 #[test]
 fn hidden_byte_count_must_match_the_shape() {
     let mut b = body(&example_hidden_step());
-    let count_at = 1 + 28 + 8 + 4 + 1 + 9;
+    let count_at = 1 + 28 + 8 + 4 + 1 + 1 + 9;
     put(&mut b, count_at, &7u32.to_le_bytes());
     let err = decode_body(&b).unwrap_err();
     assert_eq!(
@@ -679,7 +693,7 @@ fn hidden_byte_count_must_match_the_shape() {
 
     // t × hidden × 4 exceeds any u32 byte count, so no count can match it.
     let mut b = body(&example_hidden_step());
-    let t_at = 1 + 28 + 8 + 4 + 1;
+    let t_at = 1 + 28 + 8 + 4 + 1 + 1;
     put(&mut b, t_at, &(MAX_STEP_TOKENS as u32).to_le_bytes());
     put(&mut b, t_at + 4, &u32::MAX.to_le_bytes());
     b[t_at + 8] = WireDType::F32.code();
@@ -811,7 +825,33 @@ fn steps_are_checked() {
 }
 
 #[test]
-fn smollm2_decode_step_costs_1211_bytes() {
+fn token_masks_are_checked() {
+    let Message::Step(s) = example_tokens_step() else { unreachable!() };
+    let masked = Message::Step(Step { mask: Some(TokenMask::Allow(vec![1, 5, 9])), ..s.clone() });
+    assert_eq!(decode(&encode(&masked)).unwrap(), masked);
+    let empty = Message::Step(Step { mask: Some(TokenMask::Bits(vec![])), ..s.clone() });
+    assert_eq!(decode(&encode(&empty)), Err(ProtocolError::Empty { field: "mask" }));
+    let huge = Message::Step(Step { mask: Some(TokenMask::Bits(vec![1; MAX_MASK_WORDS + 1])), ..s.clone() });
+    assert!(matches!(decode(&encode(&huge)), Err(ProtocolError::TooMany { field: "mask", .. })));
+    // A speculative step carries no mask.
+    let n = 2;
+    let both = Message::Step(Step {
+        draft: vec![4; n],
+        payload: Payload::Tokens(vec![4; n + 1]),
+        mask: Some(TokenMask::Allow(vec![4])),
+        ..s.clone()
+    });
+    assert_eq!(decode(&encode(&both)), Err(ProtocolError::MaskedDraft));
+    // An unknown mask tag.
+    let mut bytes = encode(&masked);
+    let tag_at = 4 + 37 + 4 * s.history_tail.len() + 4 * s.draft.len();
+    assert_eq!(bytes[tag_at], 1);
+    bytes[tag_at] = 7;
+    assert_eq!(decode(&bytes), Err(ProtocolError::UnknownMask(7)));
+}
+
+#[test]
+fn smollm2_decode_step_costs_1212_bytes() {
     let step = Message::Step(Step {
         session_id: 1,
         step_id: 100,
@@ -819,6 +859,7 @@ fn smollm2_decode_step_costs_1211_bytes() {
         sample_step: 90,
         history_tail: vec![42],
         draft: vec![],
+        mask: None,
         payload: Payload::Hidden(HiddenStates {
             t: 1,
             hidden: 576,
@@ -826,7 +867,7 @@ fn smollm2_decode_step_costs_1211_bytes() {
             bytes: vec![0; 1152],
         }),
     });
-    assert_eq!(encode(&step).len(), 1152 + 59);
+    assert_eq!(encode(&step).len(), 1152 + 60);
 }
 
 #[test]
@@ -844,5 +885,5 @@ fn codes_round_trip_and_zero_is_never_valid() {
     assert_eq!(ErrorCode::from_code(19), None);
     assert_eq!(CloseReason::from_code(0), None);
     assert!(WireDType::from_code(0).is_err());
-    assert_eq!(ALPN, b"shoal/stage/3");
+    assert_eq!(ALPN, b"shoal/stage/4");
 }
