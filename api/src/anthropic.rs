@@ -184,7 +184,7 @@ pub(crate) async fn messages(
         let mut body: MessagesBody = parse(body)?;
         let common = body.common()?;
         let prompt = body.prompt_ids(state)?;
-        state.job(Kind::Messages, prompt, common, None, "messages")
+        state.job(Kind::Messages, prompt, common, None, "messages", None)
     })
     .await;
     match job {

@@ -19,6 +19,7 @@ use axum::http::{StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
+use shoal_coordinator_free_router::constraint::Constraint;
 use shoal_coordinator_free_router::driver::Request;
 use shoal_model_shards::generate::{FinishReason, Flow};
 use tokio::sync::mpsc;
@@ -27,7 +28,9 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::schema::{ChatBody, CompletionBody, Job, Kind, parse};
 use crate::text::TextAssembler;
+use crate::tools::{Call, Syntax, ToolStream};
 use crate::{ApiError, ApiState, anthropic};
+use shoal_model_shards::chat_template::ChatMessage;
 
 type Tx = mpsc::UnboundedSender<Result<Event, Infallible>>;
 
@@ -101,17 +104,30 @@ pub(crate) async fn chat_completions(
             state.model.chat_template.as_ref().ok_or_else(|| {
                 ApiError::invalid("this model has no chat template; use /v1/completions", None)
             })?;
-        let messages = body.chat_messages()?;
-        let text = template
-            .render(&messages, true)
-            .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+        let tools = body.tool_request()?;
+        let native = template.takes_tools();
+        let mut messages = body.chat_messages(native)?;
+        let text = match &tools {
+            Some(t) if native => template.render_with_tools(&messages, true, Some(&t.openai_tools())),
+            Some(t) => {
+                // The fallback: the tools in a system message of their own, first.
+                match messages.first_mut().filter(|m| m.role == "system") {
+                    Some(system) => system.content = format!("{}\n\n{}", system.content, t.fallback_prompt()),
+                    None => messages.insert(0, ChatMessage::new("system", t.fallback_prompt())),
+                }
+                template.render(&messages, true)
+            }
+            None => template.render(&messages, true),
+        }
+        .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+        let tools = tools.map(|t| (t, Syntax::of_template(template.source(), native)));
         let prompt = state
             .model
             .tokenizer
             .encode(&text, false)
             .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
         let logprobs = body.logprobs()?;
-        state.job(Kind::Chat, prompt, body.common, logprobs, "messages")
+        state.job(Kind::Chat, prompt, body.common, logprobs, "messages", tools)
     })
     .await;
     match job {
@@ -129,7 +145,7 @@ pub(crate) async fn completions(
         let mut body: CompletionBody = parse(body)?;
         let prompt = body.prompt_ids(state)?;
         let logprobs = body.logprobs()?;
-        state.job(Kind::Completion, prompt, body.common, logprobs, "prompt")
+        state.job(Kind::Completion, prompt, body.common, logprobs, "prompt", None)
     })
     .await;
     match job {
@@ -175,6 +191,8 @@ struct ChoiceResult {
     stop_sequence: Option<String>,
     tokens: usize,
     logprobs: Vec<TokenLp>,
+    /// The tool calls read from the text (then `text` is the content outside them).
+    calls: Vec<Call>,
 }
 
 /// The identity shared by every chunk of one response.
@@ -290,13 +308,14 @@ async fn run_choice(
         max_tokens: job.max_tokens,
         stop_ids: if job.ignore_eos { Vec::new() } else { state.model.stop_ids.clone() },
         top_logprobs: job.logprobs.unwrap_or(0),
-        constraint: None,
+        constraint: job.grammar.as_ref().map(|g| Constraint::new(g.start())),
     };
     let m = &state.metrics;
     let mut text = TextAssembler::new(&state.model.tokenizer, job.stops.clone());
     let mut lps = Vec::new();
     let (mut stopped, mut gone, mut last_at) = (false, false, None::<Instant>);
     let mut offset = 0usize;
+    let mut tool_stream = job.tools.map(|(syntax, constrained)| ToolStream::new(syntax, constrained));
     // Milliseconds from arrival to the latest token, for the watchdog.
     let latest = AtomicU64::new(NO_TOKEN);
     if let Some((tx, meta)) = &stream
@@ -316,8 +335,11 @@ async fn run_choice(
         }
         last_at = Some(now);
         latest.store(now.duration_since(arrived).as_millis() as u64, Ordering::Relaxed);
-        let (piece, hit) = text.push(ev.token);
+        let (mut piece, hit) = text.push(ev.token);
         stopped |= hit;
+        if let (Some(ts), Some(_)) = (tool_stream.as_mut(), &stream) {
+            piece = ts.push(&piece);
+        }
         let lp = job.logprobs.map(|_| TokenLp {
             id: ev.token,
             logprob: ev.logprob,
@@ -380,12 +402,41 @@ async fn run_choice(
         m.finished("abort");
         return Err(client_gone());
     }
-    let rest = text.finish();
-    let finish = if stopped { "stop" } else { finish_str(outcome.finish_reason) };
+    let mut rest = text.finish();
+    let (content, calls) = match (tool_stream, &stream) {
+        (Some(mut ts), Some(_)) => {
+            rest = ts.push(&rest);
+            let (more, calls) = ts.finish();
+            rest.push_str(&more);
+            (String::new(), calls)
+        }
+        (_, None) => match job.tools {
+            Some((syntax, constrained)) => {
+                let (content, calls) = crate::tools::parse(text.text(), syntax);
+                (if constrained { String::new() } else { content }, calls)
+            }
+            None => (text.text().to_owned(), Vec::new()),
+        },
+        (None, Some(_)) => (text.text().to_owned(), Vec::new()),
+    };
+    let finish = if !calls.is_empty() && outcome.finish_reason != FinishReason::Length {
+        "tool_calls"
+    } else if stopped {
+        "stop"
+    } else {
+        finish_str(outcome.finish_reason)
+    };
     m.finished(finish);
     if let Some((tx, meta)) = &stream {
         if !rest.is_empty() {
             send(tx, &chunk(meta, index, Some(&rest), None, false, Value::Null));
+        }
+        for (k, call) in calls.iter().enumerate() {
+            for delta in call_deltas(k, call) {
+                let mut c = chunk(meta, index, None, None, false, Value::Null);
+                c["choices"][0]["delta"] = json!({"tool_calls": [delta]});
+                send(tx, &c);
+            }
         }
         // Anthropic's closing events need the usage: `serve` sends them.
         if meta.kind != Kind::Messages {
@@ -398,12 +449,31 @@ async fn run_choice(
     }
     Ok(ChoiceResult {
         index,
-        text: text.text().to_owned(),
+        text: content,
+        calls,
         finish,
         stop_sequence: text.matched_stop().map(str::to_owned),
         tokens: outcome.tokens.len(),
         logprobs: lps,
     })
+}
+
+/// The streamed pieces of call `k`: its id, type and name with empty arguments, then the
+/// arguments in two halves (split on a character boundary), as OpenAI streams them.
+fn call_deltas(k: usize, call: &Call) -> Vec<Value> {
+    let args = &call.arguments;
+    let mut half = args.len() / 2;
+    while !args.is_char_boundary(half) {
+        half += 1;
+    }
+    let mut out = vec![json!({"index": k, "id": crate::tools::call_id(), "type": "function",
+                              "function": {"name": call.name, "arguments": ""}})];
+    for piece in [&args[..half], &args[half..]] {
+        if !piece.is_empty() {
+            out.push(json!({"index": k, "function": {"arguments": piece}}));
+        }
+    }
+    out
 }
 
 fn client_gone() -> ApiError {
@@ -477,6 +547,19 @@ pub(crate) async fn serve(state: Arc<ApiState>, job: Job, arrived: Instant) -> R
                     Some(_) => completion_logprobs(&state, &c.logprobs, &mut 0),
                 };
                 match job.kind {
+                    Kind::Chat if !c.calls.is_empty() => {
+                        let calls: Vec<Value> = c
+                            .calls
+                            .iter()
+                            .map(|call| {
+                                json!({"id": crate::tools::call_id(), "type": "function",
+                                       "function": {"name": call.name, "arguments": call.arguments}})
+                            })
+                            .collect();
+                        let content = if c.text.is_empty() { Value::Null } else { json!(c.text) };
+                        json!({"index": c.index, "message": {"role": "assistant", "content": content,
+                                "tool_calls": calls}, "logprobs": lp, "finish_reason": c.finish})
+                    }
                     Kind::Chat => {
                         json!({"index": c.index, "message": {"role": "assistant", "content": c.text},
                                          "logprobs": lp, "finish_reason": c.finish})

@@ -39,6 +39,7 @@ pub mod admission;
 mod anthropic;
 pub mod defaults;
 mod error;
+mod grammar;
 mod handlers;
 pub mod metrics;
 mod openapi;
@@ -46,6 +47,7 @@ pub mod schema;
 pub mod server;
 pub mod text;
 mod tokens;
+mod tools;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -169,6 +171,7 @@ pub struct ApiState {
     metrics: Metrics,
     token_text: TokenText,
     sampling: SamplingDefaults,
+    grammars: grammar::Grammars,
 }
 
 impl ApiState {
@@ -182,6 +185,7 @@ impl ApiState {
             admission: Admission::new(config.max_running, config.max_waiting),
             metrics: Metrics::new(&model.name)?,
             token_text: TokenText::new(&model.tokenizer),
+            grammars: grammar::Grammars::new(&model.tokenizer, driver.vocab_size() as usize, &model.stop_ids),
             sampling: config.sampling.or(model.sampling).or(SamplingDefaults::SHOAL),
             driver,
             model,

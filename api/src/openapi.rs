@@ -59,6 +59,12 @@ fn sampling_properties(model: &str, max_n: usize) -> Value {
         "ignore_eos": {"type": "boolean", "nullable": true,
                        "description": "Generate past the end of sequence, up to max_tokens (for benchmarks)."},
         "user": {"type": "string", "nullable": true},
+        "guided_json": {"type": "object", "nullable": true, "description": "vLLM's: a JSON schema the output follows."},
+        "guided_regex": {"type": "string", "nullable": true, "description": "vLLM's: a regular expression the output matches."},
+        "guided_choice": {"type": "array", "nullable": true, "minItems": 1, "items": {"type": "string"},
+                          "description": "vLLM's: the output is one of these strings."},
+        "guided_grammar": {"type": "string", "nullable": true,
+                           "description": "vLLM's: a grammar in llguidance's Lark dialect."},
     })
 }
 
@@ -78,6 +84,24 @@ pub(crate) fn document(model: &str, max_n: usize) -> Value {
             "logprobs": {"type": "boolean", "nullable": true},
             "top_logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS, "nullable": true,
                              "description": "Needs logprobs: true."},
+            "response_format": {"nullable": true, "description": "Structured output, enforced by constrained decoding.",
+                "oneOf": [
+                    {"type": "object", "required": ["type"], "properties": {"type": {"type": "string", "enum": ["text", "json_object"]}}},
+                    {"type": "object", "required": ["type", "json_schema"], "properties": {
+                        "type": {"type": "string", "enum": ["json_schema"]},
+                        "json_schema": {"type": "object", "required": ["name"], "properties": {
+                            "name": {"type": "string"}, "schema": {"type": "object"}, "strict": {"type": "boolean", "nullable": true}}}}}]},
+            "tools": {"type": "array", "nullable": true, "items": {"type": "object", "required": ["type", "function"],
+                "properties": {"type": {"type": "string", "enum": ["function"]},
+                    "function": {"type": "object", "required": ["name"], "properties": {
+                        "name": {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"},
+                        "description": {"type": "string"}, "parameters": {"type": "object"}}}}}},
+            "tool_choice": {"nullable": true, "oneOf": [
+                {"type": "string", "enum": ["none", "auto", "required"]},
+                {"type": "object", "required": ["type", "function"], "properties": {
+                    "type": {"type": "string", "enum": ["function"]},
+                    "function": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}}}]},
+            "parallel_tool_calls": {"type": "boolean", "nullable": true},
         }),
     );
     let completion_props = merge(
@@ -117,7 +141,7 @@ pub(crate) fn document(model: &str, max_n: usize) -> Value {
     let usage = json!({"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
         "properties": {"prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"},
                        "total_tokens": {"type": "integer"}}});
-    let finish = json!({"type": "string", "enum": ["stop", "length"]});
+    let finish = json!({"type": "string", "enum": ["stop", "length", "tool_calls"]});
     let logprobs = json!({"type": "object", "nullable": true});
     let mut models_responses = error_responses(&["401"]);
     models_responses.insert(
@@ -165,7 +189,13 @@ pub(crate) fn document(model: &str, max_n: usize) -> Value {
                                    "param": {"type": "string", "nullable": true},
                                    "code": {"type": "string", "nullable": true}}}}},
                 "Message": {"type": "object", "required": ["role"], "properties": {
-                    "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
+                    "role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
+                    "tool_call_id": {"type": "string", "description": "A tool message's call."},
+                    "tool_calls": {"type": "array", "nullable": true, "items": {"type": "object",
+                        "required": ["id", "type", "function"], "properties": {
+                            "id": {"type": "string"}, "type": {"type": "string", "enum": ["function"]},
+                            "function": {"type": "object", "required": ["name", "arguments"], "properties": {
+                                "name": {"type": "string"}, "arguments": {"type": "string"}}}}}},
                     "content": {"nullable": true, "oneOf": [
                         {"type": "string"},
                         {"type": "array", "items": {"type": "object", "required": ["type", "text"],
@@ -181,7 +211,8 @@ pub(crate) fn document(model: &str, max_n: usize) -> Value {
                             "properties": {"index": {"type": "integer"}, "finish_reason": finish, "logprobs": logprobs,
                                 "message": {"type": "object", "required": ["role", "content"],
                                     "properties": {"role": {"type": "string", "enum": ["assistant"]},
-                                                   "content": {"type": "string"}}}}}}}},
+                                                   "content": {"type": "string", "nullable": true},
+                                                   "tool_calls": {"type": "array", "items": {"type": "object"}}}}}}}}},
                 "Completion": {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
                     "properties": {"id": {"type": "string"}, "object": {"type": "string", "enum": ["text_completion"]},
                         "created": {"type": "integer"}, "model": {"type": "string"}, "usage": usage,

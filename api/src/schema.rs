@@ -8,6 +8,8 @@ use serde::Deserialize;
 use shoal_model_shards::chat_template::ChatMessage;
 use shoal_model_shards::sampler::{SamplerError, SamplingParams};
 
+use crate::grammar::{Grammar, GuidedFields, Spec};
+use crate::tools::{Syntax, ToolRequest};
 use crate::{ApiError, ApiState};
 
 /// Most alternatives per token (`top_logprobs`, or the completions endpoint's `logprobs`).
@@ -61,6 +63,9 @@ pub(crate) struct Common {
     pub(crate) ignore_eos: Option<bool>,
     /// Accepted and logged (OpenAI's end-user id).
     pub(crate) user: Option<String>,
+    /// Structured output ([`crate::grammar`]).
+    #[serde(flatten)]
+    pub(crate) guided: GuidedFields,
 }
 
 #[derive(Debug, Deserialize)]
@@ -81,6 +86,10 @@ pub(crate) struct ContentPart {
 pub(crate) struct InMessage {
     role: String,
     content: Option<Content>,
+    /// An assistant message's calls.
+    tool_calls: Option<serde_json::Value>,
+    /// A `tool` message's call.
+    tool_call_id: Option<String>,
 }
 
 /// `POST /v1/chat/completions`.
@@ -90,7 +99,8 @@ pub(crate) struct ChatBody {
     logprobs: Option<bool>,
     top_logprobs: Option<i64>,
     tools: Option<Vec<serde_json::Value>>,
-    response_format: Option<serde_json::Value>,
+    tool_choice: Option<serde_json::Value>,
+    parallel_tool_calls: Option<bool>,
     #[serde(flatten)]
     pub(crate) common: Common,
 }
@@ -142,6 +152,10 @@ pub(crate) struct Job {
     pub(crate) include_usage: bool,
     /// Generate past the end-of-sequence ids (only `max_tokens` and stop strings end it).
     pub(crate) ignore_eos: bool,
+    /// The grammar the output follows (structured outputs, or calls that must be made).
+    pub(crate) grammar: Option<Grammar>,
+    /// The syntax of calls to read from the output, when tools may be called.
+    pub(crate) tools: Option<(Syntax, bool)>,
 }
 
 /// Reads a JSON body (the size limit already applied by axum).
@@ -182,31 +196,29 @@ fn float(v: Option<f64>, default: f32, name: &'static str) -> Result<f32, ApiErr
 }
 
 impl ChatBody {
-    /// The messages as the chat template takes them.
-    pub(crate) fn chat_messages(&mut self) -> Result<Vec<ChatMessage>, ApiError> {
+    /// The request's tools, when the model may call some.
+    pub(crate) fn tool_request(&self) -> Result<Option<ToolRequest>, ApiError> {
+        ToolRequest::parse(self.tools.as_deref(), self.tool_choice.as_ref(), self.parallel_tool_calls)
+    }
+
+    /// The messages as the chat template takes them: with `native_tools` the template
+    /// renders calls and tool results itself, otherwise they are written in the fallback's
+    /// form ([`crate::tools`]).
+    pub(crate) fn chat_messages(&mut self, native_tools: bool) -> Result<Vec<ChatMessage>, ApiError> {
         if self.messages.is_empty() {
             return Err(ApiError::invalid("messages must not be empty", Some("messages")));
         }
-        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-            return Err(ApiError::invalid("tools are not supported by this server", Some("tools")));
-        }
-        if let Some(f) = &self.response_format
-            && f.get("type").and_then(|t| t.as_str()).is_some_and(|t| t != "text")
-        {
-            return Err(ApiError::invalid(
-                "only response_format {\"type\": \"text\"} is supported",
-                Some("response_format"),
-            ));
-        }
-        let mut out = Vec::with_capacity(self.messages.len());
+        let mut out: Vec<ChatMessage> = Vec::with_capacity(self.messages.len());
+        // Whether a `tool` message may come next: after calls, or after another result.
+        let mut answering = false;
         for m in self.messages.drain(..) {
             let role = match m.role.as_str() {
-                "system" | "user" | "assistant" => m.role,
+                "system" | "user" | "assistant" | "tool" => m.role,
                 // OpenAI's newer name for the system role.
                 "developer" => "system".to_owned(),
                 other => {
                     return Err(ApiError::invalid(
-                        format!("role `{other}` is not supported (system, developer, user, assistant)"),
+                        format!("role `{other}` is not supported (system, developer, user, assistant, tool)"),
                         Some("messages"),
                     ));
                 }
@@ -231,7 +243,46 @@ impl ChatBody {
                     s
                 }
             };
-            out.push(ChatMessage { role, content });
+            let mut msg = ChatMessage::new(role, content);
+            let has_calls =
+                m.tool_calls.as_ref().is_some_and(|c| c.as_array().is_some_and(|a| !a.is_empty()));
+            if let Some(calls) = m.tool_calls.filter(|c| !c.is_null()) {
+                if msg.role != "assistant" {
+                    return Err(ApiError::invalid(
+                        "only assistant messages carry tool_calls",
+                        Some("messages"),
+                    ));
+                }
+                let calls = crate::tools::template_calls(&calls)?;
+                if native_tools {
+                    msg.tool_calls = Some(calls);
+                } else {
+                    msg.content.push_str(&crate::tools::fallback_calls_text(&calls));
+                }
+            }
+            let is_tool = msg.role == "tool";
+            if is_tool {
+                if !answering {
+                    return Err(ApiError::invalid(
+                        "a message with role `tool` must answer a preceding assistant message with tool_calls",
+                        Some("messages"),
+                    ));
+                }
+                if m.tool_call_id.is_none() {
+                    return Err(ApiError::invalid(
+                        "a `tool` message needs its tool_call_id",
+                        Some("messages"),
+                    ));
+                }
+                if native_tools {
+                    msg.tool_call_id = m.tool_call_id;
+                } else {
+                    msg.role = "user".into();
+                    msg.content = format!("<tool_response>\n{}\n</tool_response>", msg.content);
+                }
+            }
+            answering = (msg.role == "assistant" && has_calls) || (is_tool && answering);
+            out.push(msg);
         }
         Ok(out)
     }
@@ -317,6 +368,7 @@ impl ApiState {
         c: Common,
         logprobs: Option<u8>,
         prompt_param: &'static str,
+        tools: Option<(ToolRequest, Syntax)>,
     ) -> Result<Job, ApiError> {
         if let Some(m) = &c.model
             && m != &self.model.name
@@ -418,6 +470,20 @@ impl ApiState {
             ));
         }
         let stream = c.stream.unwrap_or(false);
+        let spec = Spec::of_request(&c.guided)?;
+        let grammar = match (spec, &tools) {
+            (Some(_), Some(t)) if t.0.constrained() => {
+                return Err(ApiError::invalid(
+                    "response_format and guided fields cannot be combined with a tool_choice that forces calls",
+                    Some("tool_choice"),
+                ));
+            }
+            (Some(spec), _) => Some(self.grammars.compile(&spec)?),
+            (None, Some((t, syntax))) if t.constrained() => {
+                Some(self.grammars.compile(&Spec::Lark { grammar: t.grammar(*syntax), param: "tools" })?)
+            }
+            (None, _) => None,
+        };
         Ok(Job {
             kind,
             prompt,
@@ -429,6 +495,8 @@ impl ApiState {
             stream,
             include_usage: stream && c.stream_options.and_then(|o| o.include_usage).unwrap_or(false),
             ignore_eos: c.ignore_eos.unwrap_or(false),
+            grammar,
+            tools: tools.map(|(t, syntax)| (syntax, t.constrained())),
         })
     }
 }

@@ -104,12 +104,20 @@ pub struct ChatMessage {
     pub role: String,
     /// The message text.
     pub content: String,
+    /// An assistant message's tool calls, as Hugging Face templates take them:
+    /// `[{"type": "function", "function": {"name", "arguments": {…}}, "id"}]` (arguments as an
+    /// object, not OpenAI's string).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    /// A `tool` message's answer to this call id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
     /// A message with the given role and content.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self { role: role.into(), content: content.into() }
+        Self { role: role.into(), content: content.into(), tool_calls: None, tool_call_id: None }
     }
 }
 
@@ -223,12 +231,24 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, ChatTemplateError> {
+        self.render_with_tools(messages, add_generation_prompt, None)
+    }
+
+    /// [`ChatTemplate::render`] with the request's tools (OpenAI's list of
+    /// `{"type": "function", "function": {…}}`) as the template's `tools` variable.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        tools: Option<&serde_json::Value>,
+    ) -> Result<String, ChatTemplateError> {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| ChatTemplateError::Template { message: describe(&e) })?;
         let ctx = context! {
             messages => messages,
+            tools => tools,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos.as_deref().unwrap_or(""),
             eos_token => self.eos.as_deref().unwrap_or(""),
@@ -237,6 +257,11 @@ impl ChatTemplate {
             Some(message) => ChatTemplateError::Raised { message },
             None => ChatTemplateError::Template { message: describe(&e) },
         })
+    }
+
+    /// Whether the template renders a request's tools itself (it reads a `tools` variable).
+    pub fn takes_tools(&self) -> bool {
+        self.source.contains("tools")
     }
 
     /// The template source.
