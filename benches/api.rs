@@ -14,61 +14,35 @@
 //! Environment: `SHOAL_MODEL`, `SHOAL_THREADS`, `SHOAL_NET_THREADS`, `BENCH_TOKENS` (128),
 //! `BENCH_REPEATS` (5).
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use api_bench::ApiBench;
 use serde_json::json;
-use shoal_api::{ApiConfig, ApiState, ServedModel, router};
-use shoal_coordinator_free_router::driver::{Driver, DriverConfig, ModelInfo, Request};
+use shoal_coordinator_free_router::driver::Request;
 use shoal_model_shards::generate::Flow;
 use shoal_model_shards::sampler::SamplingParams;
-use shoal_worker::net::{Node, NodeOptions};
-use support::{env_usize, setup, start_stages};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use support::{env_usize, setup};
 
 #[path = "support/swarm.rs"]
 mod support;
 
-const PROMPT: &str = "The history of the printing press begins";
+#[path = "support/api.rs"]
+mod api_bench;
 
-/// One HTTP/1.1 request on a fresh connection, read to the end; returns the body.
-async fn post(addr: std::net::SocketAddr, path: &str, body: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.set_nodelay(true).expect("nodelay");
-    let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await.expect("read");
-    let text = String::from_utf8(out).expect("utf-8");
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    text
-}
+const PROMPT: &str = "The history of the printing press begins";
 
 fn main() {
     let tokens = env_usize("BENCH_TOKENS", 128);
     let rounds = env_usize("BENCH_REPEATS", 5);
     let (model, model_id, rt) = setup();
     rt.block_on(async move {
-        let nodes = start_stages(&model, model_id, 3).await;
-        let origin = Node::bind(NodeOptions::loopback()).await.expect("origin binds");
-        let driver = Arc::new(Driver::new(
-            origin.clone(),
-            ModelInfo::of(&model).expect("model info"),
-            DriverConfig { step_timeout: Duration::from_secs(60), ..DriverConfig::default() },
-        ));
-        for node in &nodes {
-            driver.add_peer(node.addr()).await.expect("stage answers");
-        }
-        let mut served = ServedModel::of(&model, "bench").expect("tokenizer");
         // Stop ids off on both sides, so every run generates exactly `tokens` tokens.
-        served.stop_ids.clear();
-        let state = Arc::new(ApiState::new(driver.clone(), served, ApiConfig::default()).expect("metrics"));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let server = tokio::spawn(async move { axum::serve(listener, router(state)).await });
+        let bench = ApiBench::start(&model, model_id, |m| m.stop_ids.clear()).await;
+        let driver = bench.driver.clone();
+        let post = |path: &'static str, body: String| {
+            let bench = &bench;
+            async move { bench.http("POST", path, &body).await }
+        };
 
         let prompt = model.tokenizer().expect("tokenizer").encode(PROMPT, true).expect("encode");
         let request = Request {
@@ -86,9 +60,9 @@ fn main() {
         // Warm-up, and a check that all three produce the same tokens' worth of text.
         let direct = driver.generate(&request, |_| Flow::Continue).await.expect("direct");
         assert_eq!(direct.tokens.len(), tokens);
-        let j = post(addr, "/v1/completions", &json_body).await;
+        let j = post("/v1/completions", json_body.clone()).await;
         assert!(j.contains(&format!("\"completion_tokens\":{tokens}")), "{j}");
-        let s = post(addr, "/v1/completions", &stream_body).await;
+        let s = post("/v1/completions", stream_body.clone()).await;
         assert!(s.contains("data: [DONE]"), "{s}");
 
         let (mut t_direct, mut t_stream, mut t_json) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
@@ -98,10 +72,10 @@ fn main() {
             t_direct += t.elapsed();
             assert_eq!(out.tokens.len(), tokens);
             let t = Instant::now();
-            post(addr, "/v1/completions", &stream_body).await;
+            post("/v1/completions", stream_body.clone()).await;
             t_stream += t.elapsed();
             let t = Instant::now();
-            post(addr, "/v1/completions", &json_body).await;
+            post("/v1/completions", json_body.clone()).await;
             t_json += t.elapsed();
         }
         let rate = |t: Duration| (tokens * rounds) as f64 / t.as_secs_f64();
@@ -116,10 +90,6 @@ fn main() {
             json!({"tokens": tokens, "rounds": rounds, "direct_tok_s": d, "http_stream_tok_s": s,
                    "http_json_tok_s": j, "ratio_stream": s / d, "ratio_json": j / d})
         );
-        server.abort();
-        origin.shutdown().await;
-        for node in &nodes {
-            node.shutdown().await;
-        }
+        bench.shutdown().await;
     });
 }

@@ -1,7 +1,8 @@
 //! LangChain's `ChatOpenAI` (the langchain-openai package from PyPI, installed by `.ci/run`)
 //! against a real `shoal run --stages 2 --listen` with an API key: `invoke` (messages and a
 //! plain string, multi-turn), `stream` with usage, `stop`, seeded sampling and `batch`, each
-//! compared with what the node answers the official `openai` SDK. The checks are in
+//! compared with what the node answers the official `openai` SDK; `bind_tools` and
+//! `with_structured_output`. The checks are in
 //! `tests/clients/langchain_client.py`.
 
 #[path = "support/api_server.rs"]

@@ -271,9 +271,9 @@ impl fmt::Debug for Grammar {
 }
 
 impl Grammar {
-    /// A fresh matcher for one choice.
-    pub(crate) fn start(&self) -> GrammarState {
-        GrammarState { matcher: self.matcher.deep_clone(), vocab: self.vocab }
+    /// A fresh matcher for one choice; each mask's computing time goes to `timer`.
+    pub(crate) fn start(&self, timer: prometheus::Histogram) -> GrammarState {
+        GrammarState { matcher: self.matcher.deep_clone(), vocab: self.vocab, timer }
     }
 }
 
@@ -281,6 +281,7 @@ impl Grammar {
 pub(crate) struct GrammarState {
     matcher: Matcher,
     vocab: usize,
+    timer: prometheus::Histogram,
 }
 
 impl TokenConstraint for GrammarState {
@@ -291,8 +292,10 @@ impl TokenConstraint for GrammarState {
                 None => Ok(None),
             };
         }
+        let started = std::time::Instant::now();
         let mask = self.matcher.compute_mask().map_err(|e| e.to_string())?;
         let mask = TokenMask::from_bits(Vec::from(mask), self.vocab);
+        self.timer.observe(started.elapsed().as_secs_f64());
         Ok(if mask.validate(self.vocab).is_ok() { Some(mask) } else { None })
     }
 

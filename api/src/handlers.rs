@@ -308,7 +308,10 @@ async fn run_choice(
         max_tokens: job.max_tokens,
         stop_ids: if job.ignore_eos { Vec::new() } else { state.model.stop_ids.clone() },
         top_logprobs: job.logprobs.unwrap_or(0),
-        constraint: job.grammar.as_ref().map(|g| Constraint::new(g.start())),
+        constraint: job
+            .grammar
+            .as_ref()
+            .map(|g| Constraint::new(g.start(state.metrics.grammar_mask.clone()))),
     };
     let m = &state.metrics;
     let mut text = TextAssembler::new(&state.model.tokenizer, job.stops.clone());

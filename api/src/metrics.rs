@@ -47,10 +47,14 @@ pub struct Metrics {
     pub(crate) spec_draft_tokens: IntCounter,
     pub(crate) spec_accepted_tokens: IntCounter,
     pub(crate) live_peers: IntGauge,
+    /// Time to compute one token mask of a constrained request (structured outputs, tools).
+    pub(crate) grammar_mask: Histogram,
     spot_checks: IntCounter,
     spot_check_bans: IntCounter,
 }
 
+/// Token masks: 10 µs to 100 ms.
+const MASK_BUCKETS: &[f64] = &[1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1];
 const TTFT_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
     80.0, 160.0, 640.0,
@@ -129,6 +133,11 @@ impl Metrics {
                 "Draft ids the last stage accepted.",
             )?,
             live_peers: gauge("shoal_live_peers", "Peers that answered the last ping round.")?,
+            grammar_mask: hist(
+                "shoal_grammar_mask_seconds",
+                "Time to compute the token mask of one step of a constrained request.",
+                MASK_BUCKETS,
+            )?,
             spot_checks: counter("shoal_spot_checks_total", "Decode steps checked on another replica.")?,
             spot_check_bans: counter(
                 "shoal_spot_check_bans_total",

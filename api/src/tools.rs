@@ -17,7 +17,8 @@
 //! the model decides; its text is the answer's content unless it parses as calls. With
 //! `required` or a named function the output is constrained by a grammar
 //! ([`crate::grammar`]) to calls of the offered functions whose arguments satisfy their
-//! parameters' schemas, whatever the model.
+//! parameters' schemas, whatever the model; object schemas that do not say otherwise are
+//! closed to undeclared keys (`additionalProperties: false`), as in OpenAI's strict mode.
 //!
 //! **Streaming.** Text streams as content until it could be the start of a call; a call is
 //! sent as `delta.tool_calls` entries (the id, type and name, then the arguments in pieces)
@@ -214,7 +215,9 @@ impl ToolRequest {
         };
         let key = if syntax == Syntax::Llama3 { "parameters" } else { "arguments" };
         let one = |t: &Tool| {
-            json!({"type": "object", "properties": {"name": {"const": t.name}, key: t.parameters},
+            let mut parameters = t.parameters.clone();
+            close_objects(&mut parameters);
+            json!({"type": "object", "properties": {"name": {"const": t.name}, key: parameters},
                    "required": ["name", key], "additionalProperties": false})
         };
         let mut schema = if allowed.len() == 1 {
@@ -241,6 +244,32 @@ impl ToolRequest {
             (Syntax::Mistral, true) => format!("start: \"[\" body (\", \" body)* \"]\"\nbody: {call}\n"),
             (Syntax::Mistral, false) => format!("start: \"[\" body \"]\"\nbody: {call}\n"),
             (Syntax::Llama3, _) => format!("start: body\nbody: {call}\n"),
+        }
+    }
+}
+
+/// Makes every object schema in `schema` that lists `properties` and says nothing of
+/// `additionalProperties` closed to other keys, as OpenAI's strict function calling does:
+/// forced arguments then hold the declared parameters only (a small model otherwise pads
+/// them with keys of its own invention, which a schema without the keyword allows).
+fn close_objects(schema: &mut Value) {
+    let Some(o) = schema.as_object_mut() else { return };
+    if o.get("properties").is_some_and(Value::is_object) && !o.contains_key("additionalProperties") {
+        o.insert("additionalProperties".into(), Value::Bool(false));
+    }
+    for key in ["properties", "$defs", "definitions"] {
+        if let Some(Value::Object(children)) = o.get_mut(key) {
+            children.values_mut().for_each(close_objects);
+        }
+    }
+    for key in ["items", "additionalItems"] {
+        if let Some(child) = o.get_mut(key) {
+            close_objects(child);
+        }
+    }
+    for key in ["anyOf", "oneOf", "allOf", "prefixItems"] {
+        if let Some(Value::Array(children)) = o.get_mut(key) {
+            children.iter_mut().for_each(close_objects);
         }
     }
 }
@@ -504,6 +533,40 @@ mod tests {
     }
 
     #[test]
+    fn a_template_with_a_tools_section_renders_tools_calls_and_results() {
+        use shoal_model_shards::chat_template::{ChatMessage, ChatTemplate};
+        let src = include_str!("../../tests/fixtures/templates/qwen2.5_tools.jinja");
+        let template = ChatTemplate::new(src, None, None).unwrap();
+        assert!(template.takes_tools());
+        assert_eq!(Syntax::of_template(src, true), Syntax::Hermes);
+        let tools = vec![
+            json!({"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}),
+        ];
+        let request = ToolRequest::parse(Some(&tools), None, None).unwrap().unwrap();
+        let calls = template_calls(&json!([{"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]))
+        .unwrap();
+        let mut assistant = ChatMessage::new("assistant", "");
+        assistant.tool_calls = Some(calls);
+        let mut result = ChatMessage::new("tool", "18 degrees");
+        result.tool_call_id = Some("call_1".into());
+        let messages = [ChatMessage::new("user", "Weather in Paris?"), assistant, result];
+        let text = template.render_with_tools(&messages, true, Some(&request.openai_tools())).unwrap();
+        // The template's `tojson` writes as Python's json.dumps does (sorted keys, spaces).
+        let tool = "{\"function\": {\"name\": \"get_weather\", \"parameters\": {\"type\": \"object\"}}, \"type\": \"function\"}";
+        assert!(text.contains(&format!("<tools>\n{tool}\n</tools>")), "{text}");
+        assert!(
+            text.contains("<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}"),
+            "{text}"
+        );
+        assert!(
+            text.contains("<|im_start|>user\n<tool_response>\n18 degrees\n</tool_response><|im_end|>"),
+            "{text}"
+        );
+        assert!(text.ends_with("<|im_start|>assistant\n"));
+    }
+
+    #[test]
     fn tool_requests_are_validated() {
         let tools = vec![
             json!({"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}),
@@ -518,5 +581,6 @@ mod tests {
         assert!(ToolRequest::parse(None, Some(&json!("required")), None).is_err());
         let g = r.grammar(Syntax::Hermes);
         assert!(g.contains("%json") && g.contains("get_weather"), "{g}");
+        assert!(g.contains("\"additionalProperties\":false"), "parameters are closed: {g}");
     }
 }
