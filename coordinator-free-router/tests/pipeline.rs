@@ -13,6 +13,7 @@ use iroh::endpoint::{Connection, RecvStream, presets};
 use iroh::{Endpoint, RelayMode};
 use shoal_coordinator_free_router::constraint::{Constraint, TokenConstraint};
 use shoal_coordinator_free_router::driver::{Driver, DriverConfig, DriverError, ModelInfo, Request};
+use shoal_coordinator_free_router::verify::SpotCheckConfig;
 use shoal_model_shards::generate::{self, FinishReason, Flow, LocalPipeline};
 use shoal_model_shards::sampler::{Sampler, SamplingParams};
 use shoal_model_shards::token_mask::TokenMask;
@@ -277,6 +278,32 @@ async fn a_constrained_generation_keeps_to_its_masks_through_a_failover() {
         .expect("the constrained generation survives");
     assert_eq!(out.tokens, want, "the replay sends the same masks");
     assert_eq!(out.failovers.len(), 1, "{:?}", out.failovers);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_step_of_a_constrained_generation_passes_its_spot_check() {
+    // A check replays the step with its mask: without it the other replica would sample
+    // another id and an honest peer would be banned.
+    let params = sampled();
+    let want = local_residues(&params, 20);
+    let a1 = stage(0..2, Duration::from_secs(60)).await;
+    let a2 = stage(0..2, Duration::from_secs(60)).await;
+    let b1 = stage(2..4, Duration::from_secs(60)).await;
+    let b2 = stage(2..4, Duration::from_secs(60)).await;
+    let config = DriverConfig {
+        spot_check: SpotCheckConfig { share: 1.0, ..SpotCheckConfig::default() },
+        ..driver_config()
+    };
+    let d = driver_for(&[&a1, &a2, &b1, &b2], config).await;
+    let vocab = model().spec().vocab_size as u32;
+    let request = Request {
+        constraint: Some(Constraint::new(Residues { vocab, at: 0, len: 20 })),
+        ..request(&params, 30)
+    };
+    let out = d.generate(&request, |_| Flow::Continue).await.expect("checked run");
+    assert_eq!(out.tokens, want);
+    assert!(out.failovers.is_empty(), "{:?}", out.failovers);
+    assert_eq!(out.spot_checks, 19, "every decode step is checked and passes");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
