@@ -89,8 +89,19 @@ fn service_env(service: &str, dir: &Path, api_port: u16) -> Vec<(String, String)
         .collect()
 }
 
+/// A port free now and never handed out before in this test: a service binds its port only
+/// once its model is loaded, so a port picked for it earlier must not be picked again for
+/// another service meanwhile (a CI run once gave two services the same one).
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        let mut given = GIVEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 struct Container {
