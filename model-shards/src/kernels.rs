@@ -6,7 +6,9 @@
 //! rows of `k` values stored as raw GGUF blocks (the exact byte layout of ggml and candle, so a
 //! memory-mapped tensor can be passed as is). It replaces candle's scalar `Q4_1`/`Q5_0`/`Q5_1`
 //! (and its `Q4_0`/`Q8_0` single-row AVX2) dot products with multi-row AVX2 / AVX-512 VNNI kernels.
-//! K-quants are not handled here: candle has its own vectorized paths for them.
+//! With AVX-512, the K-quants `Q4_K`, `Q5_K` and `Q6_K` (256-value superblocks) are decoded at
+//! load into the same panels ([`prepack`], see `kquant`); without it they stay on candle's
+//! vectorized paths.
 //!
 //! # Layouts (ggml, little endian, 32 values per block)
 //!
@@ -56,6 +58,8 @@ use std::sync::OnceLock;
 
 use candle_core::quantized::GgmlDType;
 
+#[cfg(target_arch = "x86_64")]
+mod kquant;
 mod q8;
 mod scalar;
 #[cfg(test)]
@@ -239,17 +243,72 @@ fn check_len(what: &'static str, expected: Option<usize>, got: usize) -> Result<
 /// product then runs on panels of 16 weight rows with no per-call unpacking, at any `m`, and
 /// each output row has the bits it has alone (the panel kernel sums each (row, column) over
 /// the blocks in order, whatever `m` is). See [`prepack`].
+///
+/// K-quants (`Q4_K`, `Q5_K`, `Q6_K`) pack only this way: see `kquant`.
 pub(crate) struct Prepacked {
     #[cfg(target_arch = "x86_64")]
-    inner: x86::Prepacked,
+    inner: Packing,
     format: u8,
     n: usize,
     k: usize,
 }
 
+/// The two packings behind [`Prepacked`].
+#[cfg(target_arch = "x86_64")]
+enum Packing {
+    /// `Q4_0`, `Q4_1`, `Q8_0`.
+    Legacy(x86::Prepacked),
+    /// `Q4_K`, `Q5_K`, `Q6_K`.
+    K(kquant::KPacked),
+}
+
+/// Format code of a K-quant dtype packed by [`prepack`].
+#[cfg(target_arch = "x86_64")]
+fn k_format_of(dtype: GgmlDType) -> Option<u8> {
+    match dtype {
+        GgmlDType::Q4K => Some(kquant::Q4_K),
+        GgmlDType::Q5K => Some(kquant::Q5_K),
+        GgmlDType::Q6K => Some(kquant::Q6_K),
+        _ => None,
+    }
+}
+
+/// Whether [`prepack`] packs weights of this type on this CPU (shapes allowing): the legacy
+/// `Q4_0`, `Q4_1`, `Q8_0` and the K-quants `Q4_K`, `Q5_K`, `Q6_K`, with AVX-512.
+pub(crate) fn packs(dtype: GgmlDType) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        level() >= Level::Avx512
+            && (k_format_of(dtype).is_some() || matches!(format_of(dtype), Some(Q4_0 | Q4_1 | Q8_0)))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = dtype;
+        false
+    }
+}
+
 /// Packs `n` weight rows of `k` values of `dtype` when this CPU has the AVX-512 panel kernel
-/// and the format is `Q4_0`, `Q4_1` or `Q8_0`; `None` otherwise (use [`matmul`]).
+/// and the format is `Q4_0`, `Q4_1`, `Q8_0`, `Q4_K`, `Q5_K` or `Q6_K` (`k` a multiple of the
+/// block size); `None` otherwise (use [`matmul`] for the other legacy types, candle for the
+/// rest).
 pub(crate) fn prepack(dtype: GgmlDType, weights: &[u8], n: usize, k: usize) -> Option<Prepacked> {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(format) = k_format_of(dtype) {
+        if level() < Level::Avx512 || k == 0 || !k.is_multiple_of(kquant::QK_K) {
+            return None;
+        }
+        let nsb = k / kquant::QK_K;
+        if weights.len() != n.checked_mul(nsb * kquant::superblock_bytes(format))? {
+            return None;
+        }
+        let inner = match format {
+            kquant::Q4_K => kquant::prepack::<{ kquant::Q4_K }>(weights, n, nsb),
+            kquant::Q5_K => kquant::prepack::<{ kquant::Q5_K }>(weights, n, nsb),
+            _ => kquant::prepack::<{ kquant::Q6_K }>(weights, n, nsb),
+        };
+        return Some(Prepacked { inner: Packing::K(inner), format, n, k });
+    }
     let format = format_of(dtype)?;
     if level() < Level::Avx512 || !matches!(format, Q4_0 | Q4_1 | Q8_0) || k == 0 || !k.is_multiple_of(QK) {
         return None;
@@ -264,7 +323,7 @@ pub(crate) fn prepack(dtype: GgmlDType, weights: &[u8], n: usize, k: usize) -> O
             Q4_1 => x86::prepack::<Q4_1>(weights, n, k / QK),
             _ => x86::prepack::<Q8_0>(weights, n, k / QK),
         };
-        Some(Prepacked { inner, format, n, k })
+        Some(Prepacked { inner: Packing::Legacy(inner), format, n, k })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -284,13 +343,38 @@ pub(crate) fn concat_prepacked(parts: &[&Prepacked]) -> Option<Prepacked> {
     }
     #[cfg(target_arch = "x86_64")]
     {
-        let cat = |f: &dyn Fn(&x86::Prepacked) -> &[u32]| {
-            parts.iter().flat_map(|p| f(&p.inner).iter().copied()).collect()
+        let inner = match &first.inner {
+            Packing::Legacy(_) => {
+                let legacy: Vec<&x86::Prepacked> = parts
+                    .iter()
+                    .map(|p| match &p.inner {
+                        Packing::Legacy(l) => Some(l),
+                        Packing::K(_) => None,
+                    })
+                    .collect::<Option<_>>()?;
+                let cat = |f: &dyn Fn(&x86::Prepacked) -> &[u32]| {
+                    legacy.iter().flat_map(|p| f(p).iter().copied()).collect()
+                };
+                let cat16 = |f: &dyn Fn(&x86::Prepacked) -> &[u16]| {
+                    legacy.iter().flat_map(|p| f(p).iter().copied()).collect()
+                };
+                Packing::Legacy(x86::Prepacked {
+                    qs: cat(&|p| &p.qs),
+                    d: cat16(&|p| &p.d),
+                    m: cat16(&|p| &p.m),
+                })
+            }
+            Packing::K(_) => {
+                let k: Vec<&kquant::KPacked> = parts
+                    .iter()
+                    .map(|p| match &p.inner {
+                        Packing::K(k) => Some(k),
+                        Packing::Legacy(_) => None,
+                    })
+                    .collect::<Option<_>>()?;
+                Packing::K(kquant::KPacked::concat(&k))
+            }
         };
-        let cat16 = |f: &dyn Fn(&x86::Prepacked) -> &[u16]| {
-            parts.iter().flat_map(|p| f(&p.inner).iter().copied()).collect()
-        };
-        let inner = x86::Prepacked { qs: cat(&|p| &p.qs), d: cat16(&|p| &p.d), m: cat16(&|p| &p.m) };
         Some(Prepacked { inner, format: first.format, n: parts.iter().map(|p| p.n).sum(), k: first.k })
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -319,6 +403,13 @@ pub(crate) fn matmul_prepacked(
     }
     #[cfg(target_arch = "x86_64")]
     {
+        let inner = match &w.inner {
+            Packing::Legacy(inner) => inner,
+            Packing::K(packed) => {
+                matmul_k(packed, w.format, m, n, k, lhs, dst);
+                return Ok(());
+            }
+        };
         let kernels = Kernels::new(Level::Avx512, w.format);
         let out = DstPtr(dst.as_mut_ptr());
         with_scratch(|scratch| {
@@ -333,7 +424,7 @@ pub(crate) fn matmul_prepacked(
                     // when it exists) hold rows `r0..` of `n`, the `m` activation rows are
                     // quantized, and each item writes only its own columns of `dst` (`m × n`).
                     unsafe {
-                        let (p, out) = (&w.inner, out.get().add(r0));
+                        let (p, out) = (inner, out.get().add(r0));
                         if pi + 1 < panels {
                             let rows = PANEL.min(n - r0 - PANEL);
                             match w.format {
@@ -360,6 +451,40 @@ pub(crate) fn matmul_prepacked(
         let _ = (lhs, dst);
         Err(KernelError::Unsupported(GgmlDType::Q4_0))
     }
+}
+
+/// [`matmul_prepacked`] on K-quant panels (shapes checked by the caller).
+#[cfg(target_arch = "x86_64")]
+fn matmul_k(w: &kquant::KPacked, format: u8, m: usize, n: usize, k: usize, lhs: &[f32], dst: &mut [f32]) {
+    let out = DstPtr(dst.as_mut_ptr());
+    with_scratch(|scratch| {
+        let acts = scratch.quantize_k(lhs, m, k, format);
+        // Work items are pairs of panels (32 columns), run together; a last odd panel alone.
+        let panels = n.div_ceil(PANEL);
+        candle_core::utils::barrier_pool().execute_chunked(panels.div_ceil(2), |items| {
+            for item in items {
+                let pi = 2 * item;
+                let r0 = pi * PANEL;
+                let pair = pi + 1 < panels;
+                let rows = if pair { PANEL.min(n - r0 - PANEL) } else { PANEL.min(n - r0) };
+                // SAFETY: `prepack` checked AVX-512 and the shape; panels `pi` (and `pi + 1`
+                // with `pair`) hold rows `r0..` of `n`, the `m` activation rows are quantized
+                // per superblock for `format`, and each item writes only its own columns.
+                unsafe {
+                    let out = out.get().add(r0);
+                    match format {
+                        kquant::Q4_K => {
+                            kquant::panels::<{ kquant::Q4_K }>(w, pi, pair, rows, acts, m, out, n)
+                        }
+                        kquant::Q5_K => {
+                            kquant::panels::<{ kquant::Q5_K }>(w, pi, pair, rows, acts, m, out, n)
+                        }
+                        _ => kquant::panels::<{ kquant::Q6_K }>(w, pi, pair, rows, acts, m, out, n),
+                    }
+                }
+            }
+        });
+    });
 }
 
 /// [`matmul`] with the instruction-set level capped at `cap` (used to test and benchmark every
@@ -428,8 +553,11 @@ struct Acts {
     d: *const f32,
     /// Per-block `s / 8` with `s = d · Σq` (as an `f16`); only valid for formats with a minimum.
     s8: *const f32,
-    /// Per-block `-offset · Σq`; only valid when the kernels have a nonzero offset.
+    /// Per-block `-offset · Σq`; only valid when the kernels have a nonzero offset. For `Q6_K`
+    /// one per 16-value half.
     corr: *const i32,
+    /// Entries of `corr` per row (`nb`, or `2 · nb` for `Q6_K`).
+    corr_row: usize,
     /// Values per row.
     k: usize,
     /// Blocks per row.
@@ -454,7 +582,7 @@ impl Acts {
                 qs: self.qs.add(t * self.k),
                 d: self.d.add(t * self.nb),
                 s8: self.s8.add(t * self.nb),
-                corr: self.corr.add(t * self.nb),
+                corr: self.corr.add(t * self.corr_row),
                 ..self
             }
         }
@@ -576,6 +704,7 @@ impl Scratch {
             d: d.0.cast_const(),
             s8: s8.0.cast_const(),
             corr: corr.0.cast_const().cast(),
+            corr_row: nb,
             k,
             nb,
         };
@@ -593,6 +722,56 @@ impl Scratch {
                     }
                 };
                 q8::quantize_row(&lhs[t * k..(t + 1) * k], out, offset, simd);
+            }
+        };
+        if m > 1 && m * k >= 1 << 15 {
+            candle_core::utils::barrier_pool().execute_chunked(m, rows);
+        } else {
+            rows(0..m);
+        }
+        acts
+    }
+}
+
+impl Scratch {
+    /// Quantizes `m` rows of `k` values of `lhs` (`k` a nonzero multiple of 256) per superblock
+    /// for K-quant weights of `format` (see `kquant`): the block sums for a minimum, the
+    /// per-half corrections for `Q6_K`.
+    #[cfg(target_arch = "x86_64")]
+    fn quantize_k(&mut self, lhs: &[f32], m: usize, k: usize, format: u8) -> Acts {
+        let nb = k / QK;
+        let with_s = kquant::has_min(format);
+        grow(&mut self.qs, m * k, 0);
+        grow(&mut self.d, m * nb, 0.0);
+        grow(&mut self.s8, if with_s { m * nb } else { 1 }, 0.0);
+        grow(&mut self.corr, if with_s { 1 } else { m * 2 * nb }, 0);
+        let qs = DstPtr(self.qs.as_mut_ptr().cast());
+        let d = DstPtr(self.d.as_mut_ptr());
+        let s8 = DstPtr(self.s8.as_mut_ptr());
+        let corr = DstPtr(self.corr.as_mut_ptr().cast());
+        let acts = Acts {
+            qs: qs.0.cast_const().cast(),
+            d: d.0.cast_const(),
+            s8: s8.0.cast_const(),
+            corr: corr.0.cast_const().cast(),
+            corr_row: 2 * nb,
+            k,
+            nb,
+        };
+        let rows = |rows: std::ops::Range<usize>| {
+            for t in rows {
+                // SAFETY: the buffers hold `m` rows; each row is written by one worker only.
+                let out = unsafe {
+                    q8::RowOut {
+                        qs: std::slice::from_raw_parts_mut(qs.get().cast::<i8>().add(t * k), k),
+                        d: std::slice::from_raw_parts_mut(d.get().add(t * nb), nb),
+                        s8: with_s.then(|| std::slice::from_raw_parts_mut(s8.get().add(t * nb), nb)),
+                        corr: (!with_s).then(|| {
+                            std::slice::from_raw_parts_mut(corr.get().cast::<i32>().add(t * 2 * nb), 2 * nb)
+                        }),
+                    }
+                };
+                q8::quantize_row_k(&lhs[t * k..(t + 1) * k], out, kquant::Q6_K_OFFSET);
             }
         };
         if m > 1 && m * k >= 1 << 15 {

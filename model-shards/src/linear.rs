@@ -34,12 +34,16 @@ impl Linear {
         let inner = match weight {
             Loaded::Dense(t) => LinearKind::Dense(t),
             Loaded::Quantized(q) => {
-                if q.device().is_cpu() && kernels::supports(q.dtype()) {
+                let dtype = q.dtype();
+                if q.device().is_cpu() && (kernels::supports(dtype) || kernels::packs(dtype)) {
                     let (n, k) = q.shape().dims2()?;
                     // Packed weights replace the file's (nothing reads those again).
-                    match kernels::prepack(q.dtype(), &q.data()?, n, k).map(Arc::new) {
+                    match kernels::prepack(dtype, &q.data()?, n, k).map(Arc::new) {
                         Some(packed) => LinearKind::Fast(FastQMatMul::Packed(packed)),
-                        None => LinearKind::Fast(FastQMatMul::Blocks { q, row_invariant: false }),
+                        None if kernels::supports(dtype) => {
+                            LinearKind::Fast(FastQMatMul::Blocks { q, row_invariant: false })
+                        }
+                        None => LinearKind::Candle(QMatMul::from_arc(q)?),
                     }
                 } else {
                     LinearKind::Candle(QMatMul::from_arc(q)?)
@@ -135,8 +139,8 @@ enum FastQMatMul {
         /// Use [`kernels::matmul_row_invariant`].
         row_invariant: bool,
     },
-    /// Packed for the panel kernel (AVX-512; `Q4_0`, `Q4_1`, `Q8_0`): every product runs on
-    /// them, and every row has its lone bits at any batch size.
+    /// Packed for the panel kernel (AVX-512; `Q4_0`, `Q4_1`, `Q8_0`, `Q4_K`, `Q5_K`, `Q6_K`):
+    /// every product runs on them, and every row has its lone bits at any batch size.
     Packed(Arc<kernels::Prepacked>),
 }
 

@@ -111,3 +111,47 @@ pub(super) unsafe fn quantize_block_avx2(xs: *const f32, qs: *mut i8) -> (f32, i
         (d, sum)
     }
 }
+
+/// Quantizes one row `x` (length a multiple of 256, equal to `out.qs.len()`) per 256 values, as
+/// ggml's `quantize_row_q8_K` (and candle's `BlockQ8K::from_float`): `iscale = −127 / max` of the
+/// value of largest magnitude, `q = round(iscale · x)` (halves away from zero) clamped to
+/// `−128..=127`, `d = 1 / iscale` kept as `f32`. Each 32-block gets the superblock's `d`; with
+/// `s8`, `d · Σq / 8` of the block (unrounded, as ggml's K-quant dot products use integer block
+/// sums); with `corr`, `−offset · Σq` of each 16-value half (`k / 16` values).
+pub(super) fn quantize_row_k(x: &[f32], out: RowOut<'_>, offset: i32) {
+    const QK_K: usize = 256;
+    let RowOut { qs, d, mut s8, mut corr } = out;
+    for (u, (xs, qs)) in x.chunks_exact(QK_K).zip(qs.chunks_exact_mut(QK_K)).enumerate() {
+        let (mut max, mut amax) = (0f32, 0f32);
+        for &v in xs {
+            if amax < v.abs() {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        let dd = if amax == 0.0 {
+            qs.fill(0);
+            0.0
+        } else {
+            let iscale = -127f32 / max;
+            for (q, &v) in qs.iter_mut().zip(xs) {
+                *q = (iscale * v).round().clamp(-128.0, 127.0) as i8;
+            }
+            1.0 / iscale
+        };
+        for b in 0..QK_K / QK {
+            let blk = u * (QK_K / QK) + b;
+            d[blk] = dd;
+            let half =
+                |h: usize| qs[b * QK + 16 * h..b * QK + 16 * h + 16].iter().map(|&q| q as i32).sum::<i32>();
+            let (h0, h1) = (half(0), half(1));
+            if let Some(s8) = s8.as_deref_mut() {
+                s8[blk] = (h0 + h1) as f32 * dd * 0.125;
+            }
+            if let Some(corr) = corr.as_deref_mut() {
+                corr[2 * blk] = -offset * h0;
+                corr[2 * blk + 1] = -offset * h1;
+            }
+        }
+    }
+}

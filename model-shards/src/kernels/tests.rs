@@ -381,3 +381,124 @@ fn stacked_prepacked_weights_give_each_part_its_bits() -> TestResult {
     }
     Ok(())
 }
+
+const K_DTYPES: [GgmlDType; 3] = [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K];
+
+/// [`candle_generic`] for the K-quants (candle's `q8_K` dot products, as llama.cpp's).
+fn candle_k_reference(
+    dtype: GgmlDType,
+    bytes: &[u8],
+    m: usize,
+    k: usize,
+    n: usize,
+    lhs: &[f32],
+) -> candle_core::Result<Vec<f32>> {
+    match dtype {
+        GgmlDType::Q4K => candle_generic::<k_quants::BlockQ4K>(bytes, m, k, n, lhs),
+        GgmlDType::Q5K => candle_generic::<k_quants::BlockQ5K>(bytes, m, k, n, lhs),
+        _ => candle_generic::<k_quants::BlockQ6K>(bytes, m, k, n, lhs),
+    }
+}
+
+/// The superblock decoder reads every value, scale and minimum where ggml puts them: its
+/// values times scales give candle's dequantized weights, bit for bit.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn k_quant_superblocks_decode_as_candle_dequantizes() -> TestResult {
+    use super::kquant;
+    for (i, dtype) in K_DTYPES.into_iter().enumerate() {
+        let (n, k) = (3, 512);
+        let (bytes, q) = weights(dtype, n, k, 90 + i as u64)?;
+        let want = q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        let format = match dtype {
+            GgmlDType::Q4K => kquant::Q4_K,
+            GgmlDType::Q5K => kquant::Q5_K,
+            _ => kquant::Q6_K,
+        };
+        let sbb = kquant::superblock_bytes(format);
+        assert_eq!(bytes.len(), n * k / 256 * sbb);
+        for (u, blk) in bytes.chunks_exact(sbb).enumerate() {
+            let dec = kquant::decode(format, blk);
+            for j in 0..256 {
+                let got = if format == kquant::Q6_K {
+                    dec.d * (dec.sc[j / 16] as i8) as f32 * (dec.q[j] as i32 - 32) as f32
+                } else {
+                    dec.d * dec.sc[j / 32] as f32 * dec.q[j] as f32 - dec.dmin * dec.mn[j / 32] as f32
+                };
+                assert_eq!(got.to_bits(), want[u * 256 + j].to_bits(), "{dtype:?} superblock {u} value {j}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// K-quant panels give candle's (llama.cpp's) products up to float summation order, every row
+/// has the bits it has alone, and the panels stack like the legacy ones.
+#[test]
+fn k_quant_panels_match_candle_and_keep_rows_invariant() -> TestResult {
+    if level() < Level::Avx512 {
+        for dtype in K_DTYPES {
+            assert!(super::prepack(dtype, &weights(dtype, 16, 256, 1)?.0, 16, 256).is_none());
+            assert!(!super::packs(dtype));
+        }
+        return Ok(());
+    }
+    let mut worst = 0f64;
+    // n = 37: a pair of panels and a partial odd one; 20: a pair whose second panel is
+    // partial; 64: two whole pairs; 16: one panel.
+    for (i, dtype) in K_DTYPES.into_iter().enumerate() {
+        assert!(super::packs(dtype));
+        for (si, &(k, n)) in [(256, 37), (768, 20), (512, 64), (1536, 16)].iter().enumerate() {
+            let (bytes, q) = weights(dtype, n, k, (i * 7 + si) as u64 + 300)?;
+            let w = q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+            let packed = super::prepack(dtype, &bytes, n, k).ok_or("K-quants pack with AVX-512")?;
+            assert_eq!(packed.shape(), (n, k));
+            for m in [1, 2, 5, 9, 13] {
+                let lhs = values(m * k, (m * 13 + si) as u64 + 2000);
+                let want = candle_k_reference(dtype, &bytes, m, k, n, &lhs)?;
+                let mut got = vec![f32::NAN; m * n];
+                super::matmul_prepacked(&packed, m, &lhs, &mut got)?;
+                let e = rel_err(&got, &want, &lhs, &w, k);
+                assert!(e <= TOL, "{dtype:?} m={m} k={k} n={n}: error vs candle {e:e}");
+                worst = worst.max(e);
+                for t in 0..m {
+                    let mut one = vec![f32::NAN; n];
+                    super::matmul_prepacked(&packed, 1, &lhs[t * k..(t + 1) * k], &mut one)?;
+                    let same =
+                        one.iter().zip(&got[t * n..(t + 1) * n]).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{dtype:?} m={m} k={k} n={n}: row {t} differs from the row alone");
+                }
+            }
+        }
+        // Zero activations (a superblock with no magnitude) give zeros, not NaN.
+        let (bytes, _) = weights(dtype, 16, 256, 5)?;
+        let packed = super::prepack(dtype, &bytes, 16, 256).ok_or("packs")?;
+        let mut out = vec![f32::NAN; 16];
+        super::matmul_prepacked(&packed, 1, &[0.0; 256], &mut out)?;
+        assert!(out.iter().all(|&v| v == 0.0), "{dtype:?}: {out:?}");
+        // Shapes that do not fit are not packed, and bad sizes are errors.
+        assert!(super::prepack(dtype, &bytes, 16, 512).is_none());
+        assert!(super::prepack(dtype, &bytes[..bytes.len() - 1], 16, 256).is_none());
+        assert!(super::matmul_prepacked(&packed, 2, &[0.0; 256], &mut out).is_err());
+        // Stacked with another packing of the same format: each part keeps its bits.
+        let (other, _) = weights(dtype, 32, 256, 6)?;
+        let other = super::prepack(dtype, &other, 32, 256).ok_or("packs")?;
+        let stacked = super::concat_prepacked(&[&packed, &other]).ok_or("stacks")?;
+        let lhs = values(3 * 256, 8);
+        let mut all = vec![0f32; 3 * 48];
+        super::matmul_prepacked(&stacked, 3, &lhs, &mut all)?;
+        let (mut a, mut b) = (vec![0f32; 3 * 16], vec![0f32; 3 * 32]);
+        super::matmul_prepacked(&packed, 3, &lhs, &mut a)?;
+        super::matmul_prepacked(&other, 3, &lhs, &mut b)?;
+        for t in 0..3 {
+            assert_eq!(&all[t * 48..t * 48 + 16], &a[t * 16..(t + 1) * 16]);
+            assert_eq!(&all[t * 48 + 16..(t + 1) * 48], &b[t * 32..(t + 1) * 32]);
+        }
+        // Another format is never stacked with it.
+        let q4_0 = super::prepack(GgmlDType::Q4_0, &weights(GgmlDType::Q4_0, 16, 256, 7)?.0, 16, 256)
+            .ok_or("packs")?;
+        assert!(super::concat_prepacked(&[&packed, &q4_0]).is_none());
+    }
+    eprintln!("K-quants: worst error relative to |x||w|: {worst:e}");
+    Ok(())
+}

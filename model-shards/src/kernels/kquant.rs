@@ -1,0 +1,401 @@
+//! K-quant weights (`Q4_K`, `Q5_K`, `Q6_K`) on the AVX-512 panel kernel.
+//!
+//! # Layouts (ggml, 256-value superblocks)
+//!
+//! | type   | bytes | layout                                                        | value `x_j`                   |
+//! |--------|-------|---------------------------------------------------------------|-------------------------------|
+//! | `Q4_K` | 144   | `f16 d`, `f16 dmin`, `[u8; 12]` 6-bit scales/mins, `[u8; 128]` | `d·sc_b · q_j − dmin·m_b`     |
+//! | `Q5_K` | 176   | as `Q4_K`, then `[u8; 32] qh` (bit 4), `[u8; 128]` nibbles    | `d·sc_b · q_j − dmin·m_b`     |
+//! | `Q6_K` | 210   | `[u8; 128] ql`, `[u8; 64] qh`, `[i8; 16]` scales, `f16 d`      | `d·sc_h · (q_j − 32)`         |
+//!
+//! `b` is the 32-value block of `j` (8 per superblock), `h` its 16-value half (16 per
+//! superblock). [`decode`] turns a superblock into its unsigned values and small scales.
+//!
+//! # Packing
+//!
+//! At load, every superblock is decoded and its rows packed into panels of [`PANEL`] weight
+//! rows as the legacy panel kernel packs them (`Q4_K` as nibbles: 4-value groups whose low
+//! nibbles are values `4g..4g+4` of a block and high nibbles values `16+4g..`; `Q5_K` and
+//! `Q6_K` a byte per value, 8 groups per block), with the scales and minimums as the file's
+//! 6- or 8-bit integers (one byte each per block, or per half for `Q6_K`) and `d` and `dmin`
+//! once per superblock as `f32`: 4.75 bits per value for `Q4_K` (the file has 4.5), 8.75 for
+//! `Q5_K` (5.5) and 8.63 for `Q6_K` (6.56), whose values take a byte each.
+//!
+//! # Numerics
+//!
+//! As in ggml, the activations are quantized per 256 values to 8 bits (`quantize_row_q8_K`:
+//! `d = max / −127` of the value of largest magnitude, kept as `f32`). Each block's integer dot
+//! product is exact, and `d·sc` is exact in `f32` (an `f16` times an integer below 2^8), so the
+//! result equals llama.cpp's up to float summation order.
+
+use std::arch::x86_64::*;
+
+use super::{Acts, PANEL, QK};
+
+/// Values per superblock.
+pub(super) const QK_K: usize = 256;
+/// 32-value blocks per superblock.
+const BLOCKS: usize = QK_K / QK;
+
+/// Format code of `Q4_K` weights.
+pub(super) const Q4_K: u8 = 5;
+/// Format code of `Q5_K` weights.
+pub(super) const Q5_K: u8 = 6;
+/// Format code of `Q6_K` weights.
+pub(super) const Q6_K: u8 = 7;
+
+/// Bytes of one superblock of format `f`.
+pub(super) const fn superblock_bytes(f: u8) -> usize {
+    match f {
+        Q4_K => 144,
+        Q5_K => 176,
+        _ => 210,
+    }
+}
+
+/// Whether `f` has a per-block minimum (`Q4_K`, `Q5_K`); `Q6_K` instead has an offset of 32.
+pub(super) const fn has_min(f: u8) -> bool {
+    f != Q6_K
+}
+
+/// Groups of 4 values stored per block.
+const fn groups(f: u8) -> usize {
+    if f == Q4_K { 4 } else { 8 }
+}
+
+/// Scales per block (`Q6_K` has one per 16-value half).
+const fn scales_per_block(f: u8) -> usize {
+    if f == Q6_K { 2 } else { 1 }
+}
+
+/// The offset subtracted from `Q6_K`'s unsigned values.
+pub(super) const Q6_K_OFFSET: i32 = 32;
+
+/// One superblock decoded: values (unsigned: `0..16`, `0..32` or `0..64`), scales (per block,
+/// or per half for `Q6_K`, as the file's bits: `Q6_K`'s are `i8`), minimums (per block), `d`,
+/// `dmin`.
+pub(super) struct Decoded {
+    pub(super) q: [u8; QK_K],
+    pub(super) sc: [u8; 16],
+    pub(super) mn: [u8; BLOCKS],
+    pub(super) d: f32,
+    pub(super) dmin: f32,
+}
+
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
+}
+
+/// ggml's `get_scale_min_k4`: 6-bit scale and minimum of block `j` from the 12 packed bytes.
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+    }
+}
+
+/// Decodes one superblock of format `f` (`blk` holds [`superblock_bytes`] bytes).
+pub(super) fn decode(f: u8, blk: &[u8]) -> Decoded {
+    let mut out = Decoded { q: [0; QK_K], sc: [0; 16], mn: [0; BLOCKS], d: 0.0, dmin: 0.0 };
+    if f == Q6_K {
+        let (ql, qh, sc) = (&blk[0..128], &blk[128..192], &blk[192..208]);
+        out.d = f16_at(blk, 208);
+        out.sc.copy_from_slice(sc);
+        for n in 0..2 {
+            let (ql, qh, q) = (&ql[64 * n..], &qh[32 * n..], &mut out.q[128 * n..]);
+            for l in 0..32 {
+                q[l] = (ql[l] & 0xF) | ((qh[l] & 3) << 4);
+                q[l + 32] = (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4);
+                q[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+                q[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+            }
+        }
+        return out;
+    }
+    out.d = f16_at(blk, 0);
+    out.dmin = f16_at(blk, 2);
+    let scales = &blk[4..16];
+    for b in 0..BLOCKS {
+        (out.sc[b], out.mn[b]) = scale_min_k4(b, scales);
+    }
+    let (qh, qs) = if f == Q5_K { (Some(&blk[16..48]), &blk[48..176]) } else { (None, &blk[16..144]) };
+    for j in 0..4 {
+        let qs = &qs[32 * j..32 * j + 32];
+        for l in 0..32 {
+            let (mut lo, mut hi) = (qs[l] & 0xF, qs[l] >> 4);
+            if let Some(qh) = qh {
+                lo |= ((qh[l] >> (2 * j)) & 1) << 4;
+                hi |= ((qh[l] >> (2 * j + 1)) & 1) << 4;
+            }
+            out.q[64 * j + l] = lo;
+            out.q[64 * j + 32 + l] = hi;
+        }
+    }
+    out
+}
+
+/// K-quant weights packed into panels (see the module docs). For panel `p`, block `b` (of
+/// `nb` per row), group `g` and row `r`: values at `qs[((p*nb + b)*G + g)*PANEL + r]`, scales
+/// at `sc[((p*nb + b)*S + s)*PANEL + r]`, minimums at `mn[(p*nb + b)*PANEL + r]`; for
+/// superblock `u`, `d` and `−dmin` at `(p*nb/8 + u)*PANEL + r`. Missing rows are zeros.
+pub(super) struct KPacked {
+    pub(super) qs: Vec<u32>,
+    pub(super) sc: Vec<u8>,
+    pub(super) mn: Vec<u8>,
+    pub(super) d: Vec<f32>,
+    pub(super) dmin: Vec<f32>,
+}
+
+impl KPacked {
+    /// The panels of several packings of the same format and `k`, one after another.
+    pub(super) fn concat(parts: &[&KPacked]) -> KPacked {
+        KPacked {
+            qs: parts.iter().flat_map(|p| p.qs.iter().copied()).collect(),
+            sc: parts.iter().flat_map(|p| p.sc.iter().copied()).collect(),
+            mn: parts.iter().flat_map(|p| p.mn.iter().copied()).collect(),
+            d: parts.iter().flat_map(|p| p.d.iter().copied()).collect(),
+            dmin: parts.iter().flat_map(|p| p.dmin.iter().copied()).collect(),
+        }
+    }
+}
+
+/// Packs `n` rows of `nsb` superblocks of format `F` (`w` holds exactly that many bytes).
+pub(super) fn prepack<const F: u8>(w: &[u8], n: usize, nsb: usize) -> KPacked {
+    let (g_n, s_n, nb) = (groups(F), scales_per_block(F), nsb * BLOCKS);
+    let panels = n.div_ceil(PANEL);
+    let mut p = KPacked {
+        qs: vec![0; panels * nb * g_n * PANEL],
+        sc: vec![0; panels * nb * s_n * PANEL],
+        mn: if has_min(F) { vec![0; panels * nb * PANEL] } else { Vec::new() },
+        d: vec![0.0; panels * nsb * PANEL],
+        dmin: if has_min(F) { vec![0.0; panels * nsb * PANEL] } else { Vec::new() },
+    };
+    let sbb = superblock_bytes(F);
+    for r in 0..n {
+        let (pi, rr) = (r / PANEL, r % PANEL);
+        for u in 0..nsb {
+            let at = (r * nsb + u) * sbb;
+            let dec = decode(F, &w[at..at + sbb]);
+            p.d[(pi * nsb + u) * PANEL + rr] = dec.d;
+            if has_min(F) {
+                p.dmin[(pi * nsb + u) * PANEL + rr] = -dec.dmin;
+            }
+            for bl in 0..BLOCKS {
+                let b = u * BLOCKS + bl;
+                let q = &dec.q[bl * QK..(bl + 1) * QK];
+                for g in 0..g_n {
+                    let bytes: [u8; 4] = if F == Q4_K {
+                        std::array::from_fn(|i| q[4 * g + i] | (q[16 + 4 * g + i] << 4))
+                    } else {
+                        std::array::from_fn(|i| q[4 * g + i])
+                    };
+                    p.qs[((pi * nb + b) * g_n + g) * PANEL + rr] = u32::from_le_bytes(bytes);
+                }
+                for s in 0..s_n {
+                    p.sc[((pi * nb + b) * s_n + s) * PANEL + rr] = dec.sc[bl * s_n + s];
+                }
+                if has_min(F) {
+                    p.mn[(pi * nb + b) * PANEL + rr] = dec.mn[bl];
+                }
+            }
+        }
+    }
+    p
+}
+
+/// Activation rows per one-panel tile.
+const PANEL_T: usize = 8;
+/// Activation rows per two-panel tile.
+const PAIR_T: usize = 4;
+
+/// Panel `pi` of `p` (rows `0..rows` of it) against all `m` activation rows, into
+/// `dst[t*ldd + r]`; with `pair`, panels `pi` (whole) and `pi + 1` (rows `0..rows`) together,
+/// each column with the arithmetic it has alone.
+///
+/// # Safety
+/// `p` must be packed in format `F` for `acts.nb` blocks with the panels used; `acts` must
+/// hold `m` rows quantized per superblock (with the `Q6_K` corrections per half, or the block
+/// sums for minimums) and `dst` be writable at those columns for `t < m`; the CPU must support
+/// AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn panels<const F: u8>(
+    p: &KPacked,
+    pi: usize,
+    pair: bool,
+    rows: usize,
+    acts: Acts,
+    m: usize,
+    dst: *mut f32,
+    ldd: usize,
+) {
+    // SAFETY: forwarded contract.
+    unsafe {
+        let mut t0 = 0;
+        while t0 < m {
+            let (a, out) = (acts.row(t0), dst.add(t0 * ldd));
+            if pair {
+                match m - t0 {
+                    1 => tile::<F, 1, 2>(p, pi, a, out, ldd, rows),
+                    2 => tile::<F, 2, 2>(p, pi, a, out, ldd, rows),
+                    3 => tile::<F, 3, 2>(p, pi, a, out, ldd, rows),
+                    _ => tile::<F, PAIR_T, 2>(p, pi, a, out, ldd, rows),
+                }
+                t0 += PAIR_T;
+            } else {
+                match m - t0 {
+                    1 => tile::<F, 1, 1>(p, pi, a, out, ldd, rows),
+                    2 => tile::<F, 2, 1>(p, pi, a, out, ldd, rows),
+                    3 => tile::<F, 3, 1>(p, pi, a, out, ldd, rows),
+                    4 => tile::<F, 4, 1>(p, pi, a, out, ldd, rows),
+                    5 => tile::<F, 5, 1>(p, pi, a, out, ldd, rows),
+                    6 => tile::<F, 6, 1>(p, pi, a, out, ldd, rows),
+                    7 => tile::<F, 7, 1>(p, pi, a, out, ldd, rows),
+                    _ => tile::<F, PANEL_T, 1>(p, pi, a, out, ldd, rows),
+                }
+                t0 += PANEL_T;
+            }
+        }
+    }
+}
+
+/// 16 small integer scales at `p` widened to `f32` (`Q6_K`'s are signed).
+#[inline(always)]
+unsafe fn scales16<const SIGNED: bool>(p: *const u8) -> __m512 {
+    // SAFETY: the caller guarantees 16 readable bytes.
+    unsafe {
+        let v = _mm_loadu_si128(p.cast());
+        _mm512_cvtepi32_ps(if SIGNED { _mm512_cvtepi8_epi32(v) } else { _mm512_cvtepu8_epi32(v) })
+    }
+}
+
+/// `T` activation rows against `P` consecutive panels from `pi`; the last panel's columns
+/// `0..rows`, the others whole.
+///
+/// # Safety
+/// As [`panels`], for `T` rows and `P` panels.
+#[inline(always)]
+unsafe fn tile<const F: u8, const T: usize, const P: usize>(
+    p: &KPacked,
+    pi: usize,
+    a: Acts,
+    dst: *mut f32,
+    ldd: usize,
+    rows: usize,
+) {
+    let nb = a.nb;
+    let nsb = nb / BLOCKS;
+    let (g_n, s_n) = (groups(F), scales_per_block(F));
+    // SAFETY: as documented; all reads are within the panels and the `T` activation rows.
+    unsafe {
+        let qs: [*const u32; P] = std::array::from_fn(|j| p.qs.as_ptr().add((pi + j) * nb * g_n * PANEL));
+        let sc: [*const u8; P] = std::array::from_fn(|j| p.sc.as_ptr().add((pi + j) * nb * s_n * PANEL));
+        let mn: [*const u8; P] =
+            if has_min(F) { std::array::from_fn(|j| p.mn.as_ptr().add((pi + j) * nb * PANEL)) } else { sc };
+        let dd: [*const f32; P] = std::array::from_fn(|j| p.d.as_ptr().add((pi + j) * nsb * PANEL));
+        let dm: [*const f32; P] = if has_min(F) {
+            std::array::from_fn(|j| p.dmin.as_ptr().add((pi + j) * nsb * PANEL))
+        } else {
+            dd
+        };
+        let low = _mm512_set1_epi8(0x0F);
+        let mut acc = [[_mm512_setzero_ps(); T]; P];
+        for u in 0..nsb {
+            let dsup: [__m512; P] = std::array::from_fn(|j| _mm512_loadu_ps(dd[j].add(u * PANEL)));
+            let dmin: [__m512; P] = std::array::from_fn(|j| _mm512_loadu_ps(dm[j].add(u * PANEL)));
+            for b in u * BLOCKS..(u + 1) * BLOCKS {
+                // Two integer sums per row and panel: nibble halves (`Q4_K`), or the block's
+                // 16-value halves (`Q5_K`, `Q6_K`, whose halves have their own scales).
+                let mut i0 = [[_mm512_setzero_si512(); T]; P];
+                let mut i1 = [[_mm512_setzero_si512(); T]; P];
+                if F == Q6_K {
+                    for t in 0..T {
+                        let c0 = _mm512_set1_epi32(*a.corr.add(t * a.corr_row + 2 * b));
+                        let c1 = _mm512_set1_epi32(*a.corr.add(t * a.corr_row + 2 * b + 1));
+                        for j in 0..P {
+                            i0[j][t] = c0;
+                            i1[j][t] = c1;
+                        }
+                    }
+                }
+                // The panels stream from memory once per call: fetch 4 blocks ahead.
+                for q in qs {
+                    let ahead = q.wrapping_add((b + 4) * g_n * PANEL).cast::<i8>();
+                    for line in 0..g_n {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
+                    }
+                }
+                if F == Q4_K {
+                    for g in 0..4 {
+                        let raw: [__m512i; P] = std::array::from_fn(|j| {
+                            _mm512_loadu_si512(qs[j].add((b * 4 + g) * PANEL).cast())
+                        });
+                        let lo: [__m512i; P] = std::array::from_fn(|j| _mm512_and_si512(raw[j], low));
+                        let hi: [__m512i; P] =
+                            std::array::from_fn(|j| _mm512_and_si512(_mm512_srli_epi16(raw[j], 4), low));
+                        for t in 0..T {
+                            let row = a.qs.add(t * a.k + b * QK);
+                            let a_lo = _mm512_set1_epi32(row.add(4 * g).cast::<i32>().read_unaligned());
+                            let a_hi = _mm512_set1_epi32(row.add(16 + 4 * g).cast::<i32>().read_unaligned());
+                            for j in 0..P {
+                                i0[j][t] = _mm512_dpbusd_epi32(i0[j][t], lo[j], a_lo);
+                                i1[j][t] = _mm512_dpbusd_epi32(i1[j][t], hi[j], a_hi);
+                            }
+                        }
+                    }
+                } else {
+                    for g in 0..8 {
+                        let wv: [__m512i; P] = std::array::from_fn(|j| {
+                            _mm512_loadu_si512(qs[j].add((b * 8 + g) * PANEL).cast())
+                        });
+                        for t in 0..T {
+                            let av = a.qs.add(t * a.k + b * QK + 4 * g).cast::<i32>().read_unaligned();
+                            let av = _mm512_set1_epi32(av);
+                            for j in 0..P {
+                                if g < 4 {
+                                    i0[j][t] = _mm512_dpbusd_epi32(i0[j][t], wv[j], av);
+                                } else {
+                                    i1[j][t] = _mm512_dpbusd_epi32(i1[j][t], wv[j], av);
+                                }
+                            }
+                        }
+                    }
+                }
+                for j in 0..P {
+                    if F == Q6_K {
+                        let s = sc[j].add(b * 2 * PANEL);
+                        let dw0 = _mm512_mul_ps(dsup[j], scales16::<true>(s));
+                        let dw1 = _mm512_mul_ps(dsup[j], scales16::<true>(s.add(PANEL)));
+                        for t in 0..T {
+                            let da = _mm512_set1_ps(*a.d.add(t * a.nb + b));
+                            let acc = &mut acc[j][t];
+                            *acc =
+                                _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0[j][t]), _mm512_mul_ps(dw0, da), *acc);
+                            *acc =
+                                _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1[j][t]), _mm512_mul_ps(dw1, da), *acc);
+                        }
+                    } else {
+                        let dw = _mm512_mul_ps(dsup[j], scales16::<false>(sc[j].add(b * PANEL)));
+                        let mw = _mm512_mul_ps(dmin[j], scales16::<false>(mn[j].add(b * PANEL)));
+                        for t in 0..T {
+                            let da = _mm512_set1_ps(*a.d.add(t * a.nb + b));
+                            let isum = _mm512_add_epi32(i0[j][t], i1[j][t]);
+                            let acc = &mut acc[j][t];
+                            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, da), *acc);
+                            let s = _mm512_set1_ps(*a.s8.add(t * a.nb + b) * 8.0);
+                            *acc = _mm512_fmadd_ps(mw, s, *acc);
+                        }
+                    }
+                }
+            }
+        }
+        for (j, acc) in acc.iter().enumerate() {
+            let cols = if j + 1 == P { rows } else { PANEL };
+            let mask: __mmask16 = if cols >= PANEL { !0 } else { (1u16 << cols) - 1 };
+            for (t, acc) in acc.iter().enumerate() {
+                _mm512_mask_storeu_ps(dst.add(j * PANEL + t * ldd), mask, *acc);
+            }
+        }
+    }
+}
