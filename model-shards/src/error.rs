@@ -24,7 +24,9 @@ pub enum Error {
         reason: String,
     },
     /// The model's architecture is not one shoal implements.
-    #[error("unsupported architecture `{0}` (supported: llama, mistral, qwen2, qwen3, gemma3, gemma2, phi3)")]
+    #[error(
+        "unsupported architecture `{0}` (supported: llama, mistral, qwen2, qwen3, qwen3moe, gemma3, gemma2, phi3; Mixtral as llama)"
+    )]
     UnsupportedArchitecture(String),
     /// A key the model needs is missing from its configuration or metadata.
     #[error("model configuration is missing `{key}`")]

@@ -31,6 +31,7 @@ mod linear;
 mod llama;
 pub mod manifest;
 mod model;
+mod moe;
 mod rope;
 pub mod sampler;
 mod shard;

@@ -1,8 +1,9 @@
-//! The Llama-family transformer block (llama, mistral, qwen2, qwen3).
+//! The Llama-family transformer block (llama, mistral, qwen2, qwen3, qwen3moe, phi3).
 //!
 //! The families differ only by flags of the [`ModelSpec`]: bias on q/k/v (qwen2), RMSNorm of q
 //! and k per head (qwen3), sliding-window attention (mistral), the rope pairing and Llama 3
-//! frequency scaling. Weight names follow the source format (see [`crate::weights`]).
+//! frequency scaling, and a mixture-of-experts feed-forward (Mixtral, Qwen3-MoE: see
+//! [`crate::moe`]). Weight names follow the source format (see [`crate::weights`]).
 
 use candle_core::{DType, Device, Tensor};
 
@@ -33,14 +34,14 @@ impl RmsNorm {
 
 /// Projections that read the same input: separate, or stacked into one product (see
 /// [`Linear::stacked`]) whose output columns are theirs side by side.
-enum Projections {
+pub(crate) enum Projections {
     Separate(Vec<Linear>),
     Stacked(Linear),
 }
 
 impl Projections {
     /// `parts` stacked when they can be.
-    fn new(parts: Vec<Linear>) -> Self {
+    pub(crate) fn new(parts: Vec<Linear>) -> Self {
         match Linear::stacked(parts) {
             Ok(l) => Self::Stacked(l),
             Err(parts) => Self::Separate(parts),
@@ -48,7 +49,7 @@ impl Projections {
     }
 
     /// Each projection of the rows of `x` (`(t, in)`), `widths` its output sizes.
-    fn apply(
+    pub(crate) fn apply(
         &self,
         x: &Tensor,
         widths: &[usize],
@@ -302,7 +303,7 @@ impl Mlp {
 /// `silu(g) · u`. On the CPU in f32 one vectorized pass on the host (the sigmoid from the
 /// sampler's deterministic [`det_exp`], the same bits on every instruction set); elsewhere
 /// candle's ops.
-fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+pub(crate) fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     if !(g.device().is_cpu() && g.dtype() == DType::F32 && u.dtype() == DType::F32 && g.dims() == u.dims()) {
         return Ok((candle_nn::ops::silu(g)? * u)?);
     }
@@ -350,12 +351,36 @@ fn swiglu_rows(g: &[f32], u: &[f32], out: &mut [f32]) {
     body(g, u, out)
 }
 
+/// A block's feed-forward: dense, or a mixture of experts.
+pub(crate) enum Ffn {
+    Dense(Mlp),
+    Moe(crate::moe::Moe),
+}
+
+impl Ffn {
+    fn load(w: &Weights, i: usize, spec: &ModelSpec, device: &Device, dtype: DType) -> Result<Self> {
+        Ok(match spec.moe {
+            Some(moe) => Self::Moe(crate::moe::Moe::load(w, i, spec, moe, device)?),
+            None => Self::Dense(Mlp::load(w, i, spec, device, dtype, Gate::Silu)?),
+        })
+    }
+
+    /// With `rows`, each row gets exactly the bits it gets alone.
+    fn forward(&self, x: &Tensor, rows: bool) -> Result<Tensor> {
+        match self {
+            Self::Dense(m) if rows => m.forward_rows(x),
+            Self::Dense(m) => m.forward(x),
+            Self::Moe(m) => m.forward(x, rows),
+        }
+    }
+}
+
 /// One transformer block.
 pub(crate) struct Block {
     attn_norm: RmsNorm,
     attn: Attention,
     ffn_norm: RmsNorm,
-    mlp: Mlp,
+    mlp: Ffn,
 }
 
 impl Block {
@@ -372,7 +397,7 @@ impl Block {
             attn_norm: norm(L::AttnNorm)?,
             attn: Attention::load(w, i, spec, device, dtype)?,
             ffn_norm: norm(L::FfnNorm)?,
-            mlp: Mlp::load(w, i, spec, device, dtype, Gate::Silu)?,
+            mlp: Ffn::load(w, i, spec, device, dtype)?,
         })
     }
 
@@ -389,7 +414,7 @@ impl Block {
         let h = self.attn.forward(&self.attn_norm.forward(x)?, layer, cache, rope, rows)?;
         let x = (x + h)?;
         let h = self.ffn_norm.forward(&x)?;
-        let h = if rows { self.mlp.forward_rows(&h)? } else { self.mlp.forward(&h)? };
+        let h = self.mlp.forward(&h, rows)?;
         Ok((x + h)?)
     }
 
@@ -403,7 +428,7 @@ impl Block {
     ) -> Result<Tensor> {
         let h = self.attn.forward_batch(&self.attn_norm.forward(x)?, layer, caches, rope)?;
         let x = (x + h)?;
-        let h = self.mlp.forward_rows(&self.ffn_norm.forward(&x)?)?;
+        let h = self.mlp.forward(&self.ffn_norm.forward(&x)?, true)?;
         Ok((x + h)?)
     }
 }

@@ -78,6 +78,7 @@ impl Block {
             | Architecture::Mistral
             | Architecture::Qwen2
             | Architecture::Qwen3
+            | Architecture::Qwen3Moe
             | Architecture::Phi3 => Self::Llama(crate::llama::Block::load(w, i, spec, device, dtype)?),
         })
     }

@@ -35,6 +35,9 @@ pub enum Architecture {
     Gemma2,
     /// Phi-3: q, k and v fused in one projection, gate and up fused in another.
     Phi3,
+    /// Qwen3-MoE: Qwen3's attention with a mixture-of-experts feed-forward (see
+    /// [`MoeSpec`]). Mixtral is a `Llama` with one.
+    Qwen3Moe,
 }
 
 impl Architecture {
@@ -48,6 +51,7 @@ impl Architecture {
             "gemma3" => Ok(Self::Gemma3),
             "gemma2" => Ok(Self::Gemma2),
             "phi3" => Ok(Self::Phi3),
+            "qwen3moe" => Ok(Self::Qwen3Moe),
             other => Err(Error::UnsupportedArchitecture(other.to_string())),
         }
     }
@@ -62,6 +66,7 @@ impl Architecture {
             Self::Gemma3 => "gemma3",
             Self::Gemma2 => "gemma2",
             Self::Phi3 => "phi3",
+            Self::Qwen3Moe => "qwen3moe",
         }
     }
 }
@@ -87,6 +92,21 @@ pub struct Llama3RopeScaling {
     /// Context length the model was pre-trained with.
     pub original_max_position_embeddings: usize,
 }
+
+/// A mixture-of-experts feed-forward: each token runs `n_experts_used` of `n_experts` experts
+/// (SwiGLU feed-forwards of `expert_intermediate_size`), chosen by a router.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MoeSpec {
+    /// Experts per layer.
+    pub n_experts: usize,
+    /// Experts each token runs (top-k).
+    pub n_experts_used: usize,
+    /// Intermediate size of one expert.
+    pub expert_intermediate_size: usize,
+}
+
+/// Most experts per layer accepted from a file (the largest published models have 384).
+pub const MAX_EXPERTS: usize = 4096;
 
 /// The validated runtime description of a model: everything needed to build and run any span.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -150,6 +170,9 @@ pub struct ModelSpec {
     /// Gemma 2 (and Gemma 3 files that set it): logits become `cap · tanh(logit / cap)`.
     #[serde(default)]
     pub final_logit_softcap: Option<f32>,
+    /// A mixture-of-experts feed-forward in every layer (Mixtral, Qwen3-MoE); `None`: dense.
+    #[serde(default)]
+    pub moe: Option<MoeSpec>,
 }
 
 impl ModelSpec {
@@ -185,6 +208,23 @@ impl ModelSpec {
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
             return bad("rope_theta", format!("{} is not a positive number", self.rope_theta));
         }
+        if let Some(m) = &self.moe {
+            if m.n_experts == 0 || m.n_experts > MAX_EXPERTS {
+                return bad(
+                    "expert_count",
+                    format!("{} experts (1 to {MAX_EXPERTS} are accepted)", m.n_experts),
+                );
+            }
+            if m.n_experts_used == 0 || m.n_experts_used > m.n_experts {
+                return bad(
+                    "expert_used_count",
+                    format!("{} experts used per token of {}", m.n_experts_used, m.n_experts),
+                );
+            }
+            if m.expert_intermediate_size == 0 {
+                return bad("expert_feed_forward_length", "must be positive".into());
+            }
+        }
         if let Some(s) = &self.rope_scaling
             && (!(s.factor > 0.0 && s.low_freq_factor > 0.0 && s.high_freq_factor > s.low_freq_factor)
                 || s.original_max_position_embeddings == 0)
@@ -211,7 +251,10 @@ impl ModelSpec {
     /// Builds the spec from a Hugging Face `config.json`.
     pub fn from_hf_config(cfg: &HfConfig) -> Result<Self> {
         let arch = Architecture::from_name(&cfg.model_type)?;
-        if matches!(arch, Architecture::Gemma3 | Architecture::Gemma2 | Architecture::Phi3) {
+        if matches!(
+            arch,
+            Architecture::Gemma3 | Architecture::Gemma2 | Architecture::Phi3 | Architecture::Qwen3Moe
+        ) {
             return Err(Error::UnsupportedArchitecture(format!(
                 "{} from safetensors (it is supported from GGUF files)",
                 arch.name()
@@ -301,6 +344,7 @@ impl ModelSpec {
             query_scale: None,
             attn_logit_softcap: None,
             final_logit_softcap: None,
+            moe: None,
         };
         spec.validate()?;
         Ok(spec)
@@ -333,10 +377,39 @@ impl ModelSpec {
                 None => return Err(Error::MissingConfig { key: key("vocab_size") }),
             },
         };
+        let moe = match opt_usize(md, &key("expert_count"))?.filter(|&e| e > 0) {
+            None if arch == Architecture::Qwen3Moe => {
+                return Err(Error::MissingConfig { key: key("expert_count") });
+            }
+            None => None,
+            Some(n_experts) => {
+                if !matches!(arch, Architecture::Llama | Architecture::Mistral | Architecture::Qwen3Moe) {
+                    return Err(Error::UnsupportedArchitecture(format!(
+                        "{arch_name} with a mixture of experts (supported: Mixtral as llama, qwen3moe)"
+                    )));
+                }
+                if has("blk.0.ffn_gate_shexp.weight") || has("blk.0.ffn_up_shexp.weight") {
+                    return Err(Error::UnsupportedArchitecture(format!(
+                        "{arch_name} with shared experts (supported: Mixtral as llama, qwen3moe)"
+                    )));
+                }
+                let used = get_usize(md, &key("expert_used_count"))?;
+                let ffn = match opt_usize(md, &key("expert_feed_forward_length"))? {
+                    Some(f) => f,
+                    None => get_usize(md, &key("feed_forward_length"))?,
+                };
+                Some(MoeSpec { n_experts, n_experts_used: used, expert_intermediate_size: ffn })
+            }
+        };
+        let intermediate_size = match (opt_usize(md, &key("feed_forward_length"))?, &moe) {
+            (Some(f), _) => f,
+            (None, Some(m)) => m.expert_intermediate_size,
+            (None, None) => return Err(Error::MissingConfig { key: key("feed_forward_length") }),
+        };
         let spec = Self {
             arch,
             hidden_size,
-            intermediate_size: get_usize(md, &key("feed_forward_length"))?,
+            intermediate_size,
             n_layers: get_usize(md, &key("block_count"))?,
             n_heads,
             n_kv_heads: opt_usize(md, &key("attention.head_count_kv"))?.unwrap_or(n_heads),
@@ -352,7 +425,8 @@ impl ModelSpec {
                 | Architecture::Qwen3
                 | Architecture::Gemma3
                 | Architecture::Gemma2
-                | Architecture::Phi3 => RopeStyle::HalfSplit,
+                | Architecture::Phi3
+                | Architecture::Qwen3Moe => RopeStyle::HalfSplit,
             },
             // GGUF stores Llama 3 scaling as precomputed `rope_freqs.weight` factors instead.
             rope_scaling: None,
@@ -367,6 +441,7 @@ impl ModelSpec {
             query_scale: None,
             attn_logit_softcap: None,
             final_logit_softcap: None,
+            moe,
         };
         let spec = match arch {
             Architecture::Gemma3 | Architecture::Gemma2 => Self::gemma_from_gguf(spec, md, arch_name)?,

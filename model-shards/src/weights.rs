@@ -38,6 +38,14 @@ pub(crate) enum LayerWeight {
     Gate,
     Up,
     Down,
+    /// Mixture of experts: the router, `[experts, hidden]`.
+    Router,
+    /// Mixture of experts: every expert's gate, `[experts, ffn, hidden]`.
+    GateExps,
+    /// Mixture of experts: every expert's up projection, `[experts, ffn, hidden]`.
+    UpExps,
+    /// Mixture of experts: every expert's down projection, `[experts, hidden, ffn]`.
+    DownExps,
 }
 
 /// A tensor of the model, named independently of the file format.
@@ -78,6 +86,10 @@ impl WeightName {
                     L::Gate => "ffn_gate.weight",
                     L::Up => "ffn_up.weight",
                     L::Down => "ffn_down.weight",
+                    L::Router => "ffn_gate_inp.weight",
+                    L::GateExps => "ffn_gate_exps.weight",
+                    L::UpExps => "ffn_up_exps.weight",
+                    L::DownExps => "ffn_down_exps.weight",
                 };
                 format!("blk.{i}.{s}")
             }
@@ -112,6 +124,12 @@ impl WeightName {
                     L::Gate => "mlp.gate_proj.weight",
                     L::Up => "mlp.up_proj.weight",
                     L::Down => "mlp.down_proj.weight",
+                    // Mixture-of-experts models load from GGUF only (the spec refuses them
+                    // from safetensors); these name the stacked tensors for error messages.
+                    L::Router => "mlp.gate.weight",
+                    L::GateExps => "mlp.experts.gate_proj.weight",
+                    L::UpExps => "mlp.experts.up_proj.weight",
+                    L::DownExps => "mlp.experts.down_proj.weight",
                 };
                 format!("model.layers.{i}.{s}")
             }
