@@ -1,7 +1,8 @@
 //! llama-bench style throughput of the engine on SmolLM2-135M Q4_1 (or the GGUF named by
 //! `SHOAL_BENCH_MODEL`): `pp512` (prefill of a 512-token prompt) and `tg128` (128 tokens
 //! decoded one at a time from an empty context), median of several repetitions, printed as one
-//! JSON line. Threads follow `SHOAL_THREADS` (default: all cores). `benches/compare_llama_cpp.sh` runs this and llama.cpp back to back
+//! JSON line, with the resident memory once the model is loaded and at its peak (Linux).
+//! Threads follow `SHOAL_THREADS` (default: all cores). `benches/compare_llama_cpp.sh` runs this and llama.cpp back to back
 //! and prints the ratios.
 //!
 //! `cargo bench --bench speed`
@@ -33,6 +34,7 @@ fn main() {
     let n = model.spec().n_layers;
     let shard = Shard::load(&model, 0..n, &Device::Cpu, DType::F32).expect("load model");
     let prompt: Vec<u32> = (0..512u32).map(|i| 100 + (i * 7919) % 40000).collect();
+    let loaded_rss = rss_mib();
 
     // Warm-up: first touches of weights and thread pools.
     let mut cache = shard.new_cache(1024);
@@ -55,8 +57,31 @@ fn main() {
         tg.push(128.0 / t.elapsed().as_secs_f64());
     }
     println!(
-        "{{\"engine\": \"shoal\", \"threads\": {threads}, \"pp512_tok_s\": {:.1}, \"tg128_tok_s\": {:.1}}}",
+        "{{\"engine\": \"shoal\", \"threads\": {threads}, \"pp512_tok_s\": {:.1}, \"tg128_tok_s\": {:.1}, \"loaded_rss_mib\": {:.1}, \"peak_rss_mib\": {:.1}}}",
         median(pp),
-        median(tg)
+        median(tg),
+        loaded_rss,
+        peak_rss_mib(),
     );
+}
+
+/// A `/proc/self/status` field in MiB (0 where there is none).
+fn status_mib(field: &str) -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Resident memory now, in MiB: the weights as loaded (packed), before any KV cache.
+fn rss_mib() -> f64 {
+    status_mib("VmRSS:")
+}
+
+/// Peak resident memory, in MiB: the load (a tensor read whole before it is packed or split)
+/// and the caches.
+fn peak_rss_mib() -> f64 {
+    status_mib("VmHWM:")
 }

@@ -14,12 +14,15 @@
 //! # Packing
 //!
 //! At load, every superblock is decoded and its rows packed into panels of [`PANEL`] weight
-//! rows as the legacy panel kernel packs them (`Q4_K` as nibbles: 4-value groups whose low
-//! nibbles are values `4g..4g+4` of a block and high nibbles values `16+4g..`; `Q5_K` and
-//! `Q6_K` a byte per value, 8 groups per block), with the scales and minimums as the file's
-//! 6- or 8-bit integers (one byte each per block, or per half for `Q6_K`) and `d` and `dmin`
-//! once per superblock as `f32`: 4.75 bits per value for `Q4_K` (the file has 4.5), 8.75 for
-//! `Q5_K` (5.5) and 8.63 for `Q6_K` (6.56), whose values take a byte each.
+//! rows as the legacy panel kernel packs `Q4_1`: the low 4 bits of each value as nibbles, in
+//! 4-value groups whose low nibbles are values `4g..4g+4` of a block and high nibbles values
+//! `16+4g..`. The bits above go to planes, one 32-bit word per block and row: for `Q5_K`,
+//! byte `i` holds bit 4 of values `4g+i` (bit `g`) and `16+4g+i` (bit `4+g`); for `Q6_K`,
+//! one plane per half, byte `i` holding bits 4-5 of value `4g+i` (or `16+4g+i`) at bits
+//! `2g..2g+2`. The kernel moves them into place with a shift and a mask per group. Scales
+//! and minimums stay the file's 6- or 8-bit integers (one byte each per block, or per half
+//! for `Q6_K`), `d` and `dmin` once per superblock as `f32`: 4.75 bits per value for `Q4_K`
+//! (the file has 4.5), 5.75 for `Q5_K` (5.5) and 6.63 for `Q6_K` (6.56).
 //!
 //! # Numerics
 //!
@@ -58,9 +61,17 @@ pub(super) const fn has_min(f: u8) -> bool {
     f != Q6_K
 }
 
-/// Groups of 4 values stored per block.
-const fn groups(f: u8) -> usize {
-    if f == Q4_K { 4 } else { 8 }
+/// Groups of 4 nibble pairs stored per block (every format keeps its low 4 bits as nibbles).
+const GROUPS: usize = 4;
+
+/// Planes of high bits per block: 0 for `Q4_K`, 1 for `Q5_K` (bit 4), 2 for `Q6_K` (bits
+/// 4 and 5 of the low and of the high half).
+const fn planes(f: u8) -> usize {
+    match f {
+        Q4_K => 0,
+        Q5_K => 1,
+        _ => 2,
+    }
 }
 
 /// Scales per block (`Q6_K` has one per 16-value half).
@@ -136,11 +147,13 @@ pub(super) fn decode(f: u8, blk: &[u8]) -> Decoded {
 }
 
 /// K-quant weights packed into panels (see the module docs). For panel `p`, block `b` (of
-/// `nb` per row), group `g` and row `r`: values at `qs[((p*nb + b)*G + g)*PANEL + r]`, scales
-/// at `sc[((p*nb + b)*S + s)*PANEL + r]`, minimums at `mn[(p*nb + b)*PANEL + r]`; for
-/// superblock `u`, `d` and `−dmin` at `(p*nb/8 + u)*PANEL + r`. Missing rows are zeros.
+/// `nb` per row), group `g` and row `r`: nibbles at `qs[((p*nb + b)*4 + g)*PANEL + r]`, high
+/// bit plane `h` at `qh[((p*nb + b)*H + h)*PANEL + r]`, scales at `sc[((p*nb + b)*S + s)*PANEL
+/// + r]`, minimums at `mn[(p*nb + b)*PANEL + r]`; for superblock `u`, `d` and `−dmin` at
+/// `(p*nb/8 + u)*PANEL + r`. Missing rows are zeros.
 pub(super) struct KPacked {
     pub(super) qs: Vec<u32>,
+    pub(super) qh: Vec<u32>,
     pub(super) sc: Vec<u8>,
     pub(super) mn: Vec<u8>,
     pub(super) d: Vec<f32>,
@@ -152,6 +165,7 @@ impl KPacked {
     pub(super) fn concat(parts: &[&KPacked]) -> KPacked {
         KPacked {
             qs: parts.iter().flat_map(|p| p.qs.iter().copied()).collect(),
+            qh: parts.iter().flat_map(|p| p.qh.iter().copied()).collect(),
             sc: parts.iter().flat_map(|p| p.sc.iter().copied()).collect(),
             mn: parts.iter().flat_map(|p| p.mn.iter().copied()).collect(),
             d: parts.iter().flat_map(|p| p.d.iter().copied()).collect(),
@@ -162,10 +176,11 @@ impl KPacked {
 
 /// Packs `n` rows of `nsb` superblocks of format `F` (`w` holds exactly that many bytes).
 pub(super) fn prepack<const F: u8>(w: &[u8], n: usize, nsb: usize) -> KPacked {
-    let (g_n, s_n, nb) = (groups(F), scales_per_block(F), nsb * BLOCKS);
+    let (h_n, s_n, nb) = (planes(F), scales_per_block(F), nsb * BLOCKS);
     let panels = n.div_ceil(PANEL);
     let mut p = KPacked {
-        qs: vec![0; panels * nb * g_n * PANEL],
+        qs: vec![0; panels * nb * GROUPS * PANEL],
+        qh: vec![0; panels * nb * h_n * PANEL],
         sc: vec![0; panels * nb * s_n * PANEL],
         mn: if has_min(F) { vec![0; panels * nb * PANEL] } else { Vec::new() },
         d: vec![0.0; panels * nsb * PANEL],
@@ -184,13 +199,22 @@ pub(super) fn prepack<const F: u8>(w: &[u8], n: usize, nsb: usize) -> KPacked {
             for bl in 0..BLOCKS {
                 let b = u * BLOCKS + bl;
                 let q = &dec.q[bl * QK..(bl + 1) * QK];
-                for g in 0..g_n {
-                    let bytes: [u8; 4] = if F == Q4_K {
-                        std::array::from_fn(|i| q[4 * g + i] | (q[16 + 4 * g + i] << 4))
-                    } else {
-                        std::array::from_fn(|i| q[4 * g + i])
-                    };
-                    p.qs[((pi * nb + b) * g_n + g) * PANEL + rr] = u32::from_le_bytes(bytes);
+                for g in 0..GROUPS {
+                    let bytes: [u8; 4] =
+                        std::array::from_fn(|i| (q[4 * g + i] & 0xF) | ((q[16 + 4 * g + i] & 0xF) << 4));
+                    p.qs[((pi * nb + b) * GROUPS + g) * PANEL + rr] = u32::from_le_bytes(bytes);
+                }
+                for h in 0..h_n {
+                    let bytes: [u8; 4] = std::array::from_fn(|i| {
+                        (0..GROUPS).fold(0u8, |acc, g| {
+                            if F == Q5_K {
+                                acc | ((q[4 * g + i] >> 4) << g) | ((q[16 + 4 * g + i] >> 4) << (4 + g))
+                            } else {
+                                acc | ((q[16 * h + 4 * g + i] >> 4) << (2 * g))
+                            }
+                        })
+                    });
+                    p.qh[((pi * nb + b) * h_n + h) * PANEL + rr] = u32::from_le_bytes(bytes);
                 }
                 for s in 0..s_n {
                     p.sc[((pi * nb + b) * s_n + s) * PANEL + rr] = dec.sc[bl * s_n + s];
@@ -260,6 +284,46 @@ pub(super) unsafe fn panels<const F: u8>(
     }
 }
 
+/// Group `g`'s nibbles `v` of the low (`HIGH == false`: values `4g..4g+4`) or high half of a
+/// block with their bits above 3 added from the block's `planes` (see the module docs).
+#[inline(always)]
+unsafe fn high_bits<const F: u8, const HIGH: bool>(v: __m512i, planes: [__m512i; 2], g: usize) -> __m512i {
+    // Shifts are on 16-bit lanes; each keeps the wanted bits within their byte, and the mask
+    // drops what crossed from the neighbouring byte.
+    // SAFETY: register operations only (the caller's target features).
+    unsafe {
+        match F {
+            Q5_K => {
+                // Bit `g` (low half) or `4 + g` (high half) of the byte to bit 4.
+                let h = planes[0];
+                let bit = match (HIGH, g) {
+                    (false, 0) => _mm512_slli_epi16::<4>(h),
+                    (false, 1) => _mm512_slli_epi16::<3>(h),
+                    (false, 2) => _mm512_slli_epi16::<2>(h),
+                    (false, _) => _mm512_slli_epi16::<1>(h),
+                    (true, 0) => h,
+                    (true, 1) => _mm512_srli_epi16::<1>(h),
+                    (true, 2) => _mm512_srli_epi16::<2>(h),
+                    (true, _) => _mm512_srli_epi16::<3>(h),
+                };
+                _mm512_or_si512(v, _mm512_and_si512(bit, _mm512_set1_epi8(0x10)))
+            }
+            Q6_K => {
+                // Bits `2g..2g+2` of the half's plane to bits 4-5.
+                let h = planes[usize::from(HIGH)];
+                let bits = match g {
+                    0 => _mm512_slli_epi16::<4>(h),
+                    1 => _mm512_slli_epi16::<2>(h),
+                    2 => h,
+                    _ => _mm512_srli_epi16::<2>(h),
+                };
+                _mm512_or_si512(v, _mm512_and_si512(bits, _mm512_set1_epi8(0x30)))
+            }
+            _ => v,
+        }
+    }
+}
+
 /// 16 small integer scales at `p` widened to `f32` (`Q6_K`'s are signed).
 #[inline(always)]
 unsafe fn scales16<const SIGNED: bool>(p: *const u8) -> __m512 {
@@ -286,10 +350,12 @@ unsafe fn tile<const F: u8, const T: usize, const P: usize>(
 ) {
     let nb = a.nb;
     let nsb = nb / BLOCKS;
-    let (g_n, s_n) = (groups(F), scales_per_block(F));
+    let (h_n, s_n) = (planes(F), scales_per_block(F));
     // SAFETY: as documented; all reads are within the panels and the `T` activation rows.
     unsafe {
-        let qs: [*const u32; P] = std::array::from_fn(|j| p.qs.as_ptr().add((pi + j) * nb * g_n * PANEL));
+        let qs: [*const u32; P] = std::array::from_fn(|j| p.qs.as_ptr().add((pi + j) * nb * GROUPS * PANEL));
+        let qh: [*const u32; P] =
+            std::array::from_fn(|j| p.qh.as_ptr().wrapping_add((pi + j) * nb * h_n * PANEL));
         let sc: [*const u8; P] = std::array::from_fn(|j| p.sc.as_ptr().add((pi + j) * nb * s_n * PANEL));
         let mn: [*const u8; P] =
             if has_min(F) { std::array::from_fn(|j| p.mn.as_ptr().add((pi + j) * nb * PANEL)) } else { sc };
@@ -320,45 +386,44 @@ unsafe fn tile<const F: u8, const T: usize, const P: usize>(
                     }
                 }
                 // The panels stream from memory once per call: fetch 4 blocks ahead.
-                for q in qs {
-                    let ahead = q.wrapping_add((b + 4) * g_n * PANEL).cast::<i8>();
-                    for line in 0..g_n {
+                for j in 0..P {
+                    let ahead = qs[j].wrapping_add((b + 4) * GROUPS * PANEL).cast::<i8>();
+                    for line in 0..GROUPS {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
+                    }
+                    let ahead = qh[j].wrapping_add((b + 4) * h_n * PANEL).cast::<i8>();
+                    for line in 0..h_n {
                         _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
                     }
                 }
-                if F == Q4_K {
-                    for g in 0..4 {
-                        let raw: [__m512i; P] = std::array::from_fn(|j| {
-                            _mm512_loadu_si512(qs[j].add((b * 4 + g) * PANEL).cast())
-                        });
-                        let lo: [__m512i; P] = std::array::from_fn(|j| _mm512_and_si512(raw[j], low));
-                        let hi: [__m512i; P] =
-                            std::array::from_fn(|j| _mm512_and_si512(_mm512_srli_epi16(raw[j], 4), low));
-                        for t in 0..T {
-                            let row = a.qs.add(t * a.k + b * QK);
-                            let a_lo = _mm512_set1_epi32(row.add(4 * g).cast::<i32>().read_unaligned());
-                            let a_hi = _mm512_set1_epi32(row.add(16 + 4 * g).cast::<i32>().read_unaligned());
-                            for j in 0..P {
-                                i0[j][t] = _mm512_dpbusd_epi32(i0[j][t], lo[j], a_lo);
-                                i1[j][t] = _mm512_dpbusd_epi32(i1[j][t], hi[j], a_hi);
-                            }
+                let planes: [[__m512i; 2]; P] = std::array::from_fn(|j| {
+                    std::array::from_fn(|h| {
+                        if h < h_n {
+                            _mm512_loadu_si512(qh[j].add((b * h_n + h) * PANEL).cast())
+                        } else {
+                            _mm512_setzero_si512()
                         }
-                    }
-                } else {
-                    for g in 0..8 {
-                        let wv: [__m512i; P] = std::array::from_fn(|j| {
-                            _mm512_loadu_si512(qs[j].add((b * 8 + g) * PANEL).cast())
-                        });
-                        for t in 0..T {
-                            let av = a.qs.add(t * a.k + b * QK + 4 * g).cast::<i32>().read_unaligned();
-                            let av = _mm512_set1_epi32(av);
-                            for j in 0..P {
-                                if g < 4 {
-                                    i0[j][t] = _mm512_dpbusd_epi32(i0[j][t], wv[j], av);
-                                } else {
-                                    i1[j][t] = _mm512_dpbusd_epi32(i1[j][t], wv[j], av);
-                                }
-                            }
+                    })
+                });
+                for g in 0..GROUPS {
+                    let raw: [__m512i; P] = std::array::from_fn(|j| {
+                        _mm512_loadu_si512(qs[j].add((b * GROUPS + g) * PANEL).cast())
+                    });
+                    let lo: [__m512i; P] = std::array::from_fn(|j| {
+                        let v = _mm512_and_si512(raw[j], low);
+                        high_bits::<F, false>(v, planes[j], g)
+                    });
+                    let hi: [__m512i; P] = std::array::from_fn(|j| {
+                        let v = _mm512_and_si512(_mm512_srli_epi16(raw[j], 4), low);
+                        high_bits::<F, true>(v, planes[j], g)
+                    });
+                    for t in 0..T {
+                        let row = a.qs.add(t * a.k + b * QK);
+                        let a_lo = _mm512_set1_epi32(row.add(4 * g).cast::<i32>().read_unaligned());
+                        let a_hi = _mm512_set1_epi32(row.add(16 + 4 * g).cast::<i32>().read_unaligned());
+                        for j in 0..P {
+                            i0[j][t] = _mm512_dpbusd_epi32(i0[j][t], lo[j], a_lo);
+                            i1[j][t] = _mm512_dpbusd_epi32(i1[j][t], hi[j], a_hi);
                         }
                     }
                 }
