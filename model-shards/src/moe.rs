@@ -130,7 +130,10 @@ impl Moe {
                 continue;
             }
             let idx: Vec<u32> = picks.iter().map(|&(tok, _)| tok as u32).collect();
-            let xs = x.index_select(&Tensor::new(idx.as_slice(), x.device())?, 0)?;
+            // Every row, in order (always so in decode): no gather.
+            let all = idx.len() == t && idx.iter().enumerate().all(|(i, &r)| i == r as usize);
+            let xs =
+                if all { x.clone() } else { x.index_select(&Tensor::new(idx.as_slice(), x.device())?, 0)? };
             let project = |l: &Linear, x: &Tensor| if rows { l.forward_rows(x) } else { l.forward(x) };
             let gu = expert.gate_up.apply(&xs, &[self.f, self.f], project)?;
             let y = project(&expert.down, &swiglu(&gu[0], &gu[1])?)?;

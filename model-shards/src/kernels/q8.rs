@@ -135,7 +135,7 @@ pub(super) fn quantize_row_k(x: &[f32], out: RowOut<'_>, offset: i32) {
         } else {
             let iscale = -127f32 / max;
             for (q, &v) in qs.iter_mut().zip(xs) {
-                *q = (iscale * v).round().clamp(-128.0, 127.0) as i8;
+                *q = round_half_away(iscale * v).clamp(-128, 127) as i8;
             }
             1.0 / iscale
         };
@@ -154,4 +154,14 @@ pub(super) fn quantize_row_k(x: &[f32], out: RowOut<'_>, offset: i32) {
             }
         }
     }
+}
+
+/// `x.round() as i32` (halves away from zero) for `|x| < 2^31`, in plain arithmetic that
+/// vectorizes (`f32::round` is a library call on baseline x86_64): the truncation and the
+/// fraction `x - trunc(x)` are exact.
+#[inline(always)]
+fn round_half_away(x: f32) -> i32 {
+    let t = x as i32;
+    let frac = x - t as f32;
+    t + (frac >= 0.5) as i32 - (frac <= -0.5) as i32
 }

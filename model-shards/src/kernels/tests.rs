@@ -203,6 +203,42 @@ fn activation_quantization_matches_candle() -> TestResult {
     Ok(())
 }
 
+/// Per-superblock activation quantization for the K-quants is candle's `BlockQ8K` (ggml's
+/// `quantize_row_q8_K`) bit for bit: the same values and scale, halves rounded away from
+/// zero, an all-zero superblock, the sums of each half.
+#[test]
+fn k_activation_quantization_matches_candle() -> TestResult {
+    let mut xs = values(256 * 6, 11);
+    // exact ties of x · iscale at .5 (max 127 gives iscale -1 for a negative max), zeros
+    for (j, x) in xs[..256].iter_mut().enumerate() {
+        *x = (j % 200) as f32 - 100.5;
+    }
+    xs[0] = -127.0;
+    xs[256..512].fill(0.0);
+    let bytes = candle_q8(&xs, GgmlDType::Q8K)?;
+    let nb = xs.len() / 32;
+    let (mut qs, mut d, mut s8, mut corr) =
+        (vec![0i8; xs.len()], vec![0f32; nb], vec![0f32; nb], vec![0; 2 * nb]);
+    let out = q8::RowOut { qs: &mut qs, d: &mut d, s8: Some(&mut s8), corr: Some(&mut corr) };
+    q8::quantize_row_k(&xs, out, 32);
+    // candle's `BlockQ8K`: `f32 d`, `[i8; 256] qs`, `[i16; 16] bsums`.
+    for (u, blk) in bytes.chunks_exact(4 + 256 + 32).enumerate() {
+        let dd = f32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]]);
+        let want: Vec<i8> = blk[4..260].iter().map(|&q| q as i8).collect();
+        assert_eq!(want, qs[u * 256..(u + 1) * 256], "superblock {u} qs");
+        for b in 0..8 {
+            assert_eq!(d[u * 8 + b].to_bits(), dd.to_bits(), "superblock {u} d");
+            let half = |h: usize| {
+                i16::from_le_bytes([blk[260 + 2 * (2 * b + h)], blk[261 + 2 * (2 * b + h)]]) as i32
+            };
+            assert_eq!(corr[2 * (u * 8 + b)], -32 * half(0), "superblock {u} block {b}");
+            assert_eq!(corr[2 * (u * 8 + b) + 1], -32 * half(1), "superblock {u} block {b}");
+            assert_eq!(s8[u * 8 + b] * 8.0, (half(0) + half(1)) as f32 * dd, "superblock {u} block {b} s");
+        }
+    }
+    Ok(())
+}
+
 #[cfg(target_arch = "x86_64")]
 proptest! {
     #[test]
