@@ -119,31 +119,70 @@ pub(super) unsafe fn quantize_block_avx2(xs: *const f32, qs: *mut i8) -> (f32, i
 /// `s8`, `d · Σq / 8` of the block (unrounded, as ggml's K-quant dot products use integer block
 /// sums); with `corr`, `−offset · Σq` of each 16-value half (`k / 16` values).
 pub(super) fn quantize_row_k(x: &[f32], out: RowOut<'_>, offset: i32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::{Level, level};
+        /// # Safety
+        /// The CPU must support AVX-512 F/BW and AVX2.
+        #[target_feature(enable = "avx2,fma,avx512f,avx512bw")]
+        unsafe fn avx512(x: &[f32], out: RowOut<'_>, offset: i32) {
+            quantize_row_k_body(x, out, offset)
+        }
+        /// # Safety
+        /// The CPU must support AVX2 and FMA.
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(x: &[f32], out: RowOut<'_>, offset: i32) {
+            quantize_row_k_body(x, out, offset)
+        }
+        if level() >= Level::Avx512 {
+            // SAFETY: checked at run time just above.
+            return unsafe { avx512(x, out, offset) };
+        }
+        if level() >= Level::Avx2 {
+            // SAFETY: checked at run time just above.
+            return unsafe { avx2(x, out, offset) };
+        }
+    }
+    quantize_row_k_body(x, out, offset)
+}
+
+/// [`quantize_row_k`], written so that it vectorizes (every operation is exact or one IEEE
+/// rounding, so every instruction set gives the same bits).
+#[inline(always)]
+fn quantize_row_k_body(x: &[f32], out: RowOut<'_>, offset: i32) {
     const QK_K: usize = 256;
     let RowOut { qs, d, mut s8, mut corr } = out;
     for (u, (xs, qs)) in x.chunks_exact(QK_K).zip(qs.chunks_exact_mut(QK_K)).enumerate() {
-        let (mut max, mut amax) = (0f32, 0f32);
-        for &v in xs {
-            if amax < v.abs() {
-                amax = v.abs();
-                max = v;
+        // 16 running maxima (a chain per lane, so it vectorizes), then theirs: exact.
+        let mut lanes = [0f32; 16];
+        for c in xs.chunks_exact(16) {
+            for (l, &v) in lanes.iter_mut().zip(c) {
+                *l = l.max(v.abs());
             }
         }
+        let amax = lanes.iter().fold(0f32, |a, &l| a.max(l));
+        // The first value of largest magnitude, with its sign (ggml's `max`).
+        let max = xs.iter().copied().find(|v| v.abs() == amax).unwrap_or(0.0);
         let dd = if amax == 0.0 {
             qs.fill(0);
             0.0
         } else {
             let iscale = -127f32 / max;
             for (q, &v) in qs.iter_mut().zip(xs) {
-                *q = round_half_away(iscale * v).clamp(-128, 127) as i8;
+                *q = round_clamp_i8(iscale * v);
             }
             1.0 / iscale
         };
         for b in 0..QK_K / QK {
             let blk = u * (QK_K / QK) + b;
             d[blk] = dd;
-            let half =
-                |h: usize| qs[b * QK + 16 * h..b * QK + 16 * h + 16].iter().map(|&q| q as i32).sum::<i32>();
+            // (16 values of at most 128 in magnitude: the sum cannot overflow; wrapping adds
+            // keep the overflow checks of the dev profile out of the loop, so it vectorizes.)
+            let half = |h: usize| {
+                qs[b * QK + 16 * h..b * QK + 16 * h + 16]
+                    .iter()
+                    .fold(0i32, |a, &q| a.wrapping_add(i32::from(q)))
+            };
             let (h0, h1) = (half(0), half(1));
             if let Some(s8) = s8.as_deref_mut() {
                 s8[blk] = (h0 + h1) as f32 * dd * 0.125;
@@ -156,12 +195,15 @@ pub(super) fn quantize_row_k(x: &[f32], out: RowOut<'_>, offset: i32) {
     }
 }
 
-/// `x.round() as i32` (halves away from zero) for `|x| < 2^31`, in plain arithmetic that
-/// vectorizes (`f32::round` is a library call on baseline x86_64): the truncation and the
-/// fraction `x - trunc(x)` are exact.
+/// `x.round().clamp(-128, 127) as i8` (halves away from zero; NaN gives 0), in plain
+/// arithmetic that vectorizes (`f32::round` is a library call on baseline x86_64, and the
+/// saturating casts and overflow checks would keep the loop scalar): after clamping, the
+/// truncation and the fraction `x - trunc(x)` are exact.
 #[inline(always)]
-fn round_half_away(x: f32) -> i32 {
-    let t = x as i32;
+fn round_clamp_i8(x: f32) -> i8 {
+    let x = if x.is_nan() { 0.0 } else { x.clamp(-128.0, 127.0) };
+    // SAFETY: `x` is finite and within `-128.0..=127.0`, so it truncates to an `i32`.
+    let t = unsafe { x.to_int_unchecked::<i32>() };
     let frac = x - t as f32;
-    t + (frac >= 0.5) as i32 - (frac <= -0.5) as i32
+    t.wrapping_add(i32::from(frac >= 0.5)).wrapping_sub(i32::from(frac <= -0.5)) as i8
 }
