@@ -556,7 +556,7 @@ struct Acts {
     /// Per-block `-offset · Σq`; only valid when the kernels have a nonzero offset. For `Q6_K`
     /// one per 16-value half.
     corr: *const i32,
-    /// Entries of `corr` per row (`nb`, or `2 · nb` for `Q6_K`).
+    /// Entries of `corr` per row (`nb`, or `2 · nb` for `Q6_K`; 0 when there are none).
     corr_row: usize,
     /// Values per row.
     k: usize,
@@ -689,62 +689,41 @@ impl Scratch {
     /// Quantizes `m` rows of `k` values of `lhs` (`k` a nonzero multiple of 32) into the buffers.
     fn quantize(&mut self, lhs: &[f32], m: usize, k: usize, format: u8, kernels: &Kernels) -> Acts {
         let (offset, simd) = (kernels.offset, kernels.simd);
-        let nb = k / QK;
-        let with_s = has_min(format);
-        grow(&mut self.qs, m * k, 0);
-        grow(&mut self.d, m * nb, 0.0);
-        grow(&mut self.s8, if with_s { m * nb } else { 1 }, 0.0);
-        grow(&mut self.corr, if offset != 0 { m * nb } else { 1 }, 0);
-        let qs = DstPtr(self.qs.as_mut_ptr().cast());
-        let d = DstPtr(self.d.as_mut_ptr());
-        let s8 = DstPtr(self.s8.as_mut_ptr());
-        let corr = DstPtr(self.corr.as_mut_ptr().cast());
-        let acts = Acts {
-            qs: qs.0.cast_const().cast(),
-            d: d.0.cast_const(),
-            s8: s8.0.cast_const(),
-            corr: corr.0.cast_const().cast(),
-            corr_row: nb,
-            k,
-            nb,
-        };
-        let rows = |rows: std::ops::Range<usize>| {
-            for t in rows {
-                // SAFETY: the buffers hold `m` rows; each row is written by one worker only.
-                let out = unsafe {
-                    q8::RowOut {
-                        qs: std::slice::from_raw_parts_mut(qs.get().cast::<i8>().add(t * k), k),
-                        d: std::slice::from_raw_parts_mut(d.get().add(t * nb), nb),
-                        s8: with_s.then(|| std::slice::from_raw_parts_mut(s8.get().add(t * nb), nb)),
-                        corr: (offset != 0).then(|| {
-                            std::slice::from_raw_parts_mut(corr.get().cast::<i32>().add(t * nb), nb)
-                        }),
-                    }
-                };
-                q8::quantize_row(&lhs[t * k..(t + 1) * k], out, offset, simd);
-            }
-        };
-        if m > 1 && m * k >= 1 << 15 {
-            candle_core::utils::barrier_pool().execute_chunked(m, rows);
-        } else {
-            rows(0..m);
-        }
-        acts
+        let corr_row = if offset != 0 { k / QK } else { 0 };
+        self.quantize_rows(lhs, m, k, has_min(format), corr_row, &|x, out| {
+            q8::quantize_row(x, out, offset, simd)
+        })
     }
-}
 
-impl Scratch {
     /// Quantizes `m` rows of `k` values of `lhs` (`k` a nonzero multiple of 256) per superblock
     /// for K-quant weights of `format` (see `kquant`): the block sums for a minimum, the
     /// per-half corrections for `Q6_K`.
     #[cfg(target_arch = "x86_64")]
     fn quantize_k(&mut self, lhs: &[f32], m: usize, k: usize, format: u8) -> Acts {
-        let nb = k / QK;
         let with_s = kquant::has_min(format);
+        let corr_row = if with_s { 0 } else { 2 * k / QK };
+        self.quantize_rows(lhs, m, k, with_s, corr_row, &|x, out| {
+            q8::quantize_row_k(x, out, kquant::Q6_K_OFFSET)
+        })
+    }
+
+    /// Sizes the buffers for `m` rows of `k` values (with `s8` when `with_s`, and `corr_row`
+    /// corrections per row, none when 0) and fills them row by row with `quantize_row`, on
+    /// the pool when there are many.
+    fn quantize_rows(
+        &mut self,
+        lhs: &[f32],
+        m: usize,
+        k: usize,
+        with_s: bool,
+        corr_row: usize,
+        quantize_row: &(dyn Fn(&[f32], q8::RowOut<'_>) + Sync),
+    ) -> Acts {
+        let nb = k / QK;
         grow(&mut self.qs, m * k, 0);
         grow(&mut self.d, m * nb, 0.0);
         grow(&mut self.s8, if with_s { m * nb } else { 1 }, 0.0);
-        grow(&mut self.corr, if with_s { 1 } else { m * 2 * nb }, 0);
+        grow(&mut self.corr, (m * corr_row).max(1), 0);
         let qs = DstPtr(self.qs.as_mut_ptr().cast());
         let d = DstPtr(self.d.as_mut_ptr());
         let s8 = DstPtr(self.s8.as_mut_ptr());
@@ -754,7 +733,7 @@ impl Scratch {
             d: d.0.cast_const(),
             s8: s8.0.cast_const(),
             corr: corr.0.cast_const().cast(),
-            corr_row: 2 * nb,
+            corr_row,
             k,
             nb,
         };
@@ -766,12 +745,15 @@ impl Scratch {
                         qs: std::slice::from_raw_parts_mut(qs.get().cast::<i8>().add(t * k), k),
                         d: std::slice::from_raw_parts_mut(d.get().add(t * nb), nb),
                         s8: with_s.then(|| std::slice::from_raw_parts_mut(s8.get().add(t * nb), nb)),
-                        corr: (!with_s).then(|| {
-                            std::slice::from_raw_parts_mut(corr.get().cast::<i32>().add(t * 2 * nb), 2 * nb)
+                        corr: (corr_row != 0).then(|| {
+                            std::slice::from_raw_parts_mut(
+                                corr.get().cast::<i32>().add(t * corr_row),
+                                corr_row,
+                            )
                         }),
                     }
                 };
-                q8::quantize_row_k(&lhs[t * k..(t + 1) * k], out, kquant::Q6_K_OFFSET);
+                quantize_row(&lhs[t * k..(t + 1) * k], out);
             }
         };
         if m > 1 && m * k >= 1 << 15 {
