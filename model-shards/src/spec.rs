@@ -384,14 +384,23 @@ impl ModelSpec {
             None => None,
             Some(n_experts) => {
                 if !matches!(arch, Architecture::Llama | Architecture::Mistral | Architecture::Qwen3Moe) {
-                    return Err(Error::UnsupportedArchitecture(format!(
-                        "{arch_name} with a mixture of experts (supported: Mixtral as llama, qwen3moe)"
-                    )));
+                    return Err(Error::InvalidConfig {
+                        key: key("expert_count"),
+                        reason: format!(
+                            "a mixture of experts in {arch_name} is not supported (supported: Mixtral as llama, qwen3moe)"
+                        ),
+                    });
                 }
-                if has("blk.0.ffn_gate_shexp.weight") || has("blk.0.ffn_up_shexp.weight") {
-                    return Err(Error::UnsupportedArchitecture(format!(
-                        "{arch_name} with shared experts (supported: Mixtral as llama, qwen3moe)"
-                    )));
+                if let Some(name) =
+                    ["blk.0.ffn_gate_shexp.weight", "blk.0.ffn_up_shexp.weight"].into_iter().find(|n| has(n))
+                {
+                    return Err(Error::InvalidConfig {
+                        key: name.into(),
+                        reason:
+                            "shared experts (Qwen2-MoE, DeepSeek) are not supported (supported: Mixtral as \
+                                 llama, qwen3moe)"
+                                .into(),
+                    });
                 }
                 let used = get_usize(md, &key("expert_used_count"))?;
                 let ffn = match opt_usize(md, &key("expert_feed_forward_length"))? {

@@ -154,3 +154,62 @@ fn batched_moe_sessions_get_their_lone_bits() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The Qwen3-MoE fixture rewritten with `edit` applied to its metadata and `extra` tensors
+/// added; returns the error of opening it.
+fn open_edited(
+    name: &str,
+    edit: impl Fn(&mut Vec<(String, candle_core::quantized::gguf_file::Value)>),
+    extra: &[&str],
+) -> anyhow::Result<String> {
+    use candle_core::quantized::{QTensor, gguf_file};
+    let src = common::fixture("tiny_gguf/qwen3moe.gguf");
+    let mut file = std::fs::File::open(&src)?;
+    let content = gguf_file::Content::read(&mut file)?;
+    let mut meta: Vec<(String, gguf_file::Value)> = content.metadata.clone().into_iter().collect();
+    meta.sort_by(|a, b| a.0.cmp(&b.0));
+    edit(&mut meta);
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    for tname in content.tensor_infos.keys() {
+        tensors.push((tname.clone(), content.tensor(&mut file, tname, &Device::Cpu)?));
+    }
+    for &e in extra {
+        let like = content.tensor(&mut file, "blk.0.ffn_gate_inp.weight", &Device::Cpu)?;
+        tensors.push((e.to_string(), like));
+    }
+    let path = std::env::temp_dir().join(format!("shoal-moe-{}-{name}.gguf", std::process::id()));
+    {
+        let meta_refs: Vec<(&str, &gguf_file::Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let mut out = std::fs::File::create(&path)?;
+        gguf_file::write(&mut out, &meta_refs, &tensor_refs)?;
+    }
+    let opened = Model::open(&path);
+    std::fs::remove_file(&path)?;
+    match opened {
+        Ok(_) => anyhow::bail!("{name}: the edited file opened"),
+        Err(e) => Ok(e.to_string()),
+    }
+}
+
+/// A file whose experts do not add up, or that needs what shoal lacks (shared experts), is
+/// refused at open with an error naming the key or the feature.
+#[test]
+fn malformed_or_unsupported_moe_files_are_refused_by_name() -> anyhow::Result<()> {
+    use candle_core::quantized::gguf_file::Value as V;
+    let set = |key: &'static str, v: V| {
+        move |meta: &mut Vec<(String, V)>| {
+            meta.retain(|(k, _)| k != key);
+            meta.push((key.to_string(), v.clone()));
+        }
+    };
+    let err = open_edited("used", set("qwen3moe.expert_used_count", V::U32(9)), &[])?;
+    assert!(err.contains("expert_used_count") && err.contains("9"), "{err}");
+    let err = open_edited("huge", set("qwen3moe.expert_count", V::U32(1 << 20)), &[])?;
+    assert!(err.contains("expert_count"), "{err}");
+    let err = open_edited("none", set("qwen3moe.expert_count", V::U32(0)), &[])?;
+    assert!(err.contains("qwen3moe.expert_count"), "{err}");
+    let err = open_edited("shared", |_| {}, &["blk.0.ffn_gate_shexp.weight"])?;
+    assert!(err.contains("shared experts"), "{err}");
+    Ok(())
+}
