@@ -84,14 +84,16 @@ impl Block {
         Ok((x + self.post_ffn_norm.forward(&h)?)?)
     }
 
-    /// One new position for each of several sessions, each with the bits it gets alone.
+    /// Steps of several sessions (`lens[i]` rows for `caches[i]`, one after another), each
+    /// row with the bits it gets alone.
     pub(crate) fn forward_batch(
         &self,
         x: &Tensor,
         layer: usize,
         caches: &mut [&mut KvCache],
+        lens: &[usize],
     ) -> Result<Tensor> {
-        let h = self.attn.forward_batch(&self.attn_norm.forward(x)?, layer, caches, &self.rope)?;
+        let h = self.attn.forward_batch(&self.attn_norm.forward(x)?, layer, caches, lens, &self.rope)?;
         let x = (x + self.post_attn_norm.forward(&h)?)?;
         let h = self.mlp.forward_rows(&self.ffn_norm.forward(&x)?)?;
         Ok((x + self.post_ffn_norm.forward(&h)?)?)

@@ -159,33 +159,46 @@ impl Attention {
         if rows { self.o.forward_rows(&out) } else { self.o.forward(&out) }
     }
 
-    /// One new position for each of several sessions: row `i` of `x` (`(b, hidden)`) is the
-    /// next position of `caches[i]`. Every row gets exactly the bits [`Attention::forward`]
-    /// gives it alone.
+    /// Steps of several sessions: `x` (`(sum of lens, hidden)`) holds session `i`'s `lens[i]`
+    /// new positions after those of the sessions before it, appended to `caches[i]`. Every
+    /// row gets exactly the bits [`Attention::forward`] with `rows` gives it alone.
     pub(crate) fn forward_batch(
         &self,
         x: &Tensor,
         layer: usize,
         caches: &mut [&mut KvCache],
+        lens: &[usize],
         rope: &Rope,
     ) -> Result<Tensor> {
         let (mut q, k, v) = self.qkv(x, |l, x| l.forward_rows(x))?;
         let (qw, kw) = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim);
         let starts: Vec<usize> = caches.iter().map(|c| c.len()).collect();
-        for (i, cache) in caches.iter_mut().enumerate() {
-            let (k, v) = (&k[i * kw..(i + 1) * kw], &v[i * kw..(i + 1) * kw]);
-            self.rope_and_store(&mut q[i * qw..(i + 1) * qw], k, v, layer, cache, rope, 1);
+        let offsets: Vec<usize> = lens
+            .iter()
+            .scan(0, |at, &t| {
+                let o = *at;
+                *at += t;
+                Some(o)
+            })
+            .collect();
+        for ((cache, &o), &t) in caches.iter_mut().zip(&offsets).zip(lens) {
+            let (k, v) = (&k[o * kw..(o + t) * kw], &v[o * kw..(o + t) * kw]);
+            self.rope_and_store(&mut q[o * qw..(o + t) * qw], k, v, layer, cache, rope, t);
         }
         let jobs: Vec<attention::Job<'_>> = caches
             .iter()
             .zip(&starts)
-            .enumerate()
-            .map(|(i, (cache, &start))| attention::Job { q: &q[i * qw..(i + 1) * qw], cache, start, t: 1 })
+            .zip(offsets.iter().zip(lens))
+            .map(|((cache, &start), (&o, &t))| attention::Job {
+                q: &q[o * qw..(o + t) * qw],
+                cache,
+                start,
+                t,
+            })
             .collect();
         let outs = attention::attend_many(&self.heads(), &jobs, layer);
-        self.o.forward_rows(
-            &Tensor::from_vec(outs.concat(), (caches.len(), qw), x.device())?.to_dtype(x.dtype())?,
-        )
+        let rows: usize = lens.iter().sum();
+        self.o.forward_rows(&Tensor::from_vec(outs.concat(), (rows, qw), x.device())?.to_dtype(x.dtype())?)
     }
 
     /// The q, k, v projections of `x` (with qwen3's per-head norms) as host rows.
@@ -418,15 +431,16 @@ impl Block {
         Ok((x + h)?)
     }
 
-    /// One new position for each of several sessions (see [`Attention::forward_batch`]).
+    /// Steps of several sessions (see [`Attention::forward_batch`]).
     pub(crate) fn forward_batch(
         &self,
         x: &Tensor,
         layer: usize,
         caches: &mut [&mut KvCache],
+        lens: &[usize],
         rope: &Rope,
     ) -> Result<Tensor> {
-        let h = self.attn.forward_batch(&self.attn_norm.forward(x)?, layer, caches, rope)?;
+        let h = self.attn.forward_batch(&self.attn_norm.forward(x)?, layer, caches, lens, rope)?;
         let x = (x + h)?;
         let h = self.mlp.forward(&self.ffn_norm.forward(&x)?, true)?;
         Ok((x + h)?)

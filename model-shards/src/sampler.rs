@@ -836,6 +836,122 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// Target distribution of a row at temperature `t` with top-k `k`, in f64 (independent
+    /// of the sampler's arithmetic).
+    fn target(row: &[f32], t: f64, k: usize) -> Vec<f64> {
+        let mut order: Vec<usize> = (0..row.len()).collect();
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+        let max = f64::from(row[order[0]]);
+        let mut p = vec![0.0; row.len()];
+        for &i in &order[..k] {
+            p[i] = ((f64::from(row[i]) - max) / t).exp();
+        }
+        let z: f64 = p.iter().sum();
+        p.iter().map(|w| w / z).collect()
+    }
+
+    /// Pearson's chi-square of `observed` counts against probabilities `expected` (categories
+    /// of zero probability must be empty).
+    fn chi_square(observed: &[u64], expected: &[f64], n: u64) -> f64 {
+        let mut chi = 0.0;
+        for (&o, &p) in observed.iter().zip(expected) {
+            if p == 0.0 {
+                assert_eq!(o, 0, "a token of zero probability was emitted");
+                continue;
+            }
+            let e = p * n as f64;
+            chi += (o as f64 - e).powi(2) / e;
+        }
+        chi
+    }
+
+    /// Speculative verification keeps the output distribution: over 20,000 seeds, the
+    /// first two tokens emitted after a one-id draft (the first token; the second only when
+    /// the draft was accepted) follow the target distribution `p0(x)` and `p0(d)·p1(y)` by a
+    /// chi-square test at p = 1e-4, and a verifier that always accepted would fail it. Each
+    /// emitted token is `sample`'s token for the same seed and step (the coupled draws).
+    #[test]
+    fn verify_keeps_the_target_distribution() {
+        let rows: [&[f32]; 2] = [&[1.0, 2.5, 0.3, 2.0, -1.0, 1.7], &[0.5, 0.1, 1.2, -0.4, 0.9, 1.1]];
+        let (t, k) = (0.8, 4);
+        let (p0, p1) = (target(rows[0], t, k), target(rows[1], t, k));
+        let vocab = rows[0].len();
+        // Draft the second most likely id of row 0.
+        let draft = 3u32;
+        assert!(p0[draft as usize] > 0.2 && p0[draft as usize] < p0[1]);
+        // Categories: first token x != draft (vocab), then (draft, y) (vocab).
+        let mut counts = vec![0u64; 2 * vocab];
+        let n = 20_000u64;
+        let history = [0u32, 4];
+        for seed in 0..n {
+            let s = sampler(|p| {
+                p.temperature = t as f32;
+                p.top_k = Some(k as u32);
+                p.seed = seed;
+            });
+            let out = s.verify(&rows, &history, 1, 7, &[draft], 0).unwrap();
+            assert_eq!(out, s.verify(&rows, &history, 1, 7, &[draft], 0).unwrap(), "deterministic");
+            assert_eq!(out[0], s.sample(rows[0], &history, 1, 7, 0).unwrap());
+            match out.as_slice() {
+                [x] => {
+                    assert_ne!(x.token, draft);
+                    counts[x.token as usize] += 1;
+                }
+                [x, y] => {
+                    assert_eq!(x.token, draft);
+                    assert_eq!(*y, s.sample(rows[1], &[0, 4, draft], 1, 8, 0).unwrap());
+                    counts[vocab + y.token as usize] += 1;
+                }
+                other => panic!("{} tokens for a draft of one", other.len()),
+            }
+        }
+        let mut expected = vec![0.0; 2 * vocab];
+        for x in 0..vocab {
+            if x != draft as usize {
+                expected[x] = p0[x];
+            }
+            expected[vocab + x] = p0[draft as usize] * p1[x];
+        }
+        assert!((expected.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        // 4 + 4 categories of nonzero probability: 7 degrees of freedom; the 1e-4 quantile
+        // of chi-square(7) is 29.88.
+        let chi = chi_square(&counts, &expected, n);
+        assert!(chi < 29.88, "chi-square {chi:.2} over {counts:?}");
+        // The same test rejects a verifier that accepts every draft (its expected counts).
+        let always: Vec<u64> = (0..2 * vocab)
+            .map(|i| if i < vocab { 0 } else { (p1[i - vocab] * n as f64).round() as u64 })
+            .collect();
+        assert!(chi_square_lenient(&always, &expected, always.iter().sum()) > 29.88);
+    }
+
+    /// [`chi_square`] that counts emitted tokens of zero probability as infinitely unlikely.
+    fn chi_square_lenient(observed: &[u64], expected: &[f64], n: u64) -> f64 {
+        observed
+            .iter()
+            .zip(expected)
+            .map(|(&o, &p)| {
+                let e = p * n as f64;
+                if e == 0.0 { if o == 0 { 0.0 } else { f64::INFINITY } } else { (o as f64 - e).powi(2) / e }
+            })
+            .sum()
+    }
+
+    #[test]
+    fn verify_stops_at_the_first_wrong_id_and_checks_its_rows() {
+        let s = sampler(|_| {});
+        let rows: [&[f32]; 3] = [&[0.0, 3.0, 1.0], &[2.0, 0.0, 1.0], &[0.0, 0.0, 5.0]];
+        let ids = |d: &[u32]| {
+            s.verify(&rows, &[0], 1, 0, d, 0).unwrap().iter().map(|x| x.token).collect::<Vec<_>>()
+        };
+        assert_eq!(ids(&[1, 0]), vec![1, 0, 2], "all accepted, then the bonus token");
+        assert_eq!(ids(&[1, 2]), vec![1, 0], "the second id is wrong: the target's choice instead");
+        assert_eq!(ids(&[2, 0]), vec![1], "the first id is wrong");
+        assert_eq!(
+            s.verify(&rows, &[0], 1, 0, &[1], 0),
+            Err(SamplerError::DraftMismatch { rows: 3, draft: 1 })
+        );
+    }
+
     fn sampler(f: impl FnOnce(&mut SamplingParams)) -> Sampler {
         let mut p = SamplingParams::default();
         f(&mut p);

@@ -102,11 +102,12 @@ impl Block {
         x: &Tensor,
         layer: usize,
         caches: &mut [&mut KvCache],
+        lens: &[usize],
         rope: &Rope,
     ) -> Result<Tensor> {
         match self {
-            Self::Llama(b) => b.forward_batch(x, layer, caches, rope),
-            Self::Gemma3(b) => b.forward_batch(x, layer, caches),
+            Self::Llama(b) => b.forward_batch(x, layer, caches, lens, rope),
+            Self::Gemma3(b) => b.forward_batch(x, layer, caches, lens),
         }
     }
 }
@@ -362,12 +363,15 @@ impl Shard {
         })
     }
 
-    /// One decode step for each of several sessions in one forward: `inputs[i]` is one
-    /// position (one token id on the first span, one hidden row elsewhere) appended to
-    /// `caches[i]`. The matrix products run once over all rows (each weight block is read once
-    /// per tile of rows instead of once per session); attention stays per session. Each
-    /// session's output has exactly the bits [`Shard::forward`] gives it alone, so who a
-    /// session is batched with never changes its tokens. On error no cache changes.
+    /// One step for each of several sessions in one forward: `inputs[i]` is one or more
+    /// positions (token ids on the first span, hidden rows elsewhere) appended to `caches[i]`:
+    /// a decode step, or a speculative step's verify rows. The matrix products run once over
+    /// all rows (each weight block is read once per tile of rows instead of once per session);
+    /// attention stays per session. Each session's output, every row of it (logits of every
+    /// row on the last span, as [`LogitsMode::All`]), has exactly the bits
+    /// [`Shard::forward_rows`] gives it alone, and so a one-position session those of
+    /// [`Shard::forward`]: who a session is batched with never changes its tokens. On error no
+    /// cache changes.
     pub fn forward_batch(
         &self,
         caches: &mut [&mut KvCache],
@@ -377,39 +381,47 @@ impl Shard {
         if b == 0 || inputs.len() != b {
             return Err(Error::InvalidInput(format!("{} caches for {} inputs", b, inputs.len())));
         }
-        if inputs.iter().any(|i| !matches!(i.len(), Ok(1))) {
-            return Err(Error::InvalidInput("a batched step is one position per session".into()));
+        let lens = inputs.iter().map(StageInput::len).collect::<Result<Vec<usize>>>()?;
+        if lens.contains(&0) {
+            return Err(Error::InvalidInput("empty step".into()));
         }
+        let total: usize = lens.iter().sum();
         let mut x = if inputs.iter().all(|i| matches!(i, StageInput::Tokens(_))) {
             let ids: Vec<u32> = inputs
                 .into_iter()
                 .flat_map(|i| if let StageInput::Tokens(t) = i { t } else { Vec::new() })
                 .collect();
-            self.input_rows(StageInput::Tokens(ids), b)?
+            self.input_rows(StageInput::Tokens(ids), total)?
         } else if inputs.iter().all(|i| matches!(i, StageInput::Hidden(_))) {
-            let rows = inputs.into_iter().map(|i| self.input_rows(i, 1)).collect::<Result<Vec<_>>>()?;
+            let rows = inputs
+                .into_iter()
+                .zip(&lens)
+                .map(|(i, &t)| self.input_rows(i, t))
+                .collect::<Result<Vec<_>>>()?;
             Tensor::cat(&rows, 0)?
         } else {
             return Err(Error::InvalidInput("a batch mixes token ids and hidden states".into()));
         };
-        for cache in caches.iter_mut() {
+        for (cache, &t) in caches.iter_mut().zip(&lens) {
             self.release_outside_window(cache);
-            cache.reserve(1)?;
+            cache.reserve(t)?;
         }
         for (i, block) in self.blocks.iter().enumerate() {
-            x = block.forward_batch(&x, i, caches, &self.rope)?;
+            x = block.forward_batch(&x, i, caches, &lens, &self.rope)?;
         }
-        for cache in caches.iter_mut() {
-            cache.advance(1);
+        for (cache, &t) in caches.iter_mut().zip(&lens) {
+            cache.advance(t);
         }
         let out = match &self.head {
             None => x,
             Some((norm, lm_head)) => self.softcap(lm_head.forward_rows(&norm.forward(&x)?)?)?,
         };
-        (0..b)
-            .map(|i| {
-                let row = out.narrow(0, i, 1)?;
-                Ok(if self.head.is_some() { StageOutput::Logits(row) } else { StageOutput::Hidden(row) })
+        let mut at = 0;
+        lens.iter()
+            .map(|&t| {
+                let rows = out.narrow(0, at, t)?;
+                at += t;
+                Ok(if self.head.is_some() { StageOutput::Logits(rows) } else { StageOutput::Hidden(rows) })
             })
             .collect()
     }

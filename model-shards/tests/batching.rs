@@ -1,6 +1,8 @@
 //! Batched decode: several sessions' next positions in one forward (`Shard::forward_batch`)
 //! give each session exactly the bits it gets alone (`Shard::forward`), on the real model,
-//! as one span and as two (hidden states between them), whoever the session is batched with.
+//! as one span and as two (hidden states between them), whoever the session is batched with;
+//! and a multi-position step through `Shard::forward_rows` (speculative decoding's verify
+//! step) gives each position exactly the bits of one-position steps.
 
 mod common;
 
@@ -77,6 +79,113 @@ fn batched_decode_equals_each_session_alone() -> anyhow::Result<()> {
                 assert_eq!(bits(got), bits(&want), "{} spans: session {i} in batch {group:?}", spans.len());
                 next[i] = got.argmax(1)?.to_vec1::<u32>()?[0];
             }
+        }
+    }
+    Ok(())
+}
+
+/// A step of several positions through `forward_rows` (the verify step of speculative
+/// decoding) gives every position's logits the bits of one-position steps, on one span and on
+/// two; `forward` (a prefill's products) does not promise that.
+#[test]
+fn forward_rows_gives_each_position_the_bits_of_one_position_steps() -> anyhow::Result<()> {
+    let model = Model::open(common::smollm2_path())?;
+    let n = model.spec().n_layers;
+    let prompt = vec![2u32, 9, 1345, 28, 253, 1155, 314, 4649];
+    let steps = vec![504u32, 3575, 282, 4649, 314, 2, 9];
+    let whole: Vec<std::ops::Range<usize>> = std::iter::once(0..n).collect();
+    for spans in [whole, vec![0..13, 13..n]] {
+        let shards: Vec<Shard> = spans
+            .iter()
+            .map(|s| Shard::load(&model, s.clone(), &Device::Cpu, DType::F32))
+            .collect::<Result<_, _>>()?;
+        let fresh = || -> Vec<KvCache> { shards.iter().map(|s| s.new_cache(64)).collect() };
+        let (mut one, mut rows) = (fresh(), fresh());
+        alone(&shards, &mut one, prompt.clone());
+        alone(&shards, &mut rows, prompt.clone());
+        let want: Vec<Vec<u32>> = steps.iter().map(|&t| bits(&alone(&shards, &mut one, vec![t]))).collect();
+        let mut input = StageInput::Tokens(steps.clone());
+        let mut logits = None;
+        for (shard, cache) in shards.iter().zip(rows.iter_mut()) {
+            match shard.forward_rows(cache, input, LogitsMode::All)? {
+                StageOutput::Hidden(h) => input = StageInput::Hidden(h),
+                StageOutput::Logits(l) => {
+                    logits = Some(l);
+                    break;
+                }
+            }
+        }
+        let logits = logits.expect("the last span returns logits");
+        assert_eq!(logits.dims2()?.0, steps.len());
+        for (i, w) in want.iter().enumerate() {
+            assert_eq!(&bits(&logits.narrow(0, i, 1)?), w, "{} spans: position {i}", spans.len());
+        }
+        assert_eq!(
+            rows.iter().map(KvCache::len).collect::<Vec<_>>(),
+            one.iter().map(KvCache::len).collect::<Vec<_>>()
+        );
+    }
+    Ok(())
+}
+
+/// Sessions' multi-position steps (speculative verify rows) batched with one another and with
+/// one-position steps: every row of every session has the bits `forward_rows` gives that
+/// session's step alone, on one span and on two; each cache grows by its own step.
+#[test]
+fn batched_multi_position_steps_equal_each_session_alone() -> anyhow::Result<()> {
+    let model = Model::open(common::smollm2_path())?;
+    let n = model.spec().n_layers;
+    let prompts: Vec<Vec<u32>> = vec![vec![504, 3575, 282], vec![2, 9, 1345, 28, 253], vec![1]];
+    let steps: Vec<Vec<u32>> = vec![vec![4649, 314, 2, 9], vec![1155], vec![28, 253, 504]];
+    let whole: Vec<std::ops::Range<usize>> = std::iter::once(0..n).collect();
+    for spans in [whole, vec![0..13, 13..n]] {
+        let shards: Vec<Shard> = spans
+            .iter()
+            .map(|s| Shard::load(&model, s.clone(), &Device::Cpu, DType::F32))
+            .collect::<Result<_, _>>()?;
+        let fresh = || -> Vec<Vec<KvCache>> {
+            prompts.iter().map(|_| shards.iter().map(|s| s.new_cache(64)).collect()).collect()
+        };
+        let (mut solo, mut batched) = (fresh(), fresh());
+        for (i, p) in prompts.iter().enumerate() {
+            alone(&shards, &mut solo[i], p.clone());
+            alone(&shards, &mut batched[i], p.clone());
+        }
+        // Each session's step alone, every row's logits.
+        let mut want = Vec::new();
+        for (i, step) in steps.iter().enumerate() {
+            let mut input = StageInput::Tokens(step.clone());
+            for (shard, cache) in shards.iter().zip(solo[i].iter_mut()) {
+                match shard.forward_rows(cache, input, LogitsMode::All)? {
+                    StageOutput::Hidden(h) => input = StageInput::Hidden(h),
+                    StageOutput::Logits(l) => {
+                        want.push(l);
+                        break;
+                    }
+                }
+            }
+        }
+        // The three together.
+        let mut input: Vec<StageInput> = steps.iter().map(|s| StageInput::Tokens(s.clone())).collect();
+        let mut logits = Vec::new();
+        for (h, shard) in shards.iter().enumerate() {
+            let mut caches: Vec<&mut KvCache> = batched.iter_mut().map(|c| &mut c[h]).collect();
+            for out in shard.forward_batch(&mut caches, std::mem::take(&mut input))? {
+                match out {
+                    StageOutput::Hidden(x) => input.push(StageInput::Hidden(x)),
+                    StageOutput::Logits(l) => logits.push(l),
+                }
+            }
+        }
+        assert_eq!(logits.len(), steps.len());
+        for (i, (got, want)) in logits.iter().zip(&want).enumerate() {
+            assert_eq!(got.dims2()?.0, steps[i].len(), "session {i}: a row per position");
+            assert_eq!(bits(got), bits(want), "{} spans: session {i}", spans.len());
+        }
+        for (i, (s, b)) in solo.iter().zip(&batched).enumerate() {
+            let lens = |c: &[KvCache]| c.iter().map(KvCache::len).collect::<Vec<_>>();
+            assert_eq!(lens(s), lens(b), "session {i}");
+            assert!(lens(b).iter().all(|&l| l == prompts[i].len() + steps[i].len()), "session {i}");
         }
     }
     Ok(())

@@ -1161,7 +1161,7 @@ fn stage_loop(
             let expected = service.stats().sessions.min(MAX_BATCH);
             let wait = last_compute.clamp(BATCH_WAIT_MIN, BATCH_WAIT_MAX);
             let deadline = Instant::now() + wait;
-            let is_decode = |m: &Message| matches!(m, Message::Step(s) if s.payload.len() == 1);
+            let is_decode = |m: &Message| matches!(m, Message::Step(s) if crate::service::batchable(s));
             while held.is_none() && msgs.len() < MAX_BATCH {
                 let next = match rx.try_recv() {
                     Ok(cmd) => Ok(cmd),

@@ -626,8 +626,8 @@ impl StageService {
     }
 
     /// Handles several messages received together, in order, with the same actions in the
-    /// same order as calling [`StageService::handle`] on each, except that one-position steps of distinct sessions
-    /// are computed in one batched forward (`Shard::forward_batch`: each session's result
+    /// same order as calling [`StageService::handle`] on each, except that decode and
+    /// speculative steps ([`batchable`]) of distinct sessions are computed in one batched forward (`Shard::forward_batch`: each session's result
     /// has the bits it would have alone). Any other message first completes the batch so far,
     /// so every session sees its messages in order.
     #[must_use = "the actions must be sent"]
@@ -679,7 +679,7 @@ impl StageService {
         for (from, msg) in msgs {
             let step = match msg {
                 Message::Step(step)
-                    if step.payload.len() == 1
+                    if batchable(&step)
                         && msg_is_valid(&step)
                         && !batch.iter().any(|p| p.step.session_id == step.session_id) =>
                 {
@@ -708,7 +708,8 @@ impl StageService {
         actions
     }
 
-    /// Computes prepared one-position steps (alone when there is one) and finishes each.
+    /// Computes prepared decode and speculative steps (alone when there is one) and finishes
+    /// each.
     fn run_batch(&mut self, batch: Vec<Pending>, actions: &mut Vec<Action>) {
         if batch.len() <= 1 {
             for p in batch {
@@ -875,9 +876,9 @@ struct Pending {
 pub type Received = (PeerId, Message);
 
 /// Orders messages received together for one round of a stage, as vLLM's scheduler does:
-/// decode steps first (the first message of their session in the list, so each session still
-/// sees its messages in order), then everything else in order, until the multi-token steps
-/// (prefill chunks) taken reach `prefill_budget` tokens. At least one chunk runs per round; the
+/// decode and speculative steps first ([`batchable`]; the first message of their session in the
+/// list, so each session still sees its messages in order), then everything else in order,
+/// until the multi-token steps (prefill chunks) taken reach `prefill_budget` tokens. At least one chunk runs per round; the
 /// messages from the first chunk over the budget on are returned to run next round, ahead of
 /// what arrives meanwhile. A long prompt then delays the other sessions' decode steps by one
 /// chunk, not by the whole prompt.
@@ -894,7 +895,7 @@ pub fn schedule(msgs: Vec<Received>, prefill_budget: usize) -> (Vec<Received>, V
         };
         let first = session.is_none_or(|id| seen.insert(id));
         match &msg {
-            Message::Step(s) if s.payload.len() == 1 && first => run.push((from, msg)),
+            Message::Step(s) if batchable(s) && first => run.push((from, msg)),
             _ => rest.push((from, msg)),
         }
     }
@@ -917,6 +918,13 @@ pub fn schedule(msgs: Vec<Received>, prefill_budget: usize) -> (Vec<Received>, V
         }
     }
     (run, later)
+}
+
+/// Whether a step joins a batched forward: a decode step (one position) or a speculative
+/// step (its draft plus one position, computed row by row as a batch computes every row).
+/// Prefill chunks run on their own, through the faster whole-chunk products.
+pub fn batchable(step: &Step) -> bool {
+    step.payload.len() == 1 || !step.draft.is_empty()
 }
 
 /// Whether a step passes the message's own checks (as [`StageService::handle`] runs them).

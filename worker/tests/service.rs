@@ -611,8 +611,9 @@ fn idle_sweep_closes_and_frees_sessions() -> anyhow::Result<()> {
 
 /// `handle_many` (what the transport calls with the messages that arrived together) gives
 /// exactly the actions of `handle` called on each in turn: decode steps of distinct sessions
-/// run as one batched forward with the bits each gets alone, and a close, a repeated step
-/// and a bad step in the middle of the batch keep their place in the order.
+/// run as one batched forward with the bits each gets alone (speculative steps among them in
+/// the last round), and a close, a repeated step and a bad step in the middle of the batch
+/// keep their place in the order.
 #[test]
 fn batched_steps_act_exactly_like_steps_one_by_one() -> anyhow::Result<()> {
     let whole = |_| -> anyhow::Result<StageService> { Ok(StageService::new(load(0..4)?, config())) };
@@ -640,6 +641,15 @@ fn batched_steps_act_exactly_like_steps_one_by_one() -> anyhow::Result<()> {
         let mut msgs: Vec<(PeerId, Message)> = Vec::new();
         for (i, &(token, pos)) in next.iter().enumerate() {
             let id = i as u64 + 1;
+            if round == 3 && id != 2 {
+                // Speculative steps (a draft of two ids), batched with session 2's decode step.
+                let draft = [token, (token + id as u32) % 49_152];
+                msgs.push((
+                    ORIGIN,
+                    Message::Step(spec_step(id, round + 2, pos, round + 1, &[token], token, &draft)),
+                ));
+                continue;
+            }
             msgs.push((ORIGIN, Message::Step(tokens_step(id, round + 2, pos, round + 1, &[token]))));
             if round == 1 && id == 2 {
                 // Session 2's step again (out of order now), and a step from a stranger.
@@ -660,6 +670,16 @@ fn batched_steps_act_exactly_like_steps_one_by_one() -> anyhow::Result<()> {
             msgs.iter().flat_map(|(from, m)| solo.handle(*from, m.clone(), now)).collect();
         let got = batched.handle_many(msgs, now);
         assert_eq!(got, want, "round {round}");
+        if round == 3 {
+            let answered: Vec<u64> = got
+                .iter()
+                .filter_map(|a| match a {
+                    Action::ToOrigin { msg: Message::StepResult(r), .. } => Some(r.session_id),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(answered, [1, 2, 3], "the speculative steps are verified, not refused: {got:?}");
+        }
         for a in &got {
             if let Action::ToOrigin { msg: Message::StepResult(r), .. } = a {
                 let i = (r.session_id - 1) as usize;
