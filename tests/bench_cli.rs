@@ -13,7 +13,7 @@ use std::process::{Command, Output};
 use api_server::ApiServer;
 use serde_json::{Value, json};
 
-const KEYS: [&str; 7] = [
+const KEYS: [&str; 10] = [
     "concurrency",
     "aggregate_tok_s",
     "per_stream_tok_s",
@@ -21,6 +21,9 @@ const KEYS: [&str; 7] = [
     "ttft_ms_p99",
     "hop_ms_p50",
     "failures",
+    "speculative",
+    "tokens_per_step",
+    "draft_accept_rate",
 ];
 
 fn model() -> PathBuf {
@@ -82,6 +85,9 @@ fn bench_reports_a_local_swarm_and_an_api_as_one_json_line() {
     for run in check_json(&local) {
         let hop = run["hop_ms_p50"].as_f64().unwrap_or_else(|| panic!("hop_ms_p50 is a number: {run}"));
         assert!(hop > 0.0, "{run}");
+        assert_eq!(run["speculative"], "off", "{run}");
+        assert_eq!(run["tokens_per_step"], 1.0, "one token per round trip without speculation: {run}");
+        assert!(run["draft_accept_rate"].is_null(), "nothing drafted: {run}");
     }
 
     let server = ApiServer::start(&model(), &["--stages", "2"], &[("SHOAL_THREADS", "1")]);
@@ -89,17 +95,60 @@ fn bench_reports_a_local_swarm_and_an_api_as_one_json_line() {
     drop(server);
     for run in check_json(&api) {
         assert!(run["hop_ms_p50"].is_null(), "the API does not expose hops: {run}");
+        assert_eq!(run["speculative"], "-", "{run}");
+        assert!(run["tokens_per_step"].is_null(), "the API does not expose round trips: {run}");
     }
+}
+
+/// `--workload copy --compare-speculative`: each level runs with speculation off, then with
+/// n-gram drafts; the copy-heavy prompt makes the drafts pay (more than one token per round
+/// trip), and the ratios follow the table.
+#[test]
+fn bench_compares_speculation_on_a_copy_workload() {
+    let args = ["--stages", "1", "--prompt-tokens", "48", "--gen-tokens", "24", "--concurrency", "1"];
+    let spec = ["--workload", "copy", "--speculative", "ngram", "--compare-speculative"];
+    let out = bench(&[&args[..], &spec, &["--json"]].concat());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    let runs = v["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 2, "off, then ngram: {v}");
+    assert_eq!((&runs[0]["speculative"], &runs[1]["speculative"]), (&"off".into(), &"ngram".into()), "{v}");
+    assert_eq!(runs[0]["tokens_per_step"], 1.0, "{v}");
+    let per_step = runs[1]["tokens_per_step"].as_f64().expect("tokens_per_step");
+    assert!(per_step > 1.0, "copying the prompt accepts drafts: {v}");
+    let rate = runs[1]["draft_accept_rate"].as_f64().expect("draft_accept_rate");
+    assert!(rate > 0.0 && rate <= 1.0, "{v}");
+
+    // Without --json: the table, then a line of ratios per level.
+    let out = bench(&[&args[..], &spec].concat());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let ratio =
+        stdout.lines().find(|l| l.starts_with("concurrency 1: ngram / off: aggregate ")).expect(&stdout);
+    assert!(ratio.contains("tokens per round trip"), "{ratio}");
+
+    // `--workload write`: a short chat prompt (the header names its length), new text.
+    let out = bench(&["--stages", "1", "--gen-tokens", "8", "--concurrency", "1", "--workload", "write"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let header = stdout.lines().next().expect("a header");
+    assert!(header.contains("tokens (Write)") && !header.contains("prompt 128 tokens"), "{header}");
 }
 
 #[test]
 fn bench_refuses_bad_input_with_a_clear_message() {
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 7] = [
         (&["--stages", "2", "--concurrency", "0"], "at least 1"),
         (&["--stages", "2", "--concurrency", "a,b"], "`a` is not a number"),
         (&["--stages", "2", "--concurrency", ""], "empty"),
         (&["--stages", "2", "--url", "http://127.0.0.1:1/v1"], "cannot be used with"),
         (&["--concurrency", "1"], "required"),
+        (&["--stages", "1", "--compare-speculative"], "give a mode other than off"),
+        (
+            &["--url", "http://127.0.0.1:1/v1", "--speculative", "ngram", "--compare-speculative"],
+            "--compare-speculative needs --stages or --join",
+        ),
     ];
     for (args, expected) in cases {
         let out = bench(args);

@@ -47,6 +47,15 @@
 //!   ([`Driver::refresh`]); half of each round trip to a peer of the routes the streams took is
 //!   a hop, and this is their p50 by nearest rank. `--url`: null (`-` in the table), the API
 //!   does not expose it.
+//! - `speculative`: the speculation mode of the run (`-` through `--url`);
+//!   `tokens_per_step`: tokens after the first / decode round trips, over completed streams
+//!   (1 without speculation; null through `--url`); `draft_accept_rate`: draft ids accepted /
+//!   draft ids sent (null when nothing was drafted).
+//! - `--workload copy` sends the prompt's text and a request to repeat it, as one user
+//!   message through the model's chat template (copy-heavy output); `--workload write` asks
+//!   the same way for a story on a fixed topic (new text); `--compare-speculative` runs each level with speculation off and then with
+//!   `--speculative MODE`, and prints each level's ratios (aggregate and per-stream tok/s)
+//!   after the table.
 //! - `failures`: streams that ended in an error (the first error of a run is printed on
 //!   stderr); the others are still reported.
 //!
@@ -54,7 +63,8 @@
 //! stdout holds only the report: a header line (target, prompt and generated tokens) and a
 //! table with a row per run, printed as each run ends; with `--json`, one line
 //! `{"runs": [{"concurrency", "aggregate_tok_s", "per_stream_tok_s", "ttft_ms_p50",
-//! "ttft_ms_p99", "hop_ms_p50", "failures"}]}` at the end. While a run goes, a progress bar
+//! "ttft_ms_p99", "hop_ms_p50", "failures", "speculative", "tokens_per_step",
+//! "draft_accept_rate"}]}` at the end. While a run goes, a progress bar
 //! on stderr counts its generated tokens (drawn only when stderr is a terminal).
 
 use std::collections::HashSet;
@@ -70,7 +80,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::{Value, json};
 use shoal_coordinator_free_router::driver::{Driver, LocalWeights, Request};
+use shoal_coordinator_free_router::speculative::Speculation;
 use shoal_model_shards::Model;
+use shoal_model_shards::chat_template::ChatMessage;
 use shoal_model_shards::generate::Flow;
 use shoal_model_shards::sampler::SamplingParams;
 use shoal_worker::net::Node;
@@ -101,6 +113,26 @@ const PROMPT_TEXT: &str = "The harbour town woke slowly. Fishing boats came in w
     crates stacked along the wall. A ferry sounded its horn twice before leaving for the \
     islands, and the light over the water changed from grey to gold as the morning went on. ";
 
+/// What `--workload copy` asks after the prompt's text (one user message through the model's
+/// chat template): the model then quotes the text.
+const COPY_INSTRUCTION: &str = "\n\nRepeat the text above exactly, word for word.";
+
+/// What `--workload write` asks (one user message through the model's chat template): new
+/// text, which shares little with the prompt.
+const WRITE_REQUEST: &str = "Write a long story about a lighthouse keeper who finds a message in a bottle. \
+    Describe the island, the weather and the people she meets.";
+
+/// The kind of text the streams generate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WorkloadKind {
+    /// Continue the fixed text (free-form generation).
+    Free,
+    /// Repeat the fixed text (copy-heavy: what speculative n-gram drafts are for).
+    Copy,
+    /// Write a story on a fixed topic (new text; --prompt-tokens does not apply).
+    Write,
+}
+
 /// Arguments of `shoal bench`.
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("target").required(true).args(["stages", "join", "url"])))]
@@ -129,6 +161,16 @@ pub struct BenchArgs {
     /// (--stages and --join always do.)
     #[arg(long, env = "SHOAL_BENCH_IGNORE_EOS")]
     ignore_eos: bool,
+    /// What the streams generate: `free` continues the prompt text, `copy` asks the model
+    /// to repeat it (text and request as one user message through the chat template, a few
+    /// tokens longer than --prompt-tokens), `write` asks for a story on a fixed topic (new
+    /// text; a short chat prompt, --prompt-tokens does not apply).
+    #[arg(long, env = "SHOAL_BENCH_WORKLOAD", value_enum, default_value_t = WorkloadKind::Free)]
+    workload: WorkloadKind,
+    /// Run every level twice, with speculation off and with --speculative MODE, and report
+    /// each level's speed ratio (--stages and --join).
+    #[arg(long, env = "SHOAL_BENCH_COMPARE_SPECULATIVE")]
+    compare_speculative: bool,
     /// Prompt length of every stream, in tokens (a fixed English text, repeated and cut).
     #[arg(long, env = "SHOAL_BENCH_PROMPT_TOKENS", default_value_t = 128, value_name = "N")]
     prompt_tokens: usize,
@@ -201,6 +243,11 @@ struct StreamResult {
     error: Option<String>,
     /// The peers of its route (in-process and --join).
     route: Vec<PeerId>,
+    /// Decode round trips (in-process and --join; 0 through --url).
+    round_trips: usize,
+    /// Draft ids sent and accepted (speculative decoding).
+    drafted: usize,
+    accepted: usize,
 }
 
 /// One run of the report (and of the `--json` line).
@@ -213,6 +260,9 @@ struct RunReport {
     ttft_ms_p99: Option<f64>,
     hop_ms_p50: Option<f64>,
     failures: usize,
+    speculative: String,
+    tokens_per_step: Option<f64>,
+    draft_accept_rate: Option<f64>,
 }
 
 /// The `--json` line (fields in the documented order).
@@ -238,7 +288,12 @@ fn percentile(values: &[f64], p: f64) -> Option<f64> {
 }
 
 /// The report of a run of `concurrency` streams (see the module docs for the definitions).
-fn summarize(concurrency: usize, streams: &[StreamResult], hop_ms_p50: Option<f64>) -> RunReport {
+fn summarize(
+    concurrency: usize,
+    streams: &[StreamResult],
+    hop_ms_p50: Option<f64>,
+    speculative: Option<Speculation>,
+) -> RunReport {
     let done: Vec<&StreamResult> = streams.iter().filter(|s| s.error.is_none()).collect();
     let wall = streams.iter().map(|s| s.end).max().unwrap_or_default();
     let total: usize = done.iter().map(|s| s.tokens).sum();
@@ -253,6 +308,10 @@ fn summarize(concurrency: usize, streams: &[StreamResult], hop_ms_p50: Option<f6
         .collect();
     let ttft: Vec<f64> = done.iter().filter_map(|s| s.first_token).map(|t| t.as_secs_f64() * 1e3).collect();
     let aggregate = if total == 0 { 0.0 } else { total as f64 / wall.as_secs_f64().max(1e-9) };
+    let ratio = |num: usize, den: usize| (den > 0).then(|| round3(num as f64 / den as f64));
+    let decoded: usize = done.iter().filter(|s| s.round_trips > 0).map(|s| s.tokens - 1).sum();
+    let trips: usize = done.iter().map(|s| s.round_trips).sum();
+    let (drafted, accepted) = done.iter().fold((0, 0), |(d, a), s| (d + s.drafted, a + s.accepted));
     RunReport {
         concurrency,
         aggregate_tok_s: round3(aggregate),
@@ -262,18 +321,23 @@ fn summarize(concurrency: usize, streams: &[StreamResult], hop_ms_p50: Option<f6
         ttft_ms_p99: percentile(&ttft, 99.0).map(round3),
         hop_ms_p50: hop_ms_p50.map(round3),
         failures: streams.len() - done.len(),
+        speculative: speculative.map_or_else(|| "-".to_owned(), |m| m.to_string()),
+        tokens_per_step: ratio(decoded, trips),
+        draft_accept_rate: ratio(accepted, drafted),
     }
 }
 
 /// Columns of the table: title and width.
-const COLUMNS: [&str; 7] = [
+const COLUMNS: [&str; 9] = [
     "concurrency",
+    "speculative",
     "aggregate tok/s",
     "per-stream tok/s",
     "TTFT p50 ms",
     "TTFT p99 ms",
     "hop p50 ms",
     "failures",
+    "tok/step",
 ];
 
 fn table_header() -> String {
@@ -284,12 +348,14 @@ fn table_row(r: &RunReport) -> String {
     let num = |v: Option<f64>, digits: usize| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.digits$}"));
     let cells = [
         r.concurrency.to_string(),
+        r.speculative.clone(),
         num(Some(r.aggregate_tok_s), 1),
         num(r.per_stream_tok_s, 1),
         num(r.ttft_ms_p50, 1),
         num(r.ttft_ms_p99, 1),
         num(r.hop_ms_p50, 3),
         r.failures.to_string(),
+        num(r.tokens_per_step, 2),
     ];
     cells
         .iter()
@@ -320,6 +386,23 @@ fn prompt_ids(model: &Model, n: usize) -> Result<Vec<u32>> {
     bail!("the tokenizer makes fewer than {n} tokens of the prompt text")
 }
 
+/// `--workload copy`: the text of `ids` and [`COPY_INSTRUCTION`] as one user message through
+/// the model's chat template (an instruction-tuned model follows it there, not in raw text).
+fn copy_prompt(model: &Model, ids: &[u32]) -> Result<Vec<u32>> {
+    let text = model.tokenizer().context("loading the tokenizer")?.decode_with(ids, true)?;
+    chat_prompt(model, &format!("{}{COPY_INSTRUCTION}", text.trim_end()))
+}
+
+/// `request` as one user message through the model's chat template, ready for the answer.
+fn chat_prompt(model: &Model, request: &str) -> Result<Vec<u32>> {
+    let tokenizer = model.tokenizer().context("loading the tokenizer")?;
+    let template =
+        model.chat_template()?.context("--workload copy and write need a model with a chat template")?;
+    let text = template.render(&[ChatMessage::new("user", request)], true)?;
+    // The template writes its own special tokens.
+    Ok(tokenizer.encode(&text, false)?)
+}
+
 /// What the streams run against.
 #[derive(Clone)]
 enum Backend {
@@ -338,9 +421,13 @@ impl Backend {
         max_tokens: usize,
         t0: Instant,
         bar: ProgressBar,
+        mode: Option<Speculation>,
     ) -> StreamResult {
         match self {
-            Self::Driver(d) => driver_stream(&d, prompt, max_tokens, t0, &bar).await,
+            Self::Driver(d) => {
+                let mode = mode.unwrap_or(d.config().speculation);
+                driver_stream(&d, prompt, max_tokens, t0, &bar, mode).await
+            }
             Self::Api(api) => api.stream(&prompt, max_tokens, t0, &bar).await,
         }
     }
@@ -370,6 +457,7 @@ async fn driver_stream(
     max_tokens: usize,
     t0: Instant,
     bar: &ProgressBar,
+    mode: Speculation,
 ) -> StreamResult {
     let request = Request {
         prompt: prompt.to_vec(),
@@ -381,7 +469,7 @@ async fn driver_stream(
     };
     let (mut first, mut last, mut tokens) = (None, None, 0usize);
     let result = d
-        .generate(&request, |_| {
+        .generate_with(&request, mode, |_| {
             let at = t0.elapsed();
             first.get_or_insert(at);
             last = Some(at);
@@ -401,6 +489,9 @@ async fn driver_stream(
         Ok(outcome) => {
             s.tokens = outcome.tokens.len();
             s.route = outcome.route;
+            s.round_trips = outcome.step_times.len();
+            s.drafted = outcome.speculation.draft_tokens;
+            s.accepted = outcome.speculation.accepted_tokens;
             if !outcome.failovers.is_empty() {
                 tracing::info!(failovers = outcome.failovers.len(), "a stream recovered from failures");
             }
@@ -648,6 +739,8 @@ struct Workload {
     warmup: usize,
     repeat: usize,
     json: bool,
+    /// The speculation of each run of a level, in order (`None`: the backend's own).
+    modes: Vec<Option<Speculation>>,
 }
 
 /// The median of `values` (the mean of the middle two for an even count; `None` when empty).
@@ -675,6 +768,9 @@ fn median_report(runs: &[RunReport]) -> Option<RunReport> {
         ttft_ms_p99: of(|r| r.ttft_ms_p99),
         hop_ms_p50: of(|r| r.hop_ms_p50),
         failures: runs.iter().map(|r| r.failures).sum(),
+        speculative: first.speculative.clone(),
+        tokens_per_step: of(|r| r.tokens_per_step),
+        draft_accept_rate: of(|r| r.draft_accept_rate),
     })
 }
 
@@ -687,7 +783,13 @@ async fn bench(backend: Backend, w: &Workload, header: &str) -> Result<()> {
     for _ in 0..w.warmup {
         let r = backend
             .clone()
-            .stream(warm_prompt.clone(), w.gen_tokens.min(WARMUP_GEN), Instant::now(), ProgressBar::hidden())
+            .stream(
+                warm_prompt.clone(),
+                w.gen_tokens.min(WARMUP_GEN),
+                Instant::now(),
+                ProgressBar::hidden(),
+                None,
+            )
             .await;
         if let Some(e) = r.error {
             bail!("the warm-up request failed: {e}");
@@ -697,12 +799,15 @@ async fn bench(backend: Backend, w: &Workload, header: &str) -> Result<()> {
         print_line(&table_header())?;
     }
     let mut reports = Vec::new();
-    for &c in std::iter::repeat_n(&w.levels, w.repeat).flatten() {
+    let runs = std::iter::repeat_n(&w.levels, w.repeat)
+        .flatten()
+        .flat_map(|&c| w.modes.iter().map(move |&m| (c, m)));
+    for (c, mode) in runs {
         let bar = progress_bar(c, (c * w.gen_tokens) as u64);
         let t0 = Instant::now();
         let mut set = JoinSet::new();
         for _ in 0..c {
-            set.spawn(backend.clone().stream(w.prompt.clone(), w.gen_tokens, t0, bar.clone()));
+            set.spawn(backend.clone().stream(w.prompt.clone(), w.gen_tokens, t0, bar.clone(), mode));
         }
         let mut streams = Vec::with_capacity(c);
         while let Some(joined) = set.join_next().await {
@@ -714,7 +819,11 @@ async fn bench(backend: Backend, w: &Workload, header: &str) -> Result<()> {
         }
         bar.finish_and_clear();
         let routes: HashSet<PeerId> = streams.iter().flat_map(|s| s.route.iter().copied()).collect();
-        let report = summarize(c, &streams, backend.hop_ms_p50(&routes).await);
+        let shown = match &backend {
+            Backend::Driver(d) => Some(mode.unwrap_or(d.config().speculation)),
+            Backend::Api(_) => None,
+        };
+        let report = summarize(c, &streams, backend.hop_ms_p50(&routes).await, shown);
         if let Some(e) = streams.iter().find_map(|s| s.error.as_deref()) {
             eprintln!("concurrency {c}: {} of {c} streams failed; first error: {e}", report.failures);
         }
@@ -731,8 +840,8 @@ async fn bench(backend: Backend, w: &Workload, header: &str) -> Result<()> {
         reports.push(report);
     }
     if w.repeat > 1 {
-        // One report per level (in the order given): the median of its runs.
-        let runs = w.levels.len();
+        // One report per level and mode (in the order given): the median of its runs.
+        let runs = w.levels.len() * w.modes.len();
         reports = (0..runs)
             .filter_map(|i| median_report(&reports.iter().skip(i).step_by(runs).cloned().collect::<Vec<_>>()))
             .collect();
@@ -742,6 +851,25 @@ async fn bench(backend: Backend, w: &Workload, header: &str) -> Result<()> {
             for r in &reports {
                 print_line(&table_row(r))?;
             }
+        }
+    }
+    if w.modes.len() == 2 && !w.json {
+        // Speculation against none, each level's pair of runs (or medians).
+        for pair in reports.chunks_exact(2) {
+            let (off, on) = (&pair[0], &pair[1]);
+            let times = |a: Option<f64>, b: Option<f64>| match (a, b) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+                _ => "-".to_owned(),
+            };
+            print_line(&format!(
+                "concurrency {}: {} / off: aggregate {}, per-stream {}; {} tokens per round trip, {} of the draft ids accepted",
+                on.concurrency,
+                on.speculative,
+                times(Some(on.aggregate_tok_s), Some(off.aggregate_tok_s)),
+                times(on.per_stream_tok_s, off.per_stream_tok_s),
+                on.tokens_per_step.map_or_else(|| "-".to_owned(), |t| format!("{t:.2}")),
+                on.draft_accept_rate.map_or_else(|| "-".to_owned(), |r| format!("{:.0}%", r * 100.0)),
+            ))?;
         }
     }
     if w.json {
@@ -770,15 +898,39 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
             spec.max_position_embeddings
         );
     }
+    let mut prompt = prompt_ids(&model, args.prompt_tokens)?;
+    match args.workload {
+        WorkloadKind::Free => {}
+        WorkloadKind::Copy => prompt = copy_prompt(&model, &prompt)?,
+        WorkloadKind::Write => prompt = chat_prompt(&model, WRITE_REQUEST)?,
+    }
+    let spec_mode = args.driver.speculative.speculative;
+    let modes = if args.compare_speculative {
+        if args.url.is_some() {
+            bail!("--compare-speculative needs --stages or --join (an API speculates as it was started)");
+        }
+        if spec_mode == Speculation::Off {
+            bail!("--compare-speculative compares with --speculative MODE: give a mode other than off");
+        }
+        vec![Some(Speculation::Off), Some(spec_mode)]
+    } else {
+        vec![None]
+    };
     let workload = Workload {
-        prompt: Arc::new(prompt_ids(&model, args.prompt_tokens)?),
+        prompt: Arc::new(prompt),
+        modes,
         gen_tokens: args.gen_tokens,
         levels,
         warmup: args.warmup,
         repeat: args.repeat as usize,
         json: args.json,
     };
-    let tokens = format!("prompt {} tokens, gen {} tokens per stream", args.prompt_tokens, args.gen_tokens);
+    let tokens = format!(
+        "prompt {} tokens ({:?}), gen {} tokens per stream",
+        workload.prompt.len(),
+        args.workload,
+        args.gen_tokens
+    );
     if let Some(url) = &args.url {
         return runtime()?.block_on(async {
             let api = ApiClient::connect(url, args.api_key.clone(), args.ignore_eos).await?;
@@ -902,7 +1054,7 @@ mod tests {
             StreamResult { tokens: 3, end: ms(4000), error: Some("gone".into()), ..Default::default() };
         // 11 tokens in 1 s after the first (10 tok/s) and 6 in 0.5 s (10 tok/s).
         let streams = [ok(11, 100, 1100, 1200), ok(6, 300, 800, 2000), failed];
-        let r = summarize(3, &streams, Some(0.25));
+        let r = summarize(3, &streams, Some(0.25), None);
         assert_eq!(r.failures, 1);
         assert_eq!(r.concurrency, 3);
         assert!((r.aggregate_tok_s - 17.0 / 4.0).abs() < 1e-9, "{r:?}");
@@ -910,10 +1062,19 @@ mod tests {
         assert_eq!(r.ttft_ms_p50, Some(100.0));
         assert_eq!(r.ttft_ms_p99, Some(300.0));
         assert_eq!(r.hop_ms_p50, Some(0.25));
-        let none = summarize(1, &[StreamResult { error: Some("x".into()), ..Default::default() }], None);
+        let none =
+            summarize(1, &[StreamResult { error: Some("x".into()), ..Default::default() }], None, None);
         assert_eq!(
             (none.aggregate_tok_s, none.per_stream_tok_s, none.ttft_ms_p50, none.failures),
             (0.0, None, None, 1)
+        );
+        assert_eq!((r.tokens_per_step, r.draft_accept_rate, r.speculative.as_str()), (None, None, "-"));
+        // Speculation: 10 tokens after the first in 4 round trips, 6 of 10 draft ids kept.
+        let spec = StreamResult { round_trips: 4, drafted: 10, accepted: 6, ..ok(11, 100, 1100, 1200) };
+        let r = summarize(1, &[spec], None, Some(Speculation::Ngram));
+        assert_eq!(
+            (r.tokens_per_step, r.draft_accept_rate, r.speculative.as_str()),
+            (Some(2.5), Some(0.6), "ngram")
         );
     }
 
@@ -927,6 +1088,9 @@ mod tests {
             ttft_ms_p99: Some(20.0),
             hop_ms_p50: None,
             failures: 0,
+            speculative: "ngram".into(),
+            tokens_per_step: Some(2.5),
+            draft_accept_rate: None,
         };
         let (header, row) = (table_header(), table_row(&r));
         assert_eq!(header.len(), row.len(), "{header}\n{row}");
@@ -980,6 +1144,9 @@ mod tests {
             ttft_ms_p99: ttft,
             hop_ms_p50: None,
             failures,
+            speculative: "off".into(),
+            tokens_per_step: ttft,
+            draft_accept_rate: None,
         };
         let m = median_report(&[run(300.0, Some(9.0), 0), run(100.0, None, 1), run(200.0, Some(5.0), 2)])
             .unwrap();
