@@ -48,7 +48,9 @@ pub async fn start_stages(model: &Model, model_id: [u8; 32], stages: usize) -> V
             max_seq_len: 4096,
             model_id,
         };
-        let node = Node::bind(NodeOptions::loopback()).await.expect("stage binds");
+        // Stages in one process share its cores: they wait a moment for batches to fill.
+        let options = NodeOptions { batch_wait: stages > 1, ..NodeOptions::loopback() };
+        let node = Node::bind(options).await.expect("stage binds");
         node.serve(StageService::new(shard, config));
         nodes.push(node);
     }

@@ -85,7 +85,7 @@ use shoal_model_shards::Model;
 use shoal_model_shards::chat_template::ChatMessage;
 use shoal_model_shards::generate::Flow;
 use shoal_model_shards::sampler::SamplingParams;
-use shoal_worker::net::Node;
+use shoal_worker::net::{Node, NodeOptions};
 use shoal_worker::service::PeerId;
 use tokio::task::JoinSet;
 
@@ -960,8 +960,10 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
             let mut nodes: Vec<Node> = Vec::new();
             let result = async {
                 let mut peers = Vec::new();
+                // Stages in one process share its cores: they wait a moment for batches to fill.
+                let stage_options = NodeOptions { batch_wait: services.len() > 1, ..net.options(None)? };
                 for service in services {
-                    let node = crate::node::bind(net.options(None)?).await?;
+                    let node = crate::node::bind(stage_options.clone()).await?;
                     node.serve(service);
                     peers.push(node.addr());
                     nodes.push(node);

@@ -8,7 +8,7 @@ use clap::Args;
 use shoal_coordinator_free_router::driver::LocalWeights;
 use shoal_coordinator_free_router::membership::OwnSpan;
 use shoal_coordinator_free_router::swarm::announce::{Holdings, PeerState};
-use shoal_worker::net::Node;
+use shoal_worker::net::{Node, NodeOptions};
 
 use crate::cli::api::{ApiArgs, serve};
 use crate::cli::common::{DEFAULT_MODEL, GenOptions, generate_with, prepare};
@@ -93,8 +93,10 @@ pub fn run(args: RunArgs) -> Result<()> {
         net.bind.get_or_insert(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0));
         let mut nodes = Vec::new();
         let mut memberships = Vec::new();
+        // Stages in one process share its cores: they wait a moment for batches to fill.
+        let stage_options = NodeOptions { batch_wait: services.len() > 1, ..net.options(None)? };
         for (span, service) in services {
-            let node = crate::node::bind(net.options(None)?).await?;
+            let node = crate::node::bind(stage_options.clone()).await?;
             if prepared.is_none() {
                 // A serving swarm announces its stages, so `shoal status` and `shoal worker
                 // --join` (a replica, more layers) work against any stage's ticket.
