@@ -150,9 +150,11 @@ pub struct DriverArgs {
 /// Speculative decoding of an origin (`shoal generate`, `run`, `api`, `worker --api`, `bench`).
 #[derive(Debug, Clone, Args)]
 pub struct SpeculativeArgs {
-    /// Speculative decoding: `off`, or `ngram` (draft the next tokens from n-gram matches in
-    /// the prompt and the text so far, and verify them in one round trip through the
-    /// pipeline; the tokens are the same, text that repeats its context comes faster).
+    /// Speculative decoding: `off`; `ngram` (draft the next tokens from n-gram matches in the
+    /// prompt and the text so far, and verify them in one round trip through the pipeline);
+    /// or `draft:PATH` (draft them with a small model with the same tokenizer, a GGUF file or
+    /// Hugging Face directory loaded whole on this origin). The tokens are the same in every
+    /// mode; text that repeats its context, or any text across slow links, comes faster.
     #[arg(long, env = "SHOAL_SPECULATIVE", default_value_t = Speculation::Off, value_name = "MODE")]
     pub speculative: Speculation,
 }
@@ -192,7 +194,7 @@ impl DriverArgs {
         DriverConfig {
             wire_dtype: self.wire_dtype.into(),
             step_timeout: Duration::from_secs_f64(self.step_timeout.max(0.001)),
-            speculation: self.speculative.speculative,
+            speculation: self.speculative.speculative.clone(),
             spot_check: self.spot_check.config(),
             ..DriverConfig::default()
         }

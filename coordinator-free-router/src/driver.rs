@@ -22,7 +22,7 @@
 //!    when the future is dropped (a client that goes away frees every KV cache).
 //!
 //! # Speculative decoding
-//! With [`Speculation::Ngram`] ([`DriverConfig::speculation`], or per call with
+//! With [`Speculation::Ngram`] or [`Speculation::Draft`] ([`DriverConfig::speculation`], or per call with
 //! [`Driver::generate_with`]) each decode step may carry a draft ([`crate::speculative`]): the
 //! last token and up to 8 guessed ids, which the last stage verifies. The result lists the
 //! accepted ids and then the stage's next choice; the driver reports them one by one exactly
@@ -629,7 +629,7 @@ impl Driver {
         request: &Request,
         on_token: impl FnMut(TokenEvent<'_>) -> Flow,
     ) -> Result<Outcome, DriverError> {
-        self.generate_with(request, self.config.speculation, on_token).await
+        self.generate_with(request, self.config.speculation.clone(), on_token).await
     }
 
     /// [`Driver::generate`] with the speculation mode `speculation`. The tokens are the same
@@ -661,6 +661,16 @@ impl Driver {
         }
         if request.max_tokens == 0 {
             return Err(DriverError::InvalidRequest("max_tokens must be at least 1".into()));
+        }
+        if let Speculation::Draft(m) = &speculation
+            && m.vocab_size() != self.vocab_size as usize
+        {
+            return Err(DriverError::InvalidRequest(format!(
+                "the draft model {} has a vocabulary of {} ids, the model {}",
+                m.path().display(),
+                m.vocab_size(),
+                self.vocab_size
+            )));
         }
         if usize::from(request.top_logprobs) > shoal_worker::protocol::MAX_TOP_LOGPROBS {
             return Err(DriverError::InvalidRequest("top_logprobs is at most 20".into()));
@@ -947,7 +957,7 @@ impl Driver {
             // be kept whole within max_tokens.
             let start = request.prompt.len() + state.tokens.len() - 1;
             let context: Vec<u32> = request.prompt.iter().chain(&state.tokens).copied().collect();
-            draft = state.drafter.propose(&context, request.max_tokens - state.tokens.len() - 1);
+            draft = state.drafter.propose(&context, request.max_tokens - state.tokens.len() - 1).await;
             mask = match Self::next_mask(request) {
                 Ok(m) => m,
                 Err(None) => {

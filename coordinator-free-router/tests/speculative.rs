@@ -2,7 +2,8 @@
 //! real SmolLM2-135M (Q4_1): the tokens (and their logprobs) with `ngram` speculation are
 //! those without, on one stage and on three, greedy and sampled, for text that repeats its
 //! prompt (most drafts accepted) and for free-form text; stops and `max_tokens` cut at the
-//! same token; a stage that leaves mid-generation is replaced and the replay keeps the tokens.
+//! same token; a stage that leaves mid-generation is replaced and the replay keeps the tokens;
+//! a draft model (`draft:PATH`) keeps them too.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -227,4 +228,62 @@ async fn a_failover_mid_speculation_replays_to_the_same_tokens() {
     assert!(!out.route.contains(&killed.expect("a replica was stopped")));
     assert!(out.speculation.accepted_tokens > 0, "{:?}", out.speculation);
     eprintln!("replayed after token {}: {:?}", out.failovers[0].at_token, out.speculation);
+}
+
+/// `draft:PATH`: a draft model on the origin (here SmolLM2 itself, so that greedy drafts are
+/// the target's own choices) keeps the tokens and logprobs of ordinary decoding through three
+/// stages, greedy and sampled, and drafts free-form text that n-grams cannot; a draft model
+/// with another vocabulary is refused with the request, naming both sizes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draft_model_keeps_the_tokens_and_drafts_free_text() {
+    let model = model();
+    let n = model.spec().n_layers;
+    let draft: Speculation =
+        format!("draft:{}", model_path().display()).parse().expect("the draft model loads");
+    assert_eq!(draft.name(), "draft");
+    let mut nodes = Vec::new();
+    for span in [0..n / 3, n / 3..2 * n / 3, 2 * n / 3..n] {
+        nodes.push(stage(&model, span).await);
+    }
+    let refs: Vec<&Node> = nodes.iter().collect();
+    let d = driver_for(&model, &refs).await;
+    let free = prompt(&model, FREE);
+    for (name, params) in [("free, greedy", SamplingParams::greedy()), ("free, sampled", sampled())] {
+        let r = request(&free, params, 40);
+        let off = run(&d, &r, Speculation::Off).await;
+        let drafted = run(&d, &r, draft.clone()).await;
+        assert_same(&off, &drafted, name);
+        let ngram = run(&d, &r, Speculation::Ngram).await;
+        let s = drafted.speculation;
+        eprintln!(
+            "{name}: {} tokens in {} round trips with the draft model ({} of {} ids accepted), {} with ngram",
+            drafted.tokens.len(),
+            drafted.step_times.len() + 1,
+            s.accepted_tokens,
+            s.draft_tokens,
+            ngram.step_times.len() + 1
+        );
+        assert!(s.drafts > 0, "{name}: {s:?}");
+        if name == "free, greedy" {
+            // The target's own greedy choices: (nearly) every draft id is kept.
+            assert!(s.accepted_tokens * 10 >= s.draft_tokens * 9, "{name}: {s:?}");
+            assert!(
+                drafted.step_times.len() * 3 < off.step_times.len(),
+                "{name}: a third of the round trips"
+            );
+            assert!(drafted.step_times.len() < ngram.step_times.len(), "{name}: fewer than n-gram drafts");
+        }
+    }
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny_gguf/qwen3moe.gguf");
+    let other: Speculation = format!("draft:{}", fixture.display()).parse().expect("the fixture loads");
+    let err = d
+        .generate_with(&request(&free, SamplingParams::greedy(), 4), other, |_| Flow::Continue)
+        .await
+        .expect_err("another vocabulary");
+    let msg = err.to_string();
+    assert!(msg.contains("qwen3moe.gguf") && msg.contains("the model 49152"), "{msg}");
+    d.node().shutdown().await;
+    for node in &nodes {
+        node.shutdown().await;
+    }
 }

@@ -47,15 +47,15 @@
 //!   ([`Driver::refresh`]); half of each round trip to a peer of the routes the streams took is
 //!   a hop, and this is their p50 by nearest rank. `--url`: null (`-` in the table), the API
 //!   does not expose it.
-//! - `speculative`: the speculation mode of the run (`-` through `--url`);
-//!   `tokens_per_step`: tokens after the first / decode round trips, over completed streams
-//!   (1 without speculation; null through `--url`); `draft_accept_rate`: draft ids accepted /
-//!   draft ids sent (null when nothing was drafted).
+//! - `speculative`: the speculation mode of the run (`off`, `ngram` or `draft`; `-` through
+//!   `--url`); `tokens_per_step`: tokens after the first / decode round trips, over completed
+//!   streams (1 without speculation; null through `--url`); `draft_accept_rate`: draft ids
+//!   accepted / draft ids sent (null when nothing was drafted).
 //! - `--workload copy` sends the prompt's text and a request to repeat it, as one user
 //!   message through the model's chat template (copy-heavy output); `--workload write` asks
-//!   the same way for a story on a fixed topic (new text); `--compare-speculative` runs each level with speculation off and then with
-//!   `--speculative MODE`, and prints each level's ratios (aggregate and per-stream tok/s)
-//!   after the table.
+//!   the same way for a story on a fixed topic (new text). `--compare-speculative` runs each
+//!   level with speculation off and then with `--speculative MODE`, and prints each level's
+//!   ratios (aggregate and per-stream tok/s) after the table.
 //! - `failures`: streams that ended in an error (the first error of a run is printed on
 //!   stderr); the others are still reported.
 //!
@@ -321,7 +321,7 @@ fn summarize(
         ttft_ms_p99: percentile(&ttft, 99.0).map(round3),
         hop_ms_p50: hop_ms_p50.map(round3),
         failures: streams.len() - done.len(),
-        speculative: speculative.map_or_else(|| "-".to_owned(), |m| m.to_string()),
+        speculative: speculative.map_or("-", |m| m.name()).to_owned(),
         tokens_per_step: ratio(decoded, trips),
         draft_accept_rate: ratio(accepted, drafted),
     }
@@ -425,7 +425,7 @@ impl Backend {
     ) -> StreamResult {
         match self {
             Self::Driver(d) => {
-                let mode = mode.unwrap_or(d.config().speculation);
+                let mode = mode.unwrap_or_else(|| d.config().speculation.clone());
                 driver_stream(&d, prompt, max_tokens, t0, &bar, mode).await
             }
             Self::Api(api) => api.stream(&prompt, max_tokens, t0, &bar).await,
@@ -801,13 +801,13 @@ async fn bench(backend: Backend, w: &Workload, header: &str) -> Result<()> {
     let mut reports = Vec::new();
     let runs = std::iter::repeat_n(&w.levels, w.repeat)
         .flatten()
-        .flat_map(|&c| w.modes.iter().map(move |&m| (c, m)));
+        .flat_map(|&c| w.modes.iter().map(move |m| (c, m.clone())));
     for (c, mode) in runs {
         let bar = progress_bar(c, (c * w.gen_tokens) as u64);
         let t0 = Instant::now();
         let mut set = JoinSet::new();
         for _ in 0..c {
-            set.spawn(backend.clone().stream(w.prompt.clone(), w.gen_tokens, t0, bar.clone(), mode));
+            set.spawn(backend.clone().stream(w.prompt.clone(), w.gen_tokens, t0, bar.clone(), mode.clone()));
         }
         let mut streams = Vec::with_capacity(c);
         while let Some(joined) = set.join_next().await {
@@ -820,7 +820,7 @@ async fn bench(backend: Backend, w: &Workload, header: &str) -> Result<()> {
         bar.finish_and_clear();
         let routes: HashSet<PeerId> = streams.iter().flat_map(|s| s.route.iter().copied()).collect();
         let shown = match &backend {
-            Backend::Driver(d) => Some(mode.unwrap_or(d.config().speculation)),
+            Backend::Driver(d) => Some(mode.clone().unwrap_or_else(|| d.config().speculation.clone())),
             Backend::Api(_) => None,
         };
         let report = summarize(c, &streams, backend.hop_ms_p50(&routes).await, shown);
@@ -904,7 +904,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         WorkloadKind::Copy => prompt = copy_prompt(&model, &prompt)?,
         WorkloadKind::Write => prompt = chat_prompt(&model, WRITE_REQUEST)?,
     }
-    let spec_mode = args.driver.speculative.speculative;
+    let spec_mode = args.driver.speculative.speculative.clone();
     let modes = if args.compare_speculative {
         if args.url.is_some() {
             bail!("--compare-speculative needs --stages or --join (an API speculates as it was started)");
