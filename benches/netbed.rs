@@ -17,6 +17,8 @@
 //! - `NETBED_BENCH_ARGS`: more `shoal bench` arguments, split at whitespace (for example
 //!   `--workload copy --speculative ngram --compare-speculative`: each level off, then with
 //!   n-gram drafts);
+//! - `NETBED_WORKER_LOGS`: a directory for the workers' stderr (`worker-HOST-PID.log`;
+//!   `RUST_LOG` sets what they log);
 //! - `NETBED_OUT`: where the JSON results go (default `target/netbed.json`): one object per
 //!   cell `{stages, delay_ms, loss, ping_ms, runs}`, `runs` as `shoal bench --json` gives them.
 //!
@@ -60,7 +62,13 @@ fn worker(bed: &Bed, host: usize, layers: &str, join: Option<&str>) -> (Worker, 
         .args(["--max-sessions", "256", "--per-peer-sessions", "256"])
         .env("SHOAL_THREADS", "1")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+        .stderr(match std::env::var_os("NETBED_WORKER_LOGS") {
+            Some(dir) => {
+                let path = PathBuf::from(dir).join(format!("worker-{host}-{}.log", std::process::id()));
+                Stdio::from(std::fs::File::create(&path).expect("create the worker's log"))
+            }
+            None => Stdio::null(),
+        });
     if let Some(t) = join {
         cmd.args(["--join", t]);
     }
