@@ -89,7 +89,8 @@ pub use check::LocalWeights;
 pub const ASSUMED_LAYER_THROUGHPUT: f64 = 1000.0;
 
 /// Timeouts in a row, with every hop answering pings, after which a peer is banned (it may be
-/// taking steps and dropping them; see [`crate::blame`]).
+/// taking steps and dropping them; see [`crate::blame`]); timeouts within one step deadline
+/// of each other count once.
 pub const TIMEOUT_STRIKES: u32 = 3;
 
 /// Timeouts, bans and wire settings of a driver.
@@ -366,6 +367,7 @@ impl Drop for ActiveGuard<'_> {
 impl Driver {
     /// A driver for `model` that sends from `node`.
     pub fn new(node: Node, model: ModelInfo, config: DriverConfig) -> Self {
+        let step_timeout = config.step_timeout;
         Self {
             node,
             model_id: model.model_id,
@@ -375,7 +377,7 @@ impl Driver {
             policy: Mutex::new(SpotCheckPolicy::new(config.spot_check, rand::random())),
             config,
             peers: Mutex::new(HashMap::new()),
-            strikes: Mutex::new(crate::blame::Strikes::new(TIMEOUT_STRIKES)),
+            strikes: Mutex::new(crate::blame::Strikes::new(TIMEOUT_STRIKES, step_timeout)),
             local: Mutex::new(None),
             checks: AtomicU64::new(0),
             liars_banned: AtomicU64::new(0),
@@ -1015,7 +1017,7 @@ impl Driver {
             let Some(Inbound { from, msg }) = channel.recv_until(deadline.into()).await else {
                 let silent = self.silent_hops(route).await;
                 // Every hop answering pings: one may be dropping steps (`crate::blame`).
-                let culprits = lock(&self.strikes).timed_out(route, &silent);
+                let culprits = lock(&self.strikes).timed_out(route, &silent, Instant::now());
                 return Err(AttemptFailure {
                     reason: format!(
                         "no result within {:?}; silent: [{}]; banned: [{}]",
