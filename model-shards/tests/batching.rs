@@ -24,10 +24,28 @@ fn alone(shards: &[Shard], caches: &mut [KvCache], tokens: Vec<u32>) -> Tensor {
     unreachable!("the last span returns logits")
 }
 
+/// The model as one span and as two: the span sets every test here runs on.
+fn span_sets(model: &Model) -> anyhow::Result<Vec<Vec<Shard>>> {
+    let n = model.spec().n_layers;
+    #[allow(clippy::single_range_in_vec_init)] // one span holding every layer
+    let sets: [Vec<std::ops::Range<usize>>; 2] = [vec![0..n], vec![0..13, 13..n]];
+    let load = |spans: &Vec<std::ops::Range<usize>>| -> anyhow::Result<Vec<Shard>> {
+        Ok(spans
+            .iter()
+            .map(|s| Shard::load(model, s.clone(), &Device::Cpu, DType::F32))
+            .collect::<Result<_, _>>()?)
+    };
+    sets.iter().map(load).collect()
+}
+
+/// A fresh cache on every span for each of `sessions` sessions.
+fn fresh_caches(shards: &[Shard], sessions: usize) -> Vec<Vec<KvCache>> {
+    (0..sessions).map(|_| shards.iter().map(|s| s.new_cache(64)).collect()).collect()
+}
+
 #[test]
 fn batched_decode_equals_each_session_alone() -> anyhow::Result<()> {
     let model = Model::open(common::smollm2_path())?;
-    let n = model.spec().n_layers;
     let prompts: Vec<Vec<u32>> = vec![
         vec![504, 3575, 282],
         vec![2, 9, 1345, 28, 253, 1155, 314, 4649],
@@ -35,16 +53,9 @@ fn batched_decode_equals_each_session_alone() -> anyhow::Result<()> {
         vec![4649, 314, 2, 9, 1345, 28, 253, 1155, 504, 3575, 282, 4649, 314],
         vec![28, 253],
     ];
-    let whole: Vec<std::ops::Range<usize>> = std::iter::once(0..n).collect();
-    for spans in [whole, vec![0..13, 13..n]] {
-        let shards: Vec<Shard> = spans
-            .iter()
-            .map(|s| Shard::load(&model, s.clone(), &Device::Cpu, DType::F32))
-            .collect::<Result<_, _>>()?;
-        let fresh = || -> Vec<Vec<KvCache>> {
-            prompts.iter().map(|_| shards.iter().map(|s| s.new_cache(64)).collect()).collect()
-        };
-        let (mut solo, mut batched) = (fresh(), fresh());
+    for shards in span_sets(&model)? {
+        let (mut solo, mut batched) =
+            (fresh_caches(&shards, prompts.len()), fresh_caches(&shards, prompts.len()));
         let mut next: Vec<u32> = Vec::new();
         for (i, p) in prompts.iter().enumerate() {
             let a = alone(&shards, &mut solo[i], p.clone());
@@ -76,7 +87,7 @@ fn batched_decode_equals_each_session_alone() -> anyhow::Result<()> {
             assert_eq!(logits.len(), group.len());
             for (&i, got) in group.iter().zip(&logits) {
                 let want = alone(&shards, &mut solo[i], vec![next[i]]);
-                assert_eq!(bits(got), bits(&want), "{} spans: session {i} in batch {group:?}", spans.len());
+                assert_eq!(bits(got), bits(&want), "{} spans: session {i} in batch {group:?}", shards.len());
                 next[i] = got.argmax(1)?.to_vec1::<u32>()?[0];
             }
         }
@@ -90,16 +101,10 @@ fn batched_decode_equals_each_session_alone() -> anyhow::Result<()> {
 #[test]
 fn forward_rows_gives_each_position_the_bits_of_one_position_steps() -> anyhow::Result<()> {
     let model = Model::open(common::smollm2_path())?;
-    let n = model.spec().n_layers;
     let prompt = vec![2u32, 9, 1345, 28, 253, 1155, 314, 4649];
     let steps = vec![504u32, 3575, 282, 4649, 314, 2, 9];
-    let whole: Vec<std::ops::Range<usize>> = std::iter::once(0..n).collect();
-    for spans in [whole, vec![0..13, 13..n]] {
-        let shards: Vec<Shard> = spans
-            .iter()
-            .map(|s| Shard::load(&model, s.clone(), &Device::Cpu, DType::F32))
-            .collect::<Result<_, _>>()?;
-        let fresh = || -> Vec<KvCache> { shards.iter().map(|s| s.new_cache(64)).collect() };
+    for shards in span_sets(&model)? {
+        let fresh = || fresh_caches(&shards, 1).remove(0);
         let (mut one, mut rows) = (fresh(), fresh());
         alone(&shards, &mut one, prompt.clone());
         alone(&shards, &mut rows, prompt.clone());
@@ -118,7 +123,7 @@ fn forward_rows_gives_each_position_the_bits_of_one_position_steps() -> anyhow::
         let logits = logits.expect("the last span returns logits");
         assert_eq!(logits.dims2()?.0, steps.len());
         for (i, w) in want.iter().enumerate() {
-            assert_eq!(&bits(&logits.narrow(0, i, 1)?), w, "{} spans: position {i}", spans.len());
+            assert_eq!(&bits(&logits.narrow(0, i, 1)?), w, "{} spans: position {i}", shards.len());
         }
         assert_eq!(
             rows.iter().map(KvCache::len).collect::<Vec<_>>(),
@@ -134,19 +139,11 @@ fn forward_rows_gives_each_position_the_bits_of_one_position_steps() -> anyhow::
 #[test]
 fn batched_multi_position_steps_equal_each_session_alone() -> anyhow::Result<()> {
     let model = Model::open(common::smollm2_path())?;
-    let n = model.spec().n_layers;
     let prompts: Vec<Vec<u32>> = vec![vec![504, 3575, 282], vec![2, 9, 1345, 28, 253], vec![1]];
     let steps: Vec<Vec<u32>> = vec![vec![4649, 314, 2, 9], vec![1155], vec![28, 253, 504]];
-    let whole: Vec<std::ops::Range<usize>> = std::iter::once(0..n).collect();
-    for spans in [whole, vec![0..13, 13..n]] {
-        let shards: Vec<Shard> = spans
-            .iter()
-            .map(|s| Shard::load(&model, s.clone(), &Device::Cpu, DType::F32))
-            .collect::<Result<_, _>>()?;
-        let fresh = || -> Vec<Vec<KvCache>> {
-            prompts.iter().map(|_| shards.iter().map(|s| s.new_cache(64)).collect()).collect()
-        };
-        let (mut solo, mut batched) = (fresh(), fresh());
+    for shards in span_sets(&model)? {
+        let (mut solo, mut batched) =
+            (fresh_caches(&shards, prompts.len()), fresh_caches(&shards, prompts.len()));
         for (i, p) in prompts.iter().enumerate() {
             alone(&shards, &mut solo[i], p.clone());
             alone(&shards, &mut batched[i], p.clone());
@@ -180,7 +177,7 @@ fn batched_multi_position_steps_equal_each_session_alone() -> anyhow::Result<()>
         assert_eq!(logits.len(), steps.len());
         for (i, (got, want)) in logits.iter().zip(&want).enumerate() {
             assert_eq!(got.dims2()?.0, steps[i].len(), "session {i}: a row per position");
-            assert_eq!(bits(got), bits(want), "{} spans: session {i}", spans.len());
+            assert_eq!(bits(got), bits(want), "{} spans: session {i}", shards.len());
         }
         for (i, (s, b)) in solo.iter().zip(&batched).enumerate() {
             let lens = |c: &[KvCache]| c.iter().map(KvCache::len).collect::<Vec<_>>();
