@@ -2,14 +2,15 @@
 //! one stage (and in-process `generate()` with no network), in one run:
 //! `cargo bench --bench pipeline`.
 //!
-//! For each configuration (1 stage, 3 stages) the model is split evenly into in-process
+//! For each configuration (1 stage, 3 stages, and 3 stages with the sampler's inputs in the
+//! clear instead of sealed for the last stage) the model is split evenly into in-process
 //! stages, each its own iroh endpoint on 127.0.0.1 with its own compute thread (what
 //! `shoal run` does), and an origin drives greedy generations of `TOKENS` tokens (stop ids
 //! off) after a warm-up. While the stages decode, a task pings every link of the ring
 //! (origin → stage 1 → … → stage N → origin) every `BENCH_PING_MS` milliseconds (50); half a round trip is
 //! the one-way latency of a hop. Prints a table and one JSON line:
-//! `{"tokens", "local_decode_tok_s", "runs": [{"stages", "decode_tok_s", "step_ms_p50", "step_ms_p99"}],
-//!   "ratio_3_over_1", "hop_ms_p50", "hop_ms_p99", "overhead_ms_per_hop"}`.
+//! `{"tokens", "local_decode_tok_s", "runs": [{"stages", "sealed", "decode_tok_s", "step_ms_p50", "step_ms_p99"}],
+//!   "ratio_3_over_1", "ratio_sealed_over_clear", "hop_ms_p50", "hop_ms_p99", "overhead_ms_per_hop"}`.
 //!
 //! Environment: `SHOAL_NET_THREADS` (the async runtime's threads, default 1 on ≤ 4 cores),
 //! `SHOAL_MODEL` (default `models/SmolLM2-135M-Instruct.Q4_1.gguf`),
@@ -46,18 +47,30 @@ fn sorted_ms(v: impl IntoIterator<Item = Duration>) -> Vec<f64> {
 
 struct RunResult {
     stages: usize,
+    sealed: bool,
     decode_tok_s: f64,
     steps_ms: Vec<f64>,
     hops_ms: Vec<f64>,
 }
 
-async fn run(model: &Model, model_id: [u8; 32], stages: usize, tokens: usize, repeats: usize) -> RunResult {
+async fn run(
+    model: &Model,
+    model_id: [u8; 32],
+    stages: usize,
+    sealed: bool,
+    tokens: usize,
+    repeats: usize,
+) -> RunResult {
     let nodes = start_stages(model, model_id, stages).await;
     let origin = Node::bind(NodeOptions::loopback()).await.expect("origin binds");
     let driver = Driver::new(
         origin.clone(),
         ModelInfo::of(model).expect("model info"),
-        DriverConfig { step_timeout: Duration::from_secs(60), ..DriverConfig::default() },
+        DriverConfig {
+            step_timeout: Duration::from_secs(60),
+            seal_sampler_inputs: sealed,
+            ..DriverConfig::default()
+        },
     );
     for node in &nodes {
         driver.add_peer(node.addr()).await.expect("stage answers");
@@ -120,6 +133,7 @@ async fn run(model: &Model, model_id: [u8; 32], stages: usize, tokens: usize, re
     }
     RunResult {
         stages,
+        sealed,
         decode_tok_s: decoded as f64 / decode_time.as_secs_f64(),
         steps_ms: sorted_ms(steps),
         hops_ms: sorted_ms(hops),
@@ -160,15 +174,18 @@ fn main() {
     let repeats = env_usize("BENCH_REPEATS", 3);
     let (model, model_id, rt) = setup();
     let local_tok_s = local(&model, tokens, repeats);
-    let results: Vec<RunResult> =
-        [1, 3].into_iter().map(|s| rt.block_on(run(&model, model_id, s, tokens, repeats))).collect();
+    let results: Vec<RunResult> = [(1, true), (3, true), (3, false)]
+        .into_iter()
+        .map(|(stages, sealed)| rt.block_on(run(&model, model_id, stages, sealed, tokens, repeats)))
+        .collect();
     println!("| stages | decode tok/s | step ms p50 | step ms p99 | hop ms p50 | hop ms p99 |");
     println!("|---|---|---|---|---|---|");
     println!("| local `generate()`, no network | {local_tok_s:.1} | | | | |");
     for r in &results {
         println!(
-            "| {} | {:.1} | {:.2} | {:.2} | {:.3} | {:.3} |",
+            "| {}{} | {:.1} | {:.2} | {:.2} | {:.3} | {:.3} |",
             r.stages,
+            if r.sealed { "" } else { ", sampler inputs in the clear" },
             r.decode_tok_s,
             percentile(&r.steps_ms, 0.5),
             percentile(&r.steps_ms, 0.99),
@@ -176,8 +193,9 @@ fn main() {
             percentile(&r.hops_ms, 0.99)
         );
     }
-    let (one, three) = (&results[0], &results[1]);
+    let (one, three, clear) = (&results[0], &results[1], &results[2]);
     let ratio = three.decode_tok_s / one.decode_tok_s;
+    let sealing = three.decode_tok_s / clear.decode_tok_s;
     // Three stages add two hops to the ring of one stage (2 → 4 hops).
     let overhead = (percentile(&three.steps_ms, 0.5) - percentile(&one.steps_ms, 0.5)) / 2.0;
     println!(
@@ -185,11 +203,13 @@ fn main() {
         percentile(&three.hops_ms, 0.5),
         percentile(&three.hops_ms, 0.99)
     );
+    println!("3 stages, sealed / in the clear: {sealing:.3}x");
     let runs: Vec<serde_json::Value> = results
         .iter()
         .map(|r| {
             serde_json::json!({
                 "stages": r.stages,
+                "sealed": r.sealed,
                 "decode_tok_s": r.decode_tok_s,
                 "step_ms_p50": percentile(&r.steps_ms, 0.5),
                 "step_ms_p99": percentile(&r.steps_ms, 0.99),
@@ -203,6 +223,7 @@ fn main() {
             "local_decode_tok_s": local_tok_s,
             "runs": runs,
             "ratio_3_over_1": ratio,
+            "ratio_sealed_over_clear": sealing,
             "hop_ms_p50": percentile(&three.hops_ms, 0.5),
             "hop_ms_p99": percentile(&three.hops_ms, 0.99),
             "overhead_ms_per_hop": overhead,

@@ -47,8 +47,9 @@
 //!
 //! # Spot-checks
 //! On a share of decode steps ([`DriverConfig::spot_check`]; always on the first steps through
-//! a peer not checked yet) the driver taps the step (every stage also sends the origin the
-//! hidden states it forwards) and runs the same history through another route: other
+//! a peer not checked yet) the driver taps the step right after sending it (every stage
+//! also sends the origin the hidden states it forwarded; no stage knows a step is checked
+//! while computing it) and runs the same history through another route: other
 //! replicas of the same spans, or the origin's own weights ([`Driver::set_local_weights`]).
 //! The token of a checked step is reported only once the outputs agree. When they do not, a
 //! third opinion decides and the peers in the minority are banned for
@@ -71,6 +72,7 @@ use shoal_model_shards::token_mask::TokenMask;
 
 use crate::constraint::Constraint;
 use shoal_worker::net::{Inbound, NetError, Node, SessionChannel, peer_id, short};
+use shoal_worker::protocol::seal::SealKey;
 use shoal_worker::protocol::{
     CloseReason, CloseSession, ErrorCode, HiddenStates, Message, OpenSession, Payload, PeerInfo, RouteHop,
     Sampling, StageError, Step, StepResult, Tap, WireDType,
@@ -120,6 +122,10 @@ pub struct DriverConfig {
     pub speculation: Speculation,
     /// Which steps are checked on another replica, and how closely they must agree.
     pub spot_check: SpotCheckConfig,
+    /// Seal each step's token history, draft ids and token mask for the route's last stage
+    /// (`shoal_worker::protocol::seal`), so that the stages in between see hidden states and
+    /// step lengths only. On by default; off sends them in the clear (protocol tests).
+    pub seal_sampler_inputs: bool,
 }
 
 impl Default for DriverConfig {
@@ -135,6 +141,31 @@ impl Default for DriverConfig {
             prefill_chunk: shoal_worker::net::PREFILL_BUDGET,
             speculation: Speculation::Off,
             spot_check: SpotCheckConfig::default(),
+            seal_sampler_inputs: true,
+        }
+    }
+}
+
+/// Seals the sampler inputs of one session's steps for its last hop, or leaves them in the
+/// clear.
+struct Sealer(Option<SealKey>);
+
+impl Sealer {
+    /// The `OpenSession::seal` of a session whose last hop is `last`, and its sealer.
+    fn new(enabled: bool, last: &PeerId) -> Result<(Option<[u8; 32]>, Self), String> {
+        if !enabled {
+            return Ok((None, Self(None)));
+        }
+        let (public, key) = SealKey::send_to(last).map_err(|e| e.to_string())?;
+        Ok((Some(public), Self(Some(key))))
+    }
+
+    /// `step` as it goes on the wire: with a seal, its history tail, draft ids and mask move
+    /// into the box and the draft keeps only its length (zeros).
+    fn step(&self, step: Step) -> Step {
+        match &self.0 {
+            Some(key) => key.seal_step(step),
+            None => step,
         }
     }
 }
@@ -778,6 +809,8 @@ impl Driver {
         address_book.extend(ids.iter().map(|id| self.node.known_addrs(id)));
         let history: Vec<u32> = request.prompt.iter().chain(state.tokens.iter()).copied().collect();
         let max_len = request.prompt.len() + request.max_tokens;
+        let (seal, sealer) = Sealer::new(self.config.seal_sampler_inputs, &last)
+            .map_err(|e| AttemptFailure { culprits: vec![last], reason: e, step_started: Instant::now() })?;
         let open = OpenSession {
             session_id,
             model_id: self.model_id,
@@ -790,6 +823,7 @@ impl Driver {
             top_logprobs: request.top_logprobs,
             prompt_len: u32::try_from(request.prompt.len()).unwrap_or(u32::MAX),
             address_book,
+            seal,
         };
         let mut guard =
             SessionGuard { node: &self.node, first_hop: first, session_id, reason: CloseReason::Error };
@@ -826,7 +860,7 @@ impl Driver {
         for (i, (sample_step, ids)) in steps.into_iter().enumerate() {
             step_id += 1;
             let len = ids.len() as u32;
-            let step = Step {
+            let step = sealer.step(Step {
                 session_id,
                 step_id,
                 start_pos: pos,
@@ -834,8 +868,9 @@ impl Driver {
                 history_tail: ids.clone(),
                 draft: Vec::new(),
                 mask: if i + 1 == n_steps { mask.clone() } else { None },
+                sealed: None,
                 payload: Payload::Tokens(ids),
-            };
+            });
             self.node
                 .send_for_session(first, session_id, &Message::Step(step))
                 .map_err(|e| fail_now(e.to_string(), vec![]))?;
@@ -977,16 +1012,10 @@ impl Driver {
                 && self.spot_config().enabled()
                 && lock(&self.policy).should_check(&ids)
                 && self.can_check(route);
-            if checking {
-                taps.clear();
-                self.node
-                    .send_for_session(first, session_id, &Message::Tap(Tap { session_id, step_id }))
-                    .map_err(|e| AttemptFailure { culprits: vec![], reason: e.to_string(), step_started })?;
-            }
             let mut payload = Vec::with_capacity(1 + draft.len());
             payload.push(next);
             payload.extend_from_slice(&draft);
-            let step = Step {
+            let step = sealer.step(Step {
                 session_id,
                 step_id,
                 start_pos: u32::try_from(start).unwrap_or(u32::MAX),
@@ -994,11 +1023,20 @@ impl Driver {
                 history_tail: emitted,
                 draft: draft.clone(),
                 mask: mask.clone(),
+                sealed: None,
                 payload: Payload::Tokens(payload),
-            };
+            });
             self.node
                 .send_for_session(first, session_id, &Message::Step(step))
                 .map_err(|e| AttemptFailure { culprits: vec![], reason: e.to_string(), step_started })?;
+            if checking {
+                // The tap follows its step down the chain: every stage has computed and
+                // forwarded the step before it learns that the step is checked.
+                taps.clear();
+                self.node
+                    .send_for_session(first, session_id, &Message::Tap(Tap { session_id, step_id }))
+                    .map_err(|e| AttemptFailure { culprits: vec![], reason: e.to_string(), step_started })?;
+            }
         }
     }
 

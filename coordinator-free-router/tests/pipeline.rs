@@ -7,6 +7,7 @@
 //! are freed on completion, on cancellation and when their origin vanishes.
 
 use std::ops::Range;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use iroh::endpoint::{Connection, RecvStream, presets};
@@ -23,7 +24,7 @@ use shoal_worker::protocol::{
     self, ALPN, ErrorCode, HiddenStates, MAX_FRAME, Message, OpenSession, Payload, RouteHop, Sampling, Step,
     WireDType,
 };
-use shoal_worker::service::{StageConfig, StageService};
+use shoal_worker::service::{Action, StageConfig, StageService};
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny/llama");
 const PROMPT: [u32; 7] = [1, 17, 42, 99, 5, 200, 31];
@@ -363,6 +364,7 @@ async fn sessions_of_a_vanished_origin_idle_out_and_free_their_memory() {
         top_logprobs: 0,
         prompt_len: PROMPT.len() as u32,
         address_book: vec![origin.node_addrs(), a.node_addrs(), b.node_addrs()],
+        seal: None,
     };
     origin.add_peer_addr(a.addr());
     let mut channel = origin.open_session_channel(session_id);
@@ -375,6 +377,7 @@ async fn sessions_of_a_vanished_origin_idle_out_and_free_their_memory() {
         history_tail: PROMPT.to_vec(),
         draft: Vec::new(),
         mask: None,
+        sealed: None,
         payload: Payload::Tokens(PROMPT.to_vec()),
     };
     origin.send(a.id(), &Message::Step(step)).expect("step sent");
@@ -457,6 +460,7 @@ async fn hostile_frames_get_typed_errors_while_other_sessions_run() {
             top_logprobs: 0,
             prompt_len: 1,
             address_book: vec![],
+            seal: None,
         };
         send.write_all(&protocol::encode(&Message::OpenSession(open))).await.expect("write");
         let hidden_step = |session_id, values: Vec<f32>, width: u32| {
@@ -469,6 +473,7 @@ async fn hostile_frames_get_typed_errors_while_other_sessions_run() {
                 history_tail: vec![1],
                 draft: Vec::new(),
                 mask: None,
+                sealed: None,
                 payload: Payload::Hidden(HiddenStates { t: 1, hidden: width, dtype: WireDType::F32, bytes }),
             })
         };
@@ -578,4 +583,69 @@ async fn a_full_kv_budget_is_refused_and_the_origin_routes_elsewhere() {
     assert_eq!(out.tokens, local(&params, 20));
     assert_eq!(out.route, vec![big.id()]);
     wait_all_freed(&[&small, &big]).await;
+}
+
+/// A stage that serves honestly and keeps a copy of every step it forwards: what the next
+/// stage receives.
+async fn recording_stage(span: Range<usize>, seen: Arc<Mutex<Vec<Step>>>) -> Node {
+    let model = model();
+    let shard = Shard::load(&model, span, &Device::Cpu, DType::F32).expect("span loads");
+    let node = Node::bind(options()).await.expect("endpoint binds");
+    let record = move |actions: &mut Vec<Action>| {
+        for a in actions.iter() {
+            if let Action::ToNext { msg: Message::Step(s), .. } = a {
+                seen.lock().expect("not poisoned").push(s.clone());
+            }
+        }
+    };
+    let service = StageService::new(shard, stage_config(Duration::from_secs(60)));
+    assert!(node.serve_tampered(service, record));
+    node
+}
+
+/// Privacy of the token history: with sealing (the default) the stages before the last one
+/// forward steps that carry no history id, draft id or mask in the clear, and the last stage
+/// still samples with penalties over the whole history (tokens of local generation), through
+/// a constrained generation too. Without sealing, the same recorders see every id, so they
+/// would catch a leak.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stages_before_the_last_see_no_token_ids_in_the_steps_they_relay() {
+    let params = sampled();
+    let want = local(&params, 24);
+    let want_masked = local_residues(&params, 12);
+    let vocab = model().spec().vocab_size as u32;
+    for seal in [true, false] {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let a = recording_stage(0..1, seen.clone()).await;
+        let b = recording_stage(1..3, seen.clone()).await;
+        let c = stage(3..4, Duration::from_secs(60)).await;
+        let config = DriverConfig { seal_sampler_inputs: seal, ..driver_config() };
+        let d = driver_for(&[&a, &b, &c], config).await;
+        let out = d.generate(&request(&params, 24), |_| Flow::Continue).await.expect("sampled run");
+        assert_eq!(out.tokens, want, "seal {seal}");
+        let constrained = Request {
+            constraint: Some(Constraint::new(Residues { vocab, at: 0, len: 12 })),
+            ..request(&params, 30)
+        };
+        let out = d.generate(&constrained, |_| Flow::Continue).await.expect("constrained run");
+        assert_eq!(out.tokens, want_masked, "seal {seal}");
+
+        let steps = std::mem::take(&mut *seen.lock().expect("not poisoned"));
+        // Each of the two recorders saw every step of both generations.
+        assert!(steps.len() >= 2 * (24 + 12), "{} steps recorded", steps.len());
+        let clear_ids: usize = steps.iter().map(|s| s.history_tail.len()).sum();
+        let masks = steps.iter().filter(|s| s.mask.is_some()).count();
+        if seal {
+            assert_eq!((clear_ids, masks), (0, 0), "ids in the clear between stages");
+            assert!(steps.iter().all(|s| s.sealed.is_some()));
+        } else {
+            assert!(clear_ids >= 2 * (PROMPT.len() + 23), "the recorders see the history in the clear");
+            assert!(masks >= 2 * 12);
+            assert!(steps.iter().all(|s| s.sealed.is_none()));
+        }
+        d.node().shutdown().await;
+        for n in [&a, &b, &c] {
+            n.shutdown().await;
+        }
+    }
 }

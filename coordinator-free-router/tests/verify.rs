@@ -7,11 +7,12 @@
 //! Proves: the origin detects the liar, bans it and the completion equals local generation,
 //! with two replicas and the origin's weights as the tie-breaker, and with three replicas by
 //! majority; a single replica is checked against the origin's own weights; honest replicas
-//! pass every check.
+//! pass every check, and every tap reaches a stage after the step it names.
 
+use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use shoal_coordinator_free_router::driver::{
@@ -72,13 +73,14 @@ fn perturb(bytes: &mut [u8]) {
 }
 
 /// A stage that lies on one in `every` of the one-position steps it forwards (the first lie
-/// on the `first + 1`-th), consistently: the copy a tapped step sends the origin carries the
-/// same lie. Counts its lies in `lies`.
+/// on the `first + 1`-th), consistently: the copy a tapped step sends the origin (in the same
+/// batch of actions, or in a later one when the tap follows the step) carries the same lie.
+/// Counts its lies in `lies`.
 async fn liar(span: Range<usize>, every: usize, first: usize, lies: Arc<AtomicUsize>) -> Node {
     let node = bind().await;
     let mut forwarded = 0usize;
+    let mut lied = std::collections::HashSet::new();
     let tamper = move |actions: &mut Vec<Action>| {
-        let mut lied = Vec::new();
         for a in actions.iter_mut() {
             if let Action::ToNext { msg: Message::Step(s), .. } = a
                 && let Payload::Hidden(h) = &mut s.payload
@@ -86,7 +88,7 @@ async fn liar(span: Range<usize>, every: usize, first: usize, lies: Arc<AtomicUs
             {
                 if forwarded % every == first {
                     perturb(&mut h.bytes);
-                    lied.push((s.session_id, s.step_id));
+                    lied.insert((s.session_id, s.step_id));
                     lies.fetch_add(1, Ordering::SeqCst);
                 }
                 forwarded += 1;
@@ -231,10 +233,32 @@ async fn a_single_replica_is_checked_against_the_origins_weights() {
     assert_eq!(d.spot_check_counts().1, 1);
 }
 
+/// A stage of `span` that serves honestly and logs what it forwards, in order:
+/// `(session, step id, is_tap)`.
+async fn logging(span: Range<usize>, log: Arc<Mutex<Vec<(u64, u64, bool)>>>) -> Node {
+    let node = bind().await;
+    let tamper = move |actions: &mut Vec<Action>| {
+        let mut log = log.lock().expect("not poisoned");
+        for a in actions.iter() {
+            match a {
+                Action::ToNext { msg: Message::Step(s), .. } => log.push((s.session_id, s.step_id, false)),
+                Action::ToNext { msg: Message::Tap(t), .. } => log.push((t.session_id, t.step_id, true)),
+                _ => {}
+            }
+        }
+    };
+    assert!(node.serve_tampered(service(span), tamper));
+    node
+}
+
+/// Honest replicas pass every check, and a stage learns that a step is checked only after
+/// it computed and forwarded it: in the generation's own session every tap follows its step
+/// down the chain (a liar cannot save its lies for unchecked steps).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn honest_replicas_pass_every_check() {
-    let a1 = honest(0..2).await;
-    let a2 = honest(0..2).await;
+async fn honest_replicas_pass_every_check_and_see_each_tap_after_its_step() {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let a1 = logging(0..2, log.clone()).await;
+    let a2 = logging(0..2, log.clone()).await;
     let b1 = honest(2..4).await;
     let b2 = honest(2..4).await;
     let d = driver(&[&a1, &a2, &b1, &b2], config(1.0), false).await;
@@ -245,4 +269,24 @@ async fn honest_replicas_pass_every_check() {
     assert_eq!(outcome.spot_checks, TOKENS - 1);
     assert!(outcome.failovers.is_empty());
     assert_eq!(d.spot_check_counts(), (TOKENS as u64 - 1, 0));
+    let log = std::mem::take(&mut *log.lock().expect("not poisoned"));
+    // The generation's session is the one with the most steps (a check's replay is a few
+    // prefill chunks).
+    let mut steps: HashMap<u64, usize> = HashMap::new();
+    for &(session, _, tap) in &log {
+        if !tap {
+            *steps.entry(session).or_default() += 1;
+        }
+    }
+    let main = steps.iter().max_by_key(|(_, n)| **n).map(|(s, _)| *s).expect("steps were forwarded");
+    let events: Vec<(u64, bool)> =
+        log.iter().filter(|(s, _, _)| *s == main).map(|&(_, step, tap)| (step, tap)).collect();
+    let taps: Vec<u64> = events.iter().filter(|(_, tap)| *tap).map(|(s, _)| *s).collect();
+    assert_eq!(taps.len(), TOKENS - 1, "every decode step was tapped");
+    for step in taps {
+        let forwarded =
+            events.iter().position(|&e| e == (step, false)).expect("the tapped step was forwarded");
+        let tapped = events.iter().position(|&e| e == (step, true)).expect("the tap was forwarded");
+        assert!(forwarded < tapped, "the tap of step {step} came before the step");
+    }
 }

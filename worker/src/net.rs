@@ -593,13 +593,15 @@ impl Node {
 
     fn serve_with(
         &self,
-        service: StageService,
+        mut service: StageService,
         tamper: impl FnMut(&mut Vec<Action>) + Send + 'static,
     ) -> bool {
         let mut slot = lock(&self.inner.stage);
         if slot.is_some() {
             return false;
         }
+        // As the last stage of a route, the service opens what origins seal for this node.
+        service.set_identity(self.inner.endpoint.secret_key());
         let (tx, rx) = std::sync::mpsc::sync_channel(STAGE_QUEUE);
         let info = Arc::new(Mutex::new((service.info(), service.stats())));
         let inner = self.inner.clone();

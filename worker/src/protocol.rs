@@ -13,15 +13,18 @@
 //!   that remain before anything is allocated; unknown kinds, dtypes, codes and flags are
 //!   rejected; trailing bytes are rejected; decoding never panics.
 //! - Cheap on the hot path: a decode step with f16 hidden states costs `hidden × 2` bytes plus
-//!   a 60-byte header (see [Bytes per token](#bytes-per-token)).
+//!   a 61-byte header, 102 when sealed (see [Bytes per token](#bytes-per-token)).
 //!
 //! # Non-goals
 //! - **No compression**: activations are close to incompressible noise in f16/bf16.
-//! - **No encryption or authentication**: QUIC (TLS 1.3) gives both; a node id is the peer's
-//!   ed25519 key, so the transport already knows who sent each frame.
+//! - **No encryption or authentication of frames**: QUIC (TLS 1.3) gives both on each link; a
+//!   node id is the peer's ed25519 key, so the transport already knows who sent each frame.
+//!   The one end-to-end encryption is the sampler's inputs, sealed by the origin for the last
+//!   stage so that the stages in between never see token ids ([`seal`]).
 //! - **No in-band versioning or negotiation**: the version lives in the ALPN string
-//!   ([`ALPN`]). An incompatible change gets a new ALPN (`shoal/stage/5`; version 2 added
-//!   spot-checks' `Tap` and `StageOutput`, version 3 speculative steps, version 4 token masks), and a node may
+//!   ([`ALPN`]). An incompatible change gets a new ALPN (`shoal/stage/6`; version 2 added
+//!   spot-checks' `Tap` and `StageOutput`, version 3 speculative steps, version 4 token masks,
+//!   version 5 sealed sampler inputs), and a node may
 //!   serve both during a migration. Unknown values are therefore errors, not extensions.
 //! - **No session semantics**: the codec checks what a frame can say about itself (sizes,
 //!   codes, finite sampling parameters, route shape). Whether a session exists, whether a
@@ -83,9 +86,10 @@
 //! | 123+40n    | 4     | `prompt_len: u32`              | `≤ max_len`                            |
 //! | 127+40n    | 4     | address book count `a: u32`    | `≤` [`MAX_ROUTE_HOPS`]` + 1`           |
 //! | 131+40n    | …     | `a` entries: `node_id [u8;32]`, address count `c: u8` (`≤` [`MAX_NODE_ADDRS`]), `c` socket addresses | |
+//! | …          | 1 (+32) | `seal: Option<[u8; 32]>`     | flag 0 or 1, then the origin's ephemeral X25519 key ([`seal`]) |
 //!
 //! A socket address is a family byte (`4` or `6`), the IP (4 or 16 bytes) and the port
-//! (`u16`). Body size: `131 + 40·n` bytes plus the address book. Each hop's layer span is
+//! (`u16`). Body size: `132 + 40·n` bytes plus the address book, plus 32 with a seal. Each hop's layer span is
 //! `start..end` with `start < end`; hop 0 starts at layer 0 and each hop starts where the
 //! previous one ends.
 //!
@@ -108,6 +112,8 @@
 //! | 37+4k   | 4·d  | `draft: [u32]`                 | speculative decoding (below); empty otherwise |
 //! | 37+4k+4d | 1   | mask tag                       | 0 none, 1 allowed ids, 2 bits (below)       |
 //! | …       | 4+4·n | mask: count `n: u32`, `[u32]` | tags 1 and 2 only; `n ≤` [`MAX_MASK_WORDS`] |
+//! | …       | 1    | sealed flag                    | 0 or 1                                      |
+//! | …       | 4+s  | sealed box: count `s: u32`, bytes | flag 1 only; `s ≤` [`seal::MAX_SEALED`]  |
 //! | …       | 1    | payload tag                    | 1 tokens, 2 hidden                          |
 //!
 //! Let `o` be the offset after the payload tag.
@@ -133,6 +139,19 @@
 //! the ids of that prompt chunk (so the whole prompt arrives over the prefill steps; the
 //! first `prompt_len` ids of the history are the prompt), on decode steps it is the ids
 //! generated since the previous step (the token it sampled, after the draft ids it accepted).
+//!
+//! ### Sealed sampler inputs
+//! Only the last stage samples, so only it needs the history, the draft ids and the mask.
+//! When the session's `OpenSession` carries a `seal` key, the origin puts those three in a
+//! box that only the route's last node can open ([`seal`]: X25519 from the origin's
+//! ephemeral key to the last node's identity, AES-256-GCM bound to the session and step ids)
+//! and the step carries no history, no mask and a draft of zeros (its length is what the
+//! stages in between need); a step with a box and ids in the clear is malformed
+//! (`UnsealedIds`). Forward stages pass the box on; the last stage opens it and refuses a box
+//! that does not open, a clear step in a sealed session and a sealed step in a clear one
+//! (`BadShape`, charged to the previous hop), and a sealed session when it has no node
+//! identity (`Unsupported`). The stages in between thus see step lengths, positions and hidden
+//! states, never token ids; stage 1 still reads the ids it embeds (each step's input).
 //!
 //! ### Token masks
 //! A constrained step (structured outputs, tool calls) carries the set of ids its sampled
@@ -216,10 +235,13 @@
 //! | 1      | 8    | `session_id: u64` |
 //! | 9      | 8    | `step_id: u64`    |
 //!
-//! Travels down the chain like `CloseSession` (only from the session's opener) and must
-//! arrive before the step it names. Every stage that forwards hidden states for that step
-//! also sends them to the origin as a [`StageOutput`]; the last stage's answer is its
-//! [`StepResult`] as always. The origin compares these outputs with another replica's to
+//! Travels down the chain like `CloseSession` (only from the session's opener), right after
+//! the step it names or before it. Every stage that forwards hidden states for that step
+//! also sends them to the origin as a [`StageOutput`]: at once when it is the decode or
+//! speculative step the stage forwarded last (a stage keeps that one step's output per
+//! session), otherwise when the step comes. The last stage's answer is its [`StepResult`] as
+//! always. The origin sends a session's taps after their steps, so no stage knows a step is
+//! checked while it computes it; it compares the outputs with another replica's to
 //! spot-check the stages (the router's `verify` module). A new tap replaces the previous one.
 //!
 //! ## 9: `StageOutput` (stage → origin: the hidden states a stage forwarded for a tapped step)
@@ -232,9 +254,10 @@
 //!
 //! # Bytes per token
 //! A decode step (one token, one id in `history_tail`, no draft) with f16 or bf16 hidden
-//! states is `hidden × 2` bytes of values plus 60 bytes of header (4 frame length + 56 body)
-//! per hop: for SmolLM2-135M (`hidden = 576`) that is 1,152 + 60 = 1,212 bytes. A prefill
-//! chunk of `t` tokens costs `t × hidden × 2 + 56 + 4·t` bytes; a speculative step with `d`
+//! states is `hidden × 2` bytes of values plus 61 bytes of header (4 frame length + 57 body)
+//! per hop: for SmolLM2-135M (`hidden = 576`) that is 1,152 + 61 = 1,213 bytes. Sealed, the
+//! id moves into a box of 13 + 28 bytes (nonce and tag): 1,254 bytes. A prefill
+//! chunk of `t` tokens costs `t × hidden × 2 + 57 + 4·t` bytes (plus 41 sealed); a speculative step with `d`
 //! draft ids `(d + 1) × hidden × 2 + 56 + 4·d` plus its history tail; a constrained step adds
 //! `4 + 4·n` bytes of token mask (`n` allowed ids, or `⌈vocab / 32⌉` words: 6 KiB for
 //! SmolLM2's 49,152 ids at most). A frame must stay within
@@ -249,7 +272,7 @@ use std::fmt;
 pub use shoal_model_shards::token_mask::TokenMask;
 
 /// ALPN of the stage protocol; the protocol's version lives here and nowhere else.
-pub const ALPN: &[u8] = b"shoal/stage/4";
+pub const ALPN: &[u8] = b"shoal/stage/5";
 
 /// Size of the frame header: the body length as a little-endian `u32`.
 pub const HEADER_LEN: usize = 4;
@@ -338,6 +361,10 @@ pub enum ProtocolError {
     /// A speculative step carries a token mask.
     #[error("a step with a draft carries no token mask")]
     MaskedDraft,
+    /// A step with sealed sampler inputs also carries history ids, draft ids or a mask in
+    /// the clear.
+    #[error("a sealed step carries no history, draft ids or mask in the clear")]
+    UnsealedIds,
     /// A step payload tag is not 1 (tokens) or 2 (hidden).
     #[error("unknown step payload tag {0}")]
     UnknownPayload(u8),
@@ -457,7 +484,8 @@ impl ProtocolError {
             Self::HiddenSizeMismatch { .. }
             | Self::Empty { .. }
             | Self::DraftMismatch { .. }
-            | Self::MaskedDraft => ErrorCode::BadShape,
+            | Self::MaskedDraft
+            | Self::UnsealedIds => ErrorCode::BadShape,
             Self::PositionOverflow { .. } => ErrorCode::BadPosition,
             _ => ErrorCode::Malformed,
         }
@@ -590,6 +618,9 @@ pub struct OpenSession {
     pub prompt_len: u32,
     /// How to reach the route's nodes and the origin (hints; may be empty).
     pub address_book: Vec<NodeAddrs>,
+    /// The origin's ephemeral X25519 key when the session's steps carry their sampler inputs
+    /// sealed for the last hop ([`seal`]); `None` when they travel in the clear.
+    pub seal: Option<[u8; 32]>,
 }
 
 /// Hidden states between stages: `t × hidden` values, row-major, little-endian.
@@ -655,6 +686,10 @@ pub struct Step {
     /// The ids the sampled token may take (a constrained step); `None` allows all. Passed
     /// through to the last stage.
     pub mask: Option<TokenMask>,
+    /// In a sealed session: `history_tail`, the draft ids and `mask`, sealed for the last
+    /// stage ([`seal`]). The step then carries an empty `history_tail`, no mask and a draft
+    /// of zeros (its length is what the stages in between need). Passed through unchanged.
+    pub sealed: Option<Vec<u8>>,
     /// The stage's input.
     pub payload: Payload,
 }
@@ -972,6 +1007,8 @@ impl Message {
                         .iter()
                         .map(|e| 33 + e.addrs.iter().map(addr_len).sum::<usize>())
                         .sum::<usize>()
+                    + 1
+                    + if m.seal.is_some() { 32 } else { 0 }
             }
             Self::Step(m) => {
                 let payload = match &m.payload {
@@ -982,7 +1019,18 @@ impl Message {
                     None => 1,
                     Some(TokenMask::Allow(w) | TokenMask::Bits(w)) => 1 + 4 + 4 * w.len(),
                 };
-                8 + 8 + 4 + 8 + 4 + 4 * m.history_tail.len() + 4 + 4 * m.draft.len() + mask + 1 + payload
+                let sealed = 1 + m.sealed.as_ref().map_or(0, |b| 4 + b.len());
+                8 + 8
+                    + 4
+                    + 8
+                    + 4
+                    + 4 * m.history_tail.len()
+                    + 4
+                    + 4 * m.draft.len()
+                    + mask
+                    + sealed
+                    + 1
+                    + payload
             }
             Self::StepResult(m) => {
                 8 + 8
@@ -1176,6 +1224,12 @@ fn validate_step(m: &Step) -> Result<(), ProtocolError> {
             return Err(ProtocolError::MaskedDraft);
         }
     }
+    if let Some(b) = &m.sealed {
+        check_count("sealed", b.len(), seal::MAX_SEALED)?;
+        if !m.history_tail.is_empty() || m.mask.is_some() || m.draft.iter().any(|&id| id != 0) {
+            return Err(ProtocolError::UnsealedIds);
+        }
+    }
     Ok(())
 }
 
@@ -1261,6 +1315,13 @@ pub fn encode_into(msg: &Message, out: &mut Vec<u8>) {
                     put_addr(out, addr);
                 }
             }
+            match &m.seal {
+                None => out.push(0),
+                Some(key) => {
+                    out.push(1);
+                    out.extend_from_slice(key);
+                }
+            }
         }
         Message::Step(m) => {
             put_u64(out, m.session_id);
@@ -1278,6 +1339,14 @@ pub fn encode_into(msg: &Message, out: &mut Vec<u8>) {
                 Some(TokenMask::Bits(bits)) => {
                     out.push(TAG_MASK_BITS);
                     put_u32s(out, bits);
+                }
+            }
+            match &m.sealed {
+                None => out.push(0),
+                Some(b) => {
+                    out.push(1);
+                    put_len(out, b.len());
+                    out.extend_from_slice(b);
                 }
             }
             match &m.payload {
@@ -1525,6 +1594,11 @@ fn read_open(r: &mut Reader<'_>) -> Result<OpenSession, ProtocolError> {
         }
         address_book.push(NodeAddrs { node_id, addrs });
     }
+    let seal = match r.u8("seal flag")? {
+        0 => None,
+        1 => Some(r.array("seal")?),
+        value => return Err(ProtocolError::InvalidFlag { field: "seal flag", value }),
+    };
     Ok(OpenSession {
         session_id,
         model_id,
@@ -1537,6 +1611,7 @@ fn read_open(r: &mut Reader<'_>) -> Result<OpenSession, ProtocolError> {
         top_logprobs,
         prompt_len,
         address_book,
+        seal,
     })
 }
 
@@ -1575,12 +1650,20 @@ fn read_step(r: &mut Reader<'_>) -> Result<Step, ProtocolError> {
         TAG_MASK_BITS => Some(TokenMask::Bits(r.u32s("mask", MAX_MASK_WORDS)?)),
         tag => return Err(ProtocolError::UnknownMask(tag)),
     };
+    let sealed = match r.u8("sealed flag")? {
+        0 => None,
+        1 => {
+            let n = r.count("sealed", seal::MAX_SEALED, 1)?;
+            Some(r.take(n, "sealed")?.to_vec())
+        }
+        value => return Err(ProtocolError::InvalidFlag { field: "sealed flag", value }),
+    };
     let payload = match r.u8("payload tag")? {
         TAG_TOKENS => Payload::Tokens(r.u32s("tokens", MAX_STEP_TOKENS)?),
         TAG_HIDDEN => Payload::Hidden(read_hidden(r)?),
         tag => return Err(ProtocolError::UnknownPayload(tag)),
     };
-    Ok(Step { session_id, step_id, start_pos, sample_step, history_tail, draft, mask, payload })
+    Ok(Step { session_id, step_id, start_pos, sample_step, history_tail, draft, mask, sealed, payload })
 }
 
 /// Hidden states as a step's payload carries them (after the tag).
@@ -1721,6 +1804,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-#[cfg(test)]
+pub mod seal;
+
 #[cfg(test)]
 mod tests;

@@ -71,6 +71,7 @@ use shoal_model_shards::{
     DType, Error as EngineError, KvPool, LogitsMode, Shard, StageInput, StageOutput, Tensor,
 };
 
+use crate::protocol::seal::{self, SealKey};
 use crate::protocol::{
     Chosen, CloseReason, CloseSession, ErrorCode, HiddenStates, Message, OpenSession, Payload, PeerInfo,
     StageError, StageOutput as Copied, Step, StepResult, Tap,
@@ -162,6 +163,9 @@ pub struct StageService {
     /// The KV budget, in blocks shared by the sessions.
     pool: KvPool,
     draining: bool,
+    /// This node's id and the X25519 secret of its identity, to open the sampler inputs
+    /// that origins seal for it ([`crate::protocol::seal`]).
+    identity: Option<([u8; 32], [u8; 32])>,
 }
 
 impl StageService {
@@ -176,7 +180,15 @@ impl StageService {
             per_forwarder: HashMap::new(),
             pool,
             draining: false,
+            identity: None,
         }
+    }
+
+    /// Gives the service its node's identity, so that as the last stage it can open the
+    /// sampler inputs origins seal for it. [`crate::net::Node::serve`] sets it; without it,
+    /// sealed sessions are refused.
+    pub fn set_identity(&mut self, key: &iroh::SecretKey) {
+        self.identity = Some((*key.public().as_bytes(), seal::x25519_secret(key)));
     }
 
     /// The shard this stage serves.
@@ -432,7 +444,21 @@ impl StageService {
         let sampling = if self.shard.is_last() {
             let params = SamplingParams::from(&open.sampling);
             let sampler = Sampler::new(params).map_err(|e| refuse(ErrorCode::Unsupported, e.to_string()))?;
+            let seal = match (&open.seal, &self.identity) {
+                (None, _) => None,
+                (Some(_), None) => {
+                    return Err(refuse(
+                        ErrorCode::Unsupported,
+                        "this stage has no node identity to open sealed sampler inputs",
+                    ));
+                }
+                (Some(ephemeral), Some((node_id, secret))) => Some(
+                    SealKey::receive(ephemeral, secret, node_id)
+                        .map_err(|e| refuse(ErrorCode::BadShape, e.to_string()))?,
+                ),
+            };
             Some(SamplerState {
+                seal,
                 sampler,
                 history: Vec::new(),
                 prompt_len: open.prompt_len as usize,
@@ -496,6 +522,7 @@ impl StageService {
             cache,
             last_step: None,
             rewind_floor: None,
+            last_forwarded: None,
             last_active: now,
             sampling,
             tap: None,
@@ -518,7 +545,8 @@ impl StageService {
     }
 
     fn run_step(&mut self, from: PeerId, step: Step, now: Instant) -> Result<Action, Refusal> {
-        let (input, pos) = self.prepare_step(from, &step, now)?;
+        let mut step = step;
+        let (input, pos) = self.prepare_step(from, &mut step, now)?;
         let shard = &self.shard;
         let Some(session) = self.sessions.get_mut(&step.session_id) else {
             return Err(refuse(ErrorCode::UnknownSession, "no such session on this stage"));
@@ -532,7 +560,7 @@ impl StageService {
     fn prepare_step(
         &mut self,
         from: PeerId,
-        step: &Step,
+        step: &mut Step,
         now: Instant,
     ) -> Result<(StageInput, usize), Refusal> {
         let shard = &self.shard;
@@ -549,6 +577,7 @@ impl StageService {
                 format!("step id {} does not follow step id {last}", step.step_id),
             ));
         }
+        unseal(session, step)?;
         let held = session.cache.len();
         let pos = step.start_pos as usize;
         // After a speculative step the cache may hold rejected draft positions: a step that
@@ -695,7 +724,8 @@ impl StageService {
                 Some(s) if s.opener == from => s.origin,
                 _ => from,
             };
-            match self.prepare_step(from, &step, now) {
+            let mut step = step;
+            match self.prepare_step(from, &mut step, now) {
                 Ok((input, pos)) => batch.push(Pending { step, input, pos, reply_to }),
                 Err(r) => {
                     // Keep the order of the replies: what came before the refused step first.
@@ -780,12 +810,29 @@ impl StageService {
         }
     }
 
-    /// A `Tap` from the session's opener: remember the step and pass the tap on.
+    /// A `Tap` from the session's opener: the copy of the step this stage just forwarded
+    /// when the tap names it (a tap sent after its step), otherwise remember the step for
+    /// later (a tap sent before it); either way pass the tap on.
     fn tap(&mut self, from: PeerId, tap: Tap) -> Vec<Action> {
         match self.sessions.get_mut(&tap.session_id) {
             Some(s) if s.opener == from => {
-                s.tap = Some(tap.step_id);
-                s.next.map(|to| vec![Action::ToNext { to, msg: Message::Tap(tap) }]).unwrap_or_default()
+                let mut actions = Vec::new();
+                match &s.last_forwarded {
+                    Some((step_id, hidden)) if *step_id == tap.step_id => {
+                        actions.push(Action::ToOrigin {
+                            to: s.origin,
+                            msg: Message::StageOutput(Copied {
+                                session_id: tap.session_id,
+                                step_id: tap.step_id,
+                                hidden: hidden.clone(),
+                            }),
+                        });
+                        s.tap = None;
+                    }
+                    _ => s.tap = Some(tap.step_id),
+                }
+                actions.extend(s.next.map(|to| Action::ToNext { to, msg: Message::Tap(tap) }));
+                actions
             }
             Some(_) => {
                 tracing::info!(
@@ -833,6 +880,53 @@ impl StageService {
 }
 
 /// Gives back one session of `peer`'s quota.
+/// On the last stage of a sealed session, replaces the step's placeholders with the sampler
+/// inputs sealed in it; elsewhere, checks only that the step is sealed iff the session is.
+fn unseal(session: &Session, step: &mut Step) -> Result<(), Refusal> {
+    let key = session.sampling.as_ref().and_then(|s| s.seal.as_ref());
+    match (key, step.sealed.take()) {
+        (None, None) => Ok(()),
+        (Some(key), Some(sealed)) => {
+            let inputs = key
+                .open(step.session_id, step.step_id, &sealed)
+                .map_err(|e| refuse(ErrorCode::BadShape, e.to_string()))?;
+            if inputs.draft.len() != step.draft.len() {
+                return Err(refuse(
+                    ErrorCode::BadShape,
+                    format!(
+                        "the sealed draft has {} ids, the step {} positions",
+                        inputs.draft.len(),
+                        step.draft.len()
+                    ),
+                ));
+            }
+            let open = Step {
+                history_tail: inputs.history_tail,
+                draft: inputs.draft,
+                mask: inputs.mask,
+                ..step.clone()
+            };
+            crate::protocol::Message::Step(open.clone())
+                .validate()
+                .map_err(|e| refuse(e.code(), e.to_string()))?;
+            *step = open;
+            Ok(())
+        }
+        (None, Some(sealed)) if session.sampling.is_none() => {
+            // A forwarding stage passes the box on.
+            step.sealed = Some(sealed);
+            Ok(())
+        }
+        (None, Some(_)) => {
+            Err(refuse(ErrorCode::BadShape, "a sealed step in a session opened without a seal"))
+        }
+        (Some(_), None) => Err(refuse(
+            ErrorCode::BadShape,
+            "the session is sealed but the step carries its ids in the clear",
+        )),
+    }
+}
+
 fn release(quota: &mut HashMap<PeerId, usize>, peer: PeerId) {
     if let Some(n) = quota.get_mut(&peer) {
         *n = n.saturating_sub(1);
@@ -948,9 +1042,17 @@ fn finish_step(session: &mut Session, out: StageOutput, step: Step, pos: usize) 
         }
         _ => Err(refuse(ErrorCode::Internal, "the shard's output does not fit its place in the route")),
     };
-    if result.is_ok() {
+    if let Ok(action) = &result {
         session.last_step = Some(step_id);
         session.rewind_floor = speculative.then_some(pos + 1);
+        // What a decode or speculative step forwarded, for a tap that names it afterwards.
+        session.last_forwarded = match action {
+            Action::ToNext { msg: Message::Step(s), .. } if batchable(s) => match &s.payload {
+                Payload::Hidden(h) => Some((step_id, h.clone())),
+                Payload::Tokens(_) => None,
+            },
+            _ => None,
+        };
     } else {
         session.cache.truncate(pos);
     }

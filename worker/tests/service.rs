@@ -12,6 +12,7 @@ use shoal_model_shards::activation::WireDType;
 use shoal_model_shards::generate::{self, Flow};
 use shoal_model_shards::sampler::{Sampler, SamplingParams};
 use shoal_model_shards::{DType, Device, LogitsMode, Model, Shard, StageInput, StageOutput};
+use shoal_worker::protocol::seal::SealKey;
 use shoal_worker::protocol::{
     CloseReason, CloseSession, ErrorCode, HiddenStates, Message, OpenSession, Payload, RouteHop, Sampling,
     StageError, Step, StepResult, Tap,
@@ -65,6 +66,7 @@ fn open_msg(session_id: u64, wire_dtype: WireDType, top_logprobs: u8) -> OpenSes
         top_logprobs,
         prompt_len: PROMPT.len() as u32,
         address_book: Vec::new(),
+        seal: None,
     }
 }
 
@@ -77,6 +79,7 @@ fn tokens_step(session_id: u64, step_id: u64, start_pos: u32, sample_step: u64, 
         history_tail: ids.to_vec(),
         draft: Vec::new(),
         mask: None,
+        sealed: None,
         payload: Payload::Tokens(ids.to_vec()),
     }
 }
@@ -90,6 +93,7 @@ fn hidden_step(session_id: u64, step_id: u64, start_pos: u32, h: HiddenStates) -
         history_tail: Vec::new(),
         draft: Vec::new(),
         mask: None,
+        sealed: None,
         payload: Payload::Hidden(h),
     }
 }
@@ -858,6 +862,7 @@ fn spec_step(
         history_tail: history_tail.to_vec(),
         draft: draft.to_vec(),
         mask: None,
+        sealed: None,
         payload: Payload::Tokens(ids),
     }
 }
@@ -981,6 +986,230 @@ fn a_tapped_step_copies_what_each_stage_forwards_to_the_origin() -> anyhow::Resu
     assert!(worst < 1e-4, "the copy is the stage's output (within prefill-vs-decode rounding): {worst}");
     // The next step is not tapped.
     let again = tokens_step(9, 6, c.pos + 2, c.tokens.len() as u64 + 2, &[r.token]);
-    assert!(ring.send(Message::Step(again)).iter().all(|m| matches!(m, Message::StepResult(_))));
+    assert!(ring.send(Message::Step(again.clone())).iter().all(|m| matches!(m, Message::StepResult(_))));
+
+    // A tap that follows its step (as the driver sends it: no stage knows a step is checked
+    // while computing it) gets the copy of what the stage forwarded, the same bytes.
+    let replies = ring.send(Message::Tap(Tap { session_id: 9, step_id: 6 }));
+    let [Message::StageOutput(late)] = replies.as_slice() else {
+        panic!("expected the copy of step 6, got {replies:?}");
+    };
+    assert_eq!((late.session_id, late.step_id, late.hidden.t), (9, 6, 1));
+    let mut twin = Ring::standard()?;
+    assert!(twin.open(9, WireDType::F32, 0).is_empty());
+    let mut tc = Client::new(9);
+    tc.prefill(&mut twin);
+    tc.decode(&mut twin);
+    let mut early = None;
+    for s in [step, tokens_step(9, 5, c.pos + 1, c.tokens.len() as u64 + 1, &[last]), again] {
+        let _ = twin.send(Message::Tap(Tap { session_id: 9, step_id: s.step_id }));
+        for m in twin.send(Message::Step(s)) {
+            if let Message::StageOutput(o) = m
+                && o.step_id == 6
+            {
+                early = Some(o.hidden);
+            }
+        }
+    }
+    assert_eq!(early.as_ref(), Some(&late.hidden), "a late tap copies the bytes an early one would");
+    // Only the step just forwarded can be tapped late: an older one gets nothing now (and a
+    // later step with that id cannot come).
+    assert!(ring.send(Message::Tap(Tap { session_id: 9, step_id: 5 })).is_empty());
+    Ok(())
+}
+
+/// Two stages whose last one has a real node identity, recording every step the first one
+/// forwards.
+struct SealedRing {
+    a: StageService,
+    b: StageService,
+    b_id: PeerId,
+    forwarded: Vec<Step>,
+    now: Instant,
+}
+
+impl SealedRing {
+    fn new() -> anyhow::Result<Self> {
+        let key = iroh::SecretKey::generate();
+        let mut b = StageService::new(load(2..4)?, config());
+        b.set_identity(&key);
+        let b_id = *key.public().as_bytes();
+        Ok(Self {
+            a: StageService::new(load(0..2)?, config()),
+            b,
+            b_id,
+            forwarded: vec![],
+            now: Instant::now(),
+        })
+    }
+
+    fn route(&self) -> Vec<RouteHop> {
+        vec![
+            RouteHop { node_id: STAGE_A, start: 0, end: 2 },
+            RouteHop { node_id: self.b_id, start: 2, end: 4 },
+        ]
+    }
+
+    /// Sends `msg` from the origin to the first stage and returns what reached the origin.
+    fn send(&mut self, msg: Message) -> Vec<Message> {
+        let mut out = Vec::new();
+        for action in self.a.handle(ORIGIN, msg, self.now) {
+            match action {
+                Action::ToNext { to, msg } => {
+                    assert_eq!(to, self.b_id);
+                    out.extend(self.deliver_to_b(msg));
+                }
+                Action::ToOrigin { msg, .. } => out.push(msg),
+                Action::Closed { .. } => {}
+            }
+        }
+        out
+    }
+
+    /// Delivers `msg` to the last stage as if the first stage forwarded it.
+    fn deliver_to_b(&mut self, msg: Message) -> Vec<Message> {
+        if let Message::Step(s) = &msg {
+            self.forwarded.push(s.clone());
+        }
+        let actions = self.b.handle(STAGE_A, msg, self.now);
+        actions
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::ToOrigin { msg, .. } => Some(msg),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn step(&mut self, step: Step) -> StepResult {
+        match self.send(Message::Step(step)).as_slice() {
+            [Message::StepResult(r)] => r.clone(),
+            other => panic!("expected one StepResult, got {other:?}"),
+        }
+    }
+}
+
+/// Sealed sampler inputs (protocol `seal`): the ring gives the tokens of local generation,
+/// speculative steps included, while every step the first stage forwards carries no history
+/// id, draft id or mask in the clear. A changed box, a clear step in a sealed session and a
+/// sealed step in a clear one are refused without harm to the session; a stage without a
+/// node identity refuses a sealed session. Greedy, and sampled with penalties (which need
+/// the history).
+#[test]
+fn sealed_sampler_inputs_are_opened_by_the_last_stage_only() -> anyhow::Result<()> {
+    let penalized = SamplingParams {
+        temperature: 0.8,
+        repetition_penalty: 1.5,
+        presence_penalty: 0.8,
+        frequency_penalty: 0.5,
+        seed: 5,
+        ..SamplingParams::default()
+    };
+    for params in [SamplingParams::greedy(), penalized] {
+        sealed_ring_run(&params)?;
+    }
+    Ok(())
+}
+
+fn sealed_ring_run(params: &SamplingParams) -> anyhow::Result<()> {
+    let whole = [load(0..4)?];
+    let want =
+        generate::generate(&whole, &PROMPT, params, DECODE_STEPS + 1, &[], |_| Flow::Continue)?.token_ids;
+    let mut ring = SealedRing::new()?;
+    let (public, key) = SealKey::send_to(&ring.b_id)?;
+    let open = OpenSession {
+        route: ring.route(),
+        seal: Some(public),
+        sampling: Sampling::from(params),
+        ..open_msg(21, WireDType::F32, 0)
+    };
+    assert!(ring.send(Message::OpenSession(open.clone())).is_empty());
+    assert_eq!(ring.b.stats().sessions, 1);
+
+    // The prompt in two chunks, then two decode steps.
+    let (head, tail) = PROMPT.split_at(4);
+    let _ = ring.send(Message::Step(key.seal_step(tokens_step(21, 1, 0, 0, head))));
+    let mut tokens = vec![ring.step(key.seal_step(tokens_step(21, 2, 4, 0, tail))).token];
+    let mut pos = PROMPT.len() as u32;
+    let mut step_id = 3;
+    for _ in 0..2 {
+        let last = *tokens.last().expect("a token");
+        tokens.push(
+            ring.step(key.seal_step(tokens_step(21, step_id, pos, tokens.len() as u64, &[last]))).token,
+        );
+        step_id += 1;
+        pos += 1;
+    }
+    // A speculative step whose draft is right: both ids kept, then the next choice.
+    let n = tokens.len();
+    let last = tokens[n - 1];
+    let r = ring.step(key.seal_step(spec_step(21, step_id, pos, n as u64, &[last], last, &want[n..n + 2])));
+    assert_eq!(r.accepted.iter().map(|c| c.token).collect::<Vec<_>>(), &want[n..n + 2]);
+    tokens.extend(r.accepted.iter().map(|c| c.token));
+    tokens.push(r.token);
+    step_id += 1;
+    pos += 3;
+    // The rest one by one, with the ids the last step kept as its history tail.
+    let mut tail_ids = Some(tokens[n..].to_vec());
+    while tokens.len() < want.len() {
+        let last = *tokens.last().expect("a token");
+        let history_tail = tail_ids.take().unwrap_or(vec![last]);
+        let step = Step { history_tail, ..tokens_step(21, step_id, pos, tokens.len() as u64, &[last]) };
+        tokens.push(ring.step(key.seal_step(step)).token);
+        step_id += 1;
+        pos += 1;
+    }
+    assert_eq!(tokens, want, "sealed steps give the tokens of local generation");
+
+    // What the stage in between saw: lengths, no ids.
+    assert_eq!(ring.forwarded.len() as u64, step_id - 1);
+    for s in &ring.forwarded {
+        assert!(s.history_tail.is_empty() && s.mask.is_none(), "step {}: ids in the clear", s.step_id);
+        assert!(s.draft.iter().all(|&id| id == 0), "step {}: draft ids in the clear", s.step_id);
+        assert!(s.sealed.is_some(), "step {} is sealed", s.step_id);
+    }
+    assert!(ring.forwarded.iter().any(|s| s.draft.len() == 2), "the speculative step kept its length");
+
+    // A changed box is refused by the last stage, and the session carries on.
+    let last = *tokens.last().expect("a token");
+    let good = key.seal_step(tokens_step(21, step_id, pos, tokens.len() as u64, &[last]));
+    let mut bad = good.clone();
+    if let Some(b) = bad.sealed.as_mut() {
+        b[20] ^= 4;
+    }
+    let e = expect_error(&ring.send(Message::Step(bad)), ErrorCode::BadShape);
+    assert!(e.message.contains("do not open"), "{}", e.message);
+    // The first stage took that step: the retry goes to the last stage as the first stage
+    // would forward it (the same step id is refused upstream).
+    let Some(fwd) = ring.forwarded.last().cloned() else { unreachable!() };
+    let retry = Step { sealed: good.sealed.clone(), ..fwd };
+    assert!(matches!(ring.deliver_to_b(Message::Step(retry)).as_slice(), [Message::StepResult(_)]));
+    step_id += 1;
+    pos += 1;
+
+    // A step in the clear in a sealed session.
+    let clear = tokens_step(21, step_id, pos, tokens.len() as u64 + 1, &[want[0]]);
+    let e = expect_error(&ring.send(Message::Step(clear)), ErrorCode::BadShape);
+    assert!(e.message.contains("clear"), "{}", e.message);
+
+    // A sealed step in a session opened without a seal.
+    let plain = OpenSession { route: ring.route(), ..open_msg(22, WireDType::F32, 0) };
+    assert!(ring.send(Message::OpenSession(plain)).is_empty());
+    let e = expect_error(
+        &ring.send(Message::Step(key.seal_step(tokens_step(22, 1, 0, 0, &PROMPT)))),
+        ErrorCode::BadShape,
+    );
+    assert!(e.message.contains("without a seal"), "{}", e.message);
+    assert_eq!(ring.b.stats().sessions, 2);
+
+    // A last stage with no node identity cannot open a seal, so it refuses the session.
+    let mut anonymous = StageService::new(load(2..4)?, config());
+    let replies = anonymous.handle(
+        STAGE_A,
+        Message::OpenSession(OpenSession { hop_index: 1, session_id: 23, ..open }),
+        ring.now,
+    );
+    let [Action::ToOrigin { msg, .. }] = replies.as_slice() else { panic!("one reply, got {replies:?}") };
+    expect_error(std::slice::from_ref(msg), ErrorCode::Unsupported);
     Ok(())
 }

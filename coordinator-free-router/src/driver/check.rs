@@ -18,7 +18,7 @@ use shoal_worker::protocol::{
 };
 use shoal_worker::service::PeerId;
 
-use super::{Driver, Request, SessionGuard, lock};
+use super::{Driver, Request, Sealer, SessionGuard, lock};
 use crate::verify::{Computer, Observation, Verdict, judge};
 
 /// The origin's own copy of the model, to check stages when no other replica exists and to
@@ -216,6 +216,8 @@ impl Driver {
         let mut channel = self.node.open_session_channel(session_id);
         let mut address_book = vec![self.node.node_addrs()];
         address_book.extend(ids.iter().map(|id| self.node.known_addrs(id)));
+        let last = ids[ids.len() - 1];
+        let (seal, sealer) = Sealer::new(self.config.seal_sampler_inputs, &last)?;
         let open = OpenSession {
             session_id,
             model_id: self.model_id,
@@ -228,6 +230,7 @@ impl Driver {
             top_logprobs: 0,
             prompt_len: u32::try_from(replay.prompt_len).unwrap_or(u32::MAX),
             address_book,
+            seal,
         };
         let _guard =
             SessionGuard { node: &self.node, first_hop: first, session_id, reason: CloseReason::Completed };
@@ -244,7 +247,7 @@ impl Driver {
             let len = ids.len() as u32;
             // The chunks' samples are not used.
             let sample_step = if step_id == n { replay.sample_step } else { 0 };
-            send(&Message::Step(Step {
+            send(&Message::Step(sealer.step(Step {
                 session_id,
                 step_id,
                 start_pos: pos,
@@ -252,8 +255,9 @@ impl Driver {
                 history_tail: ids.clone(),
                 draft: Vec::new(),
                 mask: if step_id == n { replay.mask.clone() } else { None },
+                sealed: None,
                 payload: Payload::Tokens(ids.clone()),
-            }))?;
+            })))?;
             pos += len;
         }
         let deadline = Instant::now()

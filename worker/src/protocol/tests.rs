@@ -96,7 +96,7 @@ fn open_session() -> impl Strategy<Value = OpenSession> {
         1u32..,
         sampling(),
         0u8..=20,
-        (any::<u32>(), address_book()),
+        (any::<u32>(), address_book(), prop::option::of(any::<[u8; 32]>())),
     )
         .prop_map(
             |(
@@ -108,7 +108,7 @@ fn open_session() -> impl Strategy<Value = OpenSession> {
                 max_len,
                 sampling,
                 top,
-                (prompt, book),
+                (prompt, book, seal),
             )| {
                 OpenSession {
                     session_id,
@@ -122,6 +122,7 @@ fn open_session() -> impl Strategy<Value = OpenSession> {
                     top_logprobs: top,
                     prompt_len: prompt % (max_len + 1).max(1).min(max_len),
                     address_book: book,
+                    seal,
                 }
             },
         )
@@ -149,9 +150,10 @@ fn step() -> impl Strategy<Value = Step> {
         any::<bool>(),
         any::<u32>(),
         (0u8..3, prop::collection::vec(any::<u32>(), 1..64)),
+        prop::option::of(prop::collection::vec(any::<u8>(), 0..80)),
     )
         .prop_map(
-            |(session_id, step_id, start_pos, sample_step, history_tail, payload, spec, id, mask)| {
+            |(session_id, step_id, start_pos, sample_step, history_tail, payload, spec, id, mask, sealed)| {
                 // A draft covers every position of the payload but the first.
                 let n = payload.len() - 1;
                 let draft: Vec<u32> = if spec && n <= MAX_DRAFT {
@@ -165,7 +167,22 @@ fn step() -> impl Strategy<Value = Step> {
                     (2, bits) if draft.is_empty() => Some(TokenMask::Bits(bits)),
                     _ => None,
                 };
-                Step { session_id, step_id, start_pos, sample_step, history_tail, draft, mask, payload }
+                // A sealed step carries its ids in the box only (zeros hold the draft's length).
+                let (history_tail, draft, mask) = match sealed {
+                    Some(_) => (vec![], vec![0; draft.len()], None),
+                    None => (history_tail, draft, mask),
+                };
+                Step {
+                    session_id,
+                    step_id,
+                    start_pos,
+                    sample_step,
+                    history_tail,
+                    draft,
+                    mask,
+                    sealed,
+                    payload,
+                }
             },
         )
 }
@@ -352,6 +369,7 @@ fn example_open() -> Message {
             NodeAddrs { node_id: [0x22; 32], addrs: vec!["127.0.0.1:4433".parse().unwrap()] },
             NodeAddrs { node_id: [0xCC; 32], addrs: vec!["[::1]:258".parse().unwrap()] },
         ],
+        seal: Some([0x5E; 32]),
     })
 }
 
@@ -364,6 +382,7 @@ fn example_tokens_step() -> Message {
         history_tail: vec![1, 2, 3],
         draft: vec![],
         mask: None,
+        sealed: None,
         payload: Payload::Tokens(vec![1, 2, 3]),
     })
 }
@@ -377,6 +396,23 @@ fn example_speculative_step() -> Message {
         history_tail: vec![8, 6],
         draft: vec![4, 5],
         mask: None,
+        sealed: None,
+        payload: Payload::Tokens(vec![6, 4, 5]),
+    })
+}
+
+/// The speculative step with its sampler inputs sealed: no ids in the clear, the draft's
+/// length as zeros.
+fn example_sealed_step() -> Message {
+    Message::Step(Step {
+        session_id: 7,
+        step_id: 5,
+        start_pos: 9,
+        sample_step: 4,
+        history_tail: vec![],
+        draft: vec![0, 0],
+        mask: None,
+        sealed: Some(vec![0xAB; 30]),
         payload: Payload::Tokens(vec![6, 4, 5]),
     })
 }
@@ -392,6 +428,7 @@ fn example_hidden_step() -> Message {
         history_tail: vec![9],
         draft: vec![],
         mask: None,
+        sealed: None,
         payload: Payload::Hidden(HiddenStates { t: 1, hidden: 4, dtype: WireDType::F16, bytes }),
     })
 }
@@ -433,6 +470,7 @@ fn examples() -> Vec<(Message, &'static str)> {
         (example_hidden_step(), HIDDEN_STEP_HEX),
         (example_result(), RESULT_HEX),
         (example_speculative_step(), SPECULATIVE_STEP_HEX),
+        (example_sealed_step(), SEALED_STEP_HEX),
         (example_speculative_result(), SPECULATIVE_RESULT_HEX),
         (example_close(), CLOSE_HEX),
         (example_error(), ERROR_HEX),
@@ -487,18 +525,20 @@ fn frame_of(body: &[u8]) -> Vec<u8> {
 }
 
 const OPEN_HEX: &str = "\
-    2f010000010807060504030201aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa \
-    aaaaaaaaaacccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc020000 \
-    001111111111111111111111111111111111111111111111111111111111111111000000000f0000 \
-    0022222222222222222222222222222222222222222222222222222222222222220f0000001e0000 \
-    000100000001000800000000403f280000000000003f000000000000803f000000c00000803e2a00 \
-    000000000000050c0000000200000022222222222222222222222222222222222222222222222222 \
-    2222222222222201047f0000015111cccccccccccccccccccccccccccccccccccccccccccccccccc \
-    cccccccccccccc0106000000000000000000000000000000010201";
-const TOKENS_STEP_HEX: &str = "4300000002070000000000000001000000000000000000000000000000000000000300000001000000020000000300000000000000000103000000010000000200000003000000";
-const HIDDEN_STEP_HEX: &str = "400000000207000000000000000200000000000000030000000100000000000000010000000900000000000000000201000000040000000108000000003c00c000380000";
+    50010000010807060504030201aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa \
+    aaaaaaaaaaaacccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc02 \
+    000000111111111111111111111111111111111111111111111111111111111111111100000000 \
+    0f00000022222222222222222222222222222222222222222222222222222222222222220f0000 \
+    001e0000000100000001000800000000403f280000000000003f000000000000803f000000c000 \
+    00803e2a00000000000000050c0000000200000022222222222222222222222222222222222222 \
+    2222222222222222222222222201047f0000015111cccccccccccccccccccccccccccccccccccc \
+    cccccccccccccccccccccccccccc0106000000000000000000000000000000010201015e5e5e5e \
+    5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e";
+const TOKENS_STEP_HEX: &str = "440000000207000000000000000100000000000000000000000000000000000000030000000100000002000000030000000000000000000103000000010000000200000003000000";
+const HIDDEN_STEP_HEX: &str = "41000000020700000000000000020000000000000003000000010000000000000001000000090000000000000000000201000000040000000108000000003c00c000380000";
+const SEALED_STEP_HEX: &str = "6200000002070000000000000005000000000000000900000004000000000000000000000002000000000000000000000000011e000000abababababababababababababababababababababababababababababab0103000000060000000400000005000000";
 const RESULT_HEX: &str = "31000000030700000000000000020000000000000009000000000080be0200000009000000000080be040000000000c0bf00000000";
-const SPECULATIVE_STEP_HEX: &str = "470000000207000000000000000500000000000000090000000400000000000000020000000800000006000000020000000400000005000000000103000000060000000400000005000000";
+const SPECULATIVE_STEP_HEX: &str = "48000000020700000000000000050000000000000009000000040000000000000002000000080000000600000002000000040000000500000000000103000000060000000400000005000000";
 const SPECULATIVE_RESULT_HEX: &str = "35000000030700000000000000050000000000000003000000000000c0000000000100000004000000000000bf0100000004000000000000bf";
 const CLOSE_HEX: &str = "0a00000004070000000000000001";
 const ERROR_HEX: &str = "1a00000005010700000000000000000700090000006b7620627564676574";
@@ -595,12 +635,20 @@ fn huge_counts_fail_before_allocating() {
 
     // Tokens: the limit, then the remaining bytes.
     let mut b = body(&example_tokens_step());
-    // kind, ids and positions, 3 history ids, an empty draft, no mask, the tag.
-    let tokens_at = 1 + 28 + 4 + 12 + 4 + 1 + 1;
+    // kind, ids and positions, 3 history ids, an empty draft, no mask, not sealed, the tag.
+    let tokens_at = 1 + 28 + 4 + 12 + 4 + 1 + 1 + 1;
     put(&mut b, tokens_at, &u32::MAX.to_le_bytes());
     assert!(matches!(decode_body(&b), Err(ProtocolError::TooMany { field: "tokens", .. })));
     put(&mut b, tokens_at, &(MAX_STEP_TOKENS as u32).to_le_bytes());
     assert!(matches!(decode_body(&b), Err(ProtocolError::Truncated { field: "tokens", .. })));
+
+    // A sealed box: over its limit, then longer than the bytes that remain.
+    let mut b = body(&example_sealed_step());
+    let sealed_at = 1 + 28 + 4 + 4 + 8 + 1 + 1;
+    put(&mut b, sealed_at, &u32::MAX.to_le_bytes());
+    assert!(matches!(decode_body(&b), Err(ProtocolError::TooMany { field: "sealed", .. })));
+    put(&mut b, sealed_at, &1000u32.to_le_bytes());
+    assert!(matches!(decode_body(&b), Err(ProtocolError::Truncated { field: "sealed", .. })));
 
     // History tail.
     let mut b = body(&example_tokens_step());
@@ -626,7 +674,7 @@ fn huge_counts_fail_before_allocating() {
 
     // Hidden bytes: a shape that asks for more bytes than the frame holds.
     let mut b = body(&example_hidden_step());
-    let t_at = 1 + 28 + 4 + 4 + 4 + 1 + 1;
+    let t_at = 1 + 28 + 4 + 4 + 4 + 1 + 1 + 1;
     put(&mut b, t_at, &(MAX_STEP_TOKENS as u32).to_le_bytes());
     put(&mut b, t_at + 4, &8192u32.to_le_bytes());
     put(&mut b, t_at + 9, &(MAX_STEP_TOKENS as u32 * 8192 * 2).to_le_bytes());
@@ -650,7 +698,7 @@ fn unknown_dtypes_are_rejected() {
         b[dtype_at] = code;
         assert_eq!(decode_body(&b), Err(ProtocolError::UnknownDtype { field: "wire_dtype", code }));
         let mut b = body(&example_hidden_step());
-        b[1 + 28 + 8 + 4 + 1 + 1 + 8] = code;
+        b[1 + 28 + 8 + 4 + 1 + 1 + 1 + 8] = code;
         assert_eq!(decode_body(&b), Err(ProtocolError::UnknownDtype { field: "hidden.dtype", code }));
     }
 }
@@ -658,7 +706,7 @@ fn unknown_dtypes_are_rejected() {
 #[test]
 fn other_unknown_codes_are_rejected() {
     let mut b = body(&example_tokens_step());
-    b[1 + 28 + 16 + 4 + 1] = 3;
+    b[1 + 28 + 16 + 4 + 1 + 1] = 3;
     assert_eq!(decode_body(&b), Err(ProtocolError::UnknownPayload(3)));
     b[1 + 28 + 16 + 4] = 3;
     assert_eq!(decode_body(&b), Err(ProtocolError::UnknownMask(3)));
@@ -682,7 +730,7 @@ fn other_unknown_codes_are_rejected() {
 #[test]
 fn hidden_byte_count_must_match_the_shape() {
     let mut b = body(&example_hidden_step());
-    let count_at = 1 + 28 + 8 + 4 + 1 + 1 + 9;
+    let count_at = 1 + 28 + 8 + 4 + 1 + 1 + 1 + 9;
     put(&mut b, count_at, &7u32.to_le_bytes());
     let err = decode_body(&b).unwrap_err();
     assert_eq!(
@@ -693,7 +741,7 @@ fn hidden_byte_count_must_match_the_shape() {
 
     // t × hidden × 4 exceeds any u32 byte count, so no count can match it.
     let mut b = body(&example_hidden_step());
-    let t_at = 1 + 28 + 8 + 4 + 1 + 1;
+    let t_at = 1 + 28 + 8 + 4 + 1 + 1 + 1;
     put(&mut b, t_at, &(MAX_STEP_TOKENS as u32).to_le_bytes());
     put(&mut b, t_at + 4, &u32::MAX.to_le_bytes());
     b[t_at + 8] = WireDType::F32.code();
@@ -851,7 +899,7 @@ fn token_masks_are_checked() {
 }
 
 #[test]
-fn smollm2_decode_step_costs_1212_bytes() {
+fn smollm2_decode_step_costs_1213_bytes_and_1254_sealed() {
     let step = Message::Step(Step {
         session_id: 1,
         step_id: 100,
@@ -860,6 +908,7 @@ fn smollm2_decode_step_costs_1212_bytes() {
         history_tail: vec![42],
         draft: vec![],
         mask: None,
+        sealed: None,
         payload: Payload::Hidden(HiddenStates {
             t: 1,
             hidden: 576,
@@ -867,7 +916,37 @@ fn smollm2_decode_step_costs_1212_bytes() {
             bytes: vec![0; 1152],
         }),
     });
-    assert_eq!(encode(&step).len(), 1152 + 60);
+    assert_eq!(encode(&step).len(), 1152 + 61);
+    // Sealed, the history id moves into a box of 13 bytes plus 28 of nonce and tag.
+    let Message::Step(s) = step else { unreachable!() };
+    let sealed = Message::Step(Step { history_tail: vec![], sealed: Some(vec![0; 41]), ..s });
+    assert_eq!(encode(&sealed).len(), 1152 + 61 - 4 + 4 + 41);
+}
+
+#[test]
+fn a_sealed_step_carries_no_ids_in_the_clear() {
+    let Message::Step(s) = example_sealed_step() else { unreachable!() };
+    assert!(Message::Step(s.clone()).validate().is_ok());
+    for bad in [
+        Step { history_tail: vec![3], ..s.clone() },
+        Step { draft: vec![0, 4], ..s.clone() },
+        Step {
+            draft: vec![],
+            payload: Payload::Tokens(vec![6]),
+            mask: Some(TokenMask::Allow(vec![2])),
+            ..s.clone()
+        },
+    ] {
+        let m = Message::Step(bad);
+        assert_eq!(m.validate(), Err(ProtocolError::UnsealedIds));
+        assert_eq!(decode(&encode(&m)), Err(ProtocolError::UnsealedIds));
+    }
+    // An unknown sealed flag.
+    let mut bytes = encode(&example_sealed_step());
+    let flag_at = 4 + 29 + 4 + 4 + 8 + 1;
+    assert_eq!(bytes[flag_at], 1);
+    bytes[flag_at] = 2;
+    assert_eq!(decode(&bytes), Err(ProtocolError::InvalidFlag { field: "sealed flag", value: 2 }));
 }
 
 #[test]
@@ -885,5 +964,5 @@ fn codes_round_trip_and_zero_is_never_valid() {
     assert_eq!(ErrorCode::from_code(19), None);
     assert_eq!(CloseReason::from_code(0), None);
     assert!(WireDType::from_code(0).is_err());
-    assert_eq!(ALPN, b"shoal/stage/4");
+    assert_eq!(ALPN, b"shoal/stage/5");
 }

@@ -8,9 +8,13 @@ use shoal_model_shards::activation::WireDType;
 use shoal_model_shards::sampler::Sampler;
 
 use super::PeerId;
+use crate::protocol::HiddenStates;
+use crate::protocol::seal::SealKey;
 
 /// What the last stage keeps to sample a session's tokens.
 pub(super) struct SamplerState {
+    /// The key of the session's sealed sampler inputs, when the origin sealed them.
+    pub(super) seal: Option<SealKey>,
     /// The session's validated sampler.
     pub(super) sampler: Sampler,
     /// Every id of the session so far (prompt, then generated), built from `history_tail`s.
@@ -41,6 +45,9 @@ pub(super) struct Session {
     /// After a speculative step: the lowest position the next step may rewind the cache to
     /// (its `start_pos + 1`; the positions from there on held draft ids). `None` otherwise.
     pub(super) rewind_floor: Option<usize>,
+    /// The hidden states the last decode or speculative step forwarded, with its step id: a
+    /// `Tap` that arrives after its step is answered from here.
+    pub(super) last_forwarded: Option<(u64, HiddenStates)>,
     /// Last time a message for this session arrived.
     pub(super) last_active: Instant,
     /// Sampling state, on the last stage only.
