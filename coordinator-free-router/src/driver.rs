@@ -51,7 +51,8 @@
 //! also sends the origin the hidden states it forwarded; no stage knows a step is checked
 //! while computing it) and runs the same history through another route: other
 //! replicas of the same spans, or the origin's own weights ([`Driver::set_local_weights`]).
-//! The token of a checked step is reported only once the outputs agree. When they do not, a
+//! The generation keeps that route's session (or the origin's caches) for its next checks,
+//! which send only the ids generated since. The token of a checked step is reported only once the outputs agree. When they do not, a
 //! third opinion decides and the peers in the minority are banned for
 //! [`DriverConfig::ban_max`] ([`crate::verify`] holds the decisions); the generation fails over
 //! without the token, and every other session through a banned liar fails over at its next
@@ -718,6 +719,7 @@ impl Driver {
             pending_failover: None,
             drafter: Drafter::new(if request.constraint.is_some() { Speculation::Off } else { speculation }),
             spot_checks: 0,
+            shadows: check::Shadows::default(),
         };
         let mut failovers = Vec::new();
         loop {
@@ -1169,7 +1171,7 @@ impl Driver {
             Err(reason) => return Err(AttemptFailure { culprits: vec![], reason, step_started }),
         };
         let replay = check::Replay::new(request, &state.tokens, self.config.prefill_chunk, mask.cloned());
-        match self.spot_check(route, primary, replay).await {
+        match self.spot_check(route, primary, replay, &mut state.shadows).await {
             check::CheckResult::Passed => {
                 state.spot_checks += 1;
                 Ok(())
@@ -1300,4 +1302,6 @@ struct RunState {
     drafter: Drafter,
     /// Checks passed.
     spot_checks: usize,
+    /// The session that checks run through, kept for the generation's next checks.
+    shadows: check::Shadows,
 }

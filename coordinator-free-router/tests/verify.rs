@@ -233,16 +233,20 @@ async fn a_single_replica_is_checked_against_the_origins_weights() {
     assert_eq!(d.spot_check_counts().1, 1);
 }
 
-/// A stage of `span` that serves honestly and logs what it forwards, in order:
-/// `(session, step id, is_tap)`.
-async fn logging(span: Range<usize>, log: Arc<Mutex<Vec<(u64, u64, bool)>>>) -> Node {
+/// What a [`logging`] stage forwarded: `(session, step id, is_tap, positions)`.
+type Log = Arc<Mutex<Vec<(u64, u64, bool, usize)>>>;
+
+/// A stage of `span` that serves honestly and logs what it forwards, in order.
+async fn logging(span: Range<usize>, log: Log) -> Node {
     let node = bind().await;
     let tamper = move |actions: &mut Vec<Action>| {
         let mut log = log.lock().expect("not poisoned");
         for a in actions.iter() {
             match a {
-                Action::ToNext { msg: Message::Step(s), .. } => log.push((s.session_id, s.step_id, false)),
-                Action::ToNext { msg: Message::Tap(t), .. } => log.push((t.session_id, t.step_id, true)),
+                Action::ToNext { msg: Message::Step(s), .. } => {
+                    log.push((s.session_id, s.step_id, false, s.payload.len()))
+                }
+                Action::ToNext { msg: Message::Tap(t), .. } => log.push((t.session_id, t.step_id, true, 0)),
                 _ => {}
             }
         }
@@ -253,7 +257,8 @@ async fn logging(span: Range<usize>, log: Arc<Mutex<Vec<(u64, u64, bool)>>>) -> 
 
 /// Honest replicas pass every check, and a stage learns that a step is checked only after
 /// it computed and forwarded it: in the generation's own session every tap follows its step
-/// down the chain (a liar cannot save its lies for unchecked steps).
+/// down the chain (a liar cannot save its lies for unchecked steps). Checks catch up a kept
+/// session rather than replaying the history each time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn honest_replicas_pass_every_check_and_see_each_tap_after_its_step() {
     let log = Arc::new(Mutex::new(Vec::new()));
@@ -273,14 +278,14 @@ async fn honest_replicas_pass_every_check_and_see_each_tap_after_its_step() {
     // The generation's session is the one with the most steps (a check's replay is a few
     // prefill chunks).
     let mut steps: HashMap<u64, usize> = HashMap::new();
-    for &(session, _, tap) in &log {
+    for &(session, _, tap, _) in &log {
         if !tap {
             *steps.entry(session).or_default() += 1;
         }
     }
     let main = steps.iter().max_by_key(|(_, n)| **n).map(|(s, _)| *s).expect("steps were forwarded");
     let events: Vec<(u64, bool)> =
-        log.iter().filter(|(s, _, _)| *s == main).map(|&(_, step, tap)| (step, tap)).collect();
+        log.iter().filter(|(s, ..)| *s == main).map(|&(_, step, tap, _)| (step, tap)).collect();
     let taps: Vec<u64> = events.iter().filter(|(_, tap)| *tap).map(|(s, _)| *s).collect();
     assert_eq!(taps.len(), TOKENS - 1, "every decode step was tapped");
     for step in taps {
@@ -289,4 +294,9 @@ async fn honest_replicas_pass_every_check_and_see_each_tap_after_its_step() {
         let tapped = events.iter().position(|&e| e == (step, true)).expect("the tap was forwarded");
         assert!(forwarded < tapped, "the tap of step {step} came before the step");
     }
+    // The checks ran through one session kept open on the other replicas, each sending only
+    // what was generated since the previous one: span 0..2 computed the history about twice
+    // (the generation and its checker), not once per check (about 470 positions).
+    let positions: usize = log.iter().map(|e| e.3).sum();
+    assert!(positions <= 2 * (PROMPT.len() + TOKENS), "span 0..2 computed {positions} positions");
 }

@@ -11,14 +11,14 @@ use shoal_model_shards::activation::{self, WireDType};
 use shoal_model_shards::sampler::{Sampler, SamplingParams};
 use shoal_model_shards::token_mask::TokenMask;
 use shoal_model_shards::{DType, Device, LogitsMode, Model, Shard, StageInput, StageOutput};
-use shoal_worker::net::{Inbound, SessionChannel, short};
+use shoal_worker::net::{Inbound, Node, SessionChannel, short};
 use shoal_worker::protocol::{
-    CloseReason, HiddenStates, Message, OpenSession, Payload, RouteHop, Sampling, StageOutput as Tapped,
-    Step, StepResult, Tap,
+    CloseReason, CloseSession, HiddenStates, Message, OpenSession, Payload, RouteHop, Sampling,
+    StageOutput as Tapped, Step, StepResult, Tap,
 };
 use shoal_worker::service::PeerId;
 
-use super::{Driver, Request, Sealer, SessionGuard, lock};
+use super::{Driver, Request, Sealer, lock};
 use crate::verify::{Computer, Observation, Verdict, judge};
 
 /// The origin's own copy of the model, to check stages when no other replica exists and to
@@ -49,17 +49,35 @@ impl LocalWeights {
     }
 
     /// Runs `replay` (the steps a route gets, the checked one last) through spans `route`,
-    /// rounding hidden states between spans to `wire` as the stages do.
-    fn observe(&self, route: &[RouteHop], replay: &Replay, wire: WireDType) -> Result<Observation, String> {
-        let mut input: Vec<StageInput> = replay.steps.iter().map(|s| StageInput::Tokens(s.clone())).collect();
+    /// rounding hidden states between spans to `wire` as the stages do. With `kept` caches of
+    /// those spans holding a prefix of the history (an earlier check of the generation), only
+    /// the rest is computed; the caches are returned for the next check.
+    fn observe(
+        &self,
+        route: &[RouteHop],
+        replay: &Replay,
+        wire: WireDType,
+        kept: Option<LocalShadow>,
+    ) -> Result<(Observation, LocalShadow), String> {
+        let spans: Vec<(u32, u32)> = route.iter().map(|h| (h.start, h.end)).collect();
+        let mut kept = kept
+            .filter(|k| k.spans == spans && k.pos < replay.history.len())
+            .unwrap_or(LocalShadow { spans, caches: Vec::new(), pos: 0 });
+        let mut input: Vec<StageInput> =
+            replay.steps_from(kept.pos).into_iter().map(StageInput::Tokens).collect();
+        kept.pos = replay.history.len();
+        let fresh = kept.caches.is_empty();
         let mut outputs = Vec::new();
         for (i, hop) in route.iter().enumerate() {
             let shard = self.shard(hop.start..hop.end)?;
-            let mut cache = shard.new_cache(replay.max_len);
+            if fresh {
+                kept.caches.push(shard.new_cache(replay.max_len));
+            }
+            let cache = &mut kept.caches[i];
             let mut next = Vec::with_capacity(input.len());
             let last_hop = i + 1 == route.len();
             for step in input {
-                match shard.forward(&mut cache, step, LogitsMode::Last).map_err(|e| e.to_string())? {
+                match shard.forward(cache, step, LogitsMode::Last).map_err(|e| e.to_string())? {
                     StageOutput::Hidden(h) => next.push(StageInput::Hidden(on_the_wire(&h, wire)?)),
                     StageOutput::Logits(l) if last_hop => next.push(StageInput::Hidden(l)),
                     StageOutput::Logits(_) => return Err("logits before the last hop".into()),
@@ -78,18 +96,27 @@ impl LocalWeights {
                 let s = sampler
                     .sample(&row, &replay.history, replay.prompt_len, replay.sample_step, 0)
                     .map_err(|e| e.to_string())?;
-                return Ok(Observation {
+                let observation = Observation {
                     hops: vec![Computer::Origin; route.len()],
                     outputs,
                     token: s.token,
                     logprob: s.logprob,
-                });
+                };
+                return Ok((observation, kept));
             }
             outputs.push(row);
             input = next;
         }
         Err("an empty route".into())
     }
+}
+
+/// The origin's own caches of a generation's checks (see [`LocalWeights::observe`]).
+pub(super) struct LocalShadow {
+    spans: Vec<(u32, u32)>,
+    caches: Vec<shoal_model_shards::KvCache>,
+    /// History ids the caches hold.
+    pos: usize,
 }
 
 /// Hidden states as the next stage receives them: rounded to the wire's dtype.
@@ -121,12 +148,13 @@ pub(super) fn tapped_row(h: &HiddenStates) -> Option<Vec<f32>> {
 /// What a route is sent to reproduce one checked step: the history before it as prefill
 /// chunks (cheaper than the one-token steps of the first run; the kernels give each row the
 /// bits it has alone, measured bit-identical in `tests/check_tolerance.rs`), then the checked
-/// step's one token.
+/// step's one token. A [`Shadow`] that holds a prefix of the history already gets only the
+/// rest ([`Replay::steps_from`]).
 pub(super) struct Replay {
-    /// Token ids of each step.
-    pub(super) steps: Vec<Vec<u32>>,
+    /// Most ids per prefill chunk.
+    pub(super) chunk: usize,
     /// The history the last stage holds at the checked step (prompt, then the generated ids
-    /// up to the checked step's input).
+    /// up to the checked step's input, which is the last id).
     pub(super) history: Vec<u32>,
     pub(super) prompt_len: usize,
     /// The sample step of the checked (last) step.
@@ -142,11 +170,8 @@ impl Replay {
     /// far; not empty) after `request.prompt`.
     pub(super) fn new(request: &Request, tokens: &[u32], chunk: usize, mask: Option<TokenMask>) -> Self {
         let history: Vec<u32> = request.prompt.iter().chain(tokens).copied().collect();
-        let (before, last) = history.split_at(history.len().saturating_sub(1));
-        let mut steps: Vec<Vec<u32>> = before.chunks(chunk.max(1)).map(<[u32]>::to_vec).collect();
-        steps.push(last.to_vec());
         Self {
-            steps,
+            chunk: chunk.max(1),
             history,
             prompt_len: request.prompt.len(),
             sample_step: tokens.len() as u64,
@@ -156,6 +181,58 @@ impl Replay {
         }
     }
 }
+
+impl Replay {
+    /// The steps that take a route whose caches hold the first `pos` ids of the history to
+    /// the checked step: the ids from `pos` up to the last as prefill chunks, then the last
+    /// id alone (the checked step). `pos` must be below the history's length.
+    pub(super) fn steps_from(&self, pos: usize) -> Vec<Vec<u32>> {
+        let (before, last) = self.history.split_at(self.history.len().saturating_sub(1));
+        let mut steps: Vec<Vec<u32>> =
+            before.get(pos..).unwrap_or_default().chunks(self.chunk).map(<[u32]>::to_vec).collect();
+        steps.push(last.to_vec());
+        steps
+    }
+}
+
+/// A check's session kept open on another route for the rest of a generation: the next check
+/// through the same route sends only the ids generated since (a check's cost no longer grows
+/// with the position). Closed when dropped: at the end of the generation, or when the
+/// generation keeps [`MAX_SHADOWS`] newer ones.
+pub(super) struct Shadow {
+    node: Node,
+    route: Vec<RouteHop>,
+    session_id: u64,
+    channel: SessionChannel,
+    sealer: Sealer,
+    /// History ids the route's caches hold.
+    pos: usize,
+    /// The last step id sent.
+    step_id: u64,
+}
+
+impl Drop for Shadow {
+    fn drop(&mut self) {
+        let close = CloseSession { session_id: self.session_id, reason: CloseReason::Completed };
+        if let Err(e) = self.node.send(self.route[0].node_id, &Message::CloseSession(close)) {
+            tracing::debug!("close of a check's session: {e}");
+        }
+    }
+}
+
+/// The check sessions a generation keeps open (see [`Shadow`]), one per route that checked
+/// it, the most recently used last.
+#[derive(Default)]
+pub(super) struct Shadows {
+    remote: Vec<Shadow>,
+    /// The origin's own caches, when it checks with its weights.
+    local: Option<LocalShadow>,
+}
+
+/// Most check sessions a generation keeps open. Second opinions go to a random replica of
+/// each span (a worker cannot tell when it will be asked), so with more than two replicas
+/// the checking route changes from one check to the next.
+const MAX_SHADOWS: usize = 3;
 
 /// What a check found, for the generation that ran it.
 pub(super) enum CheckResult {
@@ -208,16 +285,14 @@ impl Driver {
         changed.then_some(out)
     }
 
-    /// Runs `replay` through `route` as a session of its own, tapping the checked step.
-    async fn observe_remote(&self, route: &[RouteHop], replay: &Replay) -> Result<Observation, String> {
+    /// Opens a check's session on `route` (nothing sent through it yet).
+    fn open_shadow(&self, route: &[RouteHop], replay: &Replay) -> Result<Shadow, String> {
         let ids: Vec<PeerId> = route.iter().map(|h| h.node_id).collect();
-        let first = ids[0];
         let session_id: u64 = rand::random();
-        let mut channel = self.node.open_session_channel(session_id);
+        let channel = self.node.open_session_channel(session_id);
         let mut address_book = vec![self.node.node_addrs()];
         address_book.extend(ids.iter().map(|id| self.node.known_addrs(id)));
-        let last = ids[ids.len() - 1];
-        let (seal, sealer) = Sealer::new(self.config.seal_sampler_inputs, &last)?;
+        let (seal, sealer) = Sealer::new(self.config.seal_sampler_inputs, &ids[ids.len() - 1])?;
         let open = OpenSession {
             session_id,
             model_id: self.model_id,
@@ -232,39 +307,95 @@ impl Driver {
             address_book,
             seal,
         };
-        let _guard =
-            SessionGuard { node: &self.node, first_hop: first, session_id, reason: CloseReason::Completed };
+        self.node
+            .send_for_session(ids[0], session_id, &Message::OpenSession(open))
+            .map_err(|e| e.to_string())?;
+        Ok(Shadow {
+            node: self.node.clone(),
+            route: route.to_vec(),
+            session_id,
+            channel,
+            sealer,
+            pos: 0,
+            step_id: 0,
+        })
+    }
+
+    /// Runs `replay` through `shadow`'s route from where its caches stand, tapping the
+    /// checked step (the tap follows it, as in a generation).
+    async fn observe_through(&self, shadow: &mut Shadow, replay: &Replay) -> Result<Observation, String> {
+        let ids: Vec<PeerId> = shadow.route.iter().map(|h| h.node_id).collect();
+        let (first, session_id) = (ids[0], shadow.session_id);
         let send =
             |msg: &Message| self.node.send_for_session(first, session_id, msg).map_err(|e| e.to_string());
-        send(&Message::OpenSession(open))?;
-        let mut pos = 0u32;
-        let n = replay.steps.len() as u64;
-        for (i, ids) in replay.steps.iter().enumerate() {
-            let step_id = i as u64 + 1;
-            if step_id == n {
-                send(&Message::Tap(Tap { session_id, step_id }))?;
-            }
-            let len = ids.len() as u32;
-            // The chunks' samples are not used.
-            let sample_step = if step_id == n { replay.sample_step } else { 0 };
-            send(&Message::Step(sealer.step(Step {
+        let steps = replay.steps_from(shadow.pos);
+        let n = steps.len();
+        let mut fed = 0u32;
+        for (i, ids) in steps.into_iter().enumerate() {
+            shadow.step_id += 1;
+            let last = i + 1 == n;
+            let len = ids.len();
+            send(&Message::Step(shadow.sealer.step(Step {
                 session_id,
-                step_id,
-                start_pos: pos,
-                sample_step,
+                step_id: shadow.step_id,
+                start_pos: u32::try_from(shadow.pos).unwrap_or(u32::MAX),
+                // The chunks' samples are not used.
+                sample_step: if last { replay.sample_step } else { 0 },
                 history_tail: ids.clone(),
                 draft: Vec::new(),
-                mask: if step_id == n { replay.mask.clone() } else { None },
+                mask: if last { replay.mask.clone() } else { None },
                 sealed: None,
-                payload: Payload::Tokens(ids.clone()),
+                payload: Payload::Tokens(ids),
             })))?;
-            pos += len;
+            shadow.pos += len;
+            fed += len as u32;
         }
+        send(&Message::Tap(Tap { session_id, step_id: shadow.step_id }))?;
         let deadline = Instant::now()
             + self.config.step_timeout
-            + self.config.prefill_timeout_per_token.saturating_mul(pos);
-        let (result, taps) = collect_step(&mut channel, &ids, n, deadline).await?;
+            + self.config.prefill_timeout_per_token.saturating_mul(fed);
+        let (result, taps) = collect_step(&mut shadow.channel, &ids, shadow.step_id, deadline).await?;
         observation(&ids, &result, &taps)
+    }
+
+    /// Runs `replay` through `route`: through the generation's check session on that route
+    /// when `shadows` holds one (only the ids since its last check), else through a new one,
+    /// kept in `shadows` for the next check when given.
+    async fn observe_remote(
+        &self,
+        route: &[RouteHop],
+        replay: &Replay,
+        shadows: Option<&mut Shadows>,
+    ) -> Result<Observation, String> {
+        let Some(shadows) = shadows else {
+            let mut shadow = self.open_shadow(route, replay)?;
+            return self.observe_through(&mut shadow, replay).await;
+        };
+        // The generation's check session on this route, if it has one. A kept session may
+        // have idled out on a stage since the last check: then a new one replays it all.
+        let mut kept = shadows
+            .remote
+            .iter()
+            .position(|s| s.route == route && s.pos < replay.history.len())
+            .map(|i| shadows.remote.remove(i));
+        loop {
+            let (mut shadow, fresh) = match kept.take() {
+                Some(s) => (s, false),
+                None => (self.open_shadow(route, replay)?, true),
+            };
+            match self.observe_through(&mut shadow, replay).await {
+                Ok(o) => {
+                    // The most recently used last; the oldest goes (and closes) beyond the cap.
+                    shadows.remote.push(shadow);
+                    if shadows.remote.len() > MAX_SHADOWS {
+                        shadows.remote.remove(0);
+                    }
+                    return Ok(o);
+                }
+                Err(e) if !fresh => tracing::debug!("the kept check session failed ({e}); opening another"),
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Another opinion of the checked step through `route`: remote, or the origin's own
@@ -274,17 +405,30 @@ impl Driver {
         route: &[RouteHop],
         replay: &Arc<Replay>,
         local: bool,
+        shadows: Option<&mut Shadows>,
     ) -> Result<Observation, String> {
         if local {
             let Some(weights) = lock(&self.local).clone() else {
                 return Err("the origin holds no weights".into());
             };
             let (route, replay, wire) = (route.to_vec(), replay.clone(), self.config.wire_dtype);
-            return tokio::task::spawn_blocking(move || weights.observe(&route, &replay, wire))
-                .await
-                .map_err(|e| e.to_string())?;
+            let (shadows, kept) = match shadows {
+                Some(s) => {
+                    let kept = s.local.take();
+                    (Some(s), kept)
+                }
+                None => (None, None),
+            };
+            let (observation, caches) =
+                tokio::task::spawn_blocking(move || weights.observe(&route, &replay, wire, kept))
+                    .await
+                    .map_err(|e| e.to_string())??;
+            if let Some(s) = shadows {
+                s.local = Some(caches);
+            }
+            return Ok(observation);
         }
-        self.observe_remote(route, replay).await
+        self.observe_remote(route, replay, shadows).await
     }
 
     /// Checks a step whose route and outputs are `primary`: a second opinion, a third one when
@@ -294,6 +438,7 @@ impl Driver {
         route: &[RouteHop],
         primary: Observation,
         replay: Replay,
+        shadows: &mut Shadows,
     ) -> CheckResult {
         let replay = Arc::new(replay);
         let has_local = lock(&self.local).is_some();
@@ -306,7 +451,7 @@ impl Driver {
             None => return CheckResult::Skipped("no other replica and no local weights".into()),
         };
         self.checks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let second = match self.observe(&second_route, &replay, second_local).await {
+        let second = match self.observe(&second_route, &replay, second_local, Some(shadows)).await {
             Ok(o) => o,
             Err(e) => return CheckResult::Skipped(format!("the second opinion failed: {e}")),
         };
@@ -329,7 +474,7 @@ impl Driver {
                 _ => None,
             };
             if let Some((r, local)) = third {
-                match self.observe(&r, &replay, local).await {
+                match self.observe(&r, &replay, local, None).await {
                     Ok(o) => {
                         observations.push(o);
                         verdict = judge(&observations, &config);
