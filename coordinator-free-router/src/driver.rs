@@ -52,7 +52,8 @@
 //! while computing it) and runs the same history through another route: other
 //! replicas of the same spans, or the origin's own weights ([`Driver::set_local_weights`]).
 //! The generation keeps that route's session (or the origin's caches) for its next checks,
-//! which send only the ids generated since. The token of a checked step is reported only once the outputs agree. When they do not, a
+//! which send only the ids generated since. The second opinion needs only the history, so it
+//! runs while the checked step itself is computed. The token of a checked step is reported only once the outputs agree. When they do not, a
 //! third opinion decides and the peers in the minority are banned for
 //! [`DriverConfig::ban_max`] ([`crate::verify`] holds the decisions); the generation fails over
 //! without the token, and every other session through a banned liar fails over at its next
@@ -170,6 +171,10 @@ impl Sealer {
         }
     }
 }
+
+/// A check's second opinion in flight, and the generation's kept check sessions it borrowed.
+type PendingCheck<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = (check::SecondOpinion, check::Shadows)> + Send + 'a>>;
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -888,15 +893,23 @@ impl Driver {
         let mut deadline = step_started + prefill_budget;
         // The draft of the step in flight.
         let mut draft: Vec<u32> = Vec::new();
-        let mut checking = false;
+        // The second opinion of the checked step in flight, with the generation's kept check
+        // sessions (given back when it is done).
+        let mut pending_check: Option<PendingCheck<'_>> = None;
         let mut taps = TapSet::default();
         loop {
-            let result =
-                self.await_result(&mut channel, &ids, step_id, step_started, deadline, &mut taps).await?;
+            let waited = self.await_result(&mut channel, &ids, step_id, step_started, deadline, &mut taps);
+            let (result, second) = match pending_check.take() {
+                Some(check) => {
+                    let (result, (second, shadows)) = tokio::join!(waited, check);
+                    state.shadows = shadows;
+                    (result?, Some(second))
+                }
+                None => (waited.await?, None),
+            };
             taps.result_at = Some(Instant::now());
-            if checking {
+            if let Some(second) = second {
                 self.check_step(
-                    request,
                     route,
                     state,
                     &mut channel,
@@ -905,7 +918,7 @@ impl Driver {
                     &mut taps,
                     step_started,
                     deadline,
-                    mask.as_ref(),
+                    second,
                 )
                 .await?;
             }
@@ -1010,7 +1023,7 @@ impl Driver {
             step_started = Instant::now();
             deadline = step_started + self.config.step_timeout;
             self.fail_over_from_liars(&ids, step_started)?;
-            checking = draft.is_empty()
+            let checking = draft.is_empty()
                 && self.spot_config().enabled()
                 && lock(&self.policy).should_check(&ids)
                 && self.can_check(route);
@@ -1038,6 +1051,19 @@ impl Driver {
                 self.node
                     .send_for_session(first, session_id, &Message::Tap(Tap { session_id, step_id }))
                     .map_err(|e| AttemptFailure { culprits: vec![], reason: e.to_string(), step_started })?;
+                // The second opinion needs only the history: it runs while the step does.
+                let replay = Arc::new(check::Replay::new(
+                    request,
+                    &state.tokens,
+                    self.config.prefill_chunk,
+                    mask.clone(),
+                ));
+                let mut shadows = std::mem::take(&mut state.shadows);
+                let route = route.to_vec();
+                pending_check = Some(Box::pin(async move {
+                    let second = self.second_opinion(&route, replay, &mut shadows).await;
+                    (second, shadows)
+                }));
             }
         }
     }
@@ -1127,11 +1153,11 @@ impl Driver {
     }
 
     /// Checks a tapped step (see the module docs): waits for the outputs of every stage, then
-    /// asks for other opinions; a lie on this route ends the attempt before its token is used.
+    /// judges them against the `second` opinion (and a third when they disagree); a lie on
+    /// this route ends the attempt before its token is used.
     #[allow(clippy::too_many_arguments)]
     async fn check_step(
         &self,
-        request: &Request,
         route: &[RouteHop],
         state: &mut RunState,
         channel: &mut SessionChannel,
@@ -1140,7 +1166,7 @@ impl Driver {
         taps: &mut TapSet,
         step_started: Instant,
         deadline: Instant,
-        mask: Option<&TokenMask>,
+        second: check::SecondOpinion,
     ) -> Result<(), AttemptFailure> {
         let ids: Vec<PeerId> = route.iter().map(|h| h.node_id).collect();
         let wanted = &ids[..ids.len() - 1];
@@ -1170,8 +1196,7 @@ impl Driver {
             Ok(o) => o,
             Err(reason) => return Err(AttemptFailure { culprits: vec![], reason, step_started }),
         };
-        let replay = check::Replay::new(request, &state.tokens, self.config.prefill_chunk, mask.cloned());
-        match self.spot_check(route, primary, replay, &mut state.shadows).await {
+        match self.spot_check(route, primary, second).await {
             check::CheckResult::Passed => {
                 state.spot_checks += 1;
                 Ok(())

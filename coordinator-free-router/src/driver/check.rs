@@ -234,6 +234,15 @@ pub(super) struct Shadows {
 /// the checking route changes from one check to the next.
 const MAX_SHADOWS: usize = 3;
 
+/// A check's second opinion ([`Driver::second_opinion`]).
+pub(super) struct SecondOpinion {
+    route: Vec<RouteHop>,
+    /// Computed with the origin's weights.
+    local: bool,
+    replay: Arc<Replay>,
+    observed: Result<Observation, String>,
+}
+
 /// What a check found, for the generation that ran it.
 pub(super) enum CheckResult {
     /// The step's result stands.
@@ -431,29 +440,50 @@ impl Driver {
         self.observe_remote(route, replay, shadows).await
     }
 
-    /// Checks a step whose route and outputs are `primary`: a second opinion, a third one when
-    /// they disagree, then bans (see [`crate::verify`]).
+    /// The second opinion of a step through `route` that feeds the last id of `replay`'s
+    /// history: other replicas where there are some (the swarm's cores rather than the
+    /// origin's), else the origin's weights. It needs only the history, so the driver runs it
+    /// while the checked step itself is computed.
+    pub(super) async fn second_opinion(
+        &self,
+        route: &[RouteHop],
+        replay: Arc<Replay>,
+        shadows: &mut Shadows,
+    ) -> SecondOpinion {
+        let (second_route, local) = match self.other_route(route, &[]) {
+            Some(r) => (r, false),
+            None if lock(&self.local).is_some() => (route.to_vec(), true),
+            None => {
+                return SecondOpinion {
+                    route: Vec::new(),
+                    local: false,
+                    replay,
+                    observed: Err("no other replica and no local weights".into()),
+                };
+            }
+        };
+        self.checks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let observed = self
+            .observe(&second_route, &replay, local, Some(shadows))
+            .await
+            .map_err(|e| format!("the second opinion failed: {e}"));
+        SecondOpinion { route: second_route, local, replay, observed }
+    }
+
+    /// Checks a step whose route and outputs are `primary` against its second opinion, with a
+    /// third one when they disagree, then bans (see [`crate::verify`]).
     pub(super) async fn spot_check(
         &self,
         route: &[RouteHop],
         primary: Observation,
-        replay: Replay,
-        shadows: &mut Shadows,
+        second: SecondOpinion,
     ) -> CheckResult {
-        let replay = Arc::new(replay);
         let has_local = lock(&self.local).is_some();
         let ids: Vec<PeerId> = route.iter().map(|h| h.node_id).collect();
-        // A second opinion: other replicas where there are some (the swarm's cores rather than
-        // the origin's), else the origin's weights.
-        let (second_route, second_local) = match self.other_route(route, &[]) {
-            Some(r) => (r, false),
-            None if has_local => (route.to_vec(), true),
-            None => return CheckResult::Skipped("no other replica and no local weights".into()),
-        };
-        self.checks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let second = match self.observe(&second_route, &replay, second_local, Some(shadows)).await {
+        let SecondOpinion { route: second_route, local: second_local, replay, observed } = second;
+        let second = match observed {
             Ok(o) => o,
-            Err(e) => return CheckResult::Skipped(format!("the second opinion failed: {e}")),
+            Err(e) => return CheckResult::Skipped(e),
         };
         let config = *self.spot_config();
         let mut observations = vec![primary, second];
