@@ -53,7 +53,8 @@
 //! replicas of the same spans, or the origin's own weights ([`Driver::set_local_weights`]).
 //! The generation keeps that route's session (or the origin's caches) for its next checks,
 //! which send only the ids generated since. The second opinion needs only the history, so it
-//! runs while the checked step itself is computed. The token of a checked step is reported only once the outputs agree. When they do not, a
+//! runs while the checked step itself is computed (a step that fails does not wait for it).
+//! The token of a checked step is reported only once the outputs agree. When they do not, a
 //! third opinion decides and the peers in the minority are banned for
 //! [`DriverConfig::ban_max`] ([`crate::verify`] holds the decisions); the generation fails over
 //! without the token, and every other session through a banned liar fails over at its next
@@ -901,9 +902,11 @@ impl Driver {
             let waited = self.await_result(&mut channel, &ids, step_id, step_started, deadline, &mut taps);
             let (result, second) = match pending_check.take() {
                 Some(check) => {
-                    let (result, (second, shadows)) = tokio::join!(waited, check);
+                    // A failed step does not wait for its check (whose kept sessions close).
+                    let check = async { Ok::<_, AttemptFailure>(check.await) };
+                    let (result, (second, shadows)) = tokio::try_join!(waited, check)?;
                     state.shadows = shadows;
-                    (result?, Some(second))
+                    (result, Some(second))
                 }
                 None => (waited.await?, None),
             };
@@ -1327,6 +1330,6 @@ struct RunState {
     drafter: Drafter,
     /// Checks passed.
     spot_checks: usize,
-    /// The session that checks run through, kept for the generation's next checks.
+    /// The check sessions kept for the generation's next checks.
     shadows: check::Shadows,
 }

@@ -1192,7 +1192,8 @@ fn validate_hidden(h: &HiddenStates) -> Result<(), ProtocolError> {
     check_hidden_size(h, h.bytes.len() as u64)
 }
 
-fn validate_step(m: &Step) -> Result<(), ProtocolError> {
+/// Checks a step as the decoder does (also the ids a stage opens from a sealed box).
+pub(crate) fn validate_step(m: &Step) -> Result<(), ProtocolError> {
     check_count("history_tail", m.history_tail.len(), MAX_HISTORY_TAIL)?;
     let (field, len) = match &m.payload {
         Payload::Tokens(ids) => ("tokens", ids.len()),

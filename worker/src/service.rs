@@ -879,7 +879,6 @@ impl StageService {
     }
 }
 
-/// Gives back one session of `peer`'s quota.
 /// On the last stage of a sealed session, replaces the step's placeholders with the sampler
 /// inputs sealed in it; elsewhere, checks only that the step is sealed iff the session is.
 fn unseal(session: &Session, step: &mut Step) -> Result<(), Refusal> {
@@ -900,17 +899,11 @@ fn unseal(session: &Session, step: &mut Step) -> Result<(), Refusal> {
                     ),
                 ));
             }
-            let open = Step {
-                history_tail: inputs.history_tail,
-                draft: inputs.draft,
-                mask: inputs.mask,
-                ..step.clone()
-            };
-            crate::protocol::Message::Step(open.clone())
-                .validate()
-                .map_err(|e| refuse(e.code(), e.to_string()))?;
-            *step = open;
-            Ok(())
+            // A refused step is dropped whole, so filling it in place is safe.
+            step.history_tail = inputs.history_tail;
+            step.draft = inputs.draft;
+            step.mask = inputs.mask;
+            crate::protocol::validate_step(step).map_err(|e| refuse(e.code(), e.to_string()))
         }
         (None, Some(sealed)) if session.sampling.is_none() => {
             // A forwarding stage passes the box on.
@@ -927,6 +920,7 @@ fn unseal(session: &Session, step: &mut Step) -> Result<(), Refusal> {
     }
 }
 
+/// Gives back one session of `peer`'s quota.
 fn release(quota: &mut HashMap<PeerId, usize>, peer: PeerId) {
     if let Some(n) = quota.get_mut(&peer) {
         *n = n.saturating_sub(1);
