@@ -180,9 +180,7 @@ impl Replay {
             mask,
         }
     }
-}
 
-impl Replay {
     /// The steps that take a route whose caches hold the first `pos` ids of the history to
     /// the checked step: the ids from `pos` up to the last as prefill chunks, then the last
     /// id alone (the checked step). `pos` must be below the history's length.
