@@ -1,4 +1,6 @@
-//! Gemma 3 and Gemma 2 (GGUF), following llama.cpp's graphs for `gemma3` and `gemma2`.
+//! Gemma 3 and Gemma 2, following llama.cpp's graphs for `gemma3` and `gemma2` (GGUF files) and
+//! transformers' `Gemma3ForCausalLM` and `Gemma2ForCausalLM` (checkpoints; the arithmetic is the
+//! same but for the GELU, see [`gelu_gate`]).
 //!
 //! Gemma 2's block is Gemma 3's without the q/k norms (its files have none), with attention
 //! scores soft-capped ([`ModelSpec::attn_logit_softcap`], in [`crate::attention`]); its final
@@ -12,7 +14,8 @@
 //! and rotates with [`ModelSpec::rope_theta`] (divided by [`ModelSpec::rope_linear_factor`]
 //! on the 4B and larger). The embedding is scaled by `sqrt(hidden)`
 //! ([`crate::Shard`] does it for the first span) and the LM head is the embedding (tied).
-//! Norm weights are used as stored: llama.cpp's converter already added Gemma's `1 +`.
+//! Gemma's norms scale by `1 + w`: llama.cpp's converter adds the 1 to GGUF files, and the
+//! loader adds it to a checkpoint's weights.
 
 use std::sync::OnceLock;
 
@@ -62,7 +65,7 @@ impl Block {
             attn: Attention::load(w, i, spec, device, dtype)?,
             post_attn_norm: norm(L::PostAttnNorm)?,
             ffn_norm: norm(L::FfnNorm)?,
-            mlp: Mlp::load(w, i, spec, device, dtype, Gate::GeluTanh)?,
+            mlp: Mlp::load(w, i, spec, device, dtype, gelu_gate(w))?,
             post_ffn_norm: norm(L::PostFfnNorm)?,
             rope,
         })
@@ -98,6 +101,12 @@ impl Block {
         let h = self.mlp.forward_rows(&self.ffn_norm.forward(&x)?)?;
         Ok((x + self.post_ffn_norm.forward(&h)?)?)
     }
+}
+
+/// The feed-forward's GELU: llama.cpp's table for a GGUF file, transformers' tanh formula for a
+/// checkpoint.
+pub(crate) fn gelu_gate(w: &Weights) -> Gate {
+    if w.is_gguf() { Gate::GeluTanhGgml } else { Gate::GeluTanh }
 }
 
 /// `gelu_tanh(g) · u` as llama.cpp's CPU backend computes it (`ggml_vec_geglu_f32` with

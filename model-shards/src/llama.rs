@@ -1,4 +1,4 @@
-//! The Llama-family transformer block (llama, mistral, qwen2, qwen3, qwen3moe, phi3).
+//! The Llama-family transformer block (llama, mistral, mixtral, qwen2, qwen3, qwen3moe, phi3).
 //!
 //! The families differ only by flags of the [`ModelSpec`]: bias on q/k/v (qwen2), RMSNorm of q
 //! and k per head (qwen3), sliding-window attention (mistral), the rope pairing and Llama 3
@@ -24,7 +24,7 @@ pub(crate) struct RmsNorm {
 
 impl RmsNorm {
     pub(crate) fn load(w: &Weights, name: WeightName, dim: usize, eps: f64, device: &Device) -> Result<Self> {
-        Ok(Self { weight: w.load_dense(name, &[dim], device)?, eps: eps as f32 })
+        Ok(Self { weight: w.load_norm(name, dim, device)?, eps: eps as f32 })
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -262,6 +262,8 @@ pub(crate) enum Gate {
     /// `silu(gate) · up` (llama, mistral, qwen).
     Silu,
     /// `gelu_tanh(gate) · up` (gemma), as llama.cpp computes it (see [`crate::gemma3::geglu`]).
+    GeluTanhGgml,
+    /// `gelu_tanh(gate) · up` (gemma) in f32, as transformers computes it.
     GeluTanh,
 }
 
@@ -297,7 +299,8 @@ impl Mlp {
     fn act(&self, g: &Tensor, u: &Tensor) -> Result<Tensor> {
         match self.gate {
             Gate::Silu => swiglu(g, u),
-            Gate::GeluTanh => crate::gemma3::geglu(g, u),
+            Gate::GeluTanhGgml => crate::gemma3::geglu(g, u),
+            Gate::GeluTanh => Ok((g.gelu()? * u)?),
         }
     }
 

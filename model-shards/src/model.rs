@@ -73,7 +73,7 @@ impl Model {
         let hf_config: HfConfig = read_json(&config_path)?;
         let spec = ModelSpec::from_hf_config(&hf_config)?;
         let files = safetensors_files(&dir)?;
-        let weights = Weights::safetensors(&files)?;
+        let weights = Weights::safetensors(&files, &spec)?;
         Ok(Self {
             path: dir,
             format: ModelFormat::HuggingFace,
@@ -181,10 +181,11 @@ impl Model {
         let s = &self.spec;
         let q = s.n_heads * s.head_dim;
         let kv = s.n_kv_heads * s.head_dim;
-        let params = s.hidden_size * (q + 2 * kv)
-            + q * s.hidden_size
-            + 3 * s.hidden_size * s.intermediate_size
-            + 2 * s.hidden_size;
+        let ffn = match &s.moe {
+            Some(m) => m.n_experts * (3 * s.hidden_size * m.expert_intermediate_size + s.hidden_size),
+            None => 3 * s.hidden_size * s.intermediate_size,
+        };
+        let params = s.hidden_size * (q + 2 * kv) + q * s.hidden_size + ffn + 4 * s.hidden_size;
         params as u64 * 4
     }
 

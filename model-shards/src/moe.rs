@@ -8,7 +8,8 @@
 //!
 //! GGUF stores the experts of a layer stacked (`ffn_{gate,up,down}_exps`, `[experts, out,
 //! in]`); a span splits them into one matrix per expert at load, quantized as in the file (and
-//! packed for shoal's kernels like any dense weight). A step groups its tokens by expert: each
+//! packed for shoal's kernels like any dense weight). Hugging Face checkpoints store one
+//! matrix per expert already. A step groups its tokens by expert: each
 //! expert runs once on the rows that chose it.
 
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::linear::Linear;
 use crate::llama::{Projections, swiglu};
 use crate::spec::{ModelSpec, MoeSpec};
-use crate::weights::{LayerWeight as L, Loaded, WeightName, Weights};
+use crate::weights::{ExpertPart, LayerWeight as L, Loaded, WeightName, Weights};
 
 /// One expert: `down(silu(gate x) · up x)`.
 struct Expert {
@@ -84,9 +85,21 @@ impl Moe {
         let (h, f, e) = (spec.hidden_size, moe.expert_intermediate_size, moe.n_experts);
         let router = w.load_dense(WeightName::Layer(i, L::Router), &[e, h], &Device::Cpu)?;
         let router = router.flatten_all()?.to_vec1::<f32>()?;
-        let gates = split(w, WeightName::Layer(i, L::GateExps), (e, f, h), device)?;
-        let ups = split(w, WeightName::Layer(i, L::UpExps), (e, f, h), device)?;
-        let downs = split(w, WeightName::Layer(i, L::DownExps), (e, h, f), device)?;
+        let (gates, ups, downs) = if w.is_gguf() {
+            (
+                split(w, WeightName::Layer(i, L::GateExps), (e, f, h), device)?,
+                split(w, WeightName::Layer(i, L::UpExps), (e, f, h), device)?,
+                split(w, WeightName::Layer(i, L::DownExps), (e, h, f), device)?,
+            )
+        } else {
+            // Hugging Face checkpoints store each expert's matrices apart.
+            let part = |p, shape: [usize; 2]| -> Result<Vec<Loaded>> {
+                (0..e)
+                    .map(|x| w.load(WeightName::Layer(i, L::Expert(x, p)), &shape, device, DType::F32))
+                    .collect()
+            };
+            (part(ExpertPart::Gate, [f, h])?, part(ExpertPart::Up, [f, h])?, part(ExpertPart::Down, [h, f])?)
+        };
         let experts = gates
             .into_iter()
             .zip(ups)

@@ -250,93 +250,135 @@ impl ModelSpec {
 
     /// Builds the spec from a Hugging Face `config.json`.
     pub fn from_hf_config(cfg: &HfConfig) -> Result<Self> {
-        let arch = Architecture::from_name(&cfg.model_type)?;
-        if matches!(
-            arch,
-            Architecture::Gemma3 | Architecture::Gemma2 | Architecture::Phi3 | Architecture::Qwen3Moe
-        ) {
-            return Err(Error::UnsupportedArchitecture(format!(
-                "{} from safetensors (it is supported from GGUF files)",
-                arch.name()
-            )));
-        }
+        let mixtral = cfg.model_type == "mixtral";
+        let arch = match cfg.model_type.as_str() {
+            "gemma3_text" => Architecture::Gemma3,
+            "mixtral" => Architecture::Llama,
+            "qwen3_moe" => Architecture::Qwen3Moe,
+            "gemma3" => {
+                return Err(Error::UnsupportedArchitecture(
+                    "gemma3 (a multimodal checkpoint; text-only `gemma3_text` checkpoints and Gemma 3 \
+                     GGUF files are supported)"
+                        .into(),
+                ));
+            }
+            // GGUF's spelling, which no config.json uses.
+            "qwen3moe" => return Err(Error::UnsupportedArchitecture(cfg.model_type.clone())),
+            other => Architecture::from_name(other)?,
+        };
+        let gemma = matches!(arch, Architecture::Gemma3 | Architecture::Gemma2);
         let req =
             |v: Option<usize>, key: &str| v.ok_or_else(|| Error::MissingConfig { key: key.to_string() });
+        let invalid = |key: &str, reason: String| Error::InvalidConfig { key: key.to_string(), reason };
         let hidden_size = req(cfg.hidden_size, "hidden_size")?;
         let n_heads = req(cfg.num_attention_heads, "num_attention_heads")?;
         if n_heads == 0 {
-            return Err(Error::InvalidConfig {
-                key: "num_attention_heads".into(),
-                reason: "must be positive".into(),
-            });
+            return Err(invalid("num_attention_heads", "must be positive".into()));
         }
         let head_dim = match (arch, cfg.head_dim) {
             (_, Some(d)) => d,
-            (Architecture::Qwen3, None) => return Err(Error::MissingConfig { key: "head_dim".into() }),
+            (
+                Architecture::Qwen3 | Architecture::Qwen3Moe | Architecture::Gemma3 | Architecture::Gemma2,
+                None,
+            ) => {
+                return Err(Error::MissingConfig { key: "head_dim".into() });
+            }
             (_, None) => hidden_size / n_heads,
         };
-        // transformers >= 5 writes `rope_parameters` (theta and scaling together); older
-        // files have `rope_theta` and `rope_scaling`.
-        let rope = cfg.rope_parameters.as_ref().or(cfg.rope_scaling.as_ref());
-        let rope_theta = cfg.rope_parameters.as_ref().and_then(|p| p.rope_theta).or(cfg.rope_theta);
-        let rope_scaling = match rope {
-            None => None,
-            Some(s) => {
-                let kind = s.rope_type.as_deref().or(s.kind.as_deref()).unwrap_or("default");
-                match kind {
-                    "default" => None,
-                    "llama3" => Some(Llama3RopeScaling {
-                        factor: s
-                            .factor
-                            .ok_or_else(|| Error::MissingConfig { key: "rope_scaling.factor".into() })?,
-                        low_freq_factor: s.low_freq_factor.ok_or_else(|| Error::MissingConfig {
-                            key: "rope_scaling.low_freq_factor".into(),
-                        })?,
-                        high_freq_factor: s.high_freq_factor.ok_or_else(|| Error::MissingConfig {
-                            key: "rope_scaling.high_freq_factor".into(),
-                        })?,
-                        original_max_position_embeddings: s.original_max_position_embeddings.ok_or_else(
-                            || Error::MissingConfig {
-                                key: "rope_scaling.original_max_position_embeddings".into(),
-                            },
-                        )?,
-                    }),
-                    other => {
-                        return Err(Error::InvalidConfig {
-                            key: "rope_scaling.rope_type".into(),
-                            reason: format!("`{other}` is not supported (supported: default, llama3)"),
-                        });
-                    }
-                }
-            }
+        // The feed-forward's activation.
+        let (act_key, act) = match (&cfg.hidden_activation, &cfg.hidden_act) {
+            (Some(a), _) => ("hidden_activation", a.as_str()),
+            (None, Some(a)) => ("hidden_act", a.as_str()),
+            (None, None) => ("hidden_act", if gemma { "gelu_pytorch_tanh" } else { "silu" }),
         };
+        let want = if gemma { "gelu_pytorch_tanh" } else { "silu" };
+        if act != want {
+            return Err(invalid(
+                act_key,
+                format!("`{act}` is not supported for {} (supported: {want})", cfg.model_type),
+            ));
+        }
+        if let Some(f) = cfg.partial_rotary_factor
+            && f != 1.0
+        {
+            return Err(invalid(
+                "partial_rotary_factor",
+                format!("{f}: rotary embeddings on part of a head are not supported"),
+            ));
+        }
+        if cfg.use_bidirectional_attention == Some(true) {
+            return Err(invalid("use_bidirectional_attention", "only causal attention is supported".into()));
+        }
+        let rope = HfRope::of(cfg)?;
         let sliding_window = match arch {
-            Architecture::Mistral => cfg.sliding_window,
-            Architecture::Qwen2 | Architecture::Qwen3 if cfg.use_sliding_window == Some(true) => {
+            Architecture::Mistral | Architecture::Phi3 | Architecture::Gemma3 | Architecture::Gemma2 => {
+                cfg.sliding_window
+            }
+            Architecture::Llama if mixtral => cfg.sliding_window,
+            Architecture::Qwen2 | Architecture::Qwen3 | Architecture::Qwen3Moe
+                if cfg.use_sliding_window == Some(true) =>
+            {
                 cfg.sliding_window
             }
             _ => None,
+        }
+        .filter(|&w| w > 0);
+        let moe = match arch {
+            Architecture::Llama if mixtral => Some(MoeSpec {
+                n_experts: req(cfg.num_local_experts, "num_local_experts")?,
+                n_experts_used: req(cfg.num_experts_per_tok, "num_experts_per_tok")?,
+                expert_intermediate_size: req(cfg.intermediate_size, "intermediate_size")?,
+            }),
+            Architecture::Qwen3Moe => {
+                // transformers' defaults: no renormalisation, every layer sparse.
+                if cfg.norm_topk_prob != Some(true) {
+                    return Err(invalid(
+                        "norm_topk_prob",
+                        "routing weights that are not renormalised over the top-k experts are not supported"
+                            .into(),
+                    ));
+                }
+                if cfg.decoder_sparse_step.unwrap_or(1) != 1
+                    || cfg.mlp_only_layers.as_ref().is_some_and(|l| !l.is_empty())
+                {
+                    return Err(invalid(
+                        "mlp_only_layers",
+                        "dense layers between the mixture-of-experts layers are not supported".into(),
+                    ));
+                }
+                Some(MoeSpec {
+                    n_experts: req(cfg.num_experts.or(cfg.num_local_experts), "num_experts")?,
+                    n_experts_used: req(cfg.num_experts_per_tok, "num_experts_per_tok")?,
+                    expert_intermediate_size: req(cfg.moe_intermediate_size, "moe_intermediate_size")?,
+                })
+            }
+            _ => None,
         };
-        let spec = Self {
+        let intermediate_size = match &moe {
+            Some(m) => m.expert_intermediate_size,
+            None => req(cfg.intermediate_size, "intermediate_size")?,
+        };
+        let mut spec = Self {
             arch,
             hidden_size,
-            intermediate_size: req(cfg.intermediate_size, "intermediate_size")?,
+            intermediate_size,
             n_layers: req(cfg.num_hidden_layers, "num_hidden_layers")?,
             n_heads,
             n_kv_heads: cfg.num_key_value_heads.unwrap_or(n_heads),
             head_dim,
             vocab_size: req(cfg.vocab_size, "vocab_size")?,
             rms_norm_eps: cfg.rms_norm_eps.unwrap_or(1e-6),
-            rope_theta: rope_theta.unwrap_or(10_000.0),
+            rope_theta: rope.theta.unwrap_or(10_000.0),
             rope_style: RopeStyle::HalfSplit,
-            rope_scaling,
+            rope_scaling: rope.llama3,
             max_position_embeddings: req(cfg.max_position_embeddings, "max_position_embeddings")?,
-            tie_word_embeddings: cfg.tie_word_embeddings.unwrap_or(false),
+            // transformers ties Gemma's head to its embedding unless told otherwise.
+            tie_word_embeddings: cfg.tie_word_embeddings.unwrap_or(gemma),
             attention_bias: match arch {
                 Architecture::Qwen2 => true,
                 _ => cfg.attention_bias.unwrap_or(false),
             },
-            qk_norm: arch == Architecture::Qwen3,
+            qk_norm: matches!(arch, Architecture::Qwen3 | Architecture::Qwen3Moe | Architecture::Gemma3),
             sliding_window,
             sliding_window_pattern: None,
             rope_local_theta: None,
@@ -344,10 +386,68 @@ impl ModelSpec {
             query_scale: None,
             attn_logit_softcap: None,
             final_logit_softcap: None,
-            moe: None,
+            moe,
         };
+        if gemma {
+            spec.gemma_from_hf(cfg, &rope)?;
+        } else if rope.linear.is_some() {
+            return Err(invalid(
+                "rope_scaling.rope_type",
+                format!("`linear` is not supported for {} (supported: default, llama3)", cfg.model_type),
+            ));
+        }
         spec.validate()?;
         Ok(spec)
+    }
+
+    /// Gemma 3's and Gemma 2's keys in `config.json`, with transformers' defaults where the file
+    /// is silent (the configuration classes define them).
+    fn gemma_from_hf(&mut self, cfg: &HfConfig, rope: &HfRope) -> Result<()> {
+        let gemma2 = self.arch == Architecture::Gemma2;
+        let invalid = |key: &str, reason: String| Error::InvalidConfig { key: key.to_string(), reason };
+        if self.sliding_window.is_some() {
+            let pattern = match &cfg.layer_types {
+                Some(types) => pattern_of_layer_types(types, self.n_layers)?,
+                // transformers reads `sliding_window_pattern` (not the `_sliding_window_pattern`
+                // its Gemma 3 configs also write).
+                None => cfg.sliding_window_pattern.unwrap_or(if gemma2 { 2 } else { 6 }),
+            };
+            self.sliding_window_pattern = Some(pattern);
+            self.rope_local_theta =
+                Some(if gemma2 { self.rope_theta } else { rope.local_theta.unwrap_or(10_000.0) });
+        }
+        if rope.llama3.is_some() {
+            return Err(invalid(
+                "rope_scaling.rope_type",
+                format!("`llama3` is not supported for {} (supported: default, linear)", cfg.model_type),
+            ));
+        }
+        if let Some(f) = rope.linear {
+            if gemma2 {
+                return Err(invalid(
+                    "rope_scaling.rope_type",
+                    "`linear` is not supported for gemma2 (supported: default)".into(),
+                ));
+            }
+            self.rope_linear_factor = (f != 1.0).then_some(f);
+        }
+        let cap = |key: &str, v: Option<Option<f32>>, default: Option<f32>| -> Result<Option<f32>> {
+            match v.unwrap_or(default) {
+                Some(c) if !(c.is_finite() && c > 0.0) => {
+                    Err(invalid(key, format!("{c} is not a positive number")))
+                }
+                c => Ok(c),
+            }
+        };
+        let defaults = if gemma2 { (Some(50.0), Some(30.0)) } else { (None, None) };
+        self.attn_logit_softcap = cap("attn_logit_softcapping", cfg.attn_logit_softcapping, defaults.0)?;
+        self.final_logit_softcap = cap("final_logit_softcapping", cfg.final_logit_softcapping, defaults.1)?;
+        let scalar = cfg.query_pre_attn_scalar.unwrap_or(256.0);
+        if !(scalar.is_finite() && scalar > 0.0) {
+            return Err(invalid("query_pre_attn_scalar", format!("{scalar} is not a positive number")));
+        }
+        self.query_scale = Some(1.0 / scalar.sqrt());
+        Ok(())
     }
 
     /// Builds the spec from GGUF metadata. `tensor_names` tells what the file holds (tied
@@ -560,7 +660,8 @@ impl ModelSpec {
 /// Mirror of the fields shoal reads from a Hugging Face `config.json`.
 #[derive(Clone, Debug, Deserialize)]
 pub struct HfConfig {
-    /// `model_type`: llama, mistral, qwen2, qwen3.
+    /// `model_type`: llama, mistral, mixtral, qwen2, qwen3, qwen3_moe, gemma2, gemma3_text,
+    /// phi3.
     pub model_type: String,
     /// `hidden_size`.
     pub hidden_size: Option<usize>,
@@ -582,8 +683,9 @@ pub struct HfConfig {
     pub rope_theta: Option<f32>,
     /// `rope_scaling`.
     pub rope_scaling: Option<HfRopeScaling>,
-    /// `rope_parameters` (transformers 5 layout: theta and scaling together).
-    pub rope_parameters: Option<HfRopeScaling>,
+    /// `rope_parameters` (transformers 5 layout: theta and scaling together, or one such
+    /// entry per layer type).
+    pub rope_parameters: Option<serde_json::Value>,
     /// `max_position_embeddings`.
     pub max_position_embeddings: Option<usize>,
     /// `tie_word_embeddings`.
@@ -600,6 +702,144 @@ pub struct HfConfig {
     pub eos_token_id: Option<OneOrMany>,
     /// `torch_dtype`.
     pub torch_dtype: Option<String>,
+    /// `hidden_act` (llama and most others).
+    pub hidden_act: Option<String>,
+    /// `hidden_activation` (Gemma).
+    pub hidden_activation: Option<String>,
+    /// `partial_rotary_factor` (Phi-3 variants).
+    pub partial_rotary_factor: Option<f32>,
+    /// Gemma: `layer_types`, each `sliding_attention` or `full_attention`.
+    pub layer_types: Option<Vec<String>>,
+    /// Gemma: `sliding_window_pattern`.
+    pub sliding_window_pattern: Option<usize>,
+    /// Gemma 3: `rope_local_base_freq`, the sliding-window layers' rotary base.
+    pub rope_local_base_freq: Option<f32>,
+    /// Gemma: `query_pre_attn_scalar` (queries are scaled by its inverse square root).
+    pub query_pre_attn_scalar: Option<f32>,
+    /// Gemma: `attn_logit_softcapping` (absent, `null` or a value).
+    #[serde(default, deserialize_with = "present")]
+    pub attn_logit_softcapping: Option<Option<f32>>,
+    /// Gemma: `final_logit_softcapping` (absent, `null` or a value).
+    #[serde(default, deserialize_with = "present")]
+    pub final_logit_softcapping: Option<Option<f32>>,
+    /// Gemma 3: `use_bidirectional_attention` (only causal attention is supported).
+    pub use_bidirectional_attention: Option<bool>,
+    /// Mixtral: `num_local_experts`.
+    pub num_local_experts: Option<usize>,
+    /// Qwen3-MoE: `num_experts` (transformers 5 writes it as `num_local_experts`).
+    pub num_experts: Option<usize>,
+    /// Mixtral, Qwen3-MoE: `num_experts_per_tok`.
+    pub num_experts_per_tok: Option<usize>,
+    /// Qwen3-MoE: `moe_intermediate_size`, one expert's.
+    pub moe_intermediate_size: Option<usize>,
+    /// Qwen3-MoE: `norm_topk_prob`.
+    pub norm_topk_prob: Option<bool>,
+    /// Qwen3-MoE: `decoder_sparse_step`.
+    pub decoder_sparse_step: Option<usize>,
+    /// Qwen3-MoE: `mlp_only_layers`.
+    pub mlp_only_layers: Option<Vec<usize>>,
+}
+
+/// A key that may be absent (`None`), `null` (`Some(None)`) or set.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<Option<f32>>, D::Error> {
+    Option::<f32>::deserialize(d).map(Some)
+}
+
+/// The layers' pattern from Gemma's `layer_types`: the first `p - 1` of every `p` layers slide,
+/// the last is global.
+fn pattern_of_layer_types(types: &[String], n_layers: usize) -> Result<usize> {
+    let invalid = |reason: String| Error::InvalidConfig { key: "layer_types".into(), reason };
+    if types.len() != n_layers {
+        return Err(invalid(format!("{} entries for {n_layers} layers", types.len())));
+    }
+    if let Some(t) = types.iter().find(|t| !matches!(t.as_str(), "sliding_attention" | "full_attention")) {
+        return Err(invalid(format!("`{t}` (supported: sliding_attention, full_attention)")));
+    }
+    // No global layer: every layer slides (pattern 0).
+    let p = types.iter().position(|t| t == "full_attention").map_or(0, |f| f + 1);
+    let expected = |i: usize| if p != 0 && i % p == p - 1 { "full_attention" } else { "sliding_attention" };
+    if let Some(i) = (0..n_layers).find(|&i| types[i] != expected(i)) {
+        return Err(invalid(format!(
+            "layer {i} is {}: only a repeating pattern of sliding layers then one global layer is supported",
+            types[i]
+        )));
+    }
+    Ok(p)
+}
+
+/// The rotary settings of a `config.json`, from `rope_parameters` (transformers 5: flat, or
+/// one entry per layer type) or `rope_theta`, `rope_scaling` and `rope_local_base_freq`.
+struct HfRope {
+    theta: Option<f32>,
+    /// The sliding-window layers' base (Gemma 3).
+    local_theta: Option<f32>,
+    llama3: Option<Llama3RopeScaling>,
+    /// Linear scaling factor (Gemma 3's global layers).
+    linear: Option<f32>,
+}
+
+impl HfRope {
+    fn of(cfg: &HfConfig) -> Result<Self> {
+        let parse = |key: &str, v: &serde_json::Value| -> Result<HfRopeScaling> {
+            serde_json::from_value(v.clone())
+                .map_err(|e| Error::InvalidConfig { key: key.to_string(), reason: e.to_string() })
+        };
+        let (global, local) = match &cfg.rope_parameters {
+            Some(v) if v.get("full_attention").is_some() || v.get("sliding_attention").is_some() => {
+                let part = |k: &str| -> Result<Option<HfRopeScaling>> {
+                    v.get(k).map(|p| parse(&format!("rope_parameters.{k}"), p)).transpose()
+                };
+                (part("full_attention")?, part("sliding_attention")?)
+            }
+            Some(v) => (Some(parse("rope_parameters", v)?), None),
+            None => (cfg.rope_scaling.clone(), None),
+        };
+        let theta = global.as_ref().and_then(|p| p.rope_theta).or(cfg.rope_theta);
+        let local_theta = local.as_ref().and_then(|p| p.rope_theta).or(cfg.rope_local_base_freq);
+        if let Some(l) = &local
+            && !matches!(l.kind(), "default")
+        {
+            return Err(Error::InvalidConfig {
+                key: "rope_parameters.sliding_attention.rope_type".into(),
+                reason: format!("`{}` is not supported (supported: default)", l.kind()),
+            });
+        }
+        let mut out = Self { theta, local_theta, llama3: None, linear: None };
+        let Some(s) = global else { return Ok(out) };
+        let missing = |k: &str| Error::MissingConfig { key: format!("rope_scaling.{k}") };
+        match s.kind() {
+            "default" => {}
+            "llama3" => {
+                out.llama3 = Some(Llama3RopeScaling {
+                    factor: s.factor.ok_or_else(|| missing("factor"))?,
+                    low_freq_factor: s.low_freq_factor.ok_or_else(|| missing("low_freq_factor"))?,
+                    high_freq_factor: s.high_freq_factor.ok_or_else(|| missing("high_freq_factor"))?,
+                    original_max_position_embeddings: s
+                        .original_max_position_embeddings
+                        .ok_or_else(|| missing("original_max_position_embeddings"))?,
+                })
+            }
+            "linear" => {
+                let f = s.factor.ok_or_else(|| missing("factor"))?;
+                if !(f.is_finite() && f > 0.0) {
+                    return Err(Error::InvalidConfig {
+                        key: "rope_scaling.factor".into(),
+                        reason: format!("{f} is not a positive number"),
+                    });
+                }
+                out.linear = Some(f);
+            }
+            other => {
+                return Err(Error::InvalidConfig {
+                    key: "rope_scaling.rope_type".into(),
+                    reason: format!(
+                        "`{other}` is not supported (supported: default, llama3, linear for gemma3)"
+                    ),
+                });
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// A JSON value that is either one id or a list of ids.
@@ -640,6 +880,13 @@ pub struct HfRopeScaling {
     pub high_freq_factor: Option<f32>,
     /// `original_max_position_embeddings`.
     pub original_max_position_embeddings: Option<usize>,
+}
+
+impl HfRopeScaling {
+    /// `rope_type`, or the older `type`, or `default`.
+    fn kind(&self) -> &str {
+        self.rope_type.as_deref().or(self.kind.as_deref()).unwrap_or("default")
+    }
 }
 
 fn candle_err(e: candle_core::Error) -> Error {

@@ -46,6 +46,50 @@ pub(crate) enum LayerWeight {
     UpExps,
     /// Mixture of experts: every expert's down projection, `[experts, hidden, ffn]`.
     DownExps,
+    /// Mixture of experts: one expert's matrix, as Hugging Face checkpoints store them.
+    Expert(usize, ExpertPart),
+}
+
+/// A matrix of one expert's feed-forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ExpertPart {
+    /// `[ffn, hidden]` (Mixtral's `w1`).
+    Gate,
+    /// `[ffn, hidden]` (Mixtral's `w3`).
+    Up,
+    /// `[hidden, ffn]` (Mixtral's `w2`).
+    Down,
+}
+
+/// How a Hugging Face checkpoint names its tensors: families that share llama's names, and
+/// those that differ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum HfNames {
+    /// llama, mistral, qwen2, qwen3.
+    Llama,
+    /// Gemma 2 and 3: `post_attention_layernorm` is the attention's output norm, and the
+    /// feed-forward's input norm is `pre_feedforward_layernorm`.
+    Gemma,
+    /// Phi-3: `qkv_proj` and `gate_up_proj` fused.
+    Phi3,
+    /// Mixtral: `block_sparse_moe.gate` and `block_sparse_moe.experts.E.w1/w3/w2`.
+    Mixtral,
+    /// Qwen3-MoE: `mlp.gate` and `mlp.experts.E.gate_proj/up_proj/down_proj`.
+    Qwen3Moe,
+}
+
+impl HfNames {
+    /// The naming of a model with this spec.
+    pub(crate) fn of(spec: &crate::spec::ModelSpec) -> Self {
+        use crate::spec::Architecture as A;
+        match spec.arch {
+            A::Gemma2 | A::Gemma3 => Self::Gemma,
+            A::Phi3 => Self::Phi3,
+            A::Qwen3Moe => Self::Qwen3Moe,
+            A::Llama | A::Mistral if spec.moe.is_some() => Self::Mixtral,
+            A::Llama | A::Mistral | A::Qwen2 | A::Qwen3 => Self::Llama,
+        }
+    }
 }
 
 /// A tensor of the model, named independently of the file format.
@@ -90,13 +134,17 @@ impl WeightName {
                     L::GateExps => "ffn_gate_exps.weight",
                     L::UpExps => "ffn_up_exps.weight",
                     L::DownExps => "ffn_down_exps.weight",
+                    // GGUF stacks the experts; this names the stack the expert comes from.
+                    L::Expert(_, ExpertPart::Gate) => "ffn_gate_exps.weight",
+                    L::Expert(_, ExpertPart::Up) => "ffn_up_exps.weight",
+                    L::Expert(_, ExpertPart::Down) => "ffn_down_exps.weight",
                 };
                 format!("blk.{i}.{s}")
             }
         }
     }
 
-    fn hf(self) -> String {
+    fn hf(self, names: HfNames) -> String {
         use LayerWeight as L;
         match self {
             Self::Embedding => "model.embed_tokens.weight".into(),
@@ -104,32 +152,50 @@ impl WeightName {
             Self::LmHead => "lm_head.weight".into(),
             Self::RopeFreqs => "rope_freqs.weight".into(),
             Self::Layer(i, w) => {
-                let s = match w {
-                    L::AttnNorm => "input_layernorm.weight",
-                    L::Q => "self_attn.q_proj.weight",
-                    L::Qkv => "self_attn.qkv_proj.weight",
-                    L::K => "self_attn.k_proj.weight",
-                    L::V => "self_attn.v_proj.weight",
-                    L::O => "self_attn.o_proj.weight",
-                    L::QBias => "self_attn.q_proj.bias",
-                    L::KBias => "self_attn.k_proj.bias",
-                    L::VBias => "self_attn.v_proj.bias",
-                    L::QNorm => "self_attn.q_norm.weight",
-                    L::KNorm => "self_attn.k_norm.weight",
-                    L::FfnNorm => "post_attention_layernorm.weight",
-                    // Gemma's names (its GGUF-only support never reads them; note that Gemma
-                    // calls its post-attention norm what llama calls its pre-MLP norm).
-                    L::PostAttnNorm => "post_attention_norm.weight",
-                    L::PostFfnNorm => "post_feedforward_layernorm.weight",
-                    L::Gate => "mlp.gate_proj.weight",
-                    L::Up => "mlp.up_proj.weight",
-                    L::Down => "mlp.down_proj.weight",
-                    // Mixture-of-experts models load from GGUF only (the spec refuses them
-                    // from safetensors); these name the stacked tensors for error messages.
-                    L::Router => "mlp.gate.weight",
-                    L::GateExps => "mlp.experts.gate_proj.weight",
-                    L::UpExps => "mlp.experts.up_proj.weight",
-                    L::DownExps => "mlp.experts.down_proj.weight",
+                let gemma = names == HfNames::Gemma;
+                let s: String = match w {
+                    L::AttnNorm => "input_layernorm.weight".into(),
+                    L::Q => "self_attn.q_proj.weight".into(),
+                    L::Qkv => "self_attn.qkv_proj.weight".into(),
+                    L::K => "self_attn.k_proj.weight".into(),
+                    L::V => "self_attn.v_proj.weight".into(),
+                    L::O => "self_attn.o_proj.weight".into(),
+                    L::QBias => "self_attn.q_proj.bias".into(),
+                    L::KBias => "self_attn.k_proj.bias".into(),
+                    L::VBias => "self_attn.v_proj.bias".into(),
+                    L::QNorm => "self_attn.q_norm.weight".into(),
+                    L::KNorm => "self_attn.k_norm.weight".into(),
+                    L::FfnNorm if gemma => "pre_feedforward_layernorm.weight".into(),
+                    L::FfnNorm => "post_attention_layernorm.weight".into(),
+                    L::PostAttnNorm => "post_attention_layernorm.weight".into(),
+                    L::PostFfnNorm => "post_feedforward_layernorm.weight".into(),
+                    L::Gate => "mlp.gate_proj.weight".into(),
+                    L::Up if names == HfNames::Phi3 => "mlp.gate_up_proj.weight".into(),
+                    L::Up => "mlp.up_proj.weight".into(),
+                    L::Down => "mlp.down_proj.weight".into(),
+                    L::Router if names == HfNames::Mixtral => "block_sparse_moe.gate.weight".into(),
+                    L::Router => "mlp.gate.weight".into(),
+                    // Checkpoints store one tensor per expert (`Expert`); these name the stacks
+                    // a GGUF file would hold, for error messages.
+                    L::GateExps => "mlp.experts.gate_proj.weight".into(),
+                    L::UpExps => "mlp.experts.up_proj.weight".into(),
+                    L::DownExps => "mlp.experts.down_proj.weight".into(),
+                    L::Expert(e, part) if names == HfNames::Mixtral => {
+                        let m = match part {
+                            ExpertPart::Gate => "w1",
+                            ExpertPart::Up => "w3",
+                            ExpertPart::Down => "w2",
+                        };
+                        format!("block_sparse_moe.experts.{e}.{m}.weight")
+                    }
+                    L::Expert(e, part) => {
+                        let m = match part {
+                            ExpertPart::Gate => "gate_proj",
+                            ExpertPart::Up => "up_proj",
+                            ExpertPart::Down => "down_proj",
+                        };
+                        format!("mlp.experts.{e}.{m}.weight")
+                    }
                 };
                 format!("model.layers.{i}.{s}")
             }
@@ -145,8 +211,18 @@ pub(crate) enum Loaded {
 
 /// An open model's weights.
 pub(crate) enum Weights {
-    Gguf { path: PathBuf, content: Arc<gguf_file::Content>, file: Mutex<BufReader<File>> },
-    Safetensors { tensors: MmapedSafetensors },
+    Gguf {
+        path: PathBuf,
+        content: Arc<gguf_file::Content>,
+        file: Mutex<BufReader<File>>,
+    },
+    Safetensors {
+        tensors: MmapedSafetensors,
+        names: HfNames,
+        /// Added to every RMSNorm weight: 1 for Gemma, whose checkpoints store `w` of
+        /// `x · (1 + w)` (llama.cpp's converter adds the 1 to GGUF files).
+        norm_offset: f32,
+    },
 }
 
 impl Weights {
@@ -156,18 +232,26 @@ impl Weights {
         Ok(Self::Gguf { path: path.to_path_buf(), content, file: Mutex::new(BufReader::new(file)) })
     }
 
-    /// Memory-maps safetensors files.
-    pub(crate) fn safetensors(paths: &[PathBuf]) -> Result<Self> {
+    /// Memory-maps the safetensors files of a model with this spec.
+    pub(crate) fn safetensors(paths: &[PathBuf], spec: &crate::spec::ModelSpec) -> Result<Self> {
         // SAFETY: the files are mapped read-only; shoal never writes them, and like every
         // safetensors loader we rely on nobody truncating a model file while it is served.
         let tensors = unsafe { MmapedSafetensors::multi(paths)? };
-        Ok(Self::Safetensors { tensors })
+        let names = HfNames::of(spec);
+        let norm_offset = if names == HfNames::Gemma { 1.0 } else { 0.0 };
+        Ok(Self::Safetensors { tensors, names, norm_offset })
+    }
+
+    /// Whether the weights come from a GGUF file (computed as llama.cpp does) rather than a
+    /// Hugging Face checkpoint (computed as transformers does).
+    pub(crate) fn is_gguf(&self) -> bool {
+        matches!(self, Self::Gguf { .. })
     }
 
     fn name(&self, w: WeightName) -> String {
         match self {
             Self::Gguf { .. } => w.gguf(),
-            Self::Safetensors { .. } => w.hf(),
+            Self::Safetensors { names, .. } => w.hf(*names),
         }
     }
 
@@ -176,7 +260,7 @@ impl Weights {
         let name = self.name(w);
         match self {
             Self::Gguf { content, .. } => content.tensor_infos.contains_key(&name),
-            Self::Safetensors { tensors } => tensors.get(&name).is_ok(),
+            Self::Safetensors { tensors, .. } => tensors.get(&name).is_ok(),
         }
     }
 
@@ -205,7 +289,7 @@ impl Weights {
                 check_shape(&name, q.shape().dims(), shape)?;
                 Ok(Loaded::Quantized(Arc::new(q)))
             }
-            Self::Safetensors { tensors } => {
+            Self::Safetensors { tensors, .. } => {
                 if tensors.get(&name).is_err() {
                     return Err(Error::MissingWeight(name));
                 }
@@ -221,6 +305,17 @@ impl Weights {
         match self.load(w, shape, device, DType::F32)? {
             Loaded::Dense(t) => Ok(t),
             Loaded::Quantized(q) => Ok(q.dequantize(device)?.to_dtype(DType::F32)?),
+        }
+    }
+
+    /// Loads an RMSNorm weight as the scale it multiplies by (see `norm_offset`).
+    pub(crate) fn load_norm(&self, w: WeightName, dim: usize, device: &Device) -> Result<Tensor> {
+        let t = self.load_dense(w, &[dim], device)?;
+        match self {
+            Self::Safetensors { norm_offset, .. } if *norm_offset != 0.0 => {
+                Ok(t.affine(1.0, f64::from(*norm_offset))?)
+            }
+            _ => Ok(t),
         }
     }
 }

@@ -129,6 +129,128 @@ fn qwen3_qk_norm() -> anyhow::Result<()> {
 }
 
 #[test]
+fn gemma3_sliding_window_and_linear_rope() -> anyhow::Result<()> {
+    check("gemma3", 1e-4)
+}
+
+#[test]
+fn gemma2_soft_capping() -> anyhow::Result<()> {
+    check("gemma2", 1e-4)
+}
+
+#[test]
+fn phi3_fused_projections() -> anyhow::Result<()> {
+    check("phi3", 1e-4)
+}
+
+#[test]
+fn mixtral_experts() -> anyhow::Result<()> {
+    check("mixtral", 1e-4)
+}
+
+#[test]
+fn qwen3_moe_experts() -> anyhow::Result<()> {
+    check("qwen3_moe", 1e-4)
+}
+
+/// A fixture's `config.json` with `edit` applied, alone in a fresh directory (the settings
+/// below are refused before any weight is read).
+fn edited_config(
+    name: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> anyhow::Result<std::path::PathBuf> {
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(common::fixture(&format!("tiny/{name}/config.json")))?)?;
+    edit(&mut cfg);
+    let dir =
+        std::env::temp_dir().join(format!("shoal-test-{}-{name}-{}", std::process::id(), rand_suffix()));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("config.json"), serde_json::to_vec(&cfg)?)?;
+    Ok(dir)
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// transformers 5 writes `config.json` in its own layout (`rope_parameters`, per layer type for
+/// Gemma 3); the fixtures carry the Hub's older layout. Both must give the same spec.
+#[test]
+fn both_config_layouts_give_the_same_spec() -> anyhow::Result<()> {
+    for name in ["gemma3", "gemma2", "phi3", "mixtral", "llama3", "mistral"] {
+        let fixture = common::fixture(&format!("tiny/{name}"));
+        let reference: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(fixture.join("reference.json"))?)?;
+        let native = reference["config_as_saved_by_transformers"].clone();
+        assert!(native.get("rope_parameters").is_some(), "{name}: not the transformers 5 layout");
+        let dir = edited_config(name, |c| *c = native)?;
+        std::fs::copy(fixture.join("model.safetensors"), dir.join("model.safetensors"))?;
+        let (a, b) = (Model::open(&dir)?, Model::open(&fixture)?);
+        assert_eq!(a.spec(), b.spec(), "{name}: the two layouts disagree");
+        std::fs::remove_dir_all(&dir)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn checkpoint_settings_shoal_cannot_run_are_named_in_the_error() -> anyhow::Result<()> {
+    use serde_json::json;
+    type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+    let set = |key: &'static str, v: serde_json::Value| -> Edit { Box::new(move |c| c[key] = v) };
+    let cases: Vec<(&str, Edit, &str)> = vec![
+        ("qwen3_moe", set("norm_topk_prob", json!(false)), "norm_topk_prob"),
+        ("qwen3_moe", set("mlp_only_layers", json!([1])), "mlp_only_layers"),
+        ("qwen3_moe", set("decoder_sparse_step", json!(2)), "mlp_only_layers"),
+        ("phi3", set("partial_rotary_factor", json!(0.75)), "partial_rotary_factor"),
+        (
+            "phi3",
+            set("rope_scaling", json!({"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]})),
+            "longrope",
+        ),
+        ("gemma3", set("hidden_activation", json!("gelu")), "hidden_activation"),
+        ("llama", set("hidden_act", json!("gelu")), "hidden_act"),
+        ("llama", set("rope_scaling", json!({"rope_type": "linear", "factor": 2.0})), "linear"),
+        (
+            "gemma3",
+            set(
+                "layer_types",
+                json!([
+                    "sliding_attention",
+                    "full_attention",
+                    "full_attention",
+                    "sliding_attention",
+                    "sliding_attention",
+                    "full_attention"
+                ]),
+            ),
+            "layer 2",
+        ),
+        ("gemma3", set("use_bidirectional_attention", json!(true)), "use_bidirectional_attention"),
+        ("gemma3", set("model_type", json!("gemma3")), "multimodal"),
+        (
+            "mixtral",
+            Box::new(|c: &mut serde_json::Value| {
+                c.as_object_mut().map(|o| o.remove("num_local_experts"));
+            }),
+            "num_local_experts",
+        ),
+        ("gemma2", set("final_logit_softcapping", json!(-1.0)), "final_logit_softcapping"),
+    ];
+    for (name, edit, needle) in cases {
+        let dir = edited_config(name, edit)?;
+        let err = match Model::open(&dir) {
+            Ok(_) => panic!("{name}: a config that needs `{needle}` was accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(needle), "{name}: the error `{err}` does not name `{needle}`");
+        std::fs::remove_dir_all(&dir)?;
+    }
+    Ok(())
+}
+
+#[test]
 fn unknown_architecture_is_a_typed_error() -> anyhow::Result<()> {
     let dir = tempdir()?;
     let src = common::fixture("tiny/llama/config.json");
@@ -154,7 +276,21 @@ fn model_ids_are_stable_and_tell_models_apart() -> anyhow::Result<()> {
     let id = |name: &str| -> anyhow::Result<[u8; 32]> {
         Ok(Model::open(common::fixture(&format!("tiny/{name}")))?.model_id()?)
     };
-    let names = ["llama", "llama_tied", "llama3", "mistral", "mistral_f16", "qwen2", "qwen2_bf16", "qwen3"];
+    let names = [
+        "llama",
+        "llama_tied",
+        "llama3",
+        "mistral",
+        "mistral_f16",
+        "qwen2",
+        "qwen2_bf16",
+        "qwen3",
+        "gemma3",
+        "gemma2",
+        "phi3",
+        "mixtral",
+        "qwen3_moe",
+    ];
     let ids: Vec<[u8; 32]> = names.iter().map(|n| id(n)).collect::<anyhow::Result<_>>()?;
     for (i, a) in ids.iter().enumerate() {
         for b in &ids[i + 1..] {

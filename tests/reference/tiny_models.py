@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Tiny random-weight llama-family models + HF transformers reference logits.
+"""Tiny random-weight decoder models + HF transformers reference logits.
 
 Produces tests/fixtures/tiny/<name>/ (relative to the repo root) for
-  llama, llama3, mistral, qwen2, qwen3, llama_tied, qwen2_bf16, mistral_f16
+  llama, llama3, mistral, qwen2, qwen3, llama_tied, qwen2_bf16, mistral_f16   (seeds 1001..1008)
+  gemma3, gemma2, phi3, mixtral, qwen3_moe                                     (seeds 2001..2005)
 each containing the safetensors weights written by save_pretrained(safe_serialization=True),
 config.json, generation_config.json and reference.json.
 
@@ -15,13 +16,40 @@ fixtures: the stored low-precision weights upcast to f32, computed in f32).
 
 Weights: torch.manual_seed(seed) per model; initializer_range=0.1; additionally RMSNorm
 weights are set to 1 + 0.1*N(0,1) and linear biases to 0.1*N(0,1) (HF init would leave
-them at 1 / 0, which would hide loader bugs).
+them at 1 / 0, which would hide loader bugs). Exception: Gemma's RMSNorm computes
+x * (1 + w) and HF initialises w to 0, so for the gemma2/gemma3 fixtures the norm weights
+(including q_norm/k_norm) are set to 0.1*N(0,1) instead (effective scale 1 + 0.1*N(0,1)).
+MoE routers (mlp.gate / block_sparse_moe.gate) and the experts keep the HF init
+(normal, std 0.1).
+
+New families (2001..2005):
+  gemma3     Gemma3ForCausalLM (gemma3_text), 6 layers, layer_types S,S,F,S,S,F,
+             sliding_window 4 (< the 12 input tokens), local rope base 1e4, global rope
+             1e6 with linear scaling 2 on the full layers, query_pre_attn_scalar 24 (!= head_dim),
+             gelu_pytorch_tanh, tied embeddings (scaled by sqrt(hidden)), q/k norms.
+  gemma2     Gemma2ForCausalLM, 4 layers alternating sliding/full, sliding_window 4,
+             attn_logit_softcapping 5, final_logit_softcapping 3, tied embeddings.
+  phi3       Phi3ForCausalLM, fused self_attn.qkv_proj and mlp.gate_up_proj, untied head.
+  mixtral    MixtralForCausalLM, 4 experts, top-2, untied.
+  qwen3_moe  Qwen3MoeForCausalLM, 8 experts, top-2, norm_topk_prob, q/k norms, untied.
+For the MoE models transformers 5 keeps the experts fused in memory (3-D gate_up_proj /
+down_proj) but save_pretrained writes the per-expert Hub layout (mixtral:
+block_sparse_moe.experts.E.w1/w2/w3, qwen3_moe: mlp.experts.E.gate_proj/up_proj/down_proj);
+the script checks every per-expert tensor on disk against the fused in-memory weights.
+The MoE references use experts_implementation="eager". reference.json of the new fixtures
+has an extra "checks" object (diagnostics: effect of each feature on the logits, router
+margins, pre-cap maxima).
 
 config.json format: the "llama"-family fixtures except qwen3 are rewritten in the classic
 (transformers 4.x / Hub) layout: top-level "rope_theta", "rope_scaling" (null or dict) and
 "torch_dtype". qwen3 keeps the transformers-5 native layout ("rope_parameters" holding
 rope_theta, and "dtype"), so loaders are exercised on both. Both layouts are verified by
 reloading them with transformers and checking the logits equal the in-memory model's.
+gemma3, gemma2, phi3 and mixtral use the classic layout too; gemma3 additionally gets the
+Gemma-3 Hub keys "rope_local_base_freq" and "sliding_window_pattern" (and keeps
+"layer_types"); its global-layer linear scaling goes to top-level "rope_scaling".
+qwen3_moe keeps the native layout (note: transformers 5 writes "num_local_experts" there,
+where Hub Qwen3-MoE configs say "num_experts").
 
 No network access; deterministic on a given torch version.
 """
@@ -63,7 +91,20 @@ LLAMA3_ROPE = {
     "original_max_position_embeddings": 64,
 }
 
-# name -> (family, seed, extra config, save dtype, config layout, shards)
+DROP = object()  # in an extra-config dict: remove this BASE key
+
+GEMMA_COMMON = dict(
+    hidden_act=DROP,
+    hidden_activation="gelu_pytorch_tanh",
+    rms_norm_eps=1e-6,
+    bos_token_id=2,
+    eos_token_id=1,
+    pad_token_id=0,
+    tie_word_embeddings=True,
+)
+
+# name -> (family, seed, extra config, save dtype, config layout, shards[, legacy-layout extras])
+# The optional 7th element holds keys added to config.json in the classic layout (gemma3).
 SPECS = {
     "llama": ("llama", 1001, dict(rope_theta=10000.0), "float32", "legacy", 2),
     "llama3": ("llama", 1002, dict(rope_theta=500000.0, rope_scaling=LLAMA3_ROPE), "float32", "legacy", 1),
@@ -74,7 +115,58 @@ SPECS = {
     "llama_tied": ("llama", 1006, dict(rope_theta=10000.0, tie_word_embeddings=True), "float32", "legacy", 1),
     "qwen2_bf16": ("qwen2", 1007, dict(rope_theta=1000000.0, use_sliding_window=False), "bfloat16", "legacy", 1),
     "mistral_f16": ("mistral", 1008, dict(rope_theta=10000.0, sliding_window=4096), "float16", "legacy", 1),
+    "gemma3": ("gemma3", 2001, dict(
+        GEMMA_COMMON,
+        num_hidden_layers=6,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+        sliding_window=4,
+        sliding_window_pattern=3,  # kept by transformers as "_sliding_window_pattern" (default 6)
+        rope_theta=1000000.0,
+        rope_local_base_freq=10000.0,
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+        query_pre_attn_scalar=24,
+        final_logit_softcapping=None,
+        attn_logit_softcapping=None,
+    ), "float32", "legacy", 1, dict(rope_local_base_freq=10000.0, sliding_window_pattern=3)),
+    "gemma2": ("gemma2", 2002, dict(
+        GEMMA_COMMON,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        sliding_window=4,
+        rope_theta=10000.0,
+        query_pre_attn_scalar=16,
+        attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0,
+    ), "float32", "legacy", 1),
+    "phi3": ("phi3", 2003, dict(
+        head_dim=DROP,  # Phi3Config has no head_dim (hidden / heads = 16)
+        rope_theta=10000.0,
+        original_max_position_embeddings=128,
+        sliding_window=None,
+        pad_token_id=0,  # the default 32000 is outside the vocab
+    ), "float32", "legacy", 1),
+    "mixtral": ("mixtral", 2004, dict(
+        head_dim=DROP,  # as in the Hub configs: derived from hidden / heads = 16
+        intermediate_size=64,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        rope_theta=1000000.0,
+        sliding_window=None,
+    ), "float32", "legacy", 1),
+    "qwen3_moe": ("qwen3_moe", 2005, dict(
+        rope_theta=1000000.0,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        use_sliding_window=False,
+        attention_bias=False,
+    ), "float32", "native", 1),
 }
+
+GEMMA_FAMILIES = ("gemma2", "gemma3")
+MOE_FAMILIES = ("mixtral", "qwen3_moe")
 
 
 def config_class(family):
@@ -85,6 +177,11 @@ def config_class(family):
         "mistral": (T.MistralConfig, T.MistralForCausalLM),
         "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM),
         "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM),
+        "gemma3": (T.Gemma3TextConfig, T.Gemma3ForCausalLM),
+        "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM),
+        "phi3": (T.Phi3Config, T.Phi3ForCausalLM),
+        "mixtral": (T.MixtralConfig, T.MixtralForCausalLM),
+        "qwen3_moe": (T.Qwen3MoeConfig, T.Qwen3MoeForCausalLM),
     }[family]
 
 
@@ -94,41 +191,56 @@ def make_config(family, extra):
     cfg_cls, _ = config_class(family)
     kw = dict(BASE)
     kw.update(extra)
+    kw = {k: v for k, v in kw.items() if v is not DROP}
     rope_theta = kw.pop("rope_theta")
     rope_scaling = kw.pop("rope_scaling", None)
+    rope_local = kw.pop("rope_local_base_freq", None)
     major = int(T.__version__.split(".")[0])
     if major >= 5:
         rp = {"rope_type": "default", "rope_theta": rope_theta}
         if rope_scaling:
             rp = dict(rope_scaling)
             rp["rope_theta"] = rope_theta
+        if family == "gemma3":
+            # per layer type; the scaling applies to the global (full-attention) layers only
+            rp = {"full_attention": rp, "sliding_attention": {"rope_type": "default", "rope_theta": rope_local}}
         kw["rope_parameters"] = rp
     else:
         kw["rope_theta"] = rope_theta
         kw["rope_scaling"] = rope_scaling
+        if rope_local is not None:
+            kw["rope_local_base_freq"] = rope_local
     cfg = cfg_cls(**kw)
     cfg._attn_implementation = "eager"
+    if family in MOE_FAMILIES:
+        cfg._experts_implementation = "eager"
     return cfg, rope_theta, rope_scaling
 
 
-def perturb(model, torch):
+def perturb(model, torch, family):
+    # Gemma RMSNorm multiplies by (1 + w), HF init w = 0: use w = 0.1*N(0,1) there.
+    norm_offset = 0.0 if family in GEMMA_FAMILIES else 1.0
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name and p.dim() == 1:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+                p.copy_(norm_offset + 0.1 * torch.randn_like(p))
             elif name.endswith(".bias"):
                 p.copy_(0.1 * torch.randn_like(p))
 
 
-def to_legacy_config(path, rope_theta, rope_scaling, dtype):
+def to_legacy_config(path, rope_theta, rope_scaling, dtype, legacy_extra=None, drop_null=()):
     with open(path) as f:
         cfg = json.load(f)
     native = copy.deepcopy(cfg)
     cfg.pop("rope_parameters", None)
     cfg.pop("dtype", None)
+    for k in drop_null:
+        if k in cfg and cfg[k] is None:
+            del cfg[k]
     cfg["rope_theta"] = rope_theta
     cfg["rope_scaling"] = copy.deepcopy(rope_scaling) if rope_scaling else None
     cfg["torch_dtype"] = dtype
+    cfg.update(copy.deepcopy(legacy_extra or {}))
     cfg = {k: cfg[k] for k in sorted(cfg)}
     with open(path, "w") as f:
         json.dump(cfg, f, indent=2)
@@ -175,6 +287,139 @@ def compact_json(obj):
     return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
+def max_abs(a, b):
+    return float((a - b).abs().max())
+
+
+def ablation_diff(model_cls, cfg, state_dict, logits, edit, torch):
+    """Max |logits - logits of the same weights under an edited config| (how much a feature matters)."""
+    c = copy.deepcopy(cfg)
+    edit(c)
+    m = model_cls(c).eval()
+    m.load_state_dict(state_dict)
+    return round(max_abs(forward_logits(m, torch, INPUT_IDS), logits), 6)
+
+
+def set_rope(layer_type, **kw):
+    def edit(c):
+        rp = dict(c.rope_parameters[layer_type], **kw)
+        c.rope_parameters[layer_type] = {k: v for k, v in rp.items() if v is not None}
+    return edit
+
+
+def set_attrs(**kw):
+    def edit(c):
+        for k, v in kw.items():
+            setattr(c, k, v)
+    return edit
+
+
+def family_checks(name, family, model_cls, cfg, ref, mem, logits, tensors, d, torch):
+    """Structural checks + diagnostics for the newer families; returns the "checks" dict."""
+    import transformers as T
+    from safetensors import safe_open
+
+    sd = mem.state_dict()
+    checks = {}
+    if family == "gemma3":
+        checks["ablation_max_abs_logit_diff"] = {
+            "sliding_window_4_vs_64": ablation_diff(model_cls, cfg, sd, logits, set_attrs(sliding_window=64), torch),
+            "global_linear_rope_factor_2_vs_none": ablation_diff(
+                model_cls, cfg, sd, logits, set_rope("full_attention", rope_type="default", factor=None), torch),
+            "local_rope_base_1e4_vs_1e6": ablation_diff(
+                model_cls, cfg, sd, logits, set_rope("sliding_attention", rope_theta=1000000.0), torch),
+            "query_pre_attn_scalar_24_vs_16": ablation_diff(
+                model_cls, cfg, sd, logits, set_attrs(query_pre_attn_scalar=16), torch),
+        }
+    if family == "gemma2":
+        # maxima before the tanh soft-caps (attention scores incl. the 1/sqrt(query_pre_attn_scalar) scale)
+        mod = T.models.gemma2.modeling_gemma2
+        orig = mod.eager_attention_forward
+        seen = []
+
+        def spy(module, query, key, value, attention_mask, scaling=None, **kw):
+            k = mod.repeat_kv(key, module.num_key_value_groups)
+            s = torch.matmul(query, k.transpose(2, 3)) * scaling
+            causal = torch.ones(s.shape[-2:], dtype=torch.bool).tril()
+            seen.append(float(s.masked_select(causal).abs().max()))
+            return orig(module, query, key, value, attention_mask, scaling=scaling, **kw)
+
+        mod.eager_attention_forward = spy
+        try:
+            forward_logits(ref, torch, INPUT_IDS)
+        finally:
+            mod.eager_attention_forward = orig
+        with torch.no_grad():
+            h = ref.model(input_ids=torch.tensor([INPUT_IDS]), use_cache=False).last_hidden_state
+            raw = ref.lm_head(h)[0]
+        checks["max_abs_attn_score_before_softcap_per_layer"] = [round(x, 6) for x in seen]
+        checks["max_abs_logit_before_final_softcap"] = round(float(raw.abs().max()), 6)
+        checks["max_abs_logit_after_final_softcap"] = round(float(logits.abs().max()), 6)
+        checks["ablation_max_abs_logit_diff"] = {
+            "attn_softcap_5_vs_none": ablation_diff(
+                model_cls, cfg, sd, logits, set_attrs(attn_logit_softcapping=None), torch),
+            "final_softcap_3_vs_none": ablation_diff(
+                model_cls, cfg, sd, logits, set_attrs(final_logit_softcapping=None), torch),
+            "sliding_window_4_vs_64": ablation_diff(model_cls, cfg, sd, logits, set_attrs(sliding_window=64), torch),
+        }
+    if family == "phi3":
+        for k in ("model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.mlp.gate_up_proj.weight"):
+            if k not in tensors:
+                raise SystemExit(f"{name}: expected fused tensor {k} on disk, got {sorted(tensors)}")
+    if family in MOE_FAMILIES:
+        # the file must hold the per-expert Hub layout, equal to slices of the fused in-memory tensors
+        if family == "mixtral":
+            pre, names = "block_sparse_moe", ("w1", "w3", "w2")  # gate, up, down
+        else:
+            pre, names = "mlp", ("gate_proj", "up_proj", "down_proj")
+        n_exp = cfg.num_local_experts if family == "mixtral" else cfg.num_experts
+        inter = cfg.intermediate_size if family == "mixtral" else cfg.moe_intermediate_size
+        fused = [k for k, v in tensors.items() if len(v["shape"]) == 3]
+        if fused:
+            raise SystemExit(f"{name}: fused 3-D tensors on disk: {fused}")
+        with safe_open(os.path.join(d, "model.safetensors"), "pt") as sf:
+            for layer in range(cfg.num_hidden_layers):
+                gate_up = sd[f"model.layers.{layer}.mlp.experts.gate_up_proj"]
+                down = sd[f"model.layers.{layer}.mlp.experts.down_proj"]
+                if not torch.equal(sf.get_tensor(f"model.layers.{layer}.{pre}.gate.weight"),
+                                   sd[f"model.layers.{layer}.mlp.gate.weight"]):
+                    raise SystemExit(f"{name}: router of layer {layer} differs on disk")
+                for e in range(n_exp):
+                    want = (gate_up[e, :inter], gate_up[e, inter:], down[e])
+                    for nm, w in zip(names, want):
+                        k = f"model.layers.{layer}.{pre}.experts.{e}.{nm}.weight"
+                        if not torch.equal(sf.get_tensor(k), w):
+                            raise SystemExit(f"{name}: {k} on disk != in-memory fused expert slice")
+        # routing diagnostics on the prompt
+        top_k = cfg.num_experts_per_tok
+        captured = []
+        hooks = [layer.mlp.gate.register_forward_hook(lambda m, i, o: captured.append(o))
+                 for layer in ref.model.layers]
+        try:
+            forward_logits(ref, torch, INPUT_IDS)
+        finally:
+            for h in hooks:
+                h.remove()
+        per_layer = []
+        for router_logits, _, idx in captured:
+            probs = torch.softmax(router_logits.float(), dim=-1)
+            srt = probs.sort(dim=-1, descending=True).values
+            per_layer.append({
+                "distinct_experts_chosen": len(set(int(x) for x in idx.flatten())),
+                "top_k_per_position": [[int(x) for x in row] for row in idx],
+                "min_prob_margin_kth_vs_next": round(float((srt[:, top_k - 1] - srt[:, top_k]).min()), 6),
+            })
+        checks["routing"] = per_layer
+        if per_layer[0]["distinct_experts_chosen"] < 3:
+            raise SystemExit(f"{name}: routing hardly varies in layer 0: {per_layer[0]}")
+        if family == "qwen3_moe":
+            checks["ablation_max_abs_logit_diff"] = {
+                "norm_topk_prob_true_vs_false": ablation_diff(
+                    model_cls, cfg, sd, logits, set_attrs(norm_topk_prob=False), torch),
+            }
+    return checks
+
+
 def dir_size(d):
     return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
 
@@ -182,12 +427,13 @@ def dir_size(d):
 def build(name, out_root, torch):
     import transformers as T
 
-    family, seed, extra, save_dtype, layout, want_shards = SPECS[name]
+    family, seed, extra, save_dtype, layout, want_shards, *legacy_extra = SPECS[name]
+    legacy_extra = legacy_extra[0] if legacy_extra else None
     cfg, rope_theta, rope_scaling = make_config(family, extra)
     _, model_cls = config_class(family)
     torch.manual_seed(seed)
     model = model_cls(cfg).eval()
-    perturb(model, torch)
+    perturb(model, torch, family)
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[save_dtype]
     model_f32 = copy.deepcopy(model)
     model = model.to(tdtype)
@@ -210,7 +456,8 @@ def build(name, out_root, torch):
 
     cfg_path = os.path.join(d, "config.json")
     if layout == "legacy":
-        native_cfg, written_cfg = to_legacy_config(cfg_path, rope_theta, rope_scaling, save_dtype)
+        native_cfg, written_cfg = to_legacy_config(cfg_path, rope_theta, rope_scaling, save_dtype,
+                                                   legacy_extra, drop_null=("head_dim",))
     else:
         with open(cfg_path) as f:
             native_cfg = written_cfg = json.load(f)
@@ -219,7 +466,8 @@ def build(name, out_root, torch):
     mem = model_f32
     mem.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
     mem.eval()
-    ref = model_cls.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
+    load_kw = dict(experts_implementation="eager") if family in MOE_FAMILIES else {}
+    ref = model_cls.from_pretrained(d, dtype=torch.float32, attn_implementation="eager", **load_kw).eval()
     # check every tensor on disk == in-memory weights upcast to f32
     sd_mem = mem.state_dict()
     for k, v in ref.state_dict().items():
@@ -229,6 +477,13 @@ def build(name, out_root, torch):
         rs = getattr(ref.config, "rope_parameters", None) or getattr(ref.config, "rope_scaling", None)
         if not rs or rs.get("rope_type") != "llama3":
             raise SystemExit(f"{name}: rope scaling not picked up on reload: {rs}")
+    # the config as read back from disk must equal the one the weights were made with
+    for key in ("rope_parameters", "layer_types", "sliding_window", "query_pre_attn_scalar",
+                "attn_logit_softcapping", "final_logit_softcapping", "head_dim", "num_local_experts",
+                "num_experts", "num_experts_per_tok", "norm_topk_prob", "tie_word_embeddings"):
+        if hasattr(cfg, key) and getattr(ref.config, key, None) != getattr(cfg, key):
+            raise SystemExit(f"{name}: config {key} read back as {getattr(ref.config, key, None)!r}, "
+                             f"made with {getattr(cfg, key)!r}")
 
     logits = forward_logits(ref, torch, INPUT_IDS)
     logits_mem = forward_logits(mem, torch, INPUT_IDS)
@@ -248,14 +503,25 @@ def build(name, out_root, torch):
                 t = sf.get_slice(k)
                 tensors[k] = {"file": f, "dtype": t.get_dtype(), "shape": list(t.get_shape())}
 
+    checks = None
+    if family in GEMMA_FAMILIES + MOE_FAMILIES + ("phi3",):
+        checks = family_checks(name, family, model_cls, cfg, ref, mem, logits, tensors, d, torch)
+
+    init_notes = ("HF init with initializer_range=0.1, then RMSNorm weights = 1+0.1*N(0,1), "
+                  "linear biases = 0.1*N(0,1)")
+    if family in GEMMA_FAMILIES:
+        init_notes = ("HF init with initializer_range=0.1, then RMSNorm weights w = 0.1*N(0,1) "
+                      "(Gemma RMSNorm scales by 1+w)")
+    elif family in MOE_FAMILIES:
+        init_notes += "; router and experts: HF init (normal, std 0.1); experts_implementation eager"
+
     reference = {
         "name": name,
         "generator": "tests/reference/tiny_models.py",
         "architecture": model_cls.__name__,
         "family": family,
         "seed": seed,
-        "init_notes": "HF init with initializer_range=0.1, then RMSNorm weights = 1+0.1*N(0,1), "
-        "linear biases = 0.1*N(0,1)",
+        "init_notes": init_notes,
         "stored_dtype": save_dtype,
         "reference_compute": "transformers, float32, eager attention, CPU, reloaded from this directory"
         + ("" if save_dtype == "float32" else f" (stored {save_dtype} weights upcast to float32)"),
@@ -279,12 +545,17 @@ def build(name, out_root, torch):
         "versions": {"torch": torch.__version__, "transformers": T.__version__},
         "reload_vs_in_memory_max_abs_diff": max_diff_mem,
     }
+    if checks is not None:
+        reference["checks"] = checks
     with open(os.path.join(d, "reference.json"), "w") as f:
         f.write(compact_json(reference))
     min_gap = min(s["gap_top1_top2"] for s in gen_steps)
     print(f"{name:12s} {model_cls.__name__:18s} {save_dtype:8s} files={st_files} "
           f"size={dir_size(d)/1024:.0f}KiB logit_std={float(logits.std()):.3f} "
-          f"greedy={gen_ids} min_greedy_gap={min_gap:.4f}")
+          f"greedy={gen_ids} min_greedy_gap={min_gap:.4f} max_logit={float(logits.abs().max()):.4f} "
+          f"reload_diff={max_diff_mem:.3g}")
+    if checks is not None:
+        print(f"  checks: {json.dumps(checks)}")
     return dir_size(d)
 
 
