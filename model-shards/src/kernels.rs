@@ -160,10 +160,19 @@ pub(crate) enum Level {
     Avx512,
 }
 
-/// The best level this CPU supports, detected once.
+/// The best level this CPU supports, detected once, capped by the environment variable
+/// `SHOAL_CPU` (`avx2` or `scalar`: to compare the paths on one machine, or to avoid an
+/// instruction set; a level the CPU lacks is never used, and other values are ignored).
 pub(crate) fn level() -> Level {
     static LEVEL: OnceLock<Level> = OnceLock::new();
-    *LEVEL.get_or_init(detect)
+    *LEVEL.get_or_init(|| {
+        let cap = match std::env::var("SHOAL_CPU").as_deref() {
+            Ok("scalar") => Level::Scalar,
+            Ok("avx2") => Level::Avx2,
+            _ => Level::Avx512,
+        };
+        detect().min(cap)
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
