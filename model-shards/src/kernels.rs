@@ -6,9 +6,9 @@
 //! rows of `k` values stored as raw GGUF blocks (the exact byte layout of ggml and candle, so a
 //! memory-mapped tensor can be passed as is). It replaces candle's scalar `Q4_1`/`Q5_0`/`Q5_1`
 //! (and its `Q4_0`/`Q8_0` single-row AVX2) dot products with multi-row AVX2 / AVX-512 VNNI kernels.
-//! With AVX-512, the K-quants `Q4_K`, `Q5_K` and `Q6_K` (256-value superblocks) are decoded at
-//! load into the same panels ([`prepack`], see `kquant`); without it they stay on candle's
-//! vectorized paths.
+//! The K-quants `Q4_K`, `Q5_K` and `Q6_K` (256-value superblocks) are decoded at load into the
+//! same panels ([`prepack`], see `kquant`), run with AVX-512 or AVX2; without AVX2 they stay on
+//! candle's paths.
 //!
 //! # Layouts (ggml, little endian, 32 values per block)
 //!
@@ -283,12 +283,12 @@ fn k_format_of(dtype: GgmlDType) -> Option<u8> {
 }
 
 /// Whether [`prepack`] packs weights of this type on this CPU (shapes allowing): the legacy
-/// `Q4_0`, `Q4_1`, `Q8_0` and the K-quants `Q4_K`, `Q5_K`, `Q6_K`, with AVX-512.
+/// `Q4_0`, `Q4_1`, `Q8_0` with AVX-512, and the K-quants `Q4_K`, `Q5_K`, `Q6_K` with AVX2.
 pub(crate) fn packs(dtype: GgmlDType) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        level() >= Level::Avx512
-            && (k_format_of(dtype).is_some() || matches!(format_of(dtype), Some(Q4_0 | Q4_1 | Q8_0)))
+        (level() >= Level::Avx2 && k_format_of(dtype).is_some())
+            || (level() >= Level::Avx512 && matches!(format_of(dtype), Some(Q4_0 | Q4_1 | Q8_0)))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -297,14 +297,13 @@ pub(crate) fn packs(dtype: GgmlDType) -> bool {
     }
 }
 
-/// Packs `n` weight rows of `k` values of `dtype` when this CPU has the AVX-512 panel kernel
-/// and the format is `Q4_0`, `Q4_1`, `Q8_0`, `Q4_K`, `Q5_K` or `Q6_K` (`k` a multiple of the
-/// block size); `None` otherwise (use [`matmul`] for the other legacy types, candle for the
-/// rest).
+/// Packs `n` weight rows of `k` values of `dtype` when this CPU has a panel kernel for it (see
+/// [`packs`]; `k` a multiple of the block size); `None` otherwise (use [`matmul`] for the other
+/// legacy types, candle for the rest).
 pub(crate) fn prepack(dtype: GgmlDType, weights: &[u8], n: usize, k: usize) -> Option<Prepacked> {
     #[cfg(target_arch = "x86_64")]
     if let Some(format) = k_format_of(dtype) {
-        if level() < Level::Avx512 || k == 0 || !k.is_multiple_of(kquant::QK_K) {
+        if level() < Level::Avx2 || k == 0 || !k.is_multiple_of(kquant::QK_K) {
             return None;
         }
         let nsb = k / kquant::QK_K;
@@ -404,6 +403,28 @@ pub(crate) fn matmul_prepacked(
     lhs: &[f32],
     dst: &mut [f32],
 ) -> Result<(), KernelError> {
+    matmul_prepacked_impl(level(), w, m, lhs, dst)
+}
+
+/// [`matmul_prepacked`] with the instruction-set level capped at `cap` (see [`matmul_at`]).
+#[cfg(test)]
+pub(crate) fn matmul_prepacked_at(
+    cap: Level,
+    w: &Prepacked,
+    m: usize,
+    lhs: &[f32],
+    dst: &mut [f32],
+) -> Result<(), KernelError> {
+    matmul_prepacked_impl(cap.min(level()), w, m, lhs, dst)
+}
+
+fn matmul_prepacked_impl(
+    level: Level,
+    w: &Prepacked,
+    m: usize,
+    lhs: &[f32],
+    dst: &mut [f32],
+) -> Result<(), KernelError> {
     let (n, k) = (w.n, w.k);
     check_len("lhs", m.checked_mul(k), lhs.len())?;
     check_len("dst", m.checked_mul(n), dst.len())?;
@@ -415,7 +436,7 @@ pub(crate) fn matmul_prepacked(
         let inner = match &w.inner {
             Packing::Legacy(inner) => inner,
             Packing::K(packed) => {
-                matmul_k(packed, w.format, m, n, k, lhs, dst);
+                matmul_k(packed, w.format, level >= Level::Avx512, m, n, k, lhs, dst);
                 return Ok(());
             }
         };
@@ -462,9 +483,20 @@ pub(crate) fn matmul_prepacked(
     }
 }
 
-/// [`matmul_prepacked`] on K-quant panels (shapes checked by the caller).
+/// [`matmul_prepacked`] on K-quant panels (shapes checked by the caller), with the AVX-512
+/// kernel or the AVX2 one.
 #[cfg(target_arch = "x86_64")]
-fn matmul_k(w: &kquant::KPacked, format: u8, m: usize, n: usize, k: usize, lhs: &[f32], dst: &mut [f32]) {
+#[allow(clippy::too_many_arguments)]
+fn matmul_k(
+    w: &kquant::KPacked,
+    format: u8,
+    avx512: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: &[f32],
+    dst: &mut [f32],
+) {
     let out = DstPtr(dst.as_mut_ptr());
     with_scratch(|scratch| {
         let acts = scratch.quantize_k(lhs, m, k, format);
@@ -476,19 +508,29 @@ fn matmul_k(w: &kquant::KPacked, format: u8, m: usize, n: usize, k: usize, lhs: 
                 let r0 = pi * PANEL;
                 let pair = pi + 1 < panels;
                 let rows = if pair { PANEL.min(n - r0 - PANEL) } else { PANEL.min(n - r0) };
-                // SAFETY: `prepack` checked AVX-512 and the shape; panels `pi` (and `pi + 1`
-                // with `pair`) hold rows `r0..` of `n`, the `m` activation rows are quantized
-                // per superblock for `format`, and each item writes only its own columns.
+                // SAFETY: `prepack` checked AVX2 and the shape, and `avx512` is set only when
+                // the CPU has it; panels `pi` (and `pi + 1` with `pair`) hold rows `r0..` of
+                // `n`, the `m` activation rows are quantized per superblock for `format`, and
+                // each item writes only its own columns.
                 unsafe {
                     let out = out.get().add(r0);
-                    match format {
-                        kquant::Q4_K => {
+                    match (format, avx512) {
+                        (kquant::Q4_K, true) => {
                             kquant::panels::<{ kquant::Q4_K }>(w, pi, pair, rows, acts, m, out, n)
                         }
-                        kquant::Q5_K => {
+                        (kquant::Q5_K, true) => {
                             kquant::panels::<{ kquant::Q5_K }>(w, pi, pair, rows, acts, m, out, n)
                         }
-                        _ => kquant::panels::<{ kquant::Q6_K }>(w, pi, pair, rows, acts, m, out, n),
+                        (_, true) => kquant::panels::<{ kquant::Q6_K }>(w, pi, pair, rows, acts, m, out, n),
+                        (kquant::Q4_K, false) => {
+                            kquant::panels_avx2::<{ kquant::Q4_K }>(w, pi, pair, rows, acts, m, out, n)
+                        }
+                        (kquant::Q5_K, false) => {
+                            kquant::panels_avx2::<{ kquant::Q5_K }>(w, pi, pair, rows, acts, m, out, n)
+                        }
+                        (_, false) => {
+                            kquant::panels_avx2::<{ kquant::Q6_K }>(w, pi, pair, rows, acts, m, out, n)
+                        }
                     }
                 }
             }

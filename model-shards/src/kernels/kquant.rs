@@ -1,4 +1,5 @@
-//! K-quant weights (`Q4_K`, `Q5_K`, `Q6_K`) on the AVX-512 panel kernel.
+//! K-quant weights (`Q4_K`, `Q5_K`, `Q6_K`) on the panel kernel, in AVX-512 ([`panels`]) or
+//! AVX2 ([`panels_avx2`], the same bits).
 //!
 //! # Layouts (ggml, 256-value superblocks)
 //!
@@ -261,7 +262,13 @@ pub(super) unsafe fn panels<const F: u8>(
             let (a, out) = (acts.row(t0), dst.add(t0 * ldd));
             if pair {
                 match m - t0 {
-                    1 => tile::<F, 1, 2>(p, pi, a, out, ldd, rows),
+                    // One row (decode) reads the two panels one after the other: two
+                    // interleaved streams from memory made a decode step of a mixture of
+                    // experts, whose weights are cold, 1.4x slower.
+                    1 => {
+                        tile::<F, 1, 1>(p, pi, a, out, ldd, PANEL);
+                        tile::<F, 1, 1>(p, pi + 1, a, out.add(PANEL), ldd, rows);
+                    }
                     2 => tile::<F, 2, 2>(p, pi, a, out, ldd, rows),
                     3 => tile::<F, 3, 2>(p, pi, a, out, ldd, rows),
                     _ => tile::<F, PAIR_T, 2>(p, pi, a, out, ldd, rows),
@@ -460,6 +467,224 @@ unsafe fn tile<const F: u8, const T: usize, const P: usize>(
             let mask: __mmask16 = if cols >= PANEL { !0 } else { (1u16 << cols) - 1 };
             for (t, acc) in acc.iter().enumerate() {
                 _mm512_mask_storeu_ps(dst.add(j * PANEL + t * ldd), mask, *acc);
+            }
+        }
+    }
+}
+
+/// Activation rows per tile of the AVX2 kernel.
+const AVX2_T: usize = 2;
+
+/// [`panels`] for CPUs with AVX2 but not AVX-512: the same panels, each as two halves of 8
+/// rows on 256-bit vectors, with `vpdpbusd` done as `vpmaddubsw` then `vpmaddwd` by ones. That
+/// is exact (the weights are below 64 and the activations within ±128, so no 16-bit pair sum
+/// saturates), and the float arithmetic per column is the AVX-512 kernel's, so both give the
+/// same bits.
+///
+/// # Safety
+/// As [`panels`], but the CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn panels_avx2<const F: u8>(
+    p: &KPacked,
+    pi: usize,
+    pair: bool,
+    rows: usize,
+    acts: Acts,
+    m: usize,
+    dst: *mut f32,
+    ldd: usize,
+) {
+    let count = if pair { 2 } else { 1 };
+    // SAFETY: forwarded contract; panel `pi + j` is whole unless it is the last one.
+    unsafe {
+        for j in 0..count {
+            let cols = if j + 1 == count { rows } else { PANEL };
+            let mut t0 = 0;
+            while t0 < m {
+                let (a, out) = (acts.row(t0), dst.add(t0 * ldd + j * PANEL));
+                match m - t0 {
+                    1 => tile_avx2::<F, 1>(p, pi + j, a, out, ldd, cols),
+                    _ => tile_avx2::<F, AVX2_T>(p, pi + j, a, out, ldd, cols),
+                }
+                t0 += AVX2_T;
+            }
+        }
+    }
+}
+
+/// [`high_bits`] on 256-bit vectors.
+#[inline(always)]
+unsafe fn high_bits_avx2<const F: u8, const HIGH: bool>(
+    v: __m256i,
+    planes: [__m256i; 2],
+    g: usize,
+) -> __m256i {
+    // SAFETY: register operations only (the caller's target features).
+    unsafe {
+        match F {
+            Q5_K => {
+                let h = planes[0];
+                let bit = match (HIGH, g) {
+                    (false, 0) => _mm256_slli_epi16::<4>(h),
+                    (false, 1) => _mm256_slli_epi16::<3>(h),
+                    (false, 2) => _mm256_slli_epi16::<2>(h),
+                    (false, _) => _mm256_slli_epi16::<1>(h),
+                    (true, 0) => h,
+                    (true, 1) => _mm256_srli_epi16::<1>(h),
+                    (true, 2) => _mm256_srli_epi16::<2>(h),
+                    (true, _) => _mm256_srli_epi16::<3>(h),
+                };
+                _mm256_or_si256(v, _mm256_and_si256(bit, _mm256_set1_epi8(0x10)))
+            }
+            Q6_K => {
+                let h = planes[usize::from(HIGH)];
+                let bits = match g {
+                    0 => _mm256_slli_epi16::<4>(h),
+                    1 => _mm256_slli_epi16::<2>(h),
+                    2 => h,
+                    _ => _mm256_srli_epi16::<2>(h),
+                };
+                _mm256_or_si256(v, _mm256_and_si256(bits, _mm256_set1_epi8(0x30)))
+            }
+            _ => v,
+        }
+    }
+}
+
+/// 8 small integer scales at `p` widened to `f32` (`Q6_K`'s are signed).
+#[inline(always)]
+unsafe fn scales8<const SIGNED: bool>(p: *const u8) -> __m256 {
+    // SAFETY: the caller guarantees 8 readable bytes.
+    unsafe {
+        let v = _mm_loadl_epi64(p.cast());
+        _mm256_cvtepi32_ps(if SIGNED { _mm256_cvtepi8_epi32(v) } else { _mm256_cvtepu8_epi32(v) })
+    }
+}
+
+/// `acc + Σ` of each 4 products of unsigned `w` and signed `a` bytes (`vpdpbusd`, exact when no
+/// pair of products sums beyond an `i16`).
+#[inline(always)]
+unsafe fn dot4_avx2(acc: __m256i, w: __m256i, a: __m256i) -> __m256i {
+    // SAFETY: register operations only (the caller's target features).
+    unsafe { _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1))) }
+}
+
+/// `T` activation rows against panel `pi`'s columns `0..cols`, as two halves of 8 rows.
+///
+/// # Safety
+/// As [`panels_avx2`], for `T` rows and one panel.
+#[inline(always)]
+unsafe fn tile_avx2<const F: u8, const T: usize>(
+    p: &KPacked,
+    pi: usize,
+    a: Acts,
+    dst: *mut f32,
+    ldd: usize,
+    cols: usize,
+) {
+    const HALF: usize = PANEL / 2;
+    let nb = a.nb;
+    let nsb = nb / BLOCKS;
+    let (h_n, s_n) = (planes(F), scales_per_block(F));
+    // SAFETY: as documented; all reads are within the panel and the `T` activation rows.
+    unsafe {
+        let qs = p.qs.as_ptr().add(pi * nb * GROUPS * PANEL);
+        let qh = p.qh.as_ptr().wrapping_add(pi * nb * h_n * PANEL);
+        let sc = p.sc.as_ptr().add(pi * nb * s_n * PANEL);
+        let mn = if has_min(F) { p.mn.as_ptr().add(pi * nb * PANEL) } else { sc };
+        let dd = p.d.as_ptr().add(pi * nsb * PANEL);
+        let dm = if has_min(F) { p.dmin.as_ptr().add(pi * nsb * PANEL) } else { dd };
+        let low = _mm256_set1_epi8(0x0F);
+        let mut acc = [[_mm256_setzero_ps(); T]; 2];
+        for u in 0..nsb {
+            let dsup: [__m256; 2] = std::array::from_fn(|h| _mm256_loadu_ps(dd.add(u * PANEL + HALF * h)));
+            let dmin: [__m256; 2] = std::array::from_fn(|h| _mm256_loadu_ps(dm.add(u * PANEL + HALF * h)));
+            for b in u * BLOCKS..(u + 1) * BLOCKS {
+                let mut i0 = [[_mm256_setzero_si256(); T]; 2];
+                let mut i1 = [[_mm256_setzero_si256(); T]; 2];
+                if F == Q6_K {
+                    for t in 0..T {
+                        let c0 = _mm256_set1_epi32(*a.corr.add(t * a.corr_row + 2 * b));
+                        let c1 = _mm256_set1_epi32(*a.corr.add(t * a.corr_row + 2 * b + 1));
+                        for h in 0..2 {
+                            i0[h][t] = c0;
+                            i1[h][t] = c1;
+                        }
+                    }
+                }
+                let ahead = qs.wrapping_add((b + 4) * GROUPS * PANEL).cast::<i8>();
+                for line in 0..GROUPS {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
+                }
+                let ahead = qh.wrapping_add((b + 4) * h_n * PANEL).cast::<i8>();
+                for line in 0..h_n {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
+                }
+                let planes: [[__m256i; 2]; 2] = std::array::from_fn(|h| {
+                    std::array::from_fn(|plane| {
+                        if plane < h_n {
+                            _mm256_loadu_si256(qh.add((b * h_n + plane) * PANEL + HALF * h).cast())
+                        } else {
+                            _mm256_setzero_si256()
+                        }
+                    })
+                });
+                for g in 0..GROUPS {
+                    let raw: [__m256i; 2] = std::array::from_fn(|h| {
+                        _mm256_loadu_si256(qs.add((b * GROUPS + g) * PANEL + HALF * h).cast())
+                    });
+                    let lo: [__m256i; 2] = std::array::from_fn(|h| {
+                        high_bits_avx2::<F, false>(_mm256_and_si256(raw[h], low), planes[h], g)
+                    });
+                    let hi: [__m256i; 2] = std::array::from_fn(|h| {
+                        let v = _mm256_and_si256(_mm256_srli_epi16::<4>(raw[h]), low);
+                        high_bits_avx2::<F, true>(v, planes[h], g)
+                    });
+                    for t in 0..T {
+                        let row = a.qs.add(t * a.k + b * QK);
+                        let a_lo = _mm256_set1_epi32(row.add(4 * g).cast::<i32>().read_unaligned());
+                        let a_hi = _mm256_set1_epi32(row.add(16 + 4 * g).cast::<i32>().read_unaligned());
+                        for h in 0..2 {
+                            i0[h][t] = dot4_avx2(i0[h][t], lo[h], a_lo);
+                            i1[h][t] = dot4_avx2(i1[h][t], hi[h], a_hi);
+                        }
+                    }
+                }
+                for h in 0..2 {
+                    if F == Q6_K {
+                        let s = sc.add(b * 2 * PANEL + HALF * h);
+                        let dw0 = _mm256_mul_ps(dsup[h], scales8::<true>(s));
+                        let dw1 = _mm256_mul_ps(dsup[h], scales8::<true>(s.add(PANEL)));
+                        for t in 0..T {
+                            let da = _mm256_set1_ps(*a.d.add(t * a.nb + b));
+                            let acc = &mut acc[h][t];
+                            *acc =
+                                _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0[h][t]), _mm256_mul_ps(dw0, da), *acc);
+                            *acc =
+                                _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1[h][t]), _mm256_mul_ps(dw1, da), *acc);
+                        }
+                    } else {
+                        let dw = _mm256_mul_ps(dsup[h], scales8::<false>(sc.add(b * PANEL + HALF * h)));
+                        let mw = _mm256_mul_ps(dmin[h], scales8::<false>(mn.add(b * PANEL + HALF * h)));
+                        for t in 0..T {
+                            let da = _mm256_set1_ps(*a.d.add(t * a.nb + b));
+                            let isum = _mm256_add_epi32(i0[h][t], i1[h][t]);
+                            let acc = &mut acc[h][t];
+                            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, da), *acc);
+                            let s = _mm256_set1_ps(*a.s8.add(t * a.nb + b) * 8.0);
+                            *acc = _mm256_fmadd_ps(mw, s, *acc);
+                        }
+                    }
+                }
+            }
+        }
+        for (h, acc) in acc.iter().enumerate() {
+            let n = cols.saturating_sub(HALF * h).min(HALF);
+            for (t, acc) in acc.iter().enumerate() {
+                let mut lanes = [0f32; HALF];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), *acc);
+                std::ptr::copy_nonoverlapping(lanes.as_ptr(), dst.add(HALF * h + t * ldd), n);
             }
         }
     }

@@ -544,7 +544,12 @@ pub(super) unsafe fn prepacked_pair<const F: u8>(
         while t0 < m {
             let (a, out) = (acts.row(t0), dst.add(t0 * ldd));
             match m - t0 {
-                1 => prepacked_tile::<F, 1, 2>(p, pi, a, out, ldd, rows),
+                // One row (decode) reads the two panels one after the other (see
+                // `kquant::panels`).
+                1 => {
+                    prepacked_tile::<F, 1, 1>(p, pi, a, out, ldd, PANEL);
+                    prepacked_tile::<F, 1, 1>(p, pi + 1, a, out.add(PANEL), ldd, rows);
+                }
                 2 => prepacked_tile::<F, 2, 2>(p, pi, a, out, ldd, rows),
                 3 => prepacked_tile::<F, 3, 2>(p, pi, a, out, ldd, rows),
                 _ => prepacked_tile::<F, PAIR_T, 2>(p, pi, a, out, ldd, rows),
