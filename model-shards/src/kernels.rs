@@ -46,7 +46,7 @@
 //! weight rows × up to 4 (AVX-512) or 2 (AVX2) activation rows decode each weight block once per
 //! tile, swept over tiles of 16 activation rows.
 //!
-//! With AVX-512, `Q4_0`, `Q4_1` and `Q8_0` weights are also packed into those panels once, at
+//! With AVX-512, `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1` and `Q8_0` weights are also packed into those panels once, at
 //! load ([`prepack`], [`matmul_prepacked`]; 4-bit values stay nibbles and scales `f16`, so a
 //! packed matrix has the file's size): then every product, decode and prefill, batch 1 or 64,
 //! runs the panel kernel with no per-call unpacking, and each output row has the bits it has
@@ -248,7 +248,7 @@ fn check_len(what: &'static str, expected: Option<usize>, got: usize) -> Result<
     }
 }
 
-/// Weights packed once, at load, for the AVX-512 panel kernel (`Q4_0`, `Q4_1`, `Q8_0`): every
+/// Weights packed once, at load, for the AVX-512 panel kernel (`Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`): every
 /// product then runs on panels of 16 weight rows with no per-call unpacking, at any `m`, and
 /// each output row has the bits it has alone (the panel kernel sums each (row, column) over
 /// the blocks in order, whatever `m` is). See [`prepack`].
@@ -265,7 +265,7 @@ pub(crate) struct Prepacked {
 /// The two packings behind [`Prepacked`].
 #[cfg(target_arch = "x86_64")]
 enum Packing {
-    /// `Q4_0`, `Q4_1`, `Q8_0`.
+    /// `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`.
     Legacy(x86::Prepacked),
     /// `Q4_K`, `Q5_K`, `Q6_K`.
     K(kquant::KPacked),
@@ -283,12 +283,13 @@ fn k_format_of(dtype: GgmlDType) -> Option<u8> {
 }
 
 /// Whether [`prepack`] packs weights of this type on this CPU (shapes allowing): the legacy
-/// `Q4_0`, `Q4_1`, `Q8_0` with AVX-512, and the K-quants `Q4_K`, `Q5_K`, `Q6_K` with AVX2.
+/// `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0` with AVX-512, and the K-quants `Q4_K`, `Q5_K`,
+/// `Q6_K` with AVX2.
 pub(crate) fn packs(dtype: GgmlDType) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         (level() >= Level::Avx2 && k_format_of(dtype).is_some())
-            || (level() >= Level::Avx512 && matches!(format_of(dtype), Some(Q4_0 | Q4_1 | Q8_0)))
+            || (level() >= Level::Avx512 && format_of(dtype).is_some())
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -318,7 +319,7 @@ pub(crate) fn prepack(dtype: GgmlDType, weights: &[u8], n: usize, k: usize) -> O
         return Some(Prepacked { inner: Packing::K(inner), format, n, k });
     }
     let format = format_of(dtype)?;
-    if level() < Level::Avx512 || !matches!(format, Q4_0 | Q4_1 | Q8_0) || k == 0 || !k.is_multiple_of(QK) {
+    if level() < Level::Avx512 || k == 0 || !k.is_multiple_of(QK) {
         return None;
     }
     if weights.len() != n.checked_mul(k / QK * block_bytes(format))? {
@@ -329,6 +330,8 @@ pub(crate) fn prepack(dtype: GgmlDType, weights: &[u8], n: usize, k: usize) -> O
         let inner = match format {
             Q4_0 => x86::prepack::<Q4_0>(weights, n, k / QK),
             Q4_1 => x86::prepack::<Q4_1>(weights, n, k / QK),
+            Q5_0 => x86::prepack::<Q5_0>(weights, n, k / QK),
+            Q5_1 => x86::prepack::<Q5_1>(weights, n, k / QK),
             _ => x86::prepack::<Q8_0>(weights, n, k / QK),
         };
         Some(Prepacked { inner: Packing::Legacy(inner), format, n, k })
@@ -370,6 +373,7 @@ pub(crate) fn concat_prepacked(parts: &[&Prepacked]) -> Option<Prepacked> {
                     qs: cat(&|p| &p.qs),
                     d: cat16(&|p| &p.d),
                     m: cat16(&|p| &p.m),
+                    qh: cat(&|p| &p.qh),
                 })
             }
             Packing::K(_) => {
@@ -460,6 +464,8 @@ fn matmul_prepacked_impl(
                             match w.format {
                                 Q4_0 => x86::prepacked_pair::<Q4_0>(p, pi, rows, acts, m, out, n),
                                 Q4_1 => x86::prepacked_pair::<Q4_1>(p, pi, rows, acts, m, out, n),
+                                Q5_0 => x86::prepacked_pair::<Q5_0>(p, pi, rows, acts, m, out, n),
+                                Q5_1 => x86::prepacked_pair::<Q5_1>(p, pi, rows, acts, m, out, n),
                                 _ => x86::prepacked_pair::<Q8_0>(p, pi, rows, acts, m, out, n),
                             }
                         } else {
@@ -467,6 +473,8 @@ fn matmul_prepacked_impl(
                             match w.format {
                                 Q4_0 => x86::prepacked_panel::<Q4_0>(p, pi, rows, acts, m, out, n),
                                 Q4_1 => x86::prepacked_panel::<Q4_1>(p, pi, rows, acts, m, out, n),
+                                Q5_0 => x86::prepacked_panel::<Q5_0>(p, pi, rows, acts, m, out, n),
+                                Q5_1 => x86::prepacked_panel::<Q5_1>(p, pi, rows, acts, m, out, n),
                                 _ => x86::prepacked_panel::<Q8_0>(p, pi, rows, acts, m, out, n),
                             }
                         }

@@ -139,7 +139,7 @@ enum FastQMatMul {
         /// Use [`kernels::matmul_row_invariant`].
         row_invariant: bool,
     },
-    /// Packed for the panel kernel (AVX-512; `Q4_0`, `Q4_1`, `Q8_0`, `Q4_K`, `Q5_K`, `Q6_K`):
+    /// Packed for the panel kernel (AVX-512: `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`; AVX2 too: `Q4_K`, `Q5_K`, `Q6_K`):
     /// every product runs on them, and every row has its lone bits at any batch size.
     Packed(Arc<kernels::Prepacked>),
 }

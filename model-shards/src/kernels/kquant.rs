@@ -294,7 +294,11 @@ pub(super) unsafe fn panels<const F: u8>(
 /// Group `g`'s nibbles `v` of the low (`HIGH == false`: values `4g..4g+4`) or high half of a
 /// block with their bits above 3 added from the block's `planes` (see the module docs).
 #[inline(always)]
-unsafe fn high_bits<const F: u8, const HIGH: bool>(v: __m512i, planes: [__m512i; 2], g: usize) -> __m512i {
+pub(super) unsafe fn high_bits<const F: u8, const HIGH: bool>(
+    v: __m512i,
+    planes: [__m512i; 2],
+    g: usize,
+) -> __m512i {
     // Shifts are on 16-bit lanes; each keeps the wanted bits within their byte, and the mask
     // drops what crossed from the neighbouring byte.
     // SAFETY: register operations only (the caller's target features).

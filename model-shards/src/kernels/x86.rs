@@ -16,6 +16,7 @@ use std::cell::RefCell;
 
 use super::{
     Acts, Kernels, Level, PANEL, PanelFn, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, QK, TileFn, block_bytes, has_min,
+    kquant,
 };
 
 /// Weight rows per main tile.
@@ -441,6 +442,10 @@ pub(super) struct Prepacked {
     pub(super) qs: Vec<u32>,
     pub(super) d: Vec<u16>,
     pub(super) m: Vec<u16>,
+    /// `Q5_0`, `Q5_1`: bit 4 of each value, one word per block and row laid out as
+    /// `kquant`'s `Q5_K` plane (byte `i` holds bit 4 of values `4g+i` at bit `g` and of
+    /// `16+4g+i` at bit `4+g`), at `(p*nb + b)*PANEL + r`; empty for the other formats.
+    pub(super) qh: Vec<u32>,
 }
 
 /// Groups of 4 values stored per block by [`prepack`].
@@ -448,16 +453,28 @@ const fn packed_groups(f: u8) -> usize {
     if f == Q8_0 { 8 } else { 4 }
 }
 
-/// Packs `n` rows of `nb` blocks of format `F` (`Q4_0`, `Q4_1` or `Q8_0`).
+/// Whether format `f` has a fifth bit per value (`Q5_0`, `Q5_1`).
+const fn five_bit(f: u8) -> bool {
+    matches!(f, Q5_0 | Q5_1)
+}
+
+/// Packs `n` rows of `nb` blocks of format `F` (`Q4_0`, `Q4_1`, `Q5_0`, `Q5_1` or `Q8_0`).
 pub(super) fn prepack<const F: u8>(w: &[u8], n: usize, nb: usize) -> Prepacked {
     let bb = block_bytes(F);
-    let qs_at = if has_min(F) { 4 } else { 2 };
+    // Where the nibbles and (5-bit formats) the high bits start in a block.
+    let (qs_at, qh_at) = match F {
+        Q5_0 => (6, 2),
+        Q5_1 => (8, 4),
+        _ if has_min(F) => (4, 0),
+        _ => (2, 0),
+    };
     let groups = packed_groups(F);
     let panels = n.div_ceil(PANEL);
     let mut p = Prepacked {
         qs: vec![0; panels * nb * groups * PANEL],
         d: vec![0; panels * nb * PANEL],
         m: if has_min(F) { vec![0; panels * nb * PANEL] } else { Vec::new() },
+        qh: if five_bit(F) { vec![0; panels * nb * PANEL] } else { Vec::new() },
     };
     let f16 = |b: &[u8]| u16::from_le_bytes([b[0], b[1]]);
     for r in 0..n {
@@ -474,6 +491,14 @@ pub(super) fn prepack<const F: u8>(w: &[u8], n: usize, nb: usize) -> Prepacked {
             p.d[at] = f16(&blk[0..2]);
             if has_min(F) {
                 p.m[at] = f16(&blk[2..4]);
+            }
+            if five_bit(F) {
+                let qh = u32::from_le_bytes([blk[qh_at], blk[qh_at + 1], blk[qh_at + 2], blk[qh_at + 3]]);
+                let bit = |j: usize| ((qh >> j) & 1) as u8;
+                let bytes: [u8; 4] = std::array::from_fn(|i| {
+                    (0..4).fold(0u8, |acc, g| acc | (bit(4 * g + i) << g) | (bit(16 + 4 * g + i) << (4 + g)))
+                });
+                p.qh[at] = u32::from_le_bytes(bytes);
             }
         }
     }
@@ -581,6 +606,7 @@ unsafe fn prepacked_tile<const F: u8, const T: usize, const P: usize>(
         let d: [*const u16; P] = std::array::from_fn(|j| p.d.as_ptr().add((pi + j) * nb * PANEL));
         let mm: [*const u16; P] =
             if has_min(F) { std::array::from_fn(|j| p.m.as_ptr().add((pi + j) * nb * PANEL)) } else { d };
+        let qh: [*const u32; P] = std::array::from_fn(|j| p.qh.as_ptr().wrapping_add((pi + j) * nb * PANEL));
         let low = _mm512_set1_epi8(0x0F);
         let mut acc = [[_mm512_setzero_ps(); T]; P];
         for b in 0..nb {
@@ -595,6 +621,9 @@ unsafe fn prepacked_tile<const F: u8, const T: usize, const P: usize>(
                 let ahead = qs[j].wrapping_add((b + 8) * groups * PANEL).cast::<i8>();
                 for line in 0..groups {
                     _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
+                }
+                if five_bit(F) {
+                    _mm_prefetch::<_MM_HINT_T0>(qh[j].wrapping_add((b + 8) * PANEL).cast::<i8>());
                 }
                 if b % 2 == 0 {
                     _mm_prefetch::<_MM_HINT_T0>(d[j].wrapping_add((b + 8) * PANEL).cast::<i8>());
@@ -620,12 +649,33 @@ unsafe fn prepacked_tile<const F: u8, const T: usize, const P: usize>(
                     }
                 }
             } else {
+                let planes: [[__m512i; 2]; P] = std::array::from_fn(|j| {
+                    let h = if five_bit(F) {
+                        _mm512_loadu_si512(qh[j].add(b * PANEL).cast())
+                    } else {
+                        _mm512_setzero_si512()
+                    };
+                    [h, _mm512_setzero_si512()]
+                });
                 for g in 0..4 {
                     let raw: [__m512i; P] =
                         std::array::from_fn(|j| _mm512_loadu_si512(qs[j].add((b * 4 + g) * PANEL).cast()));
-                    let lo: [__m512i; P] = std::array::from_fn(|j| _mm512_and_si512(raw[j], low));
-                    let hi: [__m512i; P] =
-                        std::array::from_fn(|j| _mm512_and_si512(_mm512_srli_epi16(raw[j], 4), low));
+                    let lo: [__m512i; P] = std::array::from_fn(|j| {
+                        let v = _mm512_and_si512(raw[j], low);
+                        if five_bit(F) {
+                            kquant::high_bits::<{ kquant::Q5_K }, false>(v, planes[j], g)
+                        } else {
+                            v
+                        }
+                    });
+                    let hi: [__m512i; P] = std::array::from_fn(|j| {
+                        let v = _mm512_and_si512(_mm512_srli_epi16(raw[j], 4), low);
+                        if five_bit(F) {
+                            kquant::high_bits::<{ kquant::Q5_K }, true>(v, planes[j], g)
+                        } else {
+                            v
+                        }
+                    });
                     for t in 0..T {
                         let row = a.qs.add(t * a.k + b * QK);
                         let a_lo = _mm512_set1_epi32(row.add(4 * g).cast::<i32>().read_unaligned());
