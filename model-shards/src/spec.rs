@@ -250,18 +250,28 @@ impl ModelSpec {
 
     /// Builds the spec from a Hugging Face `config.json`.
     pub fn from_hf_config(cfg: &HfConfig) -> Result<Self> {
+        match cfg.model_type.as_str() {
+            // A multimodal checkpoint (Gemma 3 4B and larger): shoal runs its language model.
+            "gemma3" => match &cfg.text_config {
+                Some(text) if text.model_type == "gemma3_text" => Self::from_hf_config(text),
+                Some(text) => Err(Error::InvalidConfig {
+                    key: "text_config.model_type".into(),
+                    reason: format!("`{}` (expected gemma3_text)", text.model_type),
+                }),
+                None => Err(Error::MissingConfig { key: "text_config".into() }),
+            },
+            // The Hub's Gemma 3 configs leave out what equals transformers' defaults.
+            "gemma3_text" => Self::from_hf_fields(&cfg.with_gemma3_text_defaults()),
+            _ => Self::from_hf_fields(cfg),
+        }
+    }
+
+    fn from_hf_fields(cfg: &HfConfig) -> Result<Self> {
         let mixtral = cfg.model_type == "mixtral";
         let arch = match cfg.model_type.as_str() {
             "gemma3_text" => Architecture::Gemma3,
             "mixtral" => Architecture::Llama,
             "qwen3_moe" => Architecture::Qwen3Moe,
-            "gemma3" => {
-                return Err(Error::UnsupportedArchitecture(
-                    "gemma3 (a multimodal checkpoint; text-only `gemma3_text` checkpoints and Gemma 3 \
-                     GGUF files are supported)"
-                        .into(),
-                ));
-            }
             // GGUF's spelling, which no config.json uses.
             "qwen3moe" => return Err(Error::UnsupportedArchitecture(cfg.model_type.clone())),
             other => Architecture::from_name(other)?,
@@ -661,7 +671,7 @@ impl ModelSpec {
 #[derive(Clone, Debug, Deserialize)]
 pub struct HfConfig {
     /// `model_type`: llama, mistral, mixtral, qwen2, qwen3, qwen3_moe, gemma2, gemma3_text,
-    /// phi3.
+    /// gemma3 (multimodal: its `text_config` is used), phi3.
     pub model_type: String,
     /// `hidden_size`.
     pub hidden_size: Option<usize>,
@@ -738,6 +748,31 @@ pub struct HfConfig {
     pub decoder_sparse_step: Option<usize>,
     /// Qwen3-MoE: `mlp_only_layers`.
     pub mlp_only_layers: Option<Vec<usize>>,
+    /// Multimodal Gemma 3: the language model's configuration.
+    pub text_config: Option<Box<HfConfig>>,
+}
+
+impl HfConfig {
+    /// `Gemma3TextConfig`'s defaults (transformers 5.23) where the file is silent: the Hub's
+    /// multimodal Gemma 3 configs list only a few keys of their `text_config`.
+    fn with_gemma3_text_defaults(&self) -> Self {
+        let mut c = self.clone();
+        let fill = |v: &mut Option<usize>, d: usize| *v = v.or(Some(d));
+        fill(&mut c.hidden_size, 2304);
+        fill(&mut c.intermediate_size, 9216);
+        fill(&mut c.num_hidden_layers, 26);
+        fill(&mut c.num_attention_heads, 8);
+        fill(&mut c.num_key_value_heads, 4);
+        fill(&mut c.head_dim, 256);
+        fill(&mut c.vocab_size, 262_208);
+        fill(&mut c.max_position_embeddings, 131_072);
+        fill(&mut c.sliding_window, 4096);
+        c.rms_norm_eps = c.rms_norm_eps.or(Some(1e-6));
+        if c.rope_parameters.is_none() {
+            c.rope_theta = c.rope_theta.or(Some(1_000_000.0));
+        }
+        c
+    }
 }
 
 /// A key that may be absent (`None`), `null` (`Some(None)`) or set.

@@ -203,6 +203,28 @@ impl WeightName {
     }
 }
 
+/// Where a checkpoint keeps its language model: alone, or beside a vision tower in a multimodal
+/// checkpoint (Gemma 3 4B and larger; transformers 4 and 5 both write this layout).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum HfPrefix {
+    /// `model.…` and `lm_head.weight`.
+    Plain,
+    /// `language_model.model.…` and `language_model.lm_head.weight`.
+    Multimodal,
+}
+
+impl HfPrefix {
+    const ALL: [Self; 2] = [Self::Plain, Self::Multimodal];
+
+    /// The name of a language-model tensor `name` (as `WeightName::hf` gives it).
+    fn apply(self, name: &str) -> String {
+        match self {
+            Self::Plain => name.to_string(),
+            Self::Multimodal => format!("language_model.{name}"),
+        }
+    }
+}
+
 /// A loaded tensor: quantized (GGUF) or dense.
 pub(crate) enum Loaded {
     Quantized(Arc<QTensor>),
@@ -219,6 +241,9 @@ pub(crate) enum Weights {
     Safetensors {
         tensors: MmapedSafetensors,
         names: HfNames,
+        /// Where the language model's tensors are: `model.` and `lm_head.weight`, or inside a
+        /// multimodal checkpoint (see [`HfPrefix`]).
+        prefix: HfPrefix,
         /// Added to every RMSNorm weight: 1 for Gemma, whose checkpoints store `w` of
         /// `x · (1 + w)` (llama.cpp's converter adds the 1 to GGUF files).
         norm_offset: f32,
@@ -239,7 +264,11 @@ impl Weights {
         let tensors = unsafe { MmapedSafetensors::multi(paths)? };
         let names = HfNames::of(spec);
         let norm_offset = if names == HfNames::Gemma { 1.0 } else { 0.0 };
-        Ok(Self::Safetensors { tensors, names, norm_offset })
+        let prefix = HfPrefix::ALL
+            .into_iter()
+            .find(|p| tensors.get(&p.apply(&WeightName::Embedding.hf(names))).is_ok())
+            .unwrap_or(HfPrefix::Plain);
+        Ok(Self::Safetensors { tensors, names, prefix, norm_offset })
     }
 
     /// Whether the weights come from a GGUF file (computed as llama.cpp does) rather than a
@@ -251,7 +280,7 @@ impl Weights {
     fn name(&self, w: WeightName) -> String {
         match self {
             Self::Gguf { .. } => w.gguf(),
-            Self::Safetensors { names, .. } => w.hf(*names),
+            Self::Safetensors { names, prefix, .. } => prefix.apply(&w.hf(*names)),
         }
     }
 

@@ -144,6 +144,53 @@ fn phi3_fused_projections() -> anyhow::Result<()> {
 }
 
 #[test]
+fn gemma3_multimodal_checkpoint_runs_its_language_model() -> anyhow::Result<()> {
+    check("gemma3_mm", 1e-4)
+}
+
+/// The Hub's multimodal Gemma 3 configs list few keys of their `text_config` (this is
+/// google/gemma-3-4b-it's); the rest are `Gemma3TextConfig`'s defaults, which transformers
+/// 5.23 fills in as asserted here (`Gemma3TextConfig(**text_config)`).
+#[test]
+fn a_sparse_gemma3_text_config_takes_transformers_defaults() -> anyhow::Result<()> {
+    let dir = edited_config("gemma3_mm", |c| {
+        c["text_config"] = serde_json::json!({
+            "hidden_size": 2560,
+            "intermediate_size": 10240,
+            "model_type": "gemma3_text",
+            "num_hidden_layers": 34,
+            "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+            "sliding_window": 1024
+        });
+    })?;
+    std::fs::copy(common::fixture("tiny/gemma3_mm/model.safetensors"), dir.join("model.safetensors"))?;
+    let spec = Model::open(&dir)?.spec().clone();
+    assert_eq!(
+        (
+            spec.hidden_size,
+            spec.intermediate_size,
+            spec.n_layers,
+            spec.n_heads,
+            spec.n_kv_heads,
+            spec.head_dim
+        ),
+        (2560, 10240, 34, 8, 4, 256)
+    );
+    assert_eq!(
+        (spec.vocab_size, spec.max_position_embeddings, spec.sliding_window),
+        (262_208, 131_072, Some(1024))
+    );
+    assert_eq!(
+        (spec.rope_theta, spec.rope_local_theta, spec.rope_linear_factor),
+        (1e6, Some(1e4), Some(8.0))
+    );
+    assert_eq!((spec.sliding_window_pattern, spec.query_scale), (Some(6), Some(1.0 / 16.0)));
+    assert!(spec.tie_word_embeddings && spec.rms_norm_eps == 1e-6 && spec.final_logit_softcap.is_none());
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[test]
 fn mixtral_experts() -> anyhow::Result<()> {
     check("mixtral", 1e-4)
 }
@@ -179,12 +226,13 @@ fn rand_suffix() -> u64 {
 /// Gemma 3); the fixtures carry the Hub's older layout. Both must give the same spec.
 #[test]
 fn both_config_layouts_give_the_same_spec() -> anyhow::Result<()> {
-    for name in ["gemma3", "gemma2", "phi3", "mixtral", "llama3", "mistral"] {
+    for name in ["gemma3", "gemma3_mm", "gemma2", "phi3", "mixtral", "llama3", "mistral"] {
         let fixture = common::fixture(&format!("tiny/{name}"));
         let reference: serde_json::Value =
             serde_json::from_slice(&std::fs::read(fixture.join("reference.json"))?)?;
         let native = reference["config_as_saved_by_transformers"].clone();
-        assert!(native.get("rope_parameters").is_some(), "{name}: not the transformers 5 layout");
+        let text = native.get("text_config").unwrap_or(&native);
+        assert!(text.get("rope_parameters").is_some(), "{name}: not the transformers 5 layout");
         let dir = edited_config(name, |c| *c = native)?;
         std::fs::copy(fixture.join("model.safetensors"), dir.join("model.safetensors"))?;
         let (a, b) = (Model::open(&dir)?, Model::open(&fixture)?);
@@ -228,7 +276,7 @@ fn checkpoint_settings_shoal_cannot_run_are_named_in_the_error() -> anyhow::Resu
             "layer 2",
         ),
         ("gemma3", set("use_bidirectional_attention", json!(true)), "use_bidirectional_attention"),
-        ("gemma3", set("model_type", json!("gemma3")), "multimodal"),
+        ("gemma3", set("model_type", json!("gemma3")), "text_config"),
         (
             "mixtral",
             Box::new(|c: &mut serde_json::Value| {
@@ -286,6 +334,7 @@ fn model_ids_are_stable_and_tell_models_apart() -> anyhow::Result<()> {
         "qwen2_bf16",
         "qwen3",
         "gemma3",
+        "gemma3_mm",
         "gemma2",
         "phi3",
         "mixtral",
