@@ -210,13 +210,14 @@ fn edited_config(
         serde_json::from_slice(&std::fs::read(common::fixture(&format!("tiny/{name}/config.json")))?)?;
     edit(&mut cfg);
     let dir =
-        std::env::temp_dir().join(format!("shoal-test-{}-{name}-{}", std::process::id(), rand_suffix()));
+        std::env::temp_dir().join(format!("shoal-test-{}-{name}-{}", std::process::id(), next_dir_id()));
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("config.json"), serde_json::to_vec(&cfg)?)?;
     Ok(dir)
 }
 
-fn rand_suffix() -> u64 {
+/// A number no other call in this process gets (tests running at once use other directories).
+fn next_dir_id() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     N.fetch_add(1, Ordering::Relaxed)
