@@ -232,6 +232,11 @@ impl Drafter {
         Self { mode, k: START_K, stats: SpecStats::default(), state: Some(DraftState::default()) }
     }
 
+    /// The mode it drafts in.
+    pub fn mode(&self) -> &Speculation {
+        &self.mode
+    }
+
     /// The current draft length.
     pub fn k(&self) -> usize {
         self.k

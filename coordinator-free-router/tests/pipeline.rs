@@ -304,7 +304,7 @@ async fn every_step_of_a_constrained_generation_passes_its_spot_check() {
     let out = d.generate(&request, |_| Flow::Continue).await.expect("checked run");
     assert_eq!(out.tokens, want);
     assert!(out.failovers.is_empty(), "{:?}", out.failovers);
-    assert_eq!(out.spot_checks, 19, "every decode step is checked and passes");
+    assert_eq!(out.spot_checks, 20, "every step that samples is checked and passes");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -270,10 +270,11 @@ async fn honest_replicas_pass_every_check_and_see_each_tap_after_its_step() {
     let params = sampled();
     let outcome = d.generate(&request(&params), |_| Flow::Continue).await.expect("generation");
     assert_eq!(outcome.tokens, local(&params));
-    // Every decode step was checked on the other replicas and passed.
-    assert_eq!(outcome.spot_checks, TOKENS - 1);
+    // Every step was checked on the other replicas and passed: the decode steps and the
+    // prompt's last chunk, which samples the first token.
+    assert_eq!(outcome.spot_checks, TOKENS);
     assert!(outcome.failovers.is_empty());
-    assert_eq!(d.spot_check_counts(), (TOKENS as u64 - 1, 0));
+    assert_eq!(d.spot_check_counts(), (TOKENS as u64, 0));
     let log = std::mem::take(&mut *log.lock().expect("not poisoned"));
     // The generation's session is the one with the most steps (a check's replay is a few
     // prefill chunks).
@@ -287,7 +288,7 @@ async fn honest_replicas_pass_every_check_and_see_each_tap_after_its_step() {
     let events: Vec<(u64, bool)> =
         log.iter().filter(|(s, ..)| *s == main).map(|&(_, step, tap, _)| (step, tap)).collect();
     let taps: Vec<u64> = events.iter().filter(|(_, tap)| *tap).map(|(s, _)| *s).collect();
-    assert_eq!(taps.len(), TOKENS - 1, "every decode step was tapped");
+    assert_eq!(taps.len(), TOKENS, "every step that sampled was tapped");
     for step in taps {
         let forwarded =
             events.iter().position(|&e| e == (step, false)).expect("the tapped step was forwarded");

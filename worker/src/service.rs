@@ -1039,10 +1039,13 @@ fn finish_step(session: &mut Session, out: StageOutput, step: Step, pos: usize) 
     if let Ok(action) = &result {
         session.last_step = Some(step_id);
         session.rewind_floor = speculative.then_some(pos + 1);
-        // What a decode or speculative step forwarded, for a tap that names it afterwards.
+        // What the step forwarded, for a tap that names it afterwards: a decode or speculative
+        // step's rows, the last row of a prefill chunk (the row that samples; the origin
+        // compares last rows only).
         session.last_forwarded = match action {
-            Action::ToNext { msg: Message::Step(s), .. } if batchable(s) => match &s.payload {
-                Payload::Hidden(h) => Some((step_id, h.clone())),
+            Action::ToNext { msg: Message::Step(s), .. } => match &s.payload {
+                Payload::Hidden(h) if batchable(s) => Some((step_id, h.clone())),
+                Payload::Hidden(h) => Some((step_id, last_row(h))),
                 Payload::Tokens(_) => None,
             },
             _ => None,
@@ -1051,6 +1054,17 @@ fn finish_step(session: &mut Session, out: StageOutput, step: Step, pos: usize) 
         session.cache.truncate(pos);
     }
     result
+}
+
+/// The last row of `h`.
+fn last_row(h: &HiddenStates) -> HiddenStates {
+    let row = h.bytes.len() / (h.t.max(1) as usize);
+    HiddenStates {
+        t: h.t.min(1),
+        hidden: h.hidden,
+        dtype: h.dtype,
+        bytes: h.bytes[h.bytes.len() - row..].to_vec(),
+    }
 }
 
 /// The forward pass of one session's step: a speculative step (one with a draft) computes

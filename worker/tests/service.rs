@@ -1018,6 +1018,38 @@ fn a_tapped_step_copies_what_each_stage_forwards_to_the_origin() -> anyhow::Resu
     Ok(())
 }
 
+#[test]
+fn a_tap_after_a_prefill_chunk_copies_the_last_row_it_forwarded() -> anyhow::Result<()> {
+    // The driver checks the first token of a route, sampled from the prompt's last chunk.
+    let mut ring = Ring::standard()?;
+    assert!(ring.open(9, WireDType::F32, 0).is_empty());
+    let mut c = Client::new(9);
+    c.prefill(&mut ring);
+    let replies = ring.send(Message::Tap(Tap { session_id: 9, step_id: 2 }));
+    let [Message::StageOutput(late)] = replies.as_slice() else {
+        panic!("expected the copy of the chunk, got {replies:?}");
+    };
+    assert_eq!((late.step_id, late.hidden.t), (2, 1), "one row: the one that samples");
+    // An early tap copies the whole chunk, whose last row is the late copy.
+    let mut twin = Ring::standard()?;
+    assert!(twin.open(9, WireDType::F32, 0).is_empty());
+    let _ = twin.send(Message::Tap(Tap { session_id: 9, step_id: 2 }));
+    let (head, tail) = PROMPT.split_at(4);
+    let _ = twin.send(Message::Step(tokens_step(9, 1, 0, 0, head)));
+    let early = twin
+        .send(Message::Step(tokens_step(9, 2, 4, 0, tail)))
+        .into_iter()
+        .find_map(|m| match m {
+            Message::StageOutput(o) => Some(o.hidden),
+            _ => None,
+        })
+        .expect("the early copy");
+    assert!(early.t > 1, "the chunk has {} rows", early.t);
+    let row = early.bytes.len() / early.t as usize;
+    assert_eq!(late.hidden.bytes, early.bytes[early.bytes.len() - row..]);
+    Ok(())
+}
+
 /// Two stages whose last one has a real node identity, recording every step the first one
 /// forwards.
 struct SealedRing {

@@ -18,8 +18,9 @@ use shoal_worker::protocol::{
 };
 use shoal_worker::service::PeerId;
 
+use super::roster::Roster;
 use super::{Driver, Request, Sealer, lock};
-use crate::verify::{Computer, Observation, Verdict, judge};
+use crate::verify::{Computer, Observation, Verdict};
 
 /// The origin's own copy of the model, to check stages when no other replica exists and to
 /// break ties between two (see [`Driver::set_local_weights`]).
@@ -166,8 +167,10 @@ pub(super) struct Replay {
 }
 
 impl Replay {
-    /// The replay of the decode step that feeds the last of `tokens` (the ids generated so
-    /// far; not empty) after `request.prompt`.
+    /// The replay of the step that feeds the last of `tokens` (the ids generated so far)
+    /// after `request.prompt`; with no tokens yet, of the prompt's last chunk (whose last row
+    /// samples the first token: the replay computes it as a row alone, which has the same
+    /// bits).
     pub(super) fn new(request: &Request, tokens: &[u32], chunk: usize, mask: Option<TokenMask>) -> Self {
         let history: Vec<u32> = request.prompt.iter().chain(tokens).copied().collect();
         Self {
@@ -232,66 +235,15 @@ pub(super) struct Shadows {
 /// the checking route changes from one check to the next.
 const MAX_SHADOWS: usize = 3;
 
-/// A check's second opinion ([`Driver::second_opinion`]).
-pub(super) struct SecondOpinion {
-    route: Vec<RouteHop>,
-    /// Computed with the origin's weights.
-    local: bool,
-    replay: Arc<Replay>,
-    observed: Result<Observation, String>,
-}
-
 /// What a check found, for the generation that ran it.
 pub(super) enum CheckResult {
     /// The step's result stands.
     Passed,
-    /// No second opinion could be had (or it failed): the step's result stands, unchecked.
-    Skipped(String),
     /// These peers of the checked route lied (or could not be cleared): fail over.
     Failed { culprits: Vec<PeerId>, reason: String },
 }
 
 impl Driver {
-    /// Whether a step through `route` can be checked: another replica of one of its spans, or
-    /// the origin's own weights.
-    pub(super) fn can_check(&self, route: &[RouteHop]) -> bool {
-        lock(&self.local).is_some() || self.other_route(route, &[]).is_some()
-    }
-
-    /// A route with `route`'s boundaries through other peers where they exist, avoiding
-    /// `avoid` at each hop (`None` when it would be `route` itself).
-    fn other_route(&self, route: &[RouteHop], avoid: &[Vec<PeerId>]) -> Option<Vec<RouteHop>> {
-        let now = Instant::now();
-        let peers = lock(&self.peers);
-        let mut out = Vec::with_capacity(route.len());
-        let mut changed = false;
-        for (i, hop) in route.iter().enumerate() {
-            let mut choices: Vec<(&PeerId, &super::PeerState)> = peers
-                .iter()
-                .filter(|(id, p)| {
-                    p.info.start == hop.start
-                        && p.info.end == hop.end
-                        && !p.info.draining
-                        && p.banned_until.is_none_or(|t| t <= now)
-                        && !avoid.get(i).is_some_and(|a| a.contains(id))
-                        && **id != hop.node_id
-                })
-                .collect();
-            // A random replica: a worker cannot tell when it will be asked for a second opinion,
-            // and the checks spread over the replicas.
-            choices.sort_by_key(|(id, _)| **id);
-            let pick = (!choices.is_empty()).then(|| rand::random::<u64>() as usize % choices.len());
-            match pick.and_then(|i| choices.get(i)) {
-                Some((id, _)) => {
-                    out.push(RouteHop { node_id: **id, start: hop.start, end: hop.end });
-                    changed = true;
-                }
-                None => out.push(hop.clone()),
-            }
-        }
-        changed.then_some(out)
-    }
-
     /// Opens a check's session on `route` (nothing sent through it yet).
     fn open_shadow(&self, route: &[RouteHop], replay: &Replay) -> Result<Shadow, String> {
         let ids: Vec<PeerId> = route.iter().map(|h| h.node_id).collect();
@@ -302,7 +254,7 @@ impl Driver {
         let (seal, sealer) = Sealer::new(self.config.seal_sampler_inputs, &ids[ids.len() - 1])?;
         let open = OpenSession {
             session_id,
-            model_id: self.model_id,
+            model_id: self.model.model_id,
             origin: self.node.id(),
             route: route.to_vec(),
             hop_index: 0,
@@ -406,8 +358,9 @@ impl Driver {
     }
 
     /// Another opinion of the checked step through `route`: remote, or the origin's own
-    /// computation when `local` is set.
-    async fn observe(
+    /// computation when `local` is set; with `shadows`, through the generation's kept check
+    /// sessions (kept for its next checks).
+    pub(super) async fn observe(
         &self,
         route: &[RouteHop],
         replay: &Arc<Replay>,
@@ -437,142 +390,62 @@ impl Driver {
         }
         self.observe_remote(route, replay, shadows).await
     }
+}
 
-    /// The second opinion of a step through `route` that feeds the last id of `replay`'s
-    /// history: other replicas where there are some (the swarm's cores rather than the
-    /// origin's), else the origin's weights. It needs only the history, so the driver runs it
-    /// while the checked step itself is computed.
-    pub(super) async fn second_opinion(
-        &self,
-        route: &[RouteHop],
-        replay: Arc<Replay>,
-        shadows: &mut Shadows,
-    ) -> SecondOpinion {
-        let (second_route, local) = match self.other_route(route, &[]) {
-            Some(r) => (r, false),
-            None if lock(&self.local).is_some() => (route.to_vec(), true),
-            None => {
-                return SecondOpinion {
-                    route: Vec::new(),
-                    local: false,
-                    replay,
-                    observed: Err("no other replica and no local weights".into()),
-                };
+/// What `verdict` on a step checked through route `ids` against `second_route` means for the
+/// generation, with its bans applied to `roster` at `now`; also the liars caught, with the
+/// hop where they lied.
+pub(super) fn conclude(
+    verdict: Verdict,
+    ids: &[PeerId],
+    second_route: &[RouteHop],
+    roster: &mut Roster,
+    now: Instant,
+) -> (CheckResult, Vec<(PeerId, usize)>) {
+    match verdict {
+        Verdict::Agree => {
+            let mut checked: Vec<PeerId> = ids.to_vec();
+            checked.extend(second_route.iter().map(|h| h.node_id));
+            roster.policy.passed(&checked);
+            (CheckResult::Passed, Vec::new())
+        }
+        Verdict::Wrong { hop, wrong, liars } => {
+            // Sessions through the liars fail over at their next step.
+            roster.caught(&liars, now);
+            let caught = liars.iter().map(|id| (*id, hop)).collect();
+            if !wrong.contains(&0) {
+                // The checked route was right: its result stands.
+                roster.policy.passed(ids);
+                return (CheckResult::Passed, caught);
             }
-        };
-        self.checks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let observed = self
-            .observe(&second_route, &replay, local, Some(shadows))
-            .await
-            .map_err(|e| format!("the second opinion failed: {e}"));
-        SecondOpinion { route: second_route, local, replay, observed }
-    }
-
-    /// Checks a step whose route and outputs are `primary` against its second opinion, with a
-    /// third one when they disagree, then bans (see [`crate::verify`]).
-    pub(super) async fn spot_check(
-        &self,
-        route: &[RouteHop],
-        primary: Observation,
-        second: SecondOpinion,
-    ) -> CheckResult {
-        let has_local = lock(&self.local).is_some();
-        let ids: Vec<PeerId> = route.iter().map(|h| h.node_id).collect();
-        let SecondOpinion { route: second_route, local: second_local, replay, observed } = second;
-        let second = match observed {
-            Ok(o) => o,
-            Err(e) => return CheckResult::Skipped(e),
-        };
-        let config = *self.spot_config();
-        let mut observations = vec![primary, second];
-        let mut verdict = judge(&observations, &config);
-        if let Verdict::Unresolved { hop, .. } = &verdict {
-            // A third opinion at the divergent hop.
-            let hop = *hop;
-            let mut avoid = vec![Vec::new(); route.len()];
-            avoid[hop] = vec![route[hop].node_id, second_route[hop].node_id];
-            let third = match self.other_route(&second_route, &avoid) {
-                Some(r)
-                    if r[hop].node_id != route[hop].node_id
-                        && r[hop].node_id != second_route[hop].node_id =>
-                {
-                    Some((r, false))
-                }
-                _ if has_local && !second_local => Some((route.to_vec(), true)),
-                _ => None,
+            let culprits: Vec<PeerId> = liars.iter().filter(|p| ids.contains(p)).copied().collect();
+            let reason = if culprits.is_empty() {
+                // Hop `hop` is served by the same peer on both sides: an earlier step fed this
+                // session's route something wrong. Replay it.
+                format!("spot-check: this route's result is wrong from hop {hop} on (an earlier step)")
+            } else {
+                format!(
+                    "spot-check: {} returned a wrong result at hop {hop}",
+                    culprits.iter().map(short).collect::<Vec<_>>().join(", ")
+                )
             };
-            if let Some((r, local)) = third {
-                match self.observe(&r, &replay, local, None).await {
-                    Ok(o) => {
-                        observations.push(o);
-                        verdict = judge(&observations, &config);
-                    }
-                    Err(e) => tracing::warn!("the third opinion failed: {e}"),
-                }
-            }
+            (CheckResult::Failed { culprits, reason }, caught)
         }
-        match verdict {
-            Verdict::Agree => {
-                let mut checked: Vec<PeerId> = ids.clone();
-                checked.extend(second_route.iter().map(|h| h.node_id));
-                lock(&self.policy).passed(&checked);
-                CheckResult::Passed
-            }
-            Verdict::Wrong { hop, wrong, liars } => {
-                self.caught(&liars, hop);
-                if !wrong.contains(&0) {
-                    // The checked route was right: its result stands.
-                    lock(&self.policy).passed(&ids);
-                    return CheckResult::Passed;
-                }
-                let culprits: Vec<PeerId> = liars.iter().filter(|p| ids.contains(p)).copied().collect();
+        Verdict::Unresolved { hop, suspects } => {
+            let names = suspects.iter().map(short).collect::<Vec<_>>().join(", ");
+            // Two replicas that disagree with nothing to tell which is right: both are set
+            // aside for a ban period (one peer on both sides is not to blame, see `judge`).
+            let banned = if suspects.len() >= 2 { suspects.clone() } else { Vec::new() };
+            tracing::warn!(hop, suspects = %names, "spot-check: replicas disagree and no third opinion exists");
+            roster.ban(&banned, now);
+            let reason = format!("spot-check: [{names}] disagree at hop {hop} and no third opinion exists");
+            (
                 CheckResult::Failed {
-                    reason: if culprits.is_empty() {
-                        // Hop `hop` is served by the same peer on both sides: an earlier step
-                        // fed this session's route something wrong. Replay it.
-                        format!(
-                            "spot-check: this route's result is wrong from hop {hop} on (an earlier step)"
-                        )
-                    } else {
-                        format!(
-                            "spot-check: {} returned a wrong result at hop {hop}",
-                            culprits.iter().map(short).collect::<Vec<_>>().join(", ")
-                        )
-                    },
-                    culprits,
-                }
-            }
-            Verdict::Unresolved { hop, suspects } => {
-                let names = suspects.iter().map(short).collect::<Vec<_>>().join(", ");
-                // Two replicas that disagree with nothing to tell which is right: both are set
-                // aside for a ban period (one peer on both sides is not to blame, see `judge`).
-                let banned = if suspects.len() >= 2 { suspects.clone() } else { Vec::new() };
-                tracing::warn!(hop, suspects = %names, "spot-check: replicas disagree and no third opinion exists");
-                self.ban(&banned);
-                CheckResult::Failed {
-                    reason: format!(
-                        "spot-check: [{names}] disagree at hop {hop} and no third opinion exists"
-                    ),
+                    reason,
                     culprits: banned.into_iter().filter(|p| ids.contains(p)).collect(),
-                }
-            }
-        }
-    }
-
-    /// Bans peers a check caught lying: the longest ban, counted and logged; sessions through
-    /// them fail over at their next step.
-    fn caught(&self, liars: &[PeerId], hop: usize) {
-        let now = Instant::now();
-        let mut peers = lock(&self.peers);
-        for id in liars {
-            tracing::warn!(peer = %short(id), hop, ban = ?self.config.ban_max, "spot-check: banned a peer that returned wrong results");
-            self.liars_banned.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            lock(&self.policy).forget(id);
-            if let Some(p) = peers.get_mut(id) {
-                p.failures = p.failures.saturating_add(1);
-                p.banned_until = Some(now + self.config.ban_max);
-                p.liar = true;
-            }
+                },
+                Vec::new(),
+            )
         }
     }
 }

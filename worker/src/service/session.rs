@@ -45,8 +45,8 @@ pub(super) struct Session {
     /// After a speculative step: the lowest position the next step may rewind the cache to
     /// (its `start_pos + 1`; the positions from there on held draft ids). `None` otherwise.
     pub(super) rewind_floor: Option<usize>,
-    /// The hidden states the last decode or speculative step forwarded, with its step id: a
-    /// `Tap` that arrives after its step is answered from here.
+    /// The hidden states the last step forwarded (of a prefill chunk, its last row), with its
+    /// step id: a `Tap` that arrives after its step is answered from here.
     pub(super) last_forwarded: Option<(u64, HiddenStates)>,
     /// Last time a message for this session arrived.
     pub(super) last_active: Instant,
