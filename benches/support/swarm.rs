@@ -16,8 +16,14 @@ pub fn env_usize(name: &str, default: usize) -> usize {
 /// Sizes the compute pools from `SHOAL_THREADS`, opens `SHOAL_MODEL` (default: SmolLM2) and
 /// builds the network runtime. Call first thing in `main`.
 pub fn setup() -> (Model, [u8; 32], tokio::runtime::Runtime) {
+    // The workspace's model: this file is built into the root package's benches and into
+    // member crates' (whose manifest directory is one below the workspace).
     let path = std::env::var("SHOAL_MODEL").unwrap_or_else(|_| {
-        concat!(env!("CARGO_MANIFEST_DIR"), "/models/SmolLM2-135M-Instruct.Q4_1.gguf").to_owned()
+        let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let file = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+        let local = here.join(file);
+        let path = if local.exists() { local } else { here.join("..").join(file) };
+        path.display().to_string()
     });
     let threads = std::env::var("SHOAL_THREADS").ok().and_then(|v| v.parse().ok());
     // SAFETY: no thread pool has started yet.
