@@ -293,6 +293,15 @@ fn send(tx: &Tx, v: &Value) -> bool {
 const NO_TOKEN: u64 = u64::MAX;
 
 /// Runs choice `index` of `job`; with `stream`, sends its chunks as they are decided.
+/// The text of `ids` as a fresh assembler holds it (after tokens were withdrawn).
+fn assembled(state: &ApiState, stops: &[String], ids: &[u32]) -> TextAssembler {
+    let mut text = TextAssembler::new(&state.model.tokenizer, stops.to_vec());
+    for &id in ids {
+        let _ = text.push(id);
+    }
+    text
+}
+
 async fn run_choice(
     state: Arc<ApiState>,
     job: Arc<Job>,
@@ -317,6 +326,8 @@ async fn run_choice(
     let mut text = TextAssembler::new(&state.model.tokenizer, job.stops.clone());
     let mut lps = Vec::new();
     let (mut stopped, mut gone, mut last_at) = (false, false, None::<Instant>);
+    // The ids taken so far, and whether a stream was cut because some were withdrawn.
+    let (mut ids, mut withdrawn) = (Vec::<u32>::new(), false);
     let mut offset = 0usize;
     let mut tool_stream = job.tools.map(|(syntax, constrained)| ToolStream::new(syntax, constrained));
     // Milliseconds from arrival to the latest token, for the watchdog.
@@ -338,6 +349,19 @@ async fn run_choice(
         }
         last_at = Some(now);
         latest.store(now.duration_since(arrived).as_millis() as u64, Ordering::Relaxed);
+        if ev.index < ids.len() {
+            // A spot-check caught a worker lying: the tokens from this index on are withdrawn
+            // (`TokenEvent`). Text already streamed cannot be taken back: the stream ends with
+            // an error. A whole response is assembled again without them.
+            if stream.is_some() {
+                withdrawn = true;
+                return Flow::Stop;
+            }
+            ids.truncate(ev.index);
+            lps.truncate(ev.index);
+            text = assembled(&state, &job.stops, &ids);
+        }
+        ids.push(ev.token);
         let (mut piece, hit) = text.push(ev.token);
         stopped |= hit;
         if let (Some(ts), Some(_)) = (tool_stream.as_mut(), &stream) {
@@ -397,6 +421,7 @@ async fn run_choice(
     };
     m.generation_tokens.inc_by(outcome.tokens.len() as u64);
     m.failovers.inc_by(outcome.failovers.len() as u64);
+    m.withdrawn_tokens.inc_by(outcome.withdrawn as u64);
     m.decode_steps.inc_by(outcome.step_times.len() as u64);
     m.spec_drafts.inc_by(outcome.speculation.drafts as u64);
     m.spec_draft_tokens.inc_by(outcome.speculation.draft_tokens as u64);
@@ -404,6 +429,24 @@ async fn run_choice(
     if gone {
         m.finished("abort");
         return Err(client_gone());
+    }
+    if withdrawn || (outcome.withdrawn > 0 && stream.is_some()) {
+        // Withdrawn tokens were streamed.
+        m.finished("abort");
+        return Err(ApiError::unavailable(
+            format!(
+                "a worker was caught returning wrong results after {} tokens were sent; retry the request",
+                ids.len()
+            ),
+            "wrong_result",
+            Some(1),
+        ));
+    }
+    if outcome.tokens.len() < ids.len() {
+        // Tokens were withdrawn at the end, with none after them.
+        ids.truncate(outcome.tokens.len());
+        lps.truncate(outcome.tokens.len());
+        text = assembled(&state, &job.stops, &ids);
     }
     let mut rest = text.finish();
     let (content, calls) = match (tool_stream, &stream) {

@@ -18,7 +18,8 @@
 //! | `shoal_spec_decode_num_draft_tokens_total` | counter | draft ids sent |
 //! | `shoal_spec_decode_num_accepted_tokens_total` | counter | draft ids the last stage accepted; tokens per speculative round trip = 1 + accepted / drafts |
 //! | `shoal_live_peers` | gauge | peers that answered the last ping round |
-//! | `shoal_spot_checks_total` | counter | decode steps re-run on another replica (or this node's weights) and compared |
+//! | `shoal_spot_checks_total` | counter | steps re-run on another replica (or this node's weights) and compared |
+//! | `shoal_withdrawn_tokens_total` | counter | tokens withdrawn because a peer caught lying had produced them since the last confirmed one (a stream that had sent them ends with an error) |
 //! | `shoal_spot_check_bans_total` | counter | peers banned because a spot-check caught them returning wrong results |
 //!
 //! Every series carries a `model_name` label, as vLLM's do.
@@ -42,6 +43,7 @@ pub struct Metrics {
     pub(crate) finished: IntCounterVec,
     pub(crate) hop_latency: Histogram,
     pub(crate) failovers: IntCounter,
+    pub(crate) withdrawn_tokens: IntCounter,
     pub(crate) decode_steps: IntCounter,
     pub(crate) spec_drafts: IntCounter,
     pub(crate) spec_draft_tokens: IntCounter,
@@ -125,6 +127,10 @@ impl Metrics {
                 HOP_BUCKETS,
             )?,
             failovers: counter("shoal_failovers_total", "Sessions moved to another route after a failure.")?,
+            withdrawn_tokens: counter(
+                "shoal_withdrawn_tokens_total",
+                "Tokens withdrawn because a peer caught lying had produced them.",
+            )?,
             decode_steps: counter("shoal_decode_steps_total", "Decode round trips through the pipeline.")?,
             spec_drafts: counter("shoal_spec_decode_num_drafts_total", "Speculative steps (with a draft).")?,
             spec_draft_tokens: counter("shoal_spec_decode_num_draft_tokens_total", "Draft ids sent.")?,
@@ -138,7 +144,7 @@ impl Metrics {
                 "Time to compute the token mask of one step of a constrained request.",
                 MASK_BUCKETS,
             )?,
-            spot_checks: counter("shoal_spot_checks_total", "Decode steps checked on another replica.")?,
+            spot_checks: counter("shoal_spot_checks_total", "Steps checked on another replica.")?,
             spot_check_bans: counter(
                 "shoal_spot_check_bans_total",
                 "Peers banned because a spot-check caught them returning wrong results.",

@@ -29,6 +29,19 @@ struct Fixture {
     state: Arc<ApiState>,
 }
 
+/// The settings of the fixtures' stages.
+fn stage_config(info: &ModelInfo) -> StageConfig {
+    StageConfig {
+        max_sessions: 8,
+        kv_budget_bytes: 1 << 30,
+        per_peer_sessions: 8,
+        per_forwarder_sessions: 64,
+        idle_timeout: Duration::from_secs(60),
+        max_seq_len: 8192,
+        model_id: info.model_id,
+    }
+}
+
 async fn fixture(with_stages: bool) -> Fixture {
     fixture_with(with_stages, ApiConfig { max_body_bytes: 64 * 1024, ..ApiConfig::default() }).await
 }
@@ -47,15 +60,7 @@ async fn fixture_full(with_stages: bool, config: ApiConfig, recommended: Samplin
     if with_stages {
         for span in [0..15, 15..30] {
             let shard = Shard::load(&model, span, &Device::Cpu, DType::F32).expect("span");
-            let config = StageConfig {
-                max_sessions: 8,
-                kv_budget_bytes: 1 << 30,
-                per_peer_sessions: 8,
-                per_forwarder_sessions: 64,
-                idle_timeout: Duration::from_secs(60),
-                max_seq_len: 8192,
-                model_id: info.model_id,
-            };
+            let config = stage_config(&info);
             let node = Node::bind(NodeOptions::loopback()).await.expect("stage");
             node.serve(StageService::new(shard, config));
             driver.add_peer(node.addr()).await.expect("stage answers");
@@ -1037,4 +1042,144 @@ async fn connections_over_the_cap_get_a_503_envelope() {
     drop(held);
     let _ = stop.send(());
     server.await.expect("server task").expect("server");
+}
+
+/// A stage that perturbs, by a relative 1e-3, the hidden states of every one-position step it
+/// forwards from its 6th on, and the copies a tap sends the origin alike.
+async fn lying_stage(shard: Shard, config: StageConfig) -> Node {
+    let node = Node::bind(NodeOptions::loopback()).await.expect("stage");
+    let mut forwarded = 0usize;
+    let mut lied = std::collections::HashSet::new();
+    let perturb = |bytes: &mut [u8]| {
+        for c in bytes.chunks_exact_mut(4) {
+            let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]) * 1.001;
+            c.copy_from_slice(&v.to_le_bytes());
+        }
+    };
+    let tamper = move |actions: &mut Vec<shoal_worker::service::Action>| {
+        use shoal_worker::protocol::{Message, Payload};
+        use shoal_worker::service::Action;
+        for a in actions.iter_mut() {
+            if let Action::ToNext { msg: Message::Step(s), .. } = a
+                && let Payload::Hidden(h) = &mut s.payload
+                && h.t == 1
+            {
+                if forwarded >= 5 {
+                    perturb(&mut h.bytes);
+                    lied.insert((s.session_id, s.step_id));
+                }
+                forwarded += 1;
+            }
+        }
+        for a in actions.iter_mut() {
+            if let Action::ToOrigin { msg: Message::StageOutput(o), .. } = a
+                && lied.contains(&(o.session_id, o.step_id))
+            {
+                perturb(&mut o.hidden.bytes);
+            }
+        }
+    };
+    assert!(node.serve_tampered(StageService::new(shard, config), tamper));
+    node
+}
+
+/// An API whose route runs through a stage that starts lying mid-generation (it announces
+/// itself as the fastest replica of 0..15); a quarter of the steps are checked, the origin's
+/// weights break ties.
+async fn lying_fixture() -> (axum::Router, Vec<Node>) {
+    use shoal_coordinator_free_router::driver::LocalWeights;
+    use shoal_coordinator_free_router::swarm::announce::{Announcement, PeerState};
+    use shoal_coordinator_free_router::verify::SpotCheckConfig;
+    let model = Model::open(model_path()).expect("model");
+    let info = ModelInfo::of(&model).expect("model info");
+    let origin = Node::bind(NodeOptions::loopback()).await.expect("origin");
+    let config = DriverConfig {
+        spot_check: SpotCheckConfig { share: 0.25, ..SpotCheckConfig::default() },
+        ..DriverConfig::default()
+    };
+    let driver = Driver::new(origin, info, config);
+    driver.set_local_weights(LocalWeights::new(Model::open(model_path()).expect("model")));
+    let stage_config = stage_config(&info);
+    let shard = |span| Shard::load(&model, span, &Device::Cpu, DType::F32).expect("span");
+    let honest = Node::bind(NodeOptions::loopback()).await.expect("stage");
+    honest.serve(StageService::new(shard(0..15), stage_config.clone()));
+    let liar = lying_stage(shard(0..15), stage_config.clone()).await;
+    let last = Node::bind(NodeOptions::loopback()).await.expect("stage");
+    last.serve(StageService::new(shard(15..30), stage_config));
+    let announce = |node: &Node, start: u32, end: u32, throughput: f32| Announcement {
+        node: shoal_worker::net::peer_id(&node.endpoint_id()),
+        model: info.model_id,
+        n_layers: 30,
+        start,
+        end,
+        state: PeerState::Serving,
+        throughput,
+        load: 0,
+        free_kv_bytes: 1 << 30,
+        version: "0.1.0".into(),
+        seq: 1,
+        issued_at_ms: 0,
+        ttl_ms: 60_000,
+        addrs: node.addr().ip_addrs().copied().collect(),
+        holds: Default::default(),
+    };
+    let view = [announce(&honest, 0, 15, 1.0), announce(&liar, 0, 15, 1e6), announce(&last, 15, 30, 1e3)];
+    assert_eq!(driver.sync_view(&view).len(), 3);
+    driver.refresh().await;
+    let served = ServedModel::of(&model, "smollm2").expect("tokenizer and template");
+    let state = Arc::new(ApiState::new(Arc::new(driver), served, ApiConfig::default()).expect("metrics"));
+    (router(state), vec![honest, liar, last])
+}
+
+/// The withdrawn tokens counted in `app`'s metrics.
+async fn withdrawn(app: &axum::Router) -> f64 {
+    let (s, text) = call(app, "GET", "/metrics", None).await;
+    assert_eq!(s, StatusCode::OK);
+    text.lines()
+        .find(|l| l.starts_with("shoal_withdrawn_tokens_total"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .expect("the counter is exported")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_withdrawn_from_a_caught_liar_are_left_out_of_a_response_and_end_a_stream() {
+    let body = |stream: bool| json!({"prompt": "The three primary colors are", "max_tokens": 24, "temperature": 0, "stream": stream});
+    let honest = fixture(true).await;
+    let (s, b) = call(&honest.app, "POST", "/v1/completions", Some(body(false))).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let want = json_of(&b)["choices"][0]["text"].clone();
+    // Whether tokens are left to withdraw when the liar is caught depends on the checks'
+    // random draw: a few tries of each.
+    let (mut whole, mut cut) = (false, false);
+    for _ in 0..8 {
+        if whole && cut {
+            break;
+        }
+        let stream = whole;
+        let (app, stages) = lying_fixture().await;
+        let (s, b) = call(&app, "POST", "/v1/completions", Some(body(stream))).await;
+        let n = withdrawn(&app).await;
+        for node in stages {
+            node.shutdown().await;
+        }
+        if n == 0.0 {
+            continue;
+        }
+        if stream {
+            // The stream had sent the withdrawn tokens: it ends with an error, not [DONE].
+            assert_eq!(s, StatusCode::OK);
+            let events = sse_data(&b);
+            let last = json_of(events.last().expect("events"));
+            assert_eq!(last["error"]["code"], "wrong_result", "{b}");
+            assert!(!events.iter().any(|e| e == "[DONE]"), "{b}");
+            cut = true;
+        } else {
+            // The whole response leaves them out: the text of an undisturbed run.
+            assert_eq!(s, StatusCode::OK, "{b}");
+            assert_eq!(json_of(&b)["choices"][0]["text"], want, "{b}");
+            whole = true;
+        }
+    }
+    assert!(whole && cut, "withdrawals seen: in a response {whole}, in a stream {cut}");
 }

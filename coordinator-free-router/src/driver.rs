@@ -69,7 +69,12 @@
 //! [`DriverConfig::ban_max`] ([`crate::verify`] holds the decisions); the generation fails over
 //! without the token, and every other session through a banned liar fails over at its next
 //! step, replaying its history on an honest route. Tokens of unchecked steps are reported at
-//! once: a lie on a step that is not checked goes unnoticed.
+//! once. When a check catches a liar, the tokens that routes through it produced since the
+//! last confirmed one (the token of the last passed check) are withdrawn: the replay leaves
+//! them out, and the caller sees the next token's index go back ([`TokenEvent`];
+//! [`Outcome::withdrawn`] counts them). A lie on an unchecked step before the last passed
+//! check stays, as does any lie in a constrained generation (a grammar's state cannot be
+//! rewound).
 
 mod check;
 mod machine;
@@ -210,6 +215,11 @@ pub struct Request {
 }
 
 /// One generated token, as the callback sees it.
+///
+/// Indices count up from 0, except after a spot-check caught a peer lying: the tokens that
+/// routes through it produced since the last confirmed one are withdrawn, and the next
+/// token's index is that of the first withdrawn one (at or below an index already seen).
+/// The generation's [`Outcome`] holds the tokens that stand.
 #[derive(Debug)]
 pub struct TokenEvent<'a> {
     /// Index among the generated tokens.
@@ -263,6 +273,8 @@ pub struct Outcome {
     pub route: Vec<PeerId>,
     /// Steps checked on another replica (or the origin's weights) that passed.
     pub spot_checks: usize,
+    /// Tokens withdrawn because a peer caught lying had produced them (see [`TokenEvent`]).
+    pub withdrawn: usize,
 }
 
 /// Why a generation failed.
@@ -713,6 +725,10 @@ impl Driver {
                     Action::Opinion { which: Opinion::Third, route, local, replay } => {
                         let observed = self.observe(&route, &replay, local, None).await;
                         events.push_back(Event::Opinion { which: Opinion::Third, observed });
+                        Ok(())
+                    }
+                    Action::Withdraw { from } => {
+                        tracing::debug!(from, "tokens withdrawn");
                         Ok(())
                     }
                     Action::Caught(liars) => {

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use shoal_coordinator_free_router::driver::{
     Driver, DriverConfig, DriverError, LocalWeights, ModelInfo, Request,
 };
+use shoal_coordinator_free_router::swarm::announce::{Announcement, PeerState as SwarmState};
 use shoal_coordinator_free_router::verify::SpotCheckConfig;
 use shoal_model_shards::generate::{self, Flow};
 use shoal_model_shards::sampler::SamplingParams;
@@ -72,8 +73,8 @@ fn perturb(bytes: &mut [u8]) {
     }
 }
 
-/// A stage that lies on one in `every` of the one-position steps it forwards (the first lie
-/// on the `first + 1`-th), consistently: the copy a tapped step sends the origin (in the same
+/// A stage that lies on one in `every` of the one-position steps it forwards from the
+/// `first + 1`-th on (the first lie on that one), consistently: the copy a tapped step sends the origin (in the same
 /// batch of actions, or in a later one when the tap follows the step) carries the same lie.
 /// Counts its lies in `lies`.
 async fn liar(span: Range<usize>, every: usize, first: usize, lies: Arc<AtomicUsize>) -> Node {
@@ -86,7 +87,7 @@ async fn liar(span: Range<usize>, every: usize, first: usize, lies: Arc<AtomicUs
                 && let Payload::Hidden(h) = &mut s.payload
                 && h.t == 1
             {
-                if forwarded % every == first {
+                if forwarded >= first && (forwarded - first).is_multiple_of(every) {
                     perturb(&mut h.bytes);
                     lied.insert((s.session_id, s.step_id));
                     lies.fetch_add(1, Ordering::SeqCst);
@@ -300,4 +301,74 @@ async fn honest_replicas_pass_every_check_and_see_each_tap_after_its_step() {
     // (the generation and its checker), not once per check (about 470 positions).
     let positions: usize = log.iter().map(|e| e.3).sum();
     assert!(positions <= 2 * (PROMPT.len() + TOKENS), "span 0..2 computed {positions} positions");
+}
+
+/// An announcement of `node` serving `span` of the fixture at `throughput` tokens/s per layer.
+fn announced(node: &Node, span: Range<u32>, throughput: f32) -> Announcement {
+    Announcement {
+        node: peer_id(&node.endpoint_id()),
+        model: model().model_id().expect("the fixture hashes"),
+        n_layers: 4,
+        start: span.start,
+        end: span.end,
+        state: SwarmState::Serving,
+        throughput,
+        load: 0,
+        free_kv_bytes: 1 << 30,
+        version: "0.1.0".into(),
+        seq: 1,
+        issued_at_ms: 0,
+        ttl_ms: 60_000,
+        addrs: node.addr().ip_addrs().copied().collect(),
+        holds: Default::default(),
+    }
+}
+
+/// A peer on the route that starts lying on every step and is caught a few steps later by a
+/// check: the tokens its route produced since the last confirmed one are withdrawn (the
+/// caller sees the next token's index go back) and given again by an honest route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_through_a_caught_liar_since_the_last_check_are_withdrawn_and_given_again() {
+    let params = SamplingParams::greedy();
+    let want = local(&params);
+    let mut withdrawals = 0;
+    // Whether tokens are left to withdraw depends on the checks' seeded draw (a check right
+    // after a passed one leaves none): a few generations.
+    for _ in 0..6 {
+        let lies = Arc::new(AtomicUsize::new(0));
+        let a1 = honest(0..2).await;
+        // Lies on every step from its 6th one-position step on.
+        let a2 = liar(0..2, 1, 5, lies.clone()).await;
+        let b = honest(2..4).await;
+        let d = Driver::new(bind().await, ModelInfo::of(&model()).expect("model info"), config(0.25));
+        d.set_local_weights(LocalWeights::new(model()));
+        // The liar announces itself as much faster than its replica: routes go through it.
+        let view = [announced(&a1, 0..2, 1.0), announced(&a2, 0..2, 1e6), announced(&b, 2..4, 1e3)];
+        assert_eq!(d.sync_view(&view).len(), 3);
+        d.refresh().await;
+        let mut seen: Vec<u32> = Vec::new();
+        let outcome = d
+            .generate(&request(&params), |ev| {
+                assert!(ev.index <= seen.len(), "index {} after {} tokens", ev.index, seen.len());
+                seen.truncate(ev.index);
+                seen.push(ev.token);
+                Flow::Continue
+            })
+            .await
+            .expect("generation");
+        assert_eq!(outcome.tokens, want, "the completion of an undisturbed run");
+        assert_eq!(seen, outcome.tokens, "the tokens the caller holds are those that stand");
+        assert!(lies.load(Ordering::SeqCst) >= 1, "the liar lied");
+        assert!(banned(&d, &a2), "the liar is caught");
+        assert!(outcome.withdrawn < TOKENS);
+        withdrawals += outcome.withdrawn;
+        for n in [a1, a2, b] {
+            n.shutdown().await;
+        }
+        d.node().shutdown().await;
+        if withdrawals > 0 {
+            break;
+        }
+    }
+    assert!(withdrawals > 0, "no generation withdrew tokens");
 }

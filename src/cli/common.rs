@@ -112,17 +112,49 @@ pub struct Printer {
     decoder: IncrementalDecoder,
     json: bool,
     text: String,
+    ids: Vec<u32>,
     write_err: Option<std::io::Error>,
 }
 
 impl Printer {
     /// A printer for `tokenizer`'s ids.
     pub fn new(tokenizer: &Tokenizer, json: bool) -> Self {
-        Self { decoder: tokenizer.incremental_decoder(), json, text: String::new(), write_err: None }
+        Self {
+            decoder: tokenizer.incremental_decoder(),
+            json,
+            text: String::new(),
+            ids: Vec::new(),
+            write_err: None,
+        }
+    }
+
+    /// Ids handled so far.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// The tokens from `from` on were withdrawn (a spot-check caught a worker lying; see
+    /// `TokenEvent`): the text is rebuilt from the ones before. What was printed stays, with
+    /// a note on stderr.
+    pub fn withdraw(&mut self, tokenizer: &Tokenizer, from: usize) {
+        self.ids.truncate(from);
+        self.decoder = tokenizer.incremental_decoder();
+        self.text.clear();
+        for &id in &self.ids {
+            if let Ok(Some(piece)) = self.decoder.push(id) {
+                self.text.push_str(&piece);
+            }
+        }
+        if !self.json {
+            eprintln!(
+                "\n[a worker was caught returning wrong results: the text from token {from} on follows again]"
+            );
+        }
     }
 
     /// Handles one generated id; `Flow::Stop` when stdout is gone.
     pub fn token(&mut self, id: u32) -> Flow {
+        self.ids.push(id);
         match self.decoder.push(id) {
             Ok(Some(piece)) => {
                 self.text.push_str(&piece);
@@ -210,7 +242,17 @@ pub async fn generate_with(driver: &Driver, p: Prepared, options: &GenOptions) -
         constraint: None,
     };
     let mut printer = Printer::new(&p.tokenizer, options.json);
-    let outcome = driver.generate(&request, |ev| printer.token(ev.token)).await?;
+    let outcome = driver
+        .generate(&request, |ev| {
+            if ev.index < printer.len() {
+                printer.withdraw(&p.tokenizer, ev.index);
+            }
+            printer.token(ev.token)
+        })
+        .await?;
+    if outcome.tokens.len() < printer.len() {
+        printer.withdraw(&p.tokenizer, outcome.tokens.len());
+    }
     for f in &outcome.failovers {
         eprintln!(
             "recovered at token {}: {} (banned [{}]; detected after {:.2?}, stalled {:.2?})",

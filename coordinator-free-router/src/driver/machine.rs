@@ -84,6 +84,8 @@ pub(super) enum Action {
     /// A check caught these peers lying (each with the hop where it lied), already banned in
     /// the roster: for the logs and the metrics.
     Caught(Vec<(PeerId, usize)>),
+    /// The tokens from index `from` on are withdrawn (see [`super::TokenEvent`]).
+    Withdraw { from: usize },
     /// Give the caller a token; answer with [`Event::Delivered`].
     Token { index: usize, token: u32, logprob: f32, top_logprobs: Vec<(u32, f32)>, route: Vec<PeerId> },
     /// The generation is over (its `speculation` is the drafter's to fill in).
@@ -182,6 +184,8 @@ struct Attempt {
     queue: VecDeque<Chosen>,
     /// Tokens before this result's.
     before: usize,
+    /// Index of this attempt's route in [`Generation::routes`].
+    number: usize,
 }
 
 /// One generation (see the module docs).
@@ -200,6 +204,14 @@ pub(super) struct Generation {
     failovers: Vec<Failover>,
     pending_failover: Option<PendingFailover>,
     spot_checks: usize,
+    /// Tokens up to the last one a passed check confirmed.
+    verified: usize,
+    /// The route (index in `routes`) that produced each token.
+    produced: Vec<usize>,
+    /// The peers of each attempt's route.
+    routes: Vec<Vec<PeerId>>,
+    /// Tokens withdrawn because a peer caught lying had produced them.
+    withdrawn: usize,
     /// The route error that made this generation refresh its peers.
     no_route: Option<DriverError>,
     attempt: Option<Attempt>,
@@ -233,6 +245,10 @@ impl Generation {
             failovers: Vec::new(),
             pending_failover: None,
             spot_checks: 0,
+            verified: 0,
+            produced: Vec::new(),
+            routes: Vec::new(),
+            withdrawn: 0,
             no_route: None,
             attempt: None,
             done: false,
@@ -522,7 +538,9 @@ impl Generation {
             result: None,
             queue: VecDeque::new(),
             before: 0,
+            number: self.routes.len(),
         };
+        self.routes.push(a.ids.clone());
         // The mask of the token the last of these steps samples.
         let mask = match next_mask(&self.request) {
             Ok(m) => m,
@@ -675,9 +693,17 @@ impl Generation {
             out.push(Action::Caught(caught));
         }
         match result {
-            CheckResult::Passed => self.spot_checks += 1,
+            CheckResult::Passed => {
+                self.spot_checks += 1;
+                // The checked step's token (the next one) is confirmed.
+                self.verified = self.tokens.len() + 1;
+            }
             CheckResult::Failed { culprits, reason } => {
-                return Err(Failure { culprits, reason, step_started: a.step_started });
+                let f = Failure { culprits, reason, step_started: a.step_started };
+                // No culprit on this route: an earlier step fed it something wrong.
+                let suspects = if f.culprits.is_empty() { a.ids.clone() } else { f.culprits.clone() };
+                self.withdraw(&suspects, out);
+                return Err(f);
             }
         }
         self.accept_result(now, roster, out)
@@ -784,6 +810,7 @@ impl Generation {
         let index = self.tokens.len();
         self.tokens.push(token);
         self.logprobs.push(logprob);
+        self.produced.push(a.number);
         a.phase = Phase::Delivering;
         out.push(Action::Token { index, token, logprob, top_logprobs, route: a.ids.clone() });
         Ok(())
@@ -830,14 +857,16 @@ impl Generation {
         // Every other session through a peer caught lying fails over at its next step.
         let liars = roster.liars_on(&a.ids, now);
         if !liars.is_empty() {
-            return Err(Failure {
+            let f = Failure {
                 reason: format!(
                     "{} was caught returning wrong results",
                     liars.iter().map(short).collect::<Vec<_>>().join(", ")
                 ),
                 culprits: liars,
                 step_started: now,
-            });
+            };
+            self.withdraw(&f.culprits, out);
+            return Err(f);
         }
         a.checking = draft.is_empty()
             && self.config.spot_check.enabled()
@@ -875,6 +904,28 @@ impl Generation {
         Ok(())
     }
 
+    /// Withdraws the tokens from the first one after the last confirmed by a check that a
+    /// route through any of `suspects` produced: they may be lies, and the failover that
+    /// follows replays the history without them, so the generation gives them again from an
+    /// honest route. The caller learns it from the next token's index (see
+    /// [`super::TokenEvent`]). A grammar's state cannot be rewound: constrained generations
+    /// keep their tokens.
+    fn withdraw(&mut self, suspects: &[PeerId], out: &mut Vec<Action>) {
+        if self.request.constraint.is_some() {
+            return;
+        }
+        let from = self.verified.min(self.tokens.len());
+        let through = |n: usize| self.routes.get(n).is_some_and(|r| r.iter().any(|p| suspects.contains(p)));
+        let Some(first) = (from..self.tokens.len()).find(|&i| through(self.produced[i])) else { return };
+        let n = self.tokens.len() - first;
+        self.tokens.truncate(first);
+        self.logprobs.truncate(first);
+        self.produced.truncate(first);
+        self.withdrawn += n;
+        tracing::warn!(from = first, tokens = n, "withdrew tokens that a peer caught lying produced");
+        out.push(Action::Withdraw { from: first });
+    }
+
     /// The generation is complete: closes the session with `close`.
     fn finish(
         &mut self,
@@ -901,6 +952,7 @@ impl Generation {
             failovers: std::mem::take(&mut self.failovers),
             route: a.ids,
             spot_checks: self.spot_checks,
+            withdrawn: self.withdrawn,
         })));
     }
 

@@ -84,6 +84,8 @@ enum Fault {
     /// Perturbs its output on this share of steps (first hops: the hidden states; the last:
     /// the token), consistently in what it forwards and what a tap shows.
     Lie(f64),
+    /// Perturbs its output on every step from this virtual time on.
+    LieFrom(Duration),
 }
 
 struct SimPeer {
@@ -120,6 +122,10 @@ struct Sim {
     me: PeerId,
     /// Whether the origin holds the weights (checks fall back to its own computation).
     has_local: bool,
+    /// Seeds the spot-check draws.
+    policy_seed: u64,
+    /// Tokens the caller holds (one past the last index given).
+    delivered: usize,
     /// Second opinions asked for.
     second_opinions: usize,
     /// Peers a check caught lying ([`Action::Caught`]).
@@ -146,6 +152,8 @@ impl Sim {
             seq: 0,
             me: id(0),
             has_local: false,
+            policy_seed: seed,
+            delivered: 0,
             second_opinions: 0,
             caught: Vec::new(),
         }
@@ -154,7 +162,7 @@ impl Sim {
     fn roster(&self, config: &DriverConfig) -> Roster {
         let mut roster = Roster::new(
             N_LAYERS,
-            SpotCheckPolicy::new(config.spot_check, 7),
+            SpotCheckPolicy::new(config.spot_check, self.policy_seed),
             Strikes::new(super::TIMEOUT_STRIKES, config.step_timeout),
             config.ban_base,
             config.ban_max,
@@ -244,6 +252,7 @@ impl Sim {
                     return;
                 }
                 Fault::Lie(p) if first_lie.is_none() && self.draw(p) => first_lie = Some(i),
+                Fault::LieFrom(t) if first_lie.is_none() && self.elapsed() >= t => first_lie = Some(i),
                 _ => {}
             }
             reached = i + 1;
@@ -296,11 +305,12 @@ impl Sim {
             if self.drops(&hop.node_id) {
                 return Err(format!("hop {i} is silent"));
             }
-            let fault = self.peers[&hop.node_id].fault;
-            if let Fault::Lie(p) = fault
-                && first_lie.is_none()
-                && self.draw(p)
-            {
+            let lies = match self.peers[&hop.node_id].fault {
+                Fault::Lie(p) => self.draw(p),
+                Fault::LieFrom(t) => self.elapsed() >= t,
+                _ => false,
+            };
+            if lies && first_lie.is_none() {
                 first_lie = Some(i);
             }
         }
@@ -398,7 +408,12 @@ impl Sim {
                             .retain(|_, (_, e)| !matches!(e, Event::Opinion { which: Opinion::Second, .. }));
                     }
                     Action::Caught(liars) => self.caught.extend(liars.into_iter().map(|(id, _)| id)),
-                    Action::Token { .. } => pending.push(Event::Delivered(Flow::Continue)),
+                    Action::Withdraw { from } => assert!(from < self.delivered, "withdraws tokens it gave"),
+                    Action::Token { index, .. } => {
+                        assert!(index <= self.delivered, "a token's index skips");
+                        self.delivered = index + 1;
+                        pending.push(Event::Delivered(Flow::Continue));
+                    }
                     Action::Done(result) => return (result, roster),
                 }
             }
@@ -634,4 +649,30 @@ fn a_served_step_clears_the_strikes_of_its_route() {
         g.handle(Event::Inbound { from: id(3), msg: Message::StepResult(result) }, sim.now, &mut roster);
     assert!(matches!(actions.last(), Some(Action::Token { token: 3, .. })));
     assert!(ids.iter().all(|p| roster.strikes.of(p) == 0), "the generation goes on with clean peers");
+}
+
+#[test]
+fn tokens_a_caught_liar_produced_since_the_last_check_are_withdrawn_and_given_again() {
+    // One peer starts lying on every step at a random time; 30% of steps are checked, so it
+    // lies unnoticed for a few steps before a check catches it. Its tokens since the last
+    // confirmed one are withdrawn and generated again through honest peers.
+    let req = request(60);
+    let expected = reference(&req);
+    let (mut withdrawn, mut generations_with_lies) = (0, 0);
+    for seed in 0..200u64 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let liar = rng.random_range(1..=9u8);
+        let at = Duration::from_millis(rng.random_range(0..600));
+        let faults = HashMap::from([(liar, Fault::LieFrom(at))]);
+        let mut sim = Sim::new(swarm(3, &faults), seed);
+        sim.has_local = seed % 2 == 0;
+        let (result, roster) = sim.run(req.clone(), config(0.3));
+        let outcome = result.unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        assert_eq!(outcome.tokens, expected, "seed {seed}: liar {liar} from {at:?}");
+        assert!(roster.peers.iter().all(|(p, s)| !s.liar || *p == id(liar)), "seed {seed}");
+        withdrawn += outcome.withdrawn;
+        generations_with_lies += usize::from(outcome.withdrawn > 0);
+    }
+    eprintln!("{withdrawn} tokens withdrawn in {generations_with_lies} generations");
+    assert!(generations_with_lies > 20, "{generations_with_lies} generations withdrew tokens");
 }
